@@ -1,0 +1,185 @@
+//! The binary interface: `#[repr(C)]` types shared by the host, Rust plugins
+//! and C plugins. `include/nbnet_plugin.h` declares the same types for C; keep
+//! the two in step (the host's tests load a C plugin built from that header).
+//!
+//! # Versioning
+//!
+//! The ABI has a major and a minor number ([`ABI_MAJOR`], [`ABI_MINOR`]).
+//!
+//! - A **minor** bump only *appends* fields to the end of a struct. Every
+//!   struct that can grow starts with (or carries) its own size, so each side
+//!   reads only the fields both know. A plugin built for an older minor loads in
+//!   a newer host; a plugin built for a newer minor than the host is refused
+//!   (it may rely on host features the host lacks).
+//! - A **major** bump changes meaning or layout; the host refuses every plugin
+//!   built for another major.
+//!
+//! Rust plugins are additionally layout-checked by `abi_stable`, which also
+//! refuses a plugin built against another 0.x version of this crate.
+
+use std::ffi::{c_char, c_void};
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::RStr,
+    StableAbi,
+};
+
+/// Major ABI version: plugins built for another major are refused.
+pub const ABI_MAJOR: u32 = 1;
+/// Minor ABI version: plugins built for this minor or an older one load.
+pub const ABI_MINOR: u32 = 0;
+
+/// Success return code of `init`, `process` and `write`.
+pub const NBNET_OK: i32 = 0;
+/// Failure return code of `init`, `process` and `write`.
+pub const NBNET_ERR: i32 = -1;
+
+/// Log level for [`RawInitContext::log`]: an error.
+pub const NBNET_LOG_ERROR: i32 = 1;
+/// Log level: a warning.
+pub const NBNET_LOG_WARN: i32 = 2;
+/// Log level: information.
+pub const NBNET_LOG_INFO: i32 = 3;
+/// Log level: debugging detail.
+pub const NBNET_LOG_DEBUG: i32 = 4;
+
+/// Name of the one symbol a C plugin exports (see `nbnet_plugin.h`).
+pub const C_ENTRY_SYMBOL: &str = "nbnet_plugin_entry";
+
+/// The sink a plugin writes its response into (`nbnet_response` in C).
+///
+/// The host builds one for each call of `process`; it is valid only during
+/// that call. The plugin never sees the buffer itself, only these callbacks,
+/// so the host can enforce `max_frame_bytes` and nothing crosses allocators.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawResponse {
+    /// Host-private state; plugins pass the response back untouched.
+    pub host: *mut c_void,
+    /// Appends `len` bytes at `data` to the response. Returns [`NBNET_OK`], or
+    /// [`NBNET_ERR`] when the response would exceed the host's `max_frame_bytes`
+    /// (nothing is appended then; the plugin should give up and return an error).
+    pub write: unsafe extern "C" fn(resp: *mut RawResponse, data: *const u8, len: usize) -> i32,
+    /// Records why `process` is about to return [`NBNET_ERR`]; the host logs it
+    /// with the plugin's name. The host copies the message; UTF-8 expected.
+    pub set_error: unsafe extern "C" fn(resp: *mut RawResponse, msg: *const u8, len: usize),
+}
+
+/// What the host tells a plugin when it creates its per-worker instance
+/// (`nbnet_init_ctx` in C). Valid only during `init`, except `log` and
+/// `log_handle`, which stay valid until `destroy` returns.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawInitContext {
+    /// `sizeof` this struct as the host knows it; fields past a plugin's
+    /// known size may be added in later minor versions.
+    pub struct_size: u32,
+    /// Index of this worker, `0 .. worker_count`.
+    pub worker_index: u32,
+    /// Number of workers the master runs.
+    pub worker_count: u32,
+    /// The plugin's name in the config, NUL-terminated.
+    pub plugin_name: *const c_char,
+    /// The plugin's `config` table re-serialized as TOML text, NUL-terminated
+    /// (empty when the config has none).
+    pub config_toml: *const c_char,
+    /// Length of `config_toml` in bytes, without the NUL.
+    pub config_toml_len: usize,
+    /// Host-private state for `set_error`.
+    pub host: *mut c_void,
+    /// Records why `init` is about to return [`NBNET_ERR`]; the host reports it
+    /// with the plugin's name and file.
+    pub set_error: unsafe extern "C" fn(ctx: *const RawInitContext, msg: *const u8, len: usize),
+    /// Logs `msg` through the host's logger, tagged with the plugin's name.
+    /// `level` is one of the `NBNET_LOG_*` constants.
+    pub log: unsafe extern "C" fn(log_handle: *const c_void, level: i32, msg: *const u8, len: usize),
+    /// First argument of `log`; valid until the instance is destroyed.
+    pub log_handle: *const c_void,
+}
+
+/// Signature of a plugin's `init`: create the per-worker instance and store
+/// it in `*state`. Returns [`NBNET_OK`] or [`NBNET_ERR`] (after `set_error`).
+pub type InitFn = unsafe extern "C" fn(ctx: *const RawInitContext, state: *mut *mut c_void) -> i32;
+/// Signature of a plugin's `process`: answer one request (`len > 0` bytes at
+/// `request`, valid during the call) by writing into `response`. Returns
+/// [`NBNET_OK`], or [`NBNET_ERR`] (after `set_error`) to have the host log the
+/// error and close the connection.
+pub type ProcessFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    request: *const u8,
+    len: usize,
+    response: *mut RawResponse,
+) -> i32;
+/// Signature of a plugin's `destroy`: free the instance `init` created.
+pub type DestroyFn = unsafe extern "C" fn(state: *mut c_void);
+
+/// The table a C plugin's `nbnet_plugin_entry()` returns (`nbnet_plugin` in C).
+///
+/// It must point to static storage that lives as long as the library.
+/// `abi_major`, `abi_minor` and `struct_size` come first so that the host can
+/// check them before reading anything else.
+#[repr(C)]
+pub struct CPlugin {
+    /// Must equal [`ABI_MAJOR`].
+    pub abi_major: u32,
+    /// Must be at most [`ABI_MINOR`].
+    pub abi_minor: u32,
+    /// `sizeof(nbnet_plugin)` as the plugin was compiled.
+    pub struct_size: u32,
+    /// The plugin's own name (NUL-terminated, static).
+    pub name: *const c_char,
+    /// The plugin's own version string (NUL-terminated, static).
+    pub version: *const c_char,
+    /// See [`InitFn`].
+    pub init: Option<InitFn>,
+    /// See [`ProcessFn`].
+    pub process: Option<ProcessFn>,
+    /// See [`DestroyFn`]; may be NULL when the plugin keeps no state.
+    pub destroy: Option<DestroyFn>,
+}
+
+/// The root module a Rust plugin exports (with [`export_plugin!`](crate::export_plugin)).
+///
+/// `abi_stable` checks its layout, and that of every type it mentions, against
+/// the host's when the library is loaded, and refuses mismatches.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = RustPluginRef)))]
+#[sabi(missing_field(panic))]
+pub struct RustPlugin {
+    /// [`ABI_MAJOR`] as the plugin was built.
+    pub abi_major: u32,
+    /// [`ABI_MINOR`] as the plugin was built.
+    pub abi_minor: u32,
+    /// The plugin's own name (its crate name).
+    pub name: RStr<'static>,
+    /// The plugin's own version (its crate version).
+    pub version: RStr<'static>,
+    /// See [`InitFn`] (written out: `abi_stable` checks inline fn types only).
+    pub init: unsafe extern "C" fn(ctx: *const RawInitContext, state: *mut *mut c_void) -> i32,
+    /// See [`ProcessFn`].
+    pub process: unsafe extern "C" fn(
+        state: *mut c_void,
+        request: *const u8,
+        len: usize,
+        response: *mut RawResponse,
+    ) -> i32,
+    /// See [`DestroyFn`].
+    ///
+    /// This is the last field of the prefix: fields added in later minor
+    /// versions go below it and are optional to the host. It moves only at a
+    /// major bump.
+    #[sabi(last_prefix_field)]
+    pub destroy: unsafe extern "C" fn(state: *mut c_void),
+}
+
+impl RootModule for RustPluginRef {
+    declare_root_module_statics! {RustPluginRef}
+    const BASE_NAME: &'static str = "nbnet_plugin";
+    const NAME: &'static str = "nbnet plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

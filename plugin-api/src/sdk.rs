@@ -1,0 +1,319 @@
+//! The Rust plugin SDK: implement [`Plugin`], call [`export_plugin!`](crate::export_plugin).
+//!
+//! Everything `unsafe` about the boundary lives here, in the trampolines the
+//! macro instantiates for your type, so a plugin author writes none.
+
+use std::any::Any;
+use std::ffi::{c_void, CStr};
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::std_types::RStr;
+use serde::de::DeserializeOwned;
+
+use crate::abi::{
+    RawInitContext, RawResponse, RustPlugin, RustPluginRef, ABI_MAJOR, ABI_MINOR, NBNET_ERR,
+    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+};
+
+/// A plugin: one instance per worker process, created from the plugin's own
+/// config table, asked to answer one request at a time.
+///
+/// `process` is never called concurrently on one instance, but a slow
+/// `process` stalls every other connection of that worker: keep it short.
+pub trait Plugin: Sized + 'static {
+    /// The plugin's `config` table from the nbnet config, deserialized for you.
+    /// Use [`NoConfig`] when the plugin takes none.
+    type Config: DeserializeOwned;
+
+    /// Creates this worker's instance. An error stops the server from starting
+    /// (or `nbnet --check` from passing) with your message.
+    fn new(config: Self::Config, ctx: &InitContext) -> Result<Self, Error>;
+
+    /// Answers one request by writing the response payload into `response`.
+    /// An error is logged by the host with the plugin's name and the client's
+    /// connection is closed.
+    fn process(&mut self, request: &[u8], response: &mut Response) -> Result<(), Error>;
+}
+
+/// Config type for plugins that take no configuration: any key in their
+/// `config` table is reported as unknown.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// An error a plugin reports to the host: a message for the operator's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    message: String,
+}
+
+impl Error {
+    /// An error with this message.
+    pub fn new(message: impl fmt::Display) -> Self {
+        Error {
+            message: message.to_string(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error { message }
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::new(message)
+    }
+}
+
+/// Where a plugin writes its answer: a host-owned buffer behind callbacks.
+#[repr(transparent)]
+pub struct Response {
+    raw: RawResponse,
+}
+
+impl Response {
+    /// Appends `bytes` to the response payload. Fails when the response would
+    /// exceed the host's `max_frame_bytes`; return that error from `process`.
+    #[inline]
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        // SAFETY: `raw` was built by the host for this call; `write` copies
+        // `bytes.len()` bytes from a live slice.
+        let rc = unsafe { (self.raw.write)(&mut self.raw, bytes.as_ptr(), bytes.len()) };
+        if rc == NBNET_OK {
+            Ok(())
+        } else {
+            Err(Error::new(
+                "response refused by the host: it would exceed max_frame_bytes",
+            ))
+        }
+    }
+
+    fn set_error(&mut self, message: &str) {
+        // SAFETY: as in `write`; the host copies the message.
+        unsafe { (self.raw.set_error)(&mut self.raw, message.as_ptr(), message.len()) }
+    }
+}
+
+/// What the host tells a plugin when creating its instance.
+pub struct InitContext<'a> {
+    raw: &'a RawInitContext,
+}
+
+impl InitContext<'_> {
+    /// Index of this worker, `0 .. worker_count()`.
+    pub fn worker_index(&self) -> u32 {
+        self.raw.worker_index
+    }
+
+    /// Number of workers the master runs.
+    pub fn worker_count(&self) -> u32 {
+        self.raw.worker_count
+    }
+
+    /// The plugin's name in the nbnet config.
+    pub fn plugin_name(&self) -> &str {
+        // SAFETY: the host passes a NUL-terminated string valid during init.
+        unsafe { CStr::from_ptr(self.raw.plugin_name) }
+            .to_str()
+            .unwrap_or("<non-UTF-8 name>")
+    }
+
+    /// A logger that goes through the host's log (a plugin's own `tracing`
+    /// has no subscriber: it is a separate copy). Valid for the instance's life.
+    pub fn logger(&self) -> Logger {
+        Logger {
+            log: self.raw.log,
+            handle: self.raw.log_handle,
+        }
+    }
+
+    fn config_toml(&self) -> &str {
+        // SAFETY: the host passes `config_toml_len` valid bytes during init.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.raw.config_toml.cast::<u8>(), self.raw.config_toml_len)
+        };
+        std::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    fn set_error(&self, message: &str) {
+        // SAFETY: `raw` is the host's context for this init; it copies the message.
+        unsafe { (self.raw.set_error)(self.raw, message.as_ptr(), message.len()) }
+    }
+}
+
+/// Logs through the host, tagged with the plugin's name.
+#[derive(Clone, Copy)]
+pub struct Logger {
+    log: unsafe extern "C" fn(*const c_void, i32, *const u8, usize),
+    handle: *const c_void,
+}
+
+impl Logger {
+    fn log(&self, level: i32, message: &str) {
+        // SAFETY: the host keeps `handle` valid until the instance is destroyed.
+        unsafe { (self.log)(self.handle, level, message.as_ptr(), message.len()) }
+    }
+    /// Logs an error.
+    pub fn error(&self, message: &str) {
+        self.log(NBNET_LOG_ERROR, message)
+    }
+    /// Logs a warning.
+    pub fn warn(&self, message: &str) {
+        self.log(NBNET_LOG_WARN, message)
+    }
+    /// Logs information.
+    pub fn info(&self, message: &str) {
+        self.log(NBNET_LOG_INFO, message)
+    }
+    /// Logs debugging detail (shown when the host's level is `debug`).
+    pub fn debug(&self, message: &str) {
+        self.log(NBNET_LOG_DEBUG, message)
+    }
+}
+
+/// Exports `$plugin` (a type implementing [`Plugin`]) as this library's nbnet
+/// plugin. Use it once per `cdylib` crate.
+///
+/// This is what `abi_stable`'s `#[export_root_module]` expands to, written with
+/// `$crate` paths so that a plugin crate needs no direct `abi_stable` dependency.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        /// The nbnet root module of this plugin library.
+        pub fn nbnet_root_module() -> $crate::abi::RustPluginRef {
+            $crate::sdk::root_module::<$plugin>(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
+        }
+
+        /// The header `abi_stable` looks up when the host loads this library.
+        #[no_mangle]
+        #[allow(non_upper_case_globals)]
+        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi_stable::library::LibHeader = {
+            extern "C" fn erased_root_module() -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(nbnet_root_module)
+            }
+            // SAFETY: `erased_root_module` returns the `RustPluginRef` named as
+            // the module type, and its layout is checked (`CheckTypeLayout::Yes`).
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::abi::RustPluginRef>(
+                    erased_root_module,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
+
+/// Builds the root module for `P`; called by [`export_plugin!`](crate::export_plugin).
+#[doc(hidden)]
+pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> RustPluginRef {
+    RustPlugin {
+        abi_major: ABI_MAJOR,
+        abi_minor: ABI_MINOR,
+        name: RStr::from_str(name),
+        version: RStr::from_str(version),
+        init: init_trampoline::<P>,
+        process: process_trampoline::<P>,
+        destroy: destroy_trampoline::<P>,
+    }
+    .leak_into_prefix()
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(non-string panic payload)"
+    }
+}
+
+unsafe extern "C" fn init_trampoline<P: Plugin>(
+    ctx: *const RawInitContext,
+    state: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: the host passes a valid context for the duration of this call.
+    let ctx = InitContext { raw: unsafe { &*ctx } };
+    let created = catch_unwind(AssertUnwindSafe(|| {
+        let config: P::Config = toml::from_str(ctx.config_toml())
+            .map_err(|e| Error::new(format!("invalid config: {}", e.message())))?;
+        P::new(config, &ctx)
+    }));
+    match created {
+        Ok(Ok(plugin)) => {
+            // SAFETY: `state` is a valid out-pointer from the host.
+            unsafe { *state = Box::into_raw(Box::new(plugin)).cast() };
+            NBNET_OK
+        }
+        Ok(Err(e)) => {
+            ctx.set_error(e.message());
+            NBNET_ERR
+        }
+        Err(panic) => {
+            ctx.set_error(&format!("panicked in new(): {}", panic_message(&*panic)));
+            NBNET_ERR
+        }
+    }
+}
+
+unsafe extern "C" fn process_trampoline<P: Plugin>(
+    state: *mut c_void,
+    request: *const u8,
+    len: usize,
+    response: *mut RawResponse,
+) -> i32 {
+    // SAFETY: `state` is the `Box<P>` made by `init_trampoline::<P>`, used by
+    // one thread at a time; `request` holds `len` bytes for this call;
+    // `response` is the host's sink for this call (`Response` is transparent).
+    let (plugin, request, response) = unsafe {
+        (
+            &mut *state.cast::<P>(),
+            if len == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(request, len)
+            },
+            &mut *response.cast::<Response>(),
+        )
+    };
+    match catch_unwind(AssertUnwindSafe(|| plugin.process(request, response))) {
+        Ok(Ok(())) => NBNET_OK,
+        Ok(Err(e)) => {
+            response.set_error(e.message());
+            NBNET_ERR
+        }
+        Err(panic) => {
+            response.set_error(&format!("panicked: {}", panic_message(&*panic)));
+            NBNET_ERR
+        }
+    }
+}
+
+unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: `state` is the `Box<P>` made by `init_trampoline::<P>`; the host
+    // destroys each instance once.
+    let plugin = unsafe { Box::from_raw(state.cast::<P>()) };
+    // A panicking Drop must not cross the boundary either.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(plugin)));
+}
