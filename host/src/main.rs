@@ -1,1 +1,118 @@
-fn main() {}
+//! `nbnet`: a pre-forking plugin host for length-framed TCP services.
+//!
+//! # Brief overview
+//!
+//! - [`codec`]: the wire format (10 ASCII digits of length, then the payload),
+//!   pure, no I/O.
+//! - [`config`]: the TOML config, validated with file:line errors.
+//! - [`supervisor`]: the master — binds listeners, forks workers, restarts
+//!   the ones that die, stops on signals.
+//! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
+//! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
+//! - [`client`]: `nbnet send`, a one-shot client for users and tests.
+//!
+//! This file is only the command line and the dispatch to those parts.
+
+mod client;
+mod codec;
+mod config;
+mod exit_code;
+mod logging;
+mod plugin;
+mod signals;
+mod supervisor;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// A pre-forking plugin host for TCP services speaking nbNet's framing:
+/// every message is a 10-digit ASCII length header followed by that many
+/// bytes (`0000000002hi` is answered `0000000002HI` by the upper plugin).
+///
+/// With no subcommand, nbnet serves the config file: the master binds the
+/// listeners, forks the workers, and each worker loads the plugins.
+#[derive(Parser, Debug)]
+#[command(name = "nbnet", version, about, long_about)]
+struct Cli {
+    /// The config file to serve or check.
+    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+
+    /// Validate the config and load every plugin (in a child process), print
+    /// every problem, and exit: 0 when all is well.
+    #[arg(long)]
+    check: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send one request and print the response payload.
+    ///
+    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR,
+    /// reads one response frame and prints its payload followed by a newline.
+    Send {
+        /// Server address, IP:PORT (e.g. 127.0.0.1:9000).
+        addr: String,
+        /// The request payload.
+        payload: String,
+        /// Give up if connecting or the answer takes longer than this.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Some(Command::Send {
+            addr,
+            payload,
+            timeout,
+        }) => client::send(&addr, payload.as_bytes(), timeout),
+        None => serve_or_check(&cli.config, cli.check),
+    };
+    std::process::exit(code);
+}
+
+fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
+    let config = match config::load(file) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("nbnet: invalid config:\n{e}");
+            return exit_code::CONFIG_INVALID;
+        }
+    };
+    logging::init(config.log.level);
+    if !check_only {
+        return supervisor::serve(config);
+    }
+    let report = supervisor::check::check_plugins(&config);
+    for line in &report.loaded {
+        println!("ok: {line}");
+    }
+    if report.errors.is_empty() {
+        println!(
+            "{}: config OK ({} plugin(s), {} listener(s))",
+            config.file.display(),
+            config.plugins.len(),
+            config.listeners.len()
+        );
+        exit_code::OK
+    } else {
+        for error in &report.errors {
+            eprintln!("nbnet: {error}");
+        }
+        eprintln!(
+            "nbnet: {}: {} problem(s) found",
+            config.file.display(),
+            report.errors.len()
+        );
+        exit_code::PLUGIN_LOAD_FAILED
+    }
+}

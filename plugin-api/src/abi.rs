@@ -20,12 +20,8 @@
 use std::ffi::{c_char, c_void};
 
 use abi_stable::{
-    declare_root_module_statics,
-    library::RootModule,
-    package_version_strings,
-    sabi_types::VersionStrings,
-    std_types::RStr,
-    StableAbi,
+    declare_root_module_statics, library::RootModule, package_version_strings,
+    sabi_types::VersionStrings, std_types::RStr, StableAbi,
 };
 
 /// Major ABI version: plugins built for another major are refused.
@@ -96,7 +92,8 @@ pub struct RawInitContext {
     pub set_error: unsafe extern "C" fn(ctx: *const RawInitContext, msg: *const u8, len: usize),
     /// Logs `msg` through the host's logger, tagged with the plugin's name.
     /// `level` is one of the `NBNET_LOG_*` constants.
-    pub log: unsafe extern "C" fn(log_handle: *const c_void, level: i32, msg: *const u8, len: usize),
+    pub log:
+        unsafe extern "C" fn(log_handle: *const c_void, level: i32, msg: *const u8, len: usize),
     /// First argument of `log`; valid until the instance is destroyed.
     pub log_handle: *const c_void,
 }

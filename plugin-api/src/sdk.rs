@@ -251,7 +251,9 @@ unsafe extern "C" fn init_trampoline<P: Plugin>(
     state: *mut *mut c_void,
 ) -> i32 {
     // SAFETY: the host passes a valid context for the duration of this call.
-    let ctx = InitContext { raw: unsafe { &*ctx } };
+    let ctx = InitContext {
+        raw: unsafe { &*ctx },
+    };
     let created = catch_unwind(AssertUnwindSafe(|| {
         let config: P::Config = toml::from_str(ctx.config_toml())
             .map_err(|e| Error::new(format!("invalid config: {}", e.message())))?;

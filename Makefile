@@ -1,0 +1,17 @@
+# Convenience targets. `make run` builds everything in release mode (host,
+# Rust plugins, the C plugin) and serves config/nbnet.toml; `make test` runs
+# every test (the same as `cargo test --workspace`).
+
+CC ?= cc
+CFLAGS_PLUGIN = -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden -I plugin-api/include
+
+.PHONY: run build test
+run: build
+	./target/release/nbnet --config config/nbnet.toml
+
+build:
+	cargo build --release --workspace
+	$(CC) $(CFLAGS_PLUGIN) -o target/release/libupper_c.so plugins/upper-c/upper.c
+
+test:
+	cargo test --workspace

@@ -1,0 +1,69 @@
+//! `nbnet send`: frame one request, print the response payload.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::codec::{encode, FrameReader, MAX_DECLARED};
+use crate::exit_code;
+
+/// Sends `payload` to `addr`, prints the answer; returns the exit code.
+pub fn send(addr: &str, payload: &[u8], timeout: Duration) -> i32 {
+    match round_trip(addr, payload, timeout) {
+        Ok(response) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&response);
+            let _ = stdout.write_all(b"\n");
+            exit_code::OK
+        }
+        Err(message) => {
+            eprintln!("nbnet send: {message}");
+            exit_code::FAILURE
+        }
+    }
+}
+
+fn round_trip(addr: &str, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    let target: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not IP:PORT (for example 127.0.0.1:9000)"))?;
+    if payload.is_empty() {
+        return Err("the payload is empty; the protocol has no zero-length requests".into());
+    }
+    let mut stream = TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("{target}: {e}"))?;
+    let mut request = Vec::with_capacity(payload.len() + 10);
+    encode(payload, &mut request);
+    stream
+        .write_all(&request)
+        .map_err(|e| format!("sending to {target}: {e}"))?;
+    let mut reader = FrameReader::new(MAX_DECLARED as usize);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(frame) = reader
+            .next_frame()
+            .map_err(|e| format!("bad response from {target}: {e}"))?
+        {
+            return Ok(frame);
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(format!(
+                    "{target} closed the connection without answering (see the server's log)"
+                ))
+            }
+            Ok(n) => reader.push(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err(format!("no answer from {target} within {timeout:?}"))
+            }
+            Err(e) => return Err(format!("reading from {target}: {e}")),
+        }
+    }
+}

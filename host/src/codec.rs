@@ -1,0 +1,399 @@
+//! Wire framing for nbnet: a 10-byte ASCII decimal length header, then the payload.
+//!
+//! Every message, in both directions, is `HEADER_LEN` ASCII digits (`'0'..='9'`),
+//! zero-padded, giving the payload length, followed by exactly that many payload
+//! bytes: `0000000002hi`. Clients pipeline, so one read may hold several frames
+//! back to back, and a frame may be split anywhere across reads.
+//!
+//! # Why the decoder is pure
+//! The reactor owns the bytes and does the I/O; [`FrameDecoder::decode`] only looks
+//! at the front of a connection's unconsumed bytes and says what is there. That makes
+//! it testable at every split point without sockets, and it never allocates: a
+//! header may declare up to 9_999_999_999 bytes, and nothing here reserves the
+//! declared size. [`FrameReader`] is a small owning wrapper for clients and tests.
+//!
+//! # Invariants
+//! - A header byte that is not an ASCII digit is an error as soon as it is seen,
+//!   reported with its position, even before the header is complete.
+//! - A declared length of zero, or above `max_frame_bytes`, is an error as soon
+//!   as the header is complete, whatever follows.
+//! - Lengths are parsed into `u64` (ten digits always fit), so parsing never overflows.
+//! - `Decoded::Frame { len }` implies `HEADER_LEN + len <= buf.len()`;
+//!   `Decoded::Incomplete { total: Some(t) }` implies `t > buf.len()`.
+//! - Encoding is for trusted host output: any payload of at most [`MAX_DECLARED`]
+//!   bytes, including an empty one (header `0000000000`).
+
+use std::fmt;
+
+/// Length of the ASCII decimal header in front of every frame.
+pub const HEADER_LEN: usize = 10;
+/// Largest length a header can declare (ten nines).
+pub const MAX_DECLARED: u64 = 9_999_999_999;
+
+/// A protocol error in a frame header. The connection that sent it cannot be resynchronised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Byte `byte` at header position `position` (0-based) is not an ASCII digit.
+    NotADigit { position: usize, byte: u8 },
+    /// The header declares a zero-length payload.
+    ZeroLength,
+    /// The header declares `declared` bytes, above the configured `max`.
+    TooLong { declared: u64, max: usize },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotADigit { position, byte } => write!(
+                f,
+                "header byte {position} is 0x{byte:02x} ('{}'), not an ASCII digit",
+                byte.escape_ascii()
+            ),
+            Self::ZeroLength => f.write_str("header declares a zero-length frame"),
+            Self::TooLong { declared, max } => write!(
+                f,
+                "header declares {declared} bytes, above max_frame_bytes = {max}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Outcome of looking at the front of a receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// A complete frame: its payload is `buf[HEADER_LEN .. HEADER_LEN + len]`, and
+    /// `HEADER_LEN + len` bytes are consumed.
+    Frame { len: usize },
+    /// Not enough bytes yet. `total` is the buffer length (header + payload) needed for
+    /// the frame to complete once the header is complete; `None` while it is not.
+    Incomplete { total: Option<usize> },
+}
+
+/// Pure decoder configured with the maximum payload size. No I/O, no allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameDecoder {
+    max_frame_bytes: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder that rejects frames declaring more than `max_frame_bytes` payload bytes.
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Self { max_frame_bytes }
+    }
+
+    /// The configured maximum payload size.
+    #[cfg_attr(not(test), allow(dead_code))] // not every build of the binary calls it
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// Looks at the front of `buf` (unconsumed bytes of one connection's stream).
+    ///
+    /// A non-digit is rejected as soon as it is seen (even if the header is not complete
+    /// yet); zero and over-limit lengths are rejected as soon as the header is complete,
+    /// whatever follows.
+    pub fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
+        let mut declared: u64 = 0;
+        for (position, &byte) in buf.iter().take(HEADER_LEN).enumerate() {
+            if !byte.is_ascii_digit() {
+                return Err(FrameError::NotADigit { position, byte });
+            }
+            declared = declared * 10 + u64::from(byte - b'0');
+        }
+        if buf.len() < HEADER_LEN {
+            return Ok(Decoded::Incomplete { total: None });
+        }
+        let max = self.max_frame_bytes;
+        let too_long = FrameError::TooLong { declared, max };
+        if declared == 0 {
+            return Err(FrameError::ZeroLength);
+        }
+        if declared > u64::try_from(max).unwrap_or(u64::MAX) {
+            return Err(too_long);
+        }
+        // declared <= max, so it fits in usize; only HEADER_LEN + len can overflow (32-bit).
+        let len = usize::try_from(declared).map_err(|_| too_long.clone())?;
+        let total = len.checked_add(HEADER_LEN).ok_or(too_long)?;
+        Ok(if buf.len() >= total {
+            Decoded::Frame { len }
+        } else {
+            Decoded::Incomplete { total: Some(total) }
+        })
+    }
+}
+
+/// Appends one frame (header + payload) to `out`. The caller guarantees
+/// `payload.len() <= MAX_DECLARED` (debug-asserted); an empty payload encodes as `0000000000`.
+pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
+    let mut header = [0u8; HEADER_LEN];
+    write_header(payload.len(), &mut header);
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+}
+
+/// Writes the 10-digit zero-padded header for `len` into `dst`, without formatting
+/// machinery or allocation. The caller guarantees `len <= MAX_DECLARED` (debug-asserted).
+pub fn write_header(len: usize, dst: &mut [u8; HEADER_LEN]) {
+    debug_assert!(
+        len as u64 <= MAX_DECLARED,
+        "frame length {len} exceeds MAX_DECLARED"
+    );
+    let mut n = len;
+    for digit in dst.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// Incremental decoder that owns a buffer: push bytes in any split, pop complete payloads.
+/// For streaming clients and tests; the host's reactor uses [`FrameDecoder`] on its own buffers.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub struct FrameReader {
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    start: usize,
+    error: Option<FrameError>,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl FrameReader {
+    /// A reader that rejects frames declaring more than `max_frame_bytes` payload bytes.
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Self {
+            decoder: FrameDecoder::new(max_frame_bytes),
+            buf: Vec::new(),
+            start: 0,
+            error: None,
+        }
+    }
+
+    /// Appends received bytes, first dropping those already consumed. Ignored once poisoned.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Next complete payload (copied out), `None` if incomplete, `Err` on a protocol error
+    /// (the reader is then poisoned and keeps returning the same error).
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        match self.decoder.decode(&self.buf[self.start..]) {
+            Ok(Decoded::Frame { len }) => {
+                let from = self.start + HEADER_LEN;
+                let payload = self.buf[from..from + len].to_vec();
+                self.start = from + len;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                Ok(Some(payload))
+            }
+            Ok(Decoded::Incomplete { .. }) => Ok(None),
+            Err(err) => {
+                self.error = Some(err.clone());
+                self.buf = Vec::new();
+                self.start = 0;
+                Err(err)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB16: usize = 16 * 1024 * 1024;
+
+    fn not_digit(position: usize, byte: u8) -> FrameError {
+        FrameError::NotADigit { position, byte }
+    }
+
+    fn too_long(declared: u64, max: usize) -> FrameError {
+        FrameError::TooLong { declared, max }
+    }
+
+    fn incomplete(total: Option<usize>) -> Result<Decoded, FrameError> {
+        Ok(Decoded::Incomplete { total })
+    }
+
+    fn drain(reader: &mut FrameReader, into: &mut Vec<Vec<u8>>) {
+        while let Some(p) = reader.next_frame().expect("valid stream") {
+            into.push(p);
+        }
+    }
+
+    fn stream_of(payloads: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        payloads.iter().for_each(|p| encode(p, &mut out));
+        out
+    }
+
+    fn three() -> Vec<Vec<u8>> {
+        vec![b"a".to_vec(), b"bc".to_vec(), b"hello, world".to_vec()]
+    }
+
+    #[test]
+    fn a_two_byte_frame_round_trips_and_empty_payloads_encode_as_zeros() {
+        let d = FrameDecoder::new(MIB16);
+        assert_eq!(d.max_frame_bytes(), MIB16);
+        assert_eq!(d.decode(b"0000000002hi"), Ok(Decoded::Frame { len: 2 }));
+        let mut out = Vec::new();
+        encode(b"HI", &mut out);
+        assert_eq!(out, b"0000000002HI");
+        encode(b"", &mut out);
+        assert_eq!(out, b"0000000002HI0000000000");
+        let mut r = FrameReader::new(MIB16);
+        r.push(b"0000000002hi");
+        assert_eq!(r.next_frame(), Ok(Some(b"hi".to_vec())));
+        assert_eq!(r.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn three_pipelined_frames_survive_every_two_chunk_split_and_one_byte_at_a_time() {
+        let stream = stream_of(&three());
+        for cut in 0..=stream.len() {
+            let (mut r, mut got) = (FrameReader::new(64), Vec::new());
+            for chunk in [&stream[..cut], &stream[cut..]] {
+                r.push(chunk);
+                drain(&mut r, &mut got);
+            }
+            assert_eq!(got, three(), "cut at {cut}");
+        }
+        let (mut r, mut got) = (FrameReader::new(64), Vec::new());
+        for b in stream {
+            r.push(&[b]);
+            drain(&mut r, &mut got);
+        }
+        assert_eq!(got, three());
+        assert!(r.buf.is_empty());
+    }
+
+    #[test]
+    fn a_partial_header_is_incomplete_then_the_total_is_known_until_the_payload_arrives() {
+        let d = FrameDecoder::new(MIB16);
+        let frame = b"0000000005hello";
+        for n in 0..HEADER_LEN {
+            assert_eq!(d.decode(&frame[..n]), incomplete(None));
+        }
+        for n in HEADER_LEN..frame.len() {
+            assert_eq!(d.decode(&frame[..n]), incomplete(Some(15)));
+        }
+        assert_eq!(d.decode(frame), Ok(Decoded::Frame { len: 5 }));
+    }
+
+    #[test]
+    fn a_non_digit_is_rejected_at_the_first_bad_byte_before_the_header_completes() {
+        let d = FrameDecoder::new(MIB16);
+        let err = d.decode(b"00A").unwrap_err();
+        assert_eq!(err, not_digit(2, b'A'));
+        let msg = "header byte 2 is 0x41 ('A'), not an ASCII digit";
+        assert_eq!(err.to_string(), msg);
+        for byte in [b' ', b'+', b'-'] {
+            assert_eq!(d.decode(&[byte, b'1']), Err(not_digit(0, byte)));
+        }
+        assert_eq!(d.decode(b"000000000xhi"), Err(not_digit(9, b'x')));
+    }
+
+    #[test]
+    fn zero_and_over_limit_lengths_are_rejected_once_the_header_completes() {
+        let d = FrameDecoder::new(5);
+        assert_eq!(d.decode(b"0000000000"), Err(FrameError::ZeroLength));
+        assert_eq!(d.decode(b"0000000005"), incomplete(Some(15)));
+        assert_eq!(d.decode(b"0000000005hello"), Ok(Decoded::Frame { len: 5 }));
+        assert_eq!(d.decode(b"0000000006"), Err(too_long(6, 5)));
+        let huge = FrameDecoder::new(MIB16).decode(b"9999999999").unwrap_err();
+        assert_eq!(huge, too_long(MAX_DECLARED, MIB16));
+        let msg = "header declares 9999999999 bytes, above max_frame_bytes = 16777216";
+        assert_eq!(huge.to_string(), msg);
+    }
+
+    #[test]
+    fn a_poisoned_reader_keeps_returning_the_same_error() {
+        let mut r = FrameReader::new(MIB16);
+        r.push(b"0000000001x00?");
+        assert_eq!(r.next_frame(), Ok(Some(b"x".to_vec())));
+        assert_eq!(r.next_frame(), Err(not_digit(2, b'?')));
+        r.push(b"0000000001y");
+        assert_eq!(r.next_frame(), Err(not_digit(2, b'?')));
+    }
+
+    #[test]
+    fn the_reader_buffer_stays_small_on_a_long_stream() {
+        let mut r = FrameReader::new(64);
+        let chunk = stream_of(&three());
+        let (front, back) = chunk.split_at(chunk.len() - 3);
+        for _ in 0..10_000 {
+            // Each push leaves a partial frame behind, so the reader must compact.
+            r.push(front);
+            while r.next_frame().unwrap().is_some() {}
+            r.push(back);
+            while r.next_frame().unwrap().is_some() {}
+        }
+        assert!(r.buf.capacity() <= 4 * chunk.len());
+    }
+
+    #[test]
+    fn write_header_pads_with_zeros() {
+        let mut cases = vec![(1, "0000000001"), (9, "0000000009"), (10, "0000000010")];
+        cases.push((12345, "0000012345"));
+        #[cfg(target_pointer_width = "64")]
+        cases.push((9_999_999_999, "9999999999"));
+        for (len, want) in cases {
+            let mut h = [0u8; HEADER_LEN];
+            write_header(len, &mut h);
+            assert_eq!(&h, want.as_bytes(), "len {len}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_payloads_cut_anywhere_come_back_in_order(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 1..20),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let stream = stream_of(&payloads);
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.extend([0, stream.len()]);
+            cuts.sort_unstable();
+            let (mut r, mut got) = (FrameReader::new(300), Vec::new());
+            for w in cuts.windows(2) {
+                r.push(&stream[w[0]..w[1]]);
+                drain(&mut r, &mut got);
+            }
+            prop_assert_eq!(got, payloads);
+            prop_assert_eq!(r.next_frame(), Ok(None));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder_or_reader(
+            bytes in prop::collection::vec(prop_oneof![b'0'..=b'9', any::<u8>()], 0..80),
+            max in 0usize..64,
+        ) {
+            match FrameDecoder::new(max).decode(&bytes) {
+                Ok(Decoded::Frame { len }) => prop_assert!(HEADER_LEN + len <= bytes.len()),
+                Ok(Decoded::Incomplete { total: Some(t) }) => prop_assert!(t > bytes.len()),
+                Ok(Decoded::Incomplete { total: None }) => prop_assert!(bytes.len() < HEADER_LEN),
+                Err(_) => {}
+            }
+            let mut r = FrameReader::new(max);
+            r.push(&bytes);
+            while let Ok(Some(p)) = r.next_frame() {
+                prop_assert!(!p.is_empty() && p.len() <= max);
+            }
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! The nbnet config file: TOML, read with serde, validated into a [`Config`].
+//!
+//! Loading is layered so that tests can feed strings: [`load`] reads a file,
+//! [`parse`] turns text into a validated [`Config`]. Every problem is reported
+//! as `file:line: message`, and validation collects all problems instead of
+//! stopping at the first, so one `nbnet --check` run shows everything to fix.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::codec::MAX_DECLARED;
+
+/// Default config file, relative to the current directory.
+pub const DEFAULT_PATH: &str = "config/nbnet.toml";
+
+/// A validated config, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (as given), for messages.
+    pub file: PathBuf,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[[plugins]]`, paths resolved.
+    pub plugins: Vec<PluginSpec>,
+    /// `[[listeners]]`, each pointing at an entry of `plugins`.
+    pub listeners: Vec<ListenerSpec>,
+}
+
+/// `[server]`: process model and per-connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker processes to fork; 0 means one per CPU.
+    pub workers: usize,
+    /// Worker restarts the master performs before it gives up and stops.
+    pub max_restarts: u32,
+    /// Close a connection that sends nothing (or is not read) for this long.
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
+    /// Largest request or response payload, in bytes.
+    pub max_frame_bytes: usize,
+    /// Open client connections per worker; past it the worker stops accepting.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: 0,
+            max_restarts: 100,
+            read_timeout: Duration::from_secs(30),
+            max_frame_bytes: 16 * 1024 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The number of workers to run: `workers`, or the CPU count when it is 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Log level; `RUST_LOG` overrides it.
+    pub level: LogLevel,
+}
+
+/// A log level name as written in the config.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default: lifecycle events and problems.
+    #[default]
+    Info,
+    /// Every connection state transition, like nbNet's debug switch.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive for this level.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// One `[[plugins]]` entry after validation.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The name listeners refer to it by.
+    pub name: String,
+    /// Absolute path of the `.so` (relative paths resolve against the config's folder).
+    pub path: PathBuf,
+    /// The plugin's own `config` table, re-serialized as TOML for the plugin.
+    pub config_toml: String,
+    /// Line of the entry in the config file, for messages.
+    pub line: usize,
+}
+
+/// One `[[listeners]]` entry after validation.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Index into [`Config::plugins`] of the plugin serving it.
+    pub plugin: usize,
+    /// Line of the entry in the config file, for messages.
+    pub line: usize,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Each problem: a line (when known) and a message.
+    pub problems: Vec<(Option<usize>, String)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (line, message)) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match line {
+                Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, message)?,
+                None => write!(f, "{}: {}", self.file.display(), message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// The file as written, before validation. Spans let errors name lines.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    plugins: Vec<Spanned<RawPlugin>>,
+    #[serde(default)]
+    listeners: Vec<Spanned<RawListener>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: Spanned<String>,
+    plugin: Spanned<String>,
+}
+
+/// Reads and validates the config file at `file`.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_path_buf(),
+        problems: vec![(None, format!("cannot read the config file: {e}"))],
+    })?;
+    parse(file, &text)
+}
+
+/// Validates config `text`, read from `file` (used for messages and to
+/// resolve relative plugin paths).
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let fail = |problems| ConfigError {
+        file: file.to_path_buf(),
+        problems,
+    };
+
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| line_of(span.start));
+        fail(vec![(line, e.message().trim_end().to_string())])
+    })?;
+
+    let mut problems = Vec::new();
+    let server = &raw.server;
+    if server.max_frame_bytes == 0 || server.max_frame_bytes as u64 > MAX_DECLARED {
+        problems.push((
+            None,
+            format!(
+                "[server] max_frame_bytes = {} is out of range: use 1 ..= {MAX_DECLARED}",
+                server.max_frame_bytes
+            ),
+        ));
+    }
+    if server.read_timeout.is_zero() {
+        problems.push((None, "[server] read_timeout must be above zero".to_string()));
+    }
+    if server.max_connections == 0 {
+        problems.push((
+            None,
+            "[server] max_connections must be at least 1".to_string(),
+        ));
+    }
+
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut plugins: Vec<PluginSpec> = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for entry in &raw.plugins {
+        let line = line_of(entry.span().start);
+        let plugin = entry.get_ref();
+        let name = plugin.name.get_ref().trim();
+        if name.is_empty() {
+            problems.push((Some(line), "a [[plugins]] entry has an empty name".into()));
+        } else if let Some(&first) = by_name.get(name) {
+            problems.push((
+                Some(line_of(plugin.name.span().start)),
+                format!(
+                    "duplicate plugin name {name:?} (first defined on line {}); give each [[plugins]] entry its own name",
+                    plugins[first].line
+                ),
+            ));
+        }
+        let path_text = plugin.path.get_ref();
+        if path_text.is_empty() {
+            problems.push((
+                Some(line_of(plugin.path.span().start)),
+                format!("plugin {name:?} has an empty path"),
+            ));
+        }
+        let path =
+            std::path::absolute(base.join(path_text)).unwrap_or_else(|_| base.join(path_text));
+        let config_toml = match &plugin.config {
+            Some(table) => toml::to_string(table).unwrap_or_default(),
+            None => String::new(),
+        };
+        by_name.entry(name.to_string()).or_insert(plugins.len());
+        plugins.push(PluginSpec {
+            name: name.to_string(),
+            path,
+            config_toml,
+            line,
+        });
+    }
+
+    let mut listeners: Vec<ListenerSpec> = Vec::new();
+    for entry in &raw.listeners {
+        let line = line_of(entry.span().start);
+        let listener = entry.get_ref();
+        let addr_text = listener.addr.get_ref();
+        let addr = match addr_text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push((
+                    Some(line_of(listener.addr.span().start)),
+                    format!("listener addr {addr_text:?} is not IP:PORT (for example \"127.0.0.1:9000\" or \"[::1]:9000\")"),
+                ));
+                None
+            }
+        };
+        if let Some(addr) = addr {
+            if let Some(first) = listeners.iter().find(|l| l.addr == addr) {
+                problems.push((
+                    Some(line_of(listener.addr.span().start)),
+                    format!(
+                        "duplicate listener {addr} (first defined on line {})",
+                        first.line
+                    ),
+                ));
+            }
+        }
+        let plugin_name = listener.plugin.get_ref().trim();
+        let plugin = match by_name.get(plugin_name) {
+            Some(&index) => Some(index),
+            None => {
+                let known: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
+                problems.push((
+                    Some(line_of(listener.plugin.span().start)),
+                    format!(
+                        "listener {addr_text} names plugin {plugin_name:?}, which no [[plugins]] entry defines (defined: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+                None
+            }
+        };
+        if let (Some(addr), Some(plugin)) = (addr, plugin) {
+            listeners.push(ListenerSpec { addr, plugin, line });
+        }
+    }
+    if raw.listeners.is_empty() {
+        problems.push((
+            None,
+            "no [[listeners]]: add one, e.g. [[listeners]] addr = \"127.0.0.1:9000\" plugin = \"upper\"".into(),
+        ));
+    }
+
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    Ok(Config {
+        file: file.to_path_buf(),
+        server: raw.server,
+        log: raw.log,
+        plugins,
+        listeners,
+    })
+}
+
+/// Deserializes a duration written as whole seconds (`30`) or as a humantime
+/// string (`"30s"`, `"500ms"`, `"2m"`).
+fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(u64),
+        Text(String),
+    }
+    match Written::deserialize(deserializer)? {
+        Written::Seconds(s) => Ok(Duration::from_secs(s)),
+        Written::Text(text) => humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"30s\", \"500ms\" or a number of seconds"
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/nbnet/test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[[plugins]]
+name = "upper"
+path = "libupper.so"
+
+[[listeners]]
+addr = "127.0.0.1:9000"
+plugin = "upper"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths_against_the_config_folder() {
+        let config = parse_str(MINIMAL).unwrap();
+        assert_eq!(config.server.max_frame_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.server.read_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.max_restarts, 100);
+        assert_eq!(config.log.level, LogLevel::Info);
+        assert_eq!(config.plugins[0].path, Path::new("/etc/nbnet/libupper.so"));
+        assert_eq!(config.listeners[0].plugin, 0);
+        assert!(config.server.worker_count() >= 1);
+    }
+
+    #[test]
+    fn durations_accept_seconds_and_humantime_strings() {
+        let text = format!("[server]\nread_timeout = \"250ms\"\n{MINIMAL}");
+        assert_eq!(
+            parse_str(&text).unwrap().server.read_timeout,
+            Duration::from_millis(250)
+        );
+        let text = format!("[server]\nread_timeout = 7\n{MINIMAL}");
+        assert_eq!(
+            parse_str(&text).unwrap().server.read_timeout,
+            Duration::from_secs(7)
+        );
+        let err = parse_str(&format!("[server]\nread_timeout = \"soon\"\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse_str(&format!("[server]\nworkerz = 2\n{MINIMAL}")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/nbnet/test.toml:2: "), "{text}");
+        assert!(text.contains("workerz"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let err = parse_str(&format!("[server]\nworkers = \"two\"\n{MINIMAL}")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/etc/nbnet/test.toml:2: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plugin_config_table_is_passed_as_toml_text() {
+        let text = MINIMAL.replace(
+            "path = \"libupper.so\"",
+            "path = \"libupper.so\"\nconfig = { start = 10, greeting = \"hi\" }",
+        );
+        let config = parse_str(&text).unwrap();
+        let table: toml::Table = toml::from_str(&config.plugins[0].config_toml).unwrap();
+        assert_eq!(table["start"].as_integer(), Some(10));
+        assert_eq!(table["greeting"].as_str(), Some("hi"));
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_line() {
+        let text = r#"[server]
+max_frame_bytes = 0
+
+[[plugins]]
+name = "a"
+path = "a.so"
+
+[[plugins]]
+name = "a"
+path = "b.so"
+
+[[listeners]]
+addr = "localhost:9000"
+plugin = "a"
+
+[[listeners]]
+addr = "127.0.0.1:9001"
+plugin = "nope"
+"#;
+        let err = parse_str(text).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 4, "{text}");
+        assert!(text.contains("max_frame_bytes = 0"), "{text}");
+        assert!(
+            text.contains(":9: duplicate plugin name \"a\" (first defined on line 4)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":13: listener addr \"localhost:9000\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(":18: listener 127.0.0.1:9001 names plugin \"nope\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn duplicate_listeners_are_refused() {
+        let text =
+            format!("{MINIMAL}\n[[listeners]]\naddr = \"127.0.0.1:9000\"\nplugin = \"upper\"\n");
+        let err = parse_str(&text).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("duplicate listener 127.0.0.1:9000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_config_without_listeners_is_refused() {
+        let err = parse_str("[[plugins]]\nname = \"a\"\npath = \"a.so\"\n").unwrap_err();
+        assert!(err.to_string().contains("no [[listeners]]"), "{err}");
+    }
+}

@@ -1,0 +1,63 @@
+//! C plugins: a library exporting `nbnet_plugin_entry`, loaded with libloading.
+//! The contract is `plugin-api/include/nbnet_plugin.h`.
+
+use std::ffi::{c_char, CStr};
+
+use nbnet_plugin_api::abi::{CPlugin, C_ENTRY_SYMBOL};
+
+use super::{check_abi, Entry, Kind};
+
+/// The smallest table this host can read: every field up to `destroy`.
+const MIN_STRUCT_SIZE: usize = std::mem::size_of::<CPlugin>();
+
+/// Finds and validates a C plugin's table in `library`. `Ok(None)` means the
+/// library has no C entry point (it may be a Rust plugin).
+pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, String> {
+    type EntryFn = unsafe extern "C" fn() -> *const CPlugin;
+    // SAFETY: the symbol, if present, is declared in nbnet_plugin.h with this
+    // exact signature.
+    let entry_fn = match unsafe { library.get::<EntryFn>(C_ENTRY_SYMBOL.as_bytes()) } {
+        Ok(symbol) => *symbol,
+        Err(_) => return Ok(None),
+    };
+    // SAFETY: as above; the function takes nothing and returns a static pointer.
+    let table = unsafe { entry_fn() };
+    if table.is_null() {
+        return Err(format!("{C_ENTRY_SYMBOL}() returned NULL"));
+    }
+    // SAFETY: a non-NULL pointer to the plugin's static table. Only the three
+    // leading u32s, present in every version, are read before checking them.
+    let (major, minor, size) =
+        unsafe { ((*table).abi_major, (*table).abi_minor, (*table).struct_size) };
+    check_abi(major, minor)?;
+    if (size as usize) < MIN_STRUCT_SIZE {
+        return Err(format!(
+            "its nbnet_plugin table is {size} bytes, smaller than the {MIN_STRUCT_SIZE} this ABI requires; was it built with nbnet_plugin.h?"
+        ));
+    }
+    // SAFETY: version and size checked: the table has every field of `CPlugin`.
+    let table = unsafe { &*table };
+    let (Some(init), Some(process)) = (table.init, table.process) else {
+        return Err("its nbnet_plugin table has a NULL init or process".into());
+    };
+    Ok(Some(Entry {
+        kind: Kind::C,
+        own_name: static_str(table.name),
+        own_version: static_str(table.version),
+        init,
+        process,
+        destroy: table.destroy,
+        library: None,
+    }))
+}
+
+/// Copies a static C string from a plugin table ("?" when NULL).
+fn static_str(text: *const c_char) -> String {
+    if text.is_null() {
+        return "?".into();
+    }
+    // SAFETY: the header requires NUL-terminated static strings.
+    unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .into_owned()
+}

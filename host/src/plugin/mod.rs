@@ -1,0 +1,392 @@
+//! The plugin loader: turns a `[[plugins]]` entry into a ready [`Plugin`]
+//! instance, whatever language the `.so` was written in.
+//!
+//! # Brief overview
+//!
+//! - [`Plugin::load`] opens the library, recognises its kind by the symbol it
+//!   exports ([`c`]: `nbnet_plugin_entry`; [`rust`]: the `abi_stable` root
+//!   module), checks its ABI version, and calls its `init` with the plugin's
+//!   config table.
+//! - Both kinds reduce to the same `process` function pointer and opaque
+//!   state, so [`Plugin::process`] — the per-request call — is one indirect
+//!   call with no branching on the kind.
+//! - Only workers (and the short-lived `--check` child) load plugins. The
+//!   master never does: forking while the dynamic loader may be busy can
+//!   deadlock the child (see `shared/notes/dependencies.md`).
+
+mod c;
+mod rust;
+
+use std::ffi::{c_void, CString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use nbnet_plugin_api::abi::{
+    DestroyFn, InitFn, ProcessFn, RawInitContext, RawResponse, ABI_MAJOR, ABI_MINOR, NBNET_ERR,
+    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+};
+
+use crate::codec::{write_header, HEADER_LEN};
+use crate::config::PluginSpec;
+
+/// Which side of the ABI a library was built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `abi_stable` root module (`export_plugin!`).
+    Rust,
+    /// `nbnet_plugin_entry` from `nbnet_plugin.h`.
+    C,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Rust => "Rust",
+            Kind::C => "C",
+        })
+    }
+}
+
+/// Why a plugin could not be loaded: names the plugin, its file and the reason.
+#[derive(Debug)]
+pub struct LoadError {
+    /// The plugin's name in the config.
+    pub name: String,
+    /// The `.so` path.
+    pub path: PathBuf,
+    /// What went wrong, in one line.
+    pub reason: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "plugin {:?} ({}): {}",
+            self.name,
+            self.path.display(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// The entry points both loaders find, before `init` runs.
+struct Entry {
+    kind: Kind,
+    own_name: String,
+    own_version: String,
+    init: InitFn,
+    process: ProcessFn,
+    destroy: Option<DestroyFn>,
+    /// Keeps a C plugin's library mapped; Rust libraries are leaked by
+    /// `abi_stable` (they stay mapped until the worker exits).
+    library: Option<libloading::Library>,
+}
+
+/// Identifies a plugin in the host's log; lives as long as the instance,
+/// because the plugin may keep the `log` callback and call it at any time.
+struct LogTag {
+    plugin: String,
+}
+
+/// One loaded plugin instance, owned by one worker.
+pub struct Plugin {
+    name: String,
+    path: PathBuf,
+    kind: Kind,
+    own_name: String,
+    own_version: String,
+    state: *mut c_void,
+    process: ProcessFn,
+    destroy: Option<DestroyFn>,
+    _log_tag: Box<LogTag>,
+    // Dropped after `destroy` ran (fields drop after `Drop::drop`).
+    _library: Option<libloading::Library>,
+}
+
+/// Why one request failed inside the plugin.
+#[derive(Debug)]
+pub enum ProcessError {
+    /// The plugin returned an error (a Rust panic included, caught by the SDK).
+    Plugin(String),
+    /// The plugin tried to write more than `max_frame_bytes`.
+    ResponseTooLarge {
+        /// The configured limit.
+        max: usize,
+    },
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::Plugin(message) => f.write_str(message),
+            ProcessError::ResponseTooLarge { max } => write!(
+                f,
+                "the response would exceed max_frame_bytes = {max}; the host refused it"
+            ),
+        }
+    }
+}
+
+impl Plugin {
+    /// Loads `spec`'s library and creates this worker's instance.
+    pub fn load(
+        spec: &PluginSpec,
+        worker_index: u32,
+        worker_count: u32,
+    ) -> Result<Plugin, LoadError> {
+        let fail = |reason: String| LoadError {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            reason,
+        };
+        let entry = open(&spec.path).map_err(fail)?;
+        let log_tag = Box::new(LogTag {
+            plugin: spec.name.clone(),
+        });
+        let name = CString::new(spec.name.as_str())
+            .map_err(|_| fail("the name contains a NUL byte".into()))?;
+        let config = CString::new(spec.config_toml.as_str())
+            .map_err(|_| fail("its config table contains a NUL byte".into()))?;
+        let mut init_error: Option<String> = None;
+        let ctx = RawInitContext {
+            struct_size: std::mem::size_of::<RawInitContext>() as u32,
+            worker_index,
+            worker_count,
+            plugin_name: name.as_ptr(),
+            config_toml: config.as_ptr(),
+            config_toml_len: spec.config_toml.len(),
+            host: (&mut init_error as *mut Option<String>).cast(),
+            set_error: init_set_error,
+            log: plugin_log,
+            log_handle: (&*log_tag as *const LogTag).cast(),
+        };
+        let mut state: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `init` comes from a library whose ABI version (and, for Rust,
+        // layout) was checked; `ctx` and `state` are valid for the call.
+        let rc = unsafe { (entry.init)(&ctx, &mut state) };
+        if rc != NBNET_OK {
+            let why = init_error.unwrap_or_else(|| format!("init returned {rc} without a message"));
+            return Err(fail(format!("init failed: {why}")));
+        }
+        Ok(Plugin {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            kind: entry.kind,
+            own_name: entry.own_name,
+            own_version: entry.own_version,
+            state,
+            process: entry.process,
+            destroy: entry.destroy,
+            _log_tag: log_tag,
+            _library: entry.library,
+        })
+    }
+
+    /// The plugin's name in the config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// One line for the startup log: name, kind, own name/version, file.
+    pub fn describe(&self) -> String {
+        format!(
+            "plugin {:?}: {} plugin {} {} from {}",
+            self.name,
+            self.kind,
+            self.own_name,
+            self.own_version,
+            self.path.display()
+        )
+    }
+
+    /// Answers one request: appends a complete response frame (header and
+    /// payload) to `out`, or leaves `out` as it was and returns the error.
+    ///
+    /// The plugin writes straight into `out` after a reserved header, which is
+    /// filled in once the payload length is known: no intermediate buffer.
+    #[inline]
+    pub fn process(
+        &mut self,
+        request: &[u8],
+        out: &mut Vec<u8>,
+        max_frame_bytes: usize,
+    ) -> Result<(), ProcessError> {
+        let frame_start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        let mut sink = Sink {
+            out,
+            payload_start: frame_start + HEADER_LEN,
+            max: max_frame_bytes,
+            refused: false,
+            error: None,
+        };
+        let mut response = RawResponse {
+            host: (&mut sink as *mut Sink).cast(),
+            write: sink_write,
+            set_error: sink_set_error,
+        };
+        // SAFETY: `state` came from this library's `init`; `request` and
+        // `response` are valid for the call; instances are used by one thread.
+        let rc =
+            unsafe { (self.process)(self.state, request.as_ptr(), request.len(), &mut response) };
+        let Sink {
+            out,
+            refused,
+            error,
+            ..
+        } = sink;
+        if rc != NBNET_OK || refused {
+            out.truncate(frame_start);
+            return Err(if refused {
+                ProcessError::ResponseTooLarge {
+                    max: max_frame_bytes,
+                }
+            } else {
+                ProcessError::Plugin(
+                    error.unwrap_or_else(|| format!("process returned {rc} without a message")),
+                )
+            });
+        }
+        let len = out.len() - frame_start - HEADER_LEN;
+        let header: &mut [u8; HEADER_LEN] = (&mut out[frame_start..frame_start + HEADER_LEN])
+            .try_into()
+            .expect("header slice is HEADER_LEN long");
+        write_header(len, header);
+        Ok(())
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Some(destroy) = self.destroy {
+            // SAFETY: `state` came from this library's `init` and is destroyed once.
+            unsafe { destroy(self.state) }
+        }
+    }
+}
+
+/// Opens the library at `path` and finds its entry points.
+fn open(path: &Path) -> Result<Entry, String> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("no such file; check the path (relative paths are resolved against the config file's folder)".into())
+        }
+        Err(e) => return Err(format!("cannot read the file: {e}")),
+        Ok(meta) if meta.is_dir() => return Err("is a directory, not a shared library (.so) file".into()),
+        Ok(_) => {}
+    }
+    // SAFETY: dlopen runs the library's initializers. Loading the configured
+    // plugin is the purpose of this function; the path is absolute, so the
+    // dynamic loader does not search for it elsewhere.
+    let library = unsafe { libloading::Library::new(path) }
+        .map_err(|e| format!("cannot load it as a shared library: {}", error_chain(&e)))?;
+    if let Some(entry) = c::find(&library)? {
+        return Ok(entry.with_library(library));
+    }
+    if rust::is_rust_plugin(&library) {
+        drop(library);
+        return rust::load(path);
+    }
+    Err(format!(
+        "not an nbnet plugin: it exports neither `{}` (a C plugin, see nbnet_plugin.h) nor an abi_stable root module (a Rust plugin, see export_plugin!)",
+        nbnet_plugin_api::abi::C_ENTRY_SYMBOL
+    ))
+}
+
+impl Entry {
+    fn with_library(mut self, library: libloading::Library) -> Entry {
+        self.library = Some(library);
+        self
+    }
+}
+
+/// Checks a plugin's ABI numbers against this host's.
+fn check_abi(major: u32, minor: u32) -> Result<(), String> {
+    if major != ABI_MAJOR {
+        return Err(format!(
+            "incompatible ABI: the plugin was built for nbnet plugin ABI {major}.{minor}, this host speaks {ABI_MAJOR}.x (up to {ABI_MAJOR}.{ABI_MINOR}); rebuild the plugin against this nbnet's plugin-api"
+        ));
+    }
+    if minor > ABI_MINOR {
+        return Err(format!(
+            "incompatible ABI: the plugin needs ABI {major}.{minor}, newer than this host's {ABI_MAJOR}.{ABI_MINOR}; upgrade nbnet"
+        ));
+    }
+    Ok(())
+}
+
+/// libloading's `Display` says only "dlopen failed"; the reason is in `source()`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The host side of [`RawResponse`]: the output buffer of one call.
+struct Sink<'a> {
+    out: &'a mut Vec<u8>,
+    payload_start: usize,
+    max: usize,
+    refused: bool,
+    error: Option<String>,
+}
+
+unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len: usize) -> i32 {
+    // SAFETY: `response` is the struct built in `Plugin::process`, whose `host`
+    // points to the live `Sink` of this call.
+    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
+    let written = sink.out.len() - sink.payload_start;
+    if len > sink.max - written {
+        sink.refused = true;
+        return NBNET_ERR;
+    }
+    if len > 0 {
+        // SAFETY: the plugin passes `len` readable bytes at `data`.
+        sink.out
+            .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+    }
+    NBNET_OK
+}
+
+unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, len: usize) {
+    // SAFETY: as in `sink_write`; the plugin passes `len` readable bytes.
+    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
+    sink.error = Some(lossy(msg, len));
+}
+
+unsafe extern "C" fn init_set_error(ctx: *const RawInitContext, msg: *const u8, len: usize) {
+    // SAFETY: `ctx.host` points to the `Option<String>` of the running `load`.
+    let slot = unsafe { &mut *(*ctx).host.cast::<Option<String>>() };
+    *slot = Some(lossy(msg, len));
+}
+
+unsafe extern "C" fn plugin_log(handle: *const c_void, level: i32, msg: *const u8, len: usize) {
+    // SAFETY: `handle` is the plugin's boxed `LogTag`, alive until the instance drops.
+    let tag = unsafe { &*handle.cast::<LogTag>() };
+    let message = lossy(msg, len);
+    let plugin = tag.plugin.as_str();
+    match level {
+        NBNET_LOG_ERROR => tracing::error!(plugin, "{message}"),
+        NBNET_LOG_WARN => tracing::warn!(plugin, "{message}"),
+        NBNET_LOG_INFO => tracing::info!(plugin, "{message}"),
+        NBNET_LOG_DEBUG => tracing::debug!(plugin, "{message}"),
+        _ => tracing::trace!(plugin, "{message}"),
+    }
+}
+
+/// Copies a plugin-provided message, replacing invalid UTF-8.
+fn lossy(msg: *const u8, len: usize) -> String {
+    if msg.is_null() || len == 0 {
+        return String::new();
+    }
+    // SAFETY: callers pass `len` readable bytes at `msg` (checked non-null).
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+}

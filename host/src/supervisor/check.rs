@@ -1,0 +1,109 @@
+//! Loads every configured plugin in a short-lived child process and reports
+//! what happened, for `--check` and before the master forks its workers.
+//!
+//! Why a child: the master must never load plugins (a plugin's initializers
+//! or threads could leave the dynamic loader locked when the master forks,
+//! deadlocking workers — see `shared/notes/dependencies.md`), and a plugin
+//! that crashes while loading must not take the master with it.
+
+use std::io::{Read, Write};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+
+use super::decision::Exit;
+use crate::config::Config;
+use crate::plugin::Plugin;
+
+/// The outcome of loading every plugin once.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// One line per plugin that loaded (kind, own name and version, file).
+    pub loaded: Vec<String>,
+    /// One line per problem, naming the plugin and its file.
+    pub errors: Vec<String>,
+}
+
+/// Loads (and destroys) each plugin of `config` in a child process.
+pub fn check_plugins(config: &Config) -> Report {
+    let mut report = Report::default();
+    let (mut reader, writer) = match std::io::pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            report
+                .errors
+                .push(format!("cannot create a pipe to check plugins: {e}"));
+            return report;
+        }
+    };
+    // SAFETY: the master is single-threaded (it starts no threads and loads
+    // no plugins), so the child may allocate and run arbitrary code.
+    match unsafe { fork() } {
+        Err(e) => {
+            report
+                .errors
+                .push(format!("cannot fork to check plugins: {e}"));
+            report
+        }
+        Ok(ForkResult::Child) => {
+            drop(reader);
+            let code = child(config, writer);
+            std::process::exit(code)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(writer);
+            let mut text = String::new();
+            let _ = reader.read_to_string(&mut text);
+            let status = waitpid(child, None).ok().and_then(Exit::from_wait);
+            let mut loading: Option<&str> = None;
+            for line in text.lines() {
+                match line.split_once('\t') {
+                    Some(("LOADING", what)) => loading = Some(what),
+                    Some(("OK", what)) => {
+                        loading = None;
+                        report.loaded.push(what.to_string());
+                    }
+                    Some(("ERROR", what)) => {
+                        loading = None;
+                        report.errors.push(what.to_string());
+                    }
+                    _ => {}
+                }
+            }
+            match (status, loading) {
+                (Some(Exit::Code(0)), None) => {}
+                (status, Some(what)) => report.errors.push(format!(
+                    "{what}: the plugin crashed the process while loading ({})",
+                    status.map_or("unknown status".to_string(), |s| s.to_string())
+                )),
+                (status, None) => report.errors.push(format!(
+                    "the plugin checker failed ({})",
+                    status.map_or("unknown status".to_string(), |s| s.to_string())
+                )),
+            }
+            report
+        }
+    }
+}
+
+/// The child: report `LOADING`, then `OK` or `ERROR`, per plugin, one line each.
+fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let count = config.server.worker_count() as u32;
+    for spec in &config.plugins {
+        let what = format!("plugin {:?} ({})", spec.name, spec.path.display());
+        let _ = writeln!(out, "LOADING\t{}", one_line(&what));
+        let _ = out.flush();
+        let line = match Plugin::load(spec, 0, count) {
+            Ok(plugin) => format!("OK\t{}", one_line(&plugin.describe())),
+            Err(e) => format!("ERROR\t{}", one_line(&e.to_string())),
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    0
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\t'], " ")
+}

@@ -1,0 +1,105 @@
+//! What the master does when a worker exits: a pure function of the exit
+//! status and the restart count, tested with a table (the Rust version of
+//! gunicorn's scripted `waitpid` tests).
+
+use std::fmt;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+
+use crate::exit_code;
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It called `exit(code)`.
+    Code(i32),
+    /// A signal killed it.
+    Signal(Signal),
+}
+
+impl Exit {
+    /// The exit of a `waitpid` status, if the status is a termination.
+    pub fn from_wait(status: WaitStatus) -> Option<Exit> {
+        match status {
+            WaitStatus::Exited(_, code) => Some(Exit::Code(code)),
+            WaitStatus::Signaled(_, signal, _) => Some(Exit::Signal(signal)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit status {code}"),
+            Exit::Signal(Signal::SIGKILL) => {
+                write!(f, "killed by SIGKILL (the OOM killer, or an operator?)")
+            }
+            Exit::Signal(signal) => write!(f, "killed by {signal}"),
+        }
+    }
+}
+
+/// What to do about a worker that exited while the master was serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Fork a replacement in the same slot.
+    Restart,
+    /// Stop everything and exit with this code.
+    Halt(i32),
+}
+
+/// Decides about a worker that exited unasked. `restarts_done` counts the
+/// restarts already performed; like nbNet's `fork_processes`, the master
+/// gives up when one more would exceed `max_restarts`.
+pub fn on_worker_exit(exit: Exit, restarts_done: u32, max_restarts: u32) -> Decision {
+    match exit {
+        // It could not load its plugins: a new worker would fail the same
+        // way, so restarting would only loop.
+        Exit::Code(exit_code::PLUGIN_LOAD_FAILED) => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
+        _ if restarts_done >= max_restarts => Decision::Halt(exit_code::TOO_MANY_RESTARTS),
+        _ => Decision::Restart,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_map_to_restart_or_halt() {
+        use Decision::*;
+        let table = [
+            (Exit::Signal(Signal::SIGKILL), 0, 100, Restart),
+            (Exit::Signal(Signal::SIGSEGV), 99, 100, Restart),
+            (
+                Exit::Signal(Signal::SIGSEGV),
+                100,
+                100,
+                Halt(exit_code::TOO_MANY_RESTARTS),
+            ),
+            (Exit::Code(1), 0, 0, Halt(exit_code::TOO_MANY_RESTARTS)),
+            (Exit::Code(0), 2, 3, Restart),
+            (
+                Exit::Code(exit_code::PLUGIN_LOAD_FAILED),
+                0,
+                100,
+                Halt(exit_code::PLUGIN_LOAD_FAILED),
+            ),
+        ];
+        for (exit, done, max, expected) in table {
+            assert_eq!(
+                on_worker_exit(exit, done, max),
+                expected,
+                "{exit} after {done}/{max}"
+            );
+        }
+    }
+
+    #[test]
+    fn sigkill_is_described_with_a_hint() {
+        assert!(Exit::Signal(Signal::SIGKILL).to_string().contains("OOM"));
+        assert_eq!(Exit::Code(3).to_string(), "exit status 3");
+    }
+}

@@ -1,0 +1,109 @@
+//! A worker process: loads its plugins after fork, then serves every
+//! listener from its own reactor until told to stop.
+//!
+//! # Brief overview
+//!
+//! - [`run`] is the worker's `main`: it ties its life to the master's, takes
+//!   its stop signals, loads the plugins, builds the [`reactor::Reactor`].
+//! - [`reactor`] is the event loop; [`conn`] is one connection's state
+//!   machine; [`deadlines`] orders connections for the read timeout.
+
+pub mod conn;
+pub mod deadlines;
+pub mod reactor;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{getpid, getppid, Pid};
+
+use crate::config::Config;
+use crate::exit_code;
+use crate::plugin::Plugin;
+use crate::signals::Signals;
+use reactor::{Limits, Listener, Reactor};
+
+/// Who this worker is.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    /// Index `0 .. count`, stable across restarts of the same slot.
+    pub index: usize,
+    /// Number of workers.
+    pub count: usize,
+    /// The master's PID (this process's parent).
+    pub master: Pid,
+}
+
+/// The worker's `main`, called in the child right after fork. Returns the
+/// process exit code: [`exit_code::OK`] after a stop signal,
+/// [`exit_code::PLUGIN_LOAD_FAILED`] if a plugin cannot load (the master then
+/// halts instead of restarting), [`exit_code::FAILURE`] otherwise.
+pub fn run(config: &Config, sockets: Vec<mio::net::TcpListener>, who: Identity) -> i32 {
+    let span = tracing::info_span!("worker", index = who.index, pid = getpid().as_raw());
+    let _entered = span.enter();
+
+    // No worker outlives its master: the kernel kills us when it dies. The
+    // master may already have died between fork and here; then stop at once.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        tracing::error!("cannot set the parent-death signal: {e}");
+        return exit_code::FAILURE;
+    }
+    if getppid() != who.master {
+        return exit_code::FAILURE;
+    }
+
+    let signals = match Signals::block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!("cannot set up signal handling: {e}");
+            return exit_code::FAILURE;
+        }
+    };
+
+    let mut plugins = Vec::with_capacity(config.plugins.len());
+    for spec in &config.plugins {
+        match Plugin::load(spec, who.index as u32, who.count as u32) {
+            Ok(plugin) => {
+                tracing::debug!("{}", plugin.describe());
+                plugins.push(plugin);
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return exit_code::PLUGIN_LOAD_FAILED;
+            }
+        }
+    }
+
+    let listeners = sockets
+        .into_iter()
+        .zip(&config.listeners)
+        .map(|(socket, spec)| Listener {
+            socket,
+            addr: spec.addr,
+            plugin: spec.plugin,
+        })
+        .collect();
+    let limits = Limits {
+        read_timeout: config.server.read_timeout,
+        max_frame_bytes: config.server.max_frame_bytes,
+        max_connections: config.server.max_connections,
+    };
+    let reactor = match Reactor::new(signals, listeners, plugins, limits) {
+        Ok(reactor) => reactor,
+        Err(e) => {
+            tracing::error!("cannot start the event loop: {e}");
+            return exit_code::FAILURE;
+        }
+    };
+    tracing::debug!("serving");
+    match reactor.run() {
+        // Connections are closed (the reactor is gone); now the plugins'
+        // destroy hooks run.
+        Ok(plugins) => {
+            drop(plugins);
+            exit_code::OK
+        }
+        Err(e) => {
+            tracing::error!("event loop failed: {e}");
+            exit_code::FAILURE
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! A worker's event loop: one `mio::Poll`, its listeners, its connections.
+//!
+//! Read it top to bottom like mio's `tcp_server` example: named tokens, a
+//! `match` on the token with an accept arm and a connection arm, and one
+//! place ([`Reactor::close`]) where a connection is deregistered and dropped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::conn::{Close, Connection, Context};
+use super::deadlines::Deadlines;
+use crate::codec::FrameDecoder;
+use crate::plugin::Plugin;
+use crate::signals::Signals;
+
+/// The worker's `signalfd` (stop requests).
+const SIGNALS: Token = Token(0);
+/// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
+const FIRST_LISTENER: usize = 1;
+/// How long accepting pauses when the process runs out of file descriptors.
+const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Limits that apply to every connection of this worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Close a connection after this long without progress.
+    pub read_timeout: Duration,
+    /// Frame size limit for requests and responses.
+    pub max_frame_bytes: usize,
+    /// Open connections; past it the worker stops accepting.
+    pub max_connections: usize,
+}
+
+/// One inherited listening socket and the plugin that serves it.
+pub struct Listener {
+    /// The socket, bound by the master.
+    pub socket: TcpListener,
+    /// Its address, for logs.
+    pub addr: SocketAddr,
+    /// Index of its plugin in the worker's plugin list.
+    pub plugin: usize,
+}
+
+/// Whether the worker is taking new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    /// Listeners registered; accept until WouldBlock.
+    Open,
+    /// `max_connections` reached: listeners deregistered until one closes.
+    /// New clients wait in the kernel's listen backlog (or go to another worker).
+    Full,
+    /// Out of file descriptors: listeners deregistered until this instant,
+    /// instead of spinning on an accept that keeps failing.
+    Backoff(Instant),
+}
+
+/// The worker's reactor.
+pub struct Reactor {
+    poll: Poll,
+    signals: Signals,
+    listeners: Vec<Listener>,
+    plugins: Vec<Plugin>,
+    connections: Slab<Connection>,
+    deadlines: Deadlines,
+    accepting: Accepting,
+    decoder: FrameDecoder,
+    limits: Limits,
+}
+
+impl Reactor {
+    /// Registers the signals and listeners in a new `Poll` (created here,
+    /// after fork: each worker has its own epoll instance).
+    pub fn new(
+        signals: Signals,
+        listeners: Vec<Listener>,
+        plugins: Vec<Plugin>,
+        limits: Limits,
+    ) -> io::Result<Reactor> {
+        let poll = Poll::new()?;
+        signals.register(poll.registry(), SIGNALS)?;
+        let mut reactor = Reactor {
+            poll,
+            signals,
+            listeners,
+            plugins,
+            connections: Slab::new(),
+            deadlines: Deadlines::default(),
+            accepting: Accepting::Open,
+            decoder: FrameDecoder::new(limits.max_frame_bytes),
+            limits,
+        };
+        reactor.register_listeners()?;
+        Ok(reactor)
+    }
+
+    /// Runs until a stop signal arrives. Returns the plugins so that the
+    /// caller destroys them after every connection is gone.
+    pub fn run(mut self) -> io::Result<Vec<Plugin>> {
+        let mut events = Events::with_capacity(1024);
+        let first_connection = FIRST_LISTENER + self.listeners.len();
+        loop {
+            let timeout = self.next_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => {
+                        let received = self.signals.pending();
+                        if let Some(signal) = received.first() {
+                            tracing::info!(
+                                "{signal} received: stopping ({} connections open)",
+                                self.connections.len()
+                            );
+                            return Ok(self.plugins);
+                        }
+                    }
+                    Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
+                    Token(t) => {
+                        let key = t - first_connection;
+                        // Events for a connection closed earlier in this batch
+                        // are stale: ignore them.
+                        let Some(conn) = self.connections.get_mut(key) else {
+                            continue;
+                        };
+                        let plugin = &mut self.plugins[self.listeners[conn.listener].plugin];
+                        let mut ctx = Context {
+                            plugin,
+                            decoder: self.decoder,
+                        };
+                        let mut outcome = Ok(false);
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            outcome = conn.on_readable(&mut ctx, event.is_read_closed());
+                        }
+                        if event.is_writable() {
+                            outcome = match outcome {
+                                Ok(progress) => conn.on_writable(&mut ctx).map(|p| p || progress),
+                                closed => closed,
+                            };
+                        }
+                        match outcome {
+                            Ok(true) => {
+                                let deadline = now + self.limits.read_timeout;
+                                self.deadlines.touch(&mut self.connections, key, deadline);
+                            }
+                            Ok(false) => {}
+                            Err(reason) => self.close(key, reason),
+                        }
+                    }
+                }
+            }
+            self.expire(now);
+            if let Accepting::Backoff(until) = self.accepting {
+                if now >= until {
+                    self.resume_accepting();
+                }
+            }
+        }
+    }
+
+    /// Accepts every pending connection on listener `index` (until WouldBlock:
+    /// edge-triggered readiness is reported once per burst).
+    fn accept(&mut self, index: usize, now: Instant) {
+        let first_connection = FIRST_LISTENER + self.listeners.len();
+        while self.accepting == Accepting::Open {
+            if self.connections.len() >= self.limits.max_connections {
+                tracing::warn!(
+                    "max_connections = {} reached: not accepting until a connection closes (new clients wait in the listen backlog)",
+                    self.limits.max_connections
+                );
+                self.pause_accepting(Accepting::Full);
+                return;
+            }
+            let listener = &self.listeners[index];
+            match listener.socket.accept() {
+                Ok((mut stream, peer)) => {
+                    // Responses are complete frames written at once: Nagle's
+                    // delay would only add latency.
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.connections.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(first_connection + key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        tracing::warn!("cannot register connection from {peer}: {e}");
+                        continue;
+                    }
+                    let deadline = now + self.limits.read_timeout;
+                    entry.insert(Connection::new(stream, peer, index, deadline));
+                    self.deadlines.push(&mut self.connections, key, deadline);
+                    tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
+                }
+                // The backlog is empty: wait for the next readiness event.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if out_of_descriptors(&e) => {
+                    tracing::warn!(
+                        "accept on {} failed: {e}; pausing accept for {FD_EXHAUSTED_PAUSE:?} ({} connections open; raise the fd limit with ulimit -n)",
+                        listener.addr,
+                        self.connections.len()
+                    );
+                    self.pause_accepting(Accepting::Backoff(now + FD_EXHAUSTED_PAUSE));
+                    return;
+                }
+                // The client gave up between SYN and accept (ECONNABORTED…):
+                // that one connection is gone, the listener is fine.
+                Err(e) => tracing::debug!("accept on {}: {e}", listener.addr),
+            }
+        }
+    }
+
+    /// Deregisters and drops connection `key`, logging why it closed.
+    fn close(&mut self, key: usize, reason: Close) {
+        self.deadlines.remove(&mut self.connections, key);
+        let mut conn = self.connections.remove(key);
+        let _ = self.poll.registry().deregister(conn.stream_mut());
+        let peer = conn.peer;
+        let listener = &self.listeners[conn.listener];
+        match reason {
+            Close::PeerClosed => tracing::debug!(%peer, "connection closed by the client"),
+            Close::PeerClosedMidFrame { received } => tracing::info!(
+                %peer,
+                "client closed the connection in the middle of a frame ({received} bytes of it received)"
+            ),
+            Close::Io(e) => tracing::debug!(%peer, "connection error: {e}"),
+            Close::Protocol(e) => tracing::warn!(
+                %peer,
+                listener = %listener.addr,
+                "protocol error: {e}; connection closed"
+            ),
+            Close::Plugin(e) => tracing::warn!(
+                %peer,
+                plugin = self.plugins[listener.plugin].name(),
+                "plugin failed a request: {e}; connection closed"
+            ),
+            Close::TimedOut { mid_frame: false } => tracing::debug!(
+                %peer,
+                "idle connection closed after read_timeout = {:?}",
+                self.limits.read_timeout
+            ),
+            Close::TimedOut { mid_frame: true } => tracing::info!(
+                %peer,
+                "connection stalled mid-frame; closed after read_timeout = {:?}",
+                self.limits.read_timeout
+            ),
+        }
+        if self.accepting == Accepting::Full {
+            self.resume_accepting();
+        }
+    }
+
+    /// Closes every connection whose deadline has passed.
+    fn expire(&mut self, now: Instant) {
+        while let Some(key) = self.deadlines.oldest() {
+            let conn = &self.connections[key];
+            if conn.deadline() > now {
+                break;
+            }
+            let mid_frame = conn.mid_frame();
+            self.close(key, Close::TimedOut { mid_frame });
+        }
+    }
+
+    /// How long `poll` may sleep: until the oldest deadline or the end of an
+    /// accept backoff; forever when there is neither.
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let deadline = self
+            .deadlines
+            .oldest()
+            .map(|key| self.connections[key].deadline());
+        let backoff = match self.accepting {
+            Accepting::Backoff(until) => Some(until),
+            _ => None,
+        };
+        let wake = match (deadline, backoff) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Round up to the next millisecond: epoll's unit. Rounding down would
+        // wake a hair early and spin until the deadline passes.
+        wake.map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn register_listeners(&mut self) -> io::Result<()> {
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            self.poll.registry().register(
+                &mut listener.socket,
+                Token(FIRST_LISTENER + i),
+                Interest::READABLE,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn pause_accepting(&mut self, why: Accepting) {
+        if self.accepting == Accepting::Open {
+            for listener in &mut self.listeners {
+                let _ = self.poll.registry().deregister(&mut listener.socket);
+            }
+        }
+        self.accepting = why;
+    }
+
+    /// Registers the listeners again; pending connections are reported at
+    /// once (registering a ready socket raises an event).
+    fn resume_accepting(&mut self) {
+        if self.connections.len() >= self.limits.max_connections {
+            // Still full (e.g. after an fd backoff): wait for a close instead.
+            self.accepting = Accepting::Full;
+            return;
+        }
+        match self.register_listeners() {
+            Ok(()) => {
+                tracing::debug!("accepting connections again");
+                self.accepting = Accepting::Open;
+            }
+            Err(e) => tracing::error!("cannot resume accepting: {e}"),
+        }
+    }
+}
+
+/// EMFILE/ENFILE and kin: accepting again right away would fail the same way.
+fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}

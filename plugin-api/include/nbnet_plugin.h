@@ -1,0 +1,132 @@
+/*
+ * nbnet_plugin.h -- the C interface of nbnet plugins.
+ *
+ * nbnet is a pre-forking TCP server. Every message is a 10-digit ASCII length
+ * header followed by that many payload bytes; nbnet does the networking and
+ * hands each request payload to a plugin, which writes the response payload.
+ *
+ * A C plugin is a shared library exporting ONE symbol:
+ *
+ *     const nbnet_plugin *nbnet_plugin_entry(void);
+ *
+ * returning a pointer to a static, filled-in nbnet_plugin table. Build one with:
+ *
+ *     cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden \
+ *        -I plugin-api/include -o libmyplugin.so myplugin.c
+ *
+ * Process model: each worker process loads the library after it is forked,
+ * calls init once to create its own instance, then calls process once per
+ * request, never concurrently on one instance (no locking needed). A slow
+ * process stalls that worker's other connections. destroy frees the instance.
+ *
+ * Memory: the host owns every buffer it passes; the plugin owns its state.
+ * Nothing allocated on one side is freed on the other.
+ *
+ * Versioning: NBNET_ABI_MAJOR changes only when meaning or layout changes;
+ * the host refuses any other major. A minor bump only appends fields at the
+ * end of a struct, so a plugin built for an older minor loads in a newer host.
+ * A host refuses a plugin built for a newer minor than its own.
+ */
+#ifndef NBNET_PLUGIN_H
+#define NBNET_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- versions */
+
+#define NBNET_ABI_MAJOR 1
+#define NBNET_ABI_MINOR 0
+
+/* ------------------------------------------------------------ return codes */
+
+#define NBNET_OK 0
+#define NBNET_ERR (-1)
+
+/* -------------------------------------------------------------- log levels */
+
+#define NBNET_LOG_ERROR 1
+#define NBNET_LOG_WARN 2
+#define NBNET_LOG_INFO 3
+#define NBNET_LOG_DEBUG 4
+
+/* -------------------------------------------------------------- export tag */
+
+#ifndef NBNET_EXPORT
+#define NBNET_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* ------------------------------------------------------- response (host) */
+
+/* Where process writes its answer. Built by the host for one process call and
+ * valid only during it. Use the two helpers below rather than the fields. */
+typedef struct nbnet_response {
+    void *host; /* host-private: pass the response back untouched */
+    /* Append len bytes. NBNET_ERR (and nothing appended) when the response
+     * would exceed the host's max_frame_bytes. */
+    int (*write)(struct nbnet_response *resp, const uint8_t *data, size_t len);
+    /* Say why process returns NBNET_ERR; the host copies and logs it. */
+    void (*set_error)(struct nbnet_response *resp, const char *msg, size_t len);
+} nbnet_response;
+
+/* ----------------------------------------------------- init context (host) */
+
+/* What init receives. Valid only during init, except log and log_handle,
+ * which stay valid until destroy returns. */
+typedef struct nbnet_init_ctx {
+    uint32_t struct_size;     /* sizeof as the host knows it (grows with minors) */
+    uint32_t worker_index;    /* 0 .. worker_count-1 */
+    uint32_t worker_count;    /* workers the master runs */
+    const char *plugin_name;  /* the plugin's name in the config (NUL-terminated) */
+    const char *config_toml;  /* its `config` table as TOML text ("" if none) */
+    size_t config_toml_len;   /* strlen(config_toml) */
+    void *host;               /* host-private */
+    /* Say why init returns NBNET_ERR; the host reports it with the file name. */
+    void (*set_error)(const struct nbnet_init_ctx *ctx, const char *msg, size_t len);
+    /* Log through the host's logger, tagged with the plugin name. */
+    void (*log)(const void *log_handle, int level, const char *msg, size_t len);
+    const void *log_handle;   /* first argument of log */
+} nbnet_init_ctx;
+
+/* ------------------------------------------------------- plugin table (you) */
+
+typedef struct nbnet_plugin {
+    uint32_t abi_major;   /* NBNET_ABI_MAJOR -- checked first */
+    uint32_t abi_minor;   /* NBNET_ABI_MINOR */
+    uint32_t struct_size; /* sizeof(nbnet_plugin) */
+    const char *name;     /* the plugin's own name, static */
+    const char *version;  /* the plugin's own version, static */
+    /* Create this worker's instance in *state. NBNET_OK, or NBNET_ERR after
+     * ctx->set_error. Required. */
+    int (*init)(const nbnet_init_ctx *ctx, void **state);
+    /* Answer one request (len > 0 bytes, valid during the call) through resp.
+     * NBNET_OK, or NBNET_ERR after set_error: the host logs the message with
+     * the plugin name and closes that client's connection. Required. */
+    int (*process)(void *state, const uint8_t *req, size_t len, nbnet_response *resp);
+    /* Free the instance. May be NULL. */
+    void (*destroy)(void *state);
+} nbnet_plugin;
+
+/* The one symbol a plugin exports. */
+NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void);
+
+/* ---------------------------------------------------------------- helpers */
+
+static inline int nbnet_write(nbnet_response *resp, const void *data, size_t len) {
+    return resp->write(resp, (const uint8_t *)data, len);
+}
+
+static inline int nbnet_error(nbnet_response *resp, const char *msg, size_t len) {
+    resp->set_error(resp, msg, len);
+    return NBNET_ERR;
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NBNET_PLUGIN_H */
