@@ -32,12 +32,36 @@ use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::plugin::{Plugin, ProcessError};
 
-/// Bytes read per `read` call when no larger frame is known to be coming.
-const READ_CHUNK: usize = 16 * 1024;
+/// Size of the worker's shared read buffer: frames up to this size that
+/// arrive whole are answered straight from it, with no per-connection copy.
+pub const SCRATCH_INPUT: usize = 256 * 1024;
+/// Smallest read into a connection's own buffer (when it holds a partial frame).
+const MIN_OWN_READ: usize = 4 * 1024;
 /// Largest read-ahead reserved in one step for a frame whose length is known.
 const READ_AHEAD_LIMIT: usize = 256 * 1024;
-/// Idle buffers larger than this are freed rather than kept for the next request.
-const KEEP_IDLE_CAPACITY: usize = 64 * 1024;
+
+/// Buffers shared by every connection of a worker, lent to one connection
+/// at a time. They make the common case free: a read that holds only
+/// complete frames is decoded in place, the responses are written at once,
+/// and an idle connection owns no buffer at all. A connection allocates its
+/// own buffer only for what is left over: a partial frame, or responses the
+/// kernel could not take yet.
+pub struct Scratch {
+    /// Read buffer; always `SCRATCH_INPUT` long (initialized once).
+    input: Vec<u8>,
+    /// Responses being produced; empty between events.
+    output: Vec<u8>,
+}
+
+impl Scratch {
+    /// Allocates the worker's shared buffers.
+    pub fn new() -> Self {
+        Scratch {
+            input: vec![0; SCRATCH_INPUT],
+            output: Vec::with_capacity(SCRATCH_INPUT),
+        }
+    }
+}
 
 /// Where a connection is in its life; see the module doc for the diagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +101,8 @@ pub struct Context<'a> {
     pub plugin: &'a mut Plugin,
     /// Frame limits.
     pub decoder: FrameDecoder,
+    /// The worker's shared buffers.
+    pub scratch: &'a mut Scratch,
 }
 
 /// One accepted client connection.
@@ -87,11 +113,13 @@ pub struct Connection {
     /// Index of the listener (and so of the plugin) that accepted it.
     pub listener: usize,
     state: State,
-    /// Received bytes. `input[..input_len]` is data; frames are consumed from the front.
-    /// Invariant: `input.len()` is the buffer's capacity in use, all initialized.
+    /// A partial frame carried over between reads: `input[..input_len]`.
+    /// Empty (no allocation) whenever the connection is at a frame boundary.
+    /// Invariant: `input.len()` is the capacity in use, all initialized.
     input: Vec<u8>,
     input_len: usize,
-    /// Encoded responses; `output[written..]` is not yet sent.
+    /// Responses the kernel has not taken yet: `output[written..]`.
+    /// Non-empty only in [`State::Writing`]; freed once sent.
     output: Vec<u8>,
     written: usize,
     /// Its place in the worker's read-timeout list.
@@ -145,24 +173,41 @@ impl Connection {
             return Ok(false);
         }
         let mut progress = false;
-        let mut eof = false;
         loop {
-            let want = self.read_size(ctx.decoder);
-            self.reserve_input(want);
-            match self.stream.read(&mut self.input[self.input_len..]) {
-                // 0 bytes: the peer closed its sending side.
+            let (read, want) = if self.input_len == 0 {
+                // At a frame boundary: read into the worker's shared buffer.
+                let read = self.stream.read(&mut ctx.scratch.input);
+                (read, ctx.scratch.input.len())
+            } else {
+                // Continue the partial frame in the connection's own buffer.
+                let want = self.read_size(ctx.decoder);
+                self.reserve_input(want);
+                (self.stream.read(&mut self.input[self.input_len..]), want)
+            };
+            match read {
+                // 0 bytes: the peer closed its sending side. Every answer was
+                // written (else we'd be Writing and not reading), so a
+                // half-close after the last request is complete.
+                Ok(0) if self.input_len == 0 => return Err(Close::PeerClosed),
                 Ok(0) => {
-                    eof = true;
-                    break;
+                    return Err(Close::PeerClosedMidFrame {
+                        received: self.input_len,
+                    })
                 }
                 Ok(n) => {
                     progress = true;
-                    self.input_len += n;
-                    self.process_frames(ctx)?;
-                    // Answer this chunk's requests in one write before reading
+                    if let Err(close) = self.process_read(ctx, n) {
+                        // Deliver the answers to the requests before the bad
+                        // one (best effort: non-blocking), then close.
+                        let mut sent = 0;
+                        let _ = write_some(&mut self.stream, &ctx.scratch.output, &mut sent);
+                        ctx.scratch.output.clear();
+                        return Err(close);
+                    }
+                    // Answer this read's requests in one write before reading
                     // more; if the client is not reading them, stop reading
                     // from it too (WRITABLE resumes), so memory stays bounded.
-                    self.flush()?;
+                    self.flush_scratch(ctx.scratch)?;
                     if self.state != State::Reading {
                         return Ok(true);
                     }
@@ -171,27 +216,16 @@ impl Connection {
                     // edge-triggered polling new data brings a new event; only
                     // a pending EOF (read_closed) must be read out now.
                     if n < want && !read_closed {
-                        break;
+                        return Ok(progress);
                     }
                 }
                 // Not ready: not an error, wait for the next event.
-                Err(e) if would_block(&e) => break,
+                Err(e) if would_block(&e) => return Ok(progress),
                 // Interrupted by a signal: try again.
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => return Err(Close::Io(e)),
             }
         }
-        if eof {
-            if self.input_len > 0 {
-                return Err(Close::PeerClosedMidFrame {
-                    received: self.input_len,
-                });
-            }
-            // Every answer was written (otherwise we'd be Writing and not
-            // reading), so the half-close is complete.
-            return Err(Close::PeerClosed);
-        }
-        Ok(progress)
     }
 
     /// Handles WRITABLE: sends queued responses; once all are sent, resumes
@@ -201,67 +235,80 @@ impl Connection {
             return Ok(false);
         }
         let before = self.written;
-        self.flush()?;
+        let done = write_some(&mut self.stream, &self.output, &mut self.written)?;
         let progress = self.written != before;
-        match self.state {
-            State::Reading => {
-                // Edge-triggered: an edge seen while paused is gone, so look now.
-                let read_progress = self.on_readable(ctx, false)?;
-                Ok(progress || read_progress)
-            }
-            State::Writing => Ok(progress),
+        if !done {
+            return Ok(progress);
         }
+        self.output = Vec::new();
+        self.written = 0;
+        self.transition(State::Reading);
+        // Edge-triggered: an edge seen while paused is gone, so look now.
+        let read_progress = self.on_readable(ctx, false)?;
+        Ok(progress || read_progress)
     }
 
-    /// Decodes and answers every complete frame in the input buffer.
-    fn process_frames(&mut self, ctx: &mut Context<'_>) -> Result<(), Close> {
-        let mut start = 0;
-        let max = ctx.decoder.max_frame_bytes();
-        while start < self.input_len {
-            match ctx.decoder.decode(&self.input[start..self.input_len]) {
-                Ok(Decoded::Frame { len }) => {
-                    let payload = &self.input[start + HEADER_LEN..start + HEADER_LEN + len];
-                    ctx.plugin
-                        .process(payload, &mut self.output, max)
-                        .map_err(Close::Plugin)?;
-                    start += HEADER_LEN + len;
-                }
-                Ok(Decoded::Incomplete { .. }) => break,
-                Err(e) => return Err(Close::Protocol(e)),
+    /// Answers every complete frame among the `n` bytes just read (in the
+    /// shared buffer, or appended to this connection's partial frame), and
+    /// keeps any trailing partial frame in the connection's own buffer.
+    fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<(), Close> {
+        if self.input_len == 0 {
+            let data = &ctx.scratch.input[..n];
+            let used = answer_frames(
+                data,
+                ctx.plugin,
+                ctx.decoder,
+                &mut ctx.scratch.output,
+                self.peer,
+            )?;
+            if used < n {
+                let rest = &ctx.scratch.input[used..n];
+                self.reserve_input(rest.len());
+                self.input[..rest.len()].copy_from_slice(rest);
+                self.input_len = rest.len();
             }
-        }
-        // Keep the unfinished frame at the front of the buffer.
-        if start > 0 {
-            self.input.copy_within(start..self.input_len, 0);
-            self.input_len -= start;
-        }
-        if self.input_len == 0 && self.input.len() > KEEP_IDLE_CAPACITY {
-            self.input = Vec::new();
+        } else {
+            self.input_len += n;
+            let data = &self.input[..self.input_len];
+            let used = answer_frames(
+                data,
+                ctx.plugin,
+                ctx.decoder,
+                &mut ctx.scratch.output,
+                self.peer,
+            )?;
+            if used == self.input_len {
+                // Back at a frame boundary: release the buffer.
+                self.input = Vec::new();
+                self.input_len = 0;
+            } else if used > 0 {
+                self.input.copy_within(used..self.input_len, 0);
+                self.input_len -= used;
+            }
         }
         Ok(())
     }
 
-    /// How many bytes to ask the next `read` for. For a frame whose header
-    /// is known, the rest of it (so a large payload is copied once, kernel →
-    /// buffer), but growing at most by doubling past `READ_AHEAD_LIMIT`: a
-    /// client declaring 16 MiB and then trickling must not cost 16 MiB at once.
+    /// How many bytes to ask the next `read` into the connection's own
+    /// buffer for: the rest of the frame (so a large payload is copied once,
+    /// kernel → buffer), but growing at most by doubling past
+    /// `READ_AHEAD_LIMIT`: a client declaring 16 MiB and then trickling must
+    /// not cost 16 MiB at once.
     fn read_size(&self, decoder: FrameDecoder) -> usize {
         match decoder.decode(&self.input[..self.input_len]) {
             Ok(Decoded::Incomplete { total: Some(total) }) => {
                 let rest = total - self.input_len;
                 if rest <= READ_AHEAD_LIMIT {
-                    rest.max(READ_CHUNK)
+                    rest.max(MIN_OWN_READ)
                 } else {
-                    self.input_len.max(READ_CHUNK)
+                    self.input_len.max(MIN_OWN_READ)
                 }
             }
-            _ => READ_CHUNK,
+            _ => MIN_OWN_READ,
         }
     }
 
-    /// Makes room for `want` more bytes after the data. Grows only by what is
-    /// actually being read: a declared length is never allocated up front
-    /// beyond the validated frame size.
+    /// Makes room for `want` more bytes after the partial frame.
     fn reserve_input(&mut self, want: usize) {
         let needed = self.input_len + want;
         if self.input.len() < needed {
@@ -269,40 +316,74 @@ impl Connection {
         }
     }
 
-    /// Writes queued responses, all of them in as few `write` calls as the
-    /// kernel allows; moves to Writing if the send buffer fills.
-    fn flush(&mut self) -> Result<(), Close> {
-        while self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
-                Ok(0) => return Err(Close::Io(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.written += n,
-                // Send buffer full: wait for WRITABLE.
-                Err(e) if would_block(&e) => {
-                    if self.state == State::Reading {
-                        self.transition(State::Writing);
-                    }
-                    return Ok(());
-                }
-                Err(e) if interrupted(&e) => continue,
-                Err(e) => return Err(Close::Io(e)),
-            }
+    /// Writes the responses just produced in the shared buffer, in as few
+    /// `write` calls as the kernel allows. What the kernel cannot take yet
+    /// moves to the connection's own buffer, and the connection waits for
+    /// WRITABLE.
+    fn flush_scratch(&mut self, scratch: &mut Scratch) -> Result<(), Close> {
+        let mut written = 0;
+        let result = write_some(&mut self.stream, &scratch.output, &mut written);
+        if let Ok(false) = result {
+            self.output = scratch.output[written..].to_vec();
+            self.written = 0;
+            self.transition(State::Writing);
         }
-        // Everything sent: reuse the buffer from the start.
-        self.output.clear();
-        self.written = 0;
-        if self.output.capacity() > KEEP_IDLE_CAPACITY {
-            self.output = Vec::new();
-        }
-        if self.state == State::Writing {
-            self.transition(State::Reading);
-        }
-        Ok(())
+        scratch.output.clear();
+        result.map(drop)
     }
 
     fn transition(&mut self, to: State) {
         tracing::debug!(peer = %self.peer, from = ?self.state, ?to, "connection state");
         self.state = to;
     }
+}
+
+/// Decodes and answers the complete frames at the front of `data`,
+/// appending each response frame to `out`. Returns the bytes consumed.
+fn answer_frames(
+    data: &[u8],
+    plugin: &mut Plugin,
+    decoder: FrameDecoder,
+    out: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Result<usize, Close> {
+    let mut start = 0;
+    let max = decoder.max_frame_bytes();
+    while start < data.len() {
+        match decoder.decode(&data[start..]) {
+            Ok(Decoded::Frame { len }) => {
+                let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
+                let queued = out.len();
+                plugin.process(payload, out, max).map_err(Close::Plugin)?;
+                tracing::debug!(
+                    %peer,
+                    request = len,
+                    response = out.len() - queued - HEADER_LEN,
+                    "frame processed"
+                );
+                start += HEADER_LEN + len;
+            }
+            Ok(Decoded::Incomplete { .. }) => break,
+            Err(e) => return Err(Close::Protocol(e)),
+        }
+    }
+    Ok(start)
+}
+
+/// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
+/// buffer is full (`Ok(false)`), advancing `*written`.
+fn write_some(stream: &mut TcpStream, buf: &[u8], written: &mut usize) -> Result<bool, Close> {
+    while *written < buf.len() {
+        match stream.write(&buf[*written..]) {
+            Ok(0) => return Err(Close::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => *written += n,
+            // Send buffer full: wait for WRITABLE.
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) if interrupted(&e) => continue,
+            Err(e) => return Err(Close::Io(e)),
+        }
+    }
+    Ok(true)
 }
 
 /// The operation would block: not ready yet, not an error.

@@ -12,7 +12,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::conn::{Close, Connection, Context};
+use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
 use crate::plugin::Plugin;
@@ -69,6 +69,7 @@ pub struct Reactor {
     deadlines: Deadlines,
     accepting: Accepting,
     decoder: FrameDecoder,
+    scratch: Scratch,
     limits: Limits,
 }
 
@@ -92,6 +93,7 @@ impl Reactor {
             deadlines: Deadlines::default(),
             accepting: Accepting::Open,
             decoder: FrameDecoder::new(limits.max_frame_bytes),
+            scratch: Scratch::new(),
             limits,
         };
         reactor.register_listeners()?;
@@ -136,6 +138,7 @@ impl Reactor {
                         let mut ctx = Context {
                             plugin,
                             decoder: self.decoder,
+                            scratch: &mut self.scratch,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
