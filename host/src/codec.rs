@@ -84,7 +84,6 @@ impl FrameDecoder {
     }
 
     /// The configured maximum payload size.
-    #[cfg_attr(not(test), allow(dead_code))] // not every build of the binary calls it
     pub fn max_frame_bytes(&self) -> usize {
         self.max_frame_bytes
     }
@@ -150,7 +149,7 @@ pub fn write_header(len: usize, dst: &mut [u8; HEADER_LEN]) {
 
 /// Incremental decoder that owns a buffer: push bytes in any split, pop complete payloads.
 /// For streaming clients and tests; the host's reactor uses [`FrameDecoder`] on its own buffers.
-#[cfg_attr(not(test), allow(dead_code))]
+
 #[derive(Debug)]
 pub struct FrameReader {
     decoder: FrameDecoder,
@@ -159,7 +158,6 @@ pub struct FrameReader {
     error: Option<FrameError>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl FrameReader {
     /// A reader that rejects frames declaring more than `max_frame_bytes` payload bytes.
     pub fn new(max_frame_bytes: usize) -> Self {

@@ -9,7 +9,6 @@ pub const OK: i32 = 0;
 /// Any other failure (for example a listener that cannot be bound).
 pub const FAILURE: i32 = 1;
 /// The command line is wrong (clap's own code for usage errors).
-#[allow(dead_code)] // documented here; clap exits with it itself
 pub const USAGE: i32 = 2;
 /// The config file is missing or invalid.
 pub const CONFIG_INVALID: i32 = 3;

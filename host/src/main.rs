@@ -1,27 +1,7 @@
-//! `nbnet`: a pre-forking plugin host for length-framed TCP services.
-//!
-//! # Brief overview
-//!
-//! - [`codec`]: the wire format (10 ASCII digits of length, then the payload),
-//!   pure, no I/O.
-//! - [`config`]: the TOML config, validated with file:line errors.
-//! - [`supervisor`]: the master — binds listeners, forks workers, restarts
-//!   the ones that die, stops on signals.
-//! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
-//! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
-//! - [`client`]: `nbnet send`, a one-shot client for users and tests.
-//!
-//! This file is only the command line and the dispatch to those parts.
+//! The `nbnet` command line: parses arguments and dispatches to the library
+//! (see `lib.rs` for the architecture).
 
-mod client;
-mod codec;
-mod config;
-mod exit_code;
-mod logging;
-mod plugin;
-mod signals;
-mod supervisor;
-mod worker;
+use nbnet::{client, config, exit_code, logging, supervisor};
 
 use std::path::PathBuf;
 use std::time::Duration;

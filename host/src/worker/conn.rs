@@ -53,9 +53,9 @@ pub struct Scratch {
     output: Vec<u8>,
 }
 
-impl Scratch {
+impl Default for Scratch {
     /// Allocates the worker's shared buffers.
-    pub fn new() -> Self {
+    fn default() -> Self {
         Scratch {
             input: vec![0; SCRATCH_INPUT],
             output: Vec::with_capacity(SCRATCH_INPUT),

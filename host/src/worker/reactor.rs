@@ -93,7 +93,7 @@ impl Reactor {
             deadlines: Deadlines::default(),
             accepting: Accepting::Open,
             decoder: FrameDecoder::new(limits.max_frame_bytes),
-            scratch: Scratch::new(),
+            scratch: Scratch::default(),
             limits,
         };
         reactor.register_listeners()?;

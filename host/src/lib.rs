@@ -1,0 +1,25 @@
+//! `nbnet`: a pre-forking plugin host for length-framed TCP services.
+//!
+//! # Brief overview
+//!
+//! - [`codec`]: the wire format (10 ASCII digits of length, then the payload),
+//!   pure, no I/O.
+//! - [`config`]: the TOML config, validated with file:line errors.
+//! - [`supervisor`]: the master — binds listeners, forks workers, restarts
+//!   the ones that die, stops on signals.
+//! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
+//! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
+//! - [`client`]: `nbnet send`, a one-shot client for users and tests.
+//!
+//! The binary (`main.rs`) is only the command line and the dispatch to these
+//! parts; they are a library so that benchmarks can call them directly.
+
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod exit_code;
+pub mod logging;
+pub mod plugin;
+pub mod signals;
+pub mod supervisor;
+pub mod worker;
