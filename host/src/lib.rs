@@ -10,10 +10,12 @@
 //! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
+//! - [`bench`]: `nbnet bench`, a closed-loop load generator.
 //!
 //! The binary (`main.rs`) is only the command line and the dispatch to these
 //! parts; they are a library so that benchmarks can call them directly.
 
+pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -1,7 +1,7 @@
 //! The `nbnet` command line: parses arguments and dispatches to the library
 //! (see `lib.rs` for the architecture).
 
-use nbnet::{client, config, exit_code, logging, supervisor};
+use nbnet::{bench, client, config, exit_code, logging, supervisor};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +45,9 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Load-test a server: many connections, pipelined requests, every
+    /// response checked, latency percentiles.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -55,6 +58,7 @@ fn main() {
             payload,
             timeout,
         }) => client::send(&addr, payload.as_bytes(), timeout),
+        Some(Command::Bench(args)) => bench::run(&args),
         None => serve_or_check(&cli.config, cli.check),
     };
     std::process::exit(code);
