@@ -60,6 +60,17 @@ extern "C" {
 #define NBNET_EXPORT __attribute__((visibility("default")))
 #endif
 
+/* ----------------------------------------------------- connection (host) */
+
+/* A client connection as the host describes it to process (via resp->conn)
+ * and to the connection hooks. Valid only during the call that receives it;
+ * copy what you keep. */
+typedef struct nbnet_conn {
+    uint64_t id;          /* unique across this server's workers, never reused */
+    const char *peer;     /* client address "IP:PORT" (NUL-terminated) */
+    const char *listener; /* listener address "IP:PORT" it arrived on */
+} nbnet_conn;
+
 /* ------------------------------------------------------- response (host) */
 
 /* Where process writes its answer. Built by the host for one process call and
@@ -71,6 +82,7 @@ typedef struct nbnet_response {
     int (*write)(struct nbnet_response *resp, const uint8_t *data, size_t len);
     /* Say why process returns NBNET_ERR; the host copies and logs it. */
     void (*set_error)(struct nbnet_response *resp, const char *msg, size_t len);
+    const nbnet_conn *conn; /* the connection this request came on */
 } nbnet_response;
 
 /* ----------------------------------------------------- init context (host) */
@@ -90,6 +102,10 @@ typedef struct nbnet_init_ctx {
     /* Log through the host's logger, tagged with the plugin name. */
     void (*log)(const void *log_handle, int level, const char *msg, size_t len);
     const void *log_handle;   /* first argument of log */
+    /* Value of top-level key `key` of the config table as text (strings
+     * unquoted, numbers and booleans as TOML writes them), or NULL if absent
+     * or not a scalar. Valid until init returns: copy or convert it. */
+    const char *(*config_get)(const struct nbnet_init_ctx *ctx, const char *key);
 } nbnet_init_ctx;
 
 /* ------------------------------------------------------- plugin table (you) */
@@ -109,6 +125,10 @@ typedef struct nbnet_plugin {
     int (*process)(void *state, const uint8_t *req, size_t len, nbnet_response *resp);
     /* Free the instance. May be NULL. */
     void (*destroy)(void *state);
+    /* Optional hooks (NULL = not interested). */
+    void (*on_open)(void *state, const nbnet_conn *conn);  /* a client connected */
+    void (*on_close)(void *state, const nbnet_conn *conn); /* it disconnected */
+    void (*on_shutdown)(void *state); /* the worker is stopping; destroy follows */
 } nbnet_plugin;
 
 /* The one symbol a plugin exports. */

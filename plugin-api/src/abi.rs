@@ -63,6 +63,23 @@ pub struct RawResponse {
     /// Records why `process` is about to return [`NBNET_ERR`]; the host logs it
     /// with the plugin's name. The host copies the message; UTF-8 expected.
     pub set_error: unsafe extern "C" fn(resp: *mut RawResponse, msg: *const u8, len: usize),
+    /// The connection this request came on; valid during the call.
+    pub conn: *const RawConnection,
+}
+
+/// A client connection as a plugin sees it (`nbnet_conn` in C). Passed to
+/// `process` (through the response) and to the connection hooks; valid
+/// only during the call that receives it.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawConnection {
+    /// Identifies the connection within this server: unique across workers
+    /// and never reused while the master runs.
+    pub id: u64,
+    /// The client's address, `IP:PORT`, NUL-terminated.
+    pub peer: *const c_char,
+    /// The listener's address it arrived on, `IP:PORT`, NUL-terminated.
+    pub listener: *const c_char,
 }
 
 /// What the host tells a plugin when it creates its per-worker instance
@@ -96,6 +113,13 @@ pub struct RawInitContext {
         unsafe extern "C" fn(log_handle: *const c_void, level: i32, msg: *const u8, len: usize),
     /// First argument of `log`; valid until the instance is destroyed.
     pub log_handle: *const c_void,
+    /// Looks up a top-level key of the plugin's `config` table and returns
+    /// its value as NUL-terminated text (strings without quotes; numbers and
+    /// booleans as written by TOML), or NULL when the key is absent or not a
+    /// scalar. For C plugins that would rather not parse TOML. The text is
+    /// valid until `init` returns.
+    pub config_get:
+        unsafe extern "C" fn(ctx: *const RawInitContext, key: *const c_char) -> *const c_char,
 }
 
 /// Signature of a plugin's `init`: create the per-worker instance and store
@@ -113,6 +137,10 @@ pub type ProcessFn = unsafe extern "C" fn(
 ) -> i32;
 /// Signature of a plugin's `destroy`: free the instance `init` created.
 pub type DestroyFn = unsafe extern "C" fn(state: *mut c_void);
+/// Signature of the connection hooks `on_open` / `on_close`.
+pub type ConnectionFn = unsafe extern "C" fn(state: *mut c_void, conn: *const RawConnection);
+/// Signature of `on_shutdown`: the worker is stopping; `destroy` follows.
+pub type ShutdownFn = unsafe extern "C" fn(state: *mut c_void);
 
 /// The table a C plugin's `nbnet_plugin_entry()` returns (`nbnet_plugin` in C).
 ///
@@ -137,6 +165,12 @@ pub struct CPlugin {
     pub process: Option<ProcessFn>,
     /// See [`DestroyFn`]; may be NULL when the plugin keeps no state.
     pub destroy: Option<DestroyFn>,
+    /// A client connected to a listener this plugin serves; may be NULL.
+    pub on_open: Option<ConnectionFn>,
+    /// That connection closed (for any reason); may be NULL.
+    pub on_close: Option<ConnectionFn>,
+    /// The worker is shutting down; `destroy` follows. May be NULL.
+    pub on_shutdown: Option<ShutdownFn>,
 }
 
 /// The root module a Rust plugin exports (with [`export_plugin!`](crate::export_plugin)).
@@ -166,12 +200,18 @@ pub struct RustPlugin {
         response: *mut RawResponse,
     ) -> i32,
     /// See [`DestroyFn`].
+    pub destroy: unsafe extern "C" fn(state: *mut c_void),
+    /// See [`ConnectionFn`]: a client connected.
+    pub on_open: unsafe extern "C" fn(state: *mut c_void, conn: *const RawConnection),
+    /// See [`ConnectionFn`]: a connection closed.
+    pub on_close: unsafe extern "C" fn(state: *mut c_void, conn: *const RawConnection),
+    /// See [`ShutdownFn`].
     ///
     /// This is the last field of the prefix: fields added in later minor
     /// versions go below it and are optional to the host. It moves only at a
     /// major bump.
     #[sabi(last_prefix_field)]
-    pub destroy: unsafe extern "C" fn(state: *mut c_void),
+    pub on_shutdown: unsafe extern "C" fn(state: *mut c_void),
 }
 
 impl RootModule for RustPluginRef {

@@ -58,7 +58,9 @@ pub mod abi;
 pub mod sdk;
 
 #[cfg(feature = "sdk")]
-pub use sdk::{Error, InitContext, Logger, NoConfig, Plugin, Response};
+pub use sdk::{Connection, Error, InitContext, Logger, NoConfig, Plugin, Response};
+#[cfg(feature = "sdk")]
+pub mod testing;
 
 /// Re-exported so that [`export_plugin!`] works without the plugin crate
 /// depending on `abi_stable` itself.

@@ -13,8 +13,8 @@ use abi_stable::std_types::RStr;
 use serde::de::DeserializeOwned;
 
 use crate::abi::{
-    RawInitContext, RawResponse, RustPlugin, RustPluginRef, ABI_MAJOR, ABI_MINOR, NBNET_ERR,
-    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+    RawConnection, RawInitContext, RawResponse, RustPlugin, RustPluginRef, ABI_MAJOR, ABI_MINOR,
+    NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
 };
 
 /// A plugin: one instance per worker process, created from the plugin's own
@@ -35,6 +35,54 @@ pub trait Plugin: Sized + 'static {
     /// An error is logged by the host with the plugin's name and the client's
     /// connection is closed.
     fn process(&mut self, request: &[u8], response: &mut Response) -> Result<(), Error>;
+
+    /// A client connected to a listener this plugin serves. Does nothing
+    /// unless overridden.
+    fn connection_opened(&mut self, _conn: &Connection<'_>) {}
+
+    /// A connection closed, for whatever reason. Does nothing unless overridden.
+    fn connection_closed(&mut self, _conn: &Connection<'_>) {}
+
+    /// The worker is stopping; the instance is dropped right after. Does
+    /// nothing unless overridden (`Drop` works too).
+    fn shutdown(&mut self) {}
+}
+
+/// A client connection, as the host describes it to a plugin.
+#[derive(Clone, Copy)]
+pub struct Connection<'a> {
+    raw: &'a RawConnection,
+}
+
+impl<'a> Connection<'a> {
+    /// Wraps the host's description. `raw`'s strings must be valid
+    /// NUL-terminated UTF-8 for `'a` (the host and [`crate::testing`] ensure it).
+    pub(crate) fn new(raw: &'a RawConnection) -> Self {
+        Connection { raw }
+    }
+
+    /// Unique within this server (across workers), never reused while it runs.
+    pub fn id(&self) -> u64 {
+        self.raw.id
+    }
+
+    /// The client's address, `IP:PORT`.
+    pub fn peer(&self) -> &'a str {
+        c_text(self.raw.peer)
+    }
+
+    /// The address of the listener the client connected to, `IP:PORT`.
+    pub fn listener(&self) -> &'a str {
+        c_text(self.raw.listener)
+    }
+}
+
+fn c_text<'a>(text: *const std::ffi::c_char) -> &'a str {
+    if text.is_null() {
+        return "";
+    }
+    // SAFETY: the host passes NUL-terminated strings valid for the call.
+    unsafe { CStr::from_ptr(text) }.to_str().unwrap_or("?")
 }
 
 /// Config type for plugins that take no configuration: any key in their
@@ -104,6 +152,12 @@ impl Response {
                 "response refused by the host: it would exceed max_frame_bytes",
             ))
         }
+    }
+
+    /// The connection this request arrived on.
+    pub fn connection(&self) -> Connection<'_> {
+        // SAFETY: the host sets `conn` to a description valid for this call.
+        Connection::new(unsafe { &*self.raw.conn })
     }
 
     fn set_error(&mut self, message: &str) {
@@ -232,6 +286,9 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Rust
         init: init_trampoline::<P>,
         process: process_trampoline::<P>,
         destroy: destroy_trampoline::<P>,
+        on_open: open_trampoline::<P>,
+        on_close: close_trampoline::<P>,
+        on_shutdown: shutdown_trampoline::<P>,
     }
     .leak_into_prefix()
 }
@@ -246,7 +303,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
     }
 }
 
-unsafe extern "C" fn init_trampoline<P: Plugin>(
+pub(crate) unsafe extern "C" fn init_trampoline<P: Plugin>(
     ctx: *const RawInitContext,
     state: *mut *mut c_void,
 ) -> i32 {
@@ -276,7 +333,7 @@ unsafe extern "C" fn init_trampoline<P: Plugin>(
     }
 }
 
-unsafe extern "C" fn process_trampoline<P: Plugin>(
+pub(crate) unsafe extern "C" fn process_trampoline<P: Plugin>(
     state: *mut c_void,
     request: *const u8,
     len: usize,
@@ -309,7 +366,7 @@ unsafe extern "C" fn process_trampoline<P: Plugin>(
     }
 }
 
-unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {
+pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {
     if state.is_null() {
         return;
     }
@@ -318,4 +375,39 @@ unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {
     let plugin = unsafe { Box::from_raw(state.cast::<P>()) };
     // A panicking Drop must not cross the boundary either.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(plugin)));
+}
+
+/// Runs `hook` on the instance, swallowing a panic (hooks report nothing).
+///
+/// # Safety
+/// `state` must be the `Box<P>` made by `init_trampoline::<P>`, used by one
+/// thread at a time.
+unsafe fn with_instance<P: Plugin>(state: *mut c_void, hook: impl FnOnce(&mut P)) {
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: guaranteed by the caller.
+    let plugin = unsafe { &mut *state.cast::<P>() };
+    let _ = catch_unwind(AssertUnwindSafe(|| hook(plugin)));
+}
+
+pub(crate) unsafe extern "C" fn open_trampoline<P: Plugin>(
+    state: *mut c_void,
+    conn: *const RawConnection,
+) {
+    // SAFETY: the host passes its instance and a description valid for the call.
+    unsafe { with_instance::<P>(state, |p| p.connection_opened(&Connection::new(&*conn))) }
+}
+
+pub(crate) unsafe extern "C" fn close_trampoline<P: Plugin>(
+    state: *mut c_void,
+    conn: *const RawConnection,
+) {
+    // SAFETY: as in `open_trampoline`.
+    unsafe { with_instance::<P>(state, |p| p.connection_closed(&Connection::new(&*conn))) }
+}
+
+pub(crate) unsafe extern "C" fn shutdown_trampoline<P: Plugin>(state: *mut c_void) {
+    // SAFETY: the host passes its instance.
+    unsafe { with_instance::<P>(state, |p| p.shutdown()) }
 }

@@ -5,7 +5,7 @@ use std::ffi::{c_char, CStr};
 
 use nbnet_plugin_api::abi::{CPlugin, C_ENTRY_SYMBOL};
 
-use super::{check_abi, Entry, Kind};
+use super::{check_abi, Entry, Hooks, Kind};
 
 /// The smallest table this host can read: every field up to `destroy`.
 const MIN_STRUCT_SIZE: usize = std::mem::size_of::<CPlugin>();
@@ -47,6 +47,11 @@ pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, Strin
         init,
         process,
         destroy: table.destroy,
+        hooks: Hooks {
+            on_open: table.on_open,
+            on_close: table.on_close,
+            on_shutdown: table.on_shutdown,
+        },
         library: None,
     }))
 }

@@ -17,13 +17,15 @@
 mod c;
 mod rust;
 
-use std::ffi::{c_void, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use nbnet_plugin_api::abi::RawConnection;
 use nbnet_plugin_api::abi::{
-    DestroyFn, InitFn, ProcessFn, RawInitContext, RawResponse, ABI_MAJOR, ABI_MINOR, NBNET_ERR,
-    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+    ConnectionFn, DestroyFn, InitFn, ProcessFn, RawInitContext, RawResponse, ShutdownFn, ABI_MAJOR,
+    ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN,
+    NBNET_OK,
 };
 
 use crate::codec::{write_header, HEADER_LEN};
@@ -80,9 +82,26 @@ struct Entry {
     init: InitFn,
     process: ProcessFn,
     destroy: Option<DestroyFn>,
+    hooks: Hooks,
     /// Keeps a C plugin's library mapped; Rust libraries are leaked by
     /// `abi_stable` (they stay mapped until the worker exits).
     library: Option<libloading::Library>,
+}
+
+/// The optional lifecycle hooks of a plugin.
+#[derive(Clone, Copy, Default)]
+struct Hooks {
+    on_open: Option<ConnectionFn>,
+    on_close: Option<ConnectionFn>,
+    on_shutdown: Option<ShutdownFn>,
+}
+
+/// Host state lent to a plugin's `init` through `RawInitContext::host`.
+struct InitState {
+    error: Option<String>,
+    config: toml::Table,
+    /// Values handed out by `config_get`, alive until `init` returns.
+    lookups: Vec<CString>,
 }
 
 /// Identifies a plugin in the host's log; lives as long as the instance,
@@ -101,6 +120,7 @@ pub struct Plugin {
     state: *mut c_void,
     process: ProcessFn,
     destroy: Option<DestroyFn>,
+    hooks: Hooks,
     _log_tag: Box<LogTag>,
     // Dropped after `destroy` ran (fields drop after `Drop::drop`).
     _library: Option<libloading::Library>,
@@ -150,7 +170,11 @@ impl Plugin {
             .map_err(|_| fail("the name contains a NUL byte".into()))?;
         let config = CString::new(spec.config_toml.as_str())
             .map_err(|_| fail("its config table contains a NUL byte".into()))?;
-        let mut init_error: Option<String> = None;
+        let mut init = InitState {
+            error: None,
+            config: toml::from_str(&spec.config_toml).unwrap_or_default(),
+            lookups: Vec::new(),
+        };
         let ctx = RawInitContext {
             struct_size: std::mem::size_of::<RawInitContext>() as u32,
             worker_index,
@@ -158,17 +182,20 @@ impl Plugin {
             plugin_name: name.as_ptr(),
             config_toml: config.as_ptr(),
             config_toml_len: spec.config_toml.len(),
-            host: (&mut init_error as *mut Option<String>).cast(),
+            host: (&mut init as *mut InitState).cast(),
             set_error: init_set_error,
             log: plugin_log,
             log_handle: (&*log_tag as *const LogTag).cast(),
+            config_get,
         };
         let mut state: *mut c_void = std::ptr::null_mut();
         // SAFETY: `init` comes from a library whose ABI version (and, for Rust,
         // layout) was checked; `ctx` and `state` are valid for the call.
         let rc = unsafe { (entry.init)(&ctx, &mut state) };
         if rc != NBNET_OK {
-            let why = init_error.unwrap_or_else(|| format!("init returned {rc} without a message"));
+            let why = init
+                .error
+                .unwrap_or_else(|| format!("init returned {rc} without a message"));
             return Err(fail(format!("init failed: {why}")));
         }
         Ok(Plugin {
@@ -180,6 +207,7 @@ impl Plugin {
             state,
             process: entry.process,
             destroy: entry.destroy,
+            hooks: entry.hooks,
             _log_tag: log_tag,
             _library: entry.library,
         })
@@ -202,6 +230,30 @@ impl Plugin {
         )
     }
 
+    /// Tells the plugin a client connected.
+    pub fn connection_opened(&mut self, conn: &RawConnection) {
+        if let Some(hook) = self.hooks.on_open {
+            // SAFETY: `state` came from this library's `init`; `conn` is valid for the call.
+            unsafe { hook(self.state, conn) }
+        }
+    }
+
+    /// Tells the plugin a connection closed.
+    pub fn connection_closed(&mut self, conn: &RawConnection) {
+        if let Some(hook) = self.hooks.on_close {
+            // SAFETY: as in `connection_opened`.
+            unsafe { hook(self.state, conn) }
+        }
+    }
+
+    /// Tells the plugin the worker is stopping (destroy follows on drop).
+    pub fn shutdown(&mut self) {
+        if let Some(hook) = self.hooks.on_shutdown {
+            // SAFETY: `state` came from this library's `init`.
+            unsafe { hook(self.state) }
+        }
+    }
+
     /// Answers one request: appends a complete response frame (header and
     /// payload) to `out`, or leaves `out` as it was and returns the error.
     ///
@@ -211,6 +263,7 @@ impl Plugin {
     pub fn process(
         &mut self,
         request: &[u8],
+        conn: &RawConnection,
         out: &mut Vec<u8>,
         max_frame_bytes: usize,
     ) -> Result<(), ProcessError> {
@@ -227,6 +280,7 @@ impl Plugin {
             host: (&mut sink as *mut Sink).cast(),
             write: sink_write,
             set_error: sink_set_error,
+            conn,
         };
         // SAFETY: `state` came from this library's `init`; `request` and
         // `response` are valid for the call; instances are used by one thread.
@@ -363,9 +417,36 @@ unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, 
 }
 
 unsafe extern "C" fn init_set_error(ctx: *const RawInitContext, msg: *const u8, len: usize) {
-    // SAFETY: `ctx.host` points to the `Option<String>` of the running `load`.
-    let slot = unsafe { &mut *(*ctx).host.cast::<Option<String>>() };
-    *slot = Some(lossy(msg, len));
+    // SAFETY: `ctx.host` points to the `InitState` of the running `load`.
+    let init = unsafe { &mut *(*ctx).host.cast::<InitState>() };
+    init.error = Some(lossy(msg, len));
+}
+
+unsafe extern "C" fn config_get(ctx: *const RawInitContext, key: *const c_char) -> *const c_char {
+    if key.is_null() {
+        return std::ptr::null();
+    }
+    // SAFETY: `ctx.host` points to the `InitState` of the running `load`;
+    // `key` is a NUL-terminated string from the plugin.
+    let (init, key) = unsafe { (&mut *(*ctx).host.cast::<InitState>(), CStr::from_ptr(key)) };
+    let Some(value) = key.to_str().ok().and_then(|k| init.config.get(k)) else {
+        return std::ptr::null();
+    };
+    let text = match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        toml::Value::Array(_) | toml::Value::Table(_) => return std::ptr::null(),
+    };
+    let Ok(text) = CString::new(text) else {
+        return std::ptr::null();
+    };
+    let ptr = text.as_ptr();
+    // The CString's heap buffer does not move when the Vec grows.
+    init.lookups.push(text);
+    ptr
 }
 
 unsafe extern "C" fn plugin_log(handle: *const c_void, level: i32, msg: *const u8, len: usize) {

@@ -10,7 +10,7 @@ use std::path::Path;
 use abi_stable::library::{lib_header_from_path, LibraryError, ROOT_MODULE_LOADER_NAME};
 use nbnet_plugin_api::abi::RustPluginRef;
 
-use super::{check_abi, Entry, Kind};
+use super::{check_abi, Entry, Hooks, Kind};
 
 /// Whether `library` exports an `abi_stable` root module at all.
 pub(super) fn is_rust_plugin(library: &libloading::Library) -> bool {
@@ -31,6 +31,11 @@ pub(super) fn load(path: &Path) -> Result<Entry, String> {
         init: module.init(),
         process: module.process(),
         destroy: Some(module.destroy()),
+        hooks: Hooks {
+            on_open: Some(module.on_open()),
+            on_close: Some(module.on_close()),
+            on_shutdown: Some(module.on_shutdown()),
+        },
         library: None,
     })
 }

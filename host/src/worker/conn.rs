@@ -22,6 +22,7 @@
 //! the state (not an epoll interest change) decides what an event means: no
 //! `epoll_ctl` per request.
 
+use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -30,7 +31,7 @@ use mio::net::TcpStream;
 
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
-use crate::plugin::{Plugin, ProcessError};
+use crate::plugin::{Plugin, ProcessError, RawConnection};
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -88,6 +89,8 @@ pub enum Close {
     Protocol(FrameError),
     /// The plugin failed this request.
     Plugin(ProcessError),
+    /// The worker is stopping.
+    Shutdown,
     /// Nothing received or sent for `read_timeout`.
     TimedOut {
         /// Whether a frame was partly received (a stall, not just an idle connection).
@@ -103,6 +106,8 @@ pub struct Context<'a> {
     pub decoder: FrameDecoder,
     /// The worker's shared buffers.
     pub scratch: &'a mut Scratch,
+    /// The listener's address as text, for the plugin.
+    pub listener_addr: &'a CStr,
 }
 
 /// One accepted client connection.
@@ -112,6 +117,10 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// Index of the listener (and so of the plugin) that accepted it.
     pub listener: usize,
+    /// Unique id within the server, shown to plugins.
+    id: u64,
+    /// `peer` as text, made once for the plugin's context.
+    peer_text: CString,
     state: State,
     /// A partial frame carried over between reads: `input[..input_len]`.
     /// Empty (no allocation) whenever the connection is at a frame boundary.
@@ -134,17 +143,34 @@ impl Linked for Connection {
 
 impl Connection {
     /// Wraps a freshly accepted stream.
-    pub fn new(stream: TcpStream, peer: SocketAddr, listener: usize, deadline: Instant) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        listener: usize,
+        id: u64,
+        deadline: Instant,
+    ) -> Self {
         Connection {
             stream,
             peer,
             listener,
+            id,
+            peer_text: CString::new(peer.to_string()).unwrap_or_default(),
             state: State::Reading,
             input: Vec::new(),
             input_len: 0,
             output: Vec::new(),
             written: 0,
             links: Links::new(deadline),
+        }
+    }
+
+    /// The connection as a plugin sees it; borrows this connection's text.
+    pub fn describe<'a>(&'a self, listener_addr: &'a CStr) -> RawConnection {
+        RawConnection {
+            id: self.id,
+            peer: self.peer_text.as_ptr(),
+            listener: listener_addr.as_ptr(),
         }
     }
 
@@ -252,11 +278,13 @@ impl Connection {
     /// shared buffer, or appended to this connection's partial frame), and
     /// keeps any trailing partial frame in the connection's own buffer.
     fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<(), Close> {
+        let conn = self.describe(ctx.listener_addr);
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
             let used = answer_frames(
                 data,
                 ctx.plugin,
+                &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
                 self.peer,
@@ -273,6 +301,7 @@ impl Connection {
             let used = answer_frames(
                 data,
                 ctx.plugin,
+                &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
                 self.peer,
@@ -343,6 +372,7 @@ impl Connection {
 fn answer_frames(
     data: &[u8],
     plugin: &mut Plugin,
+    conn: &RawConnection,
     decoder: FrameDecoder,
     out: &mut Vec<u8>,
     peer: SocketAddr,
@@ -354,7 +384,9 @@ fn answer_frames(
             Ok(Decoded::Frame { len }) => {
                 let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
                 let queued = out.len();
-                plugin.process(payload, out, max).map_err(Close::Plugin)?;
+                plugin
+                    .process(payload, conn, out, max)
+                    .map_err(Close::Plugin)?;
                 tracing::debug!(
                     %peer,
                     request = len,

@@ -79,6 +79,7 @@ pub fn run(config: &Config, sockets: Vec<mio::net::TcpListener>, who: Identity) 
             socket,
             addr: spec.addr,
             plugin: spec.plugin,
+            addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
         })
         .collect();
     let limits = Limits {

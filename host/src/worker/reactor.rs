@@ -4,6 +4,7 @@
 //! `match` on the token with an accept arm and a connection arm, and one
 //! place ([`Reactor::close`]) where a connection is deregistered and dropped.
 
+use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Index of its plugin in the worker's plugin list.
     pub plugin: usize,
+    /// `addr` as text, for plugins.
+    pub addr_text: CString,
 }
 
 /// Whether the worker is taking new connections.
@@ -71,6 +74,9 @@ pub struct Reactor {
     decoder: FrameDecoder,
     scratch: Scratch,
     limits: Limits,
+    /// Next connection id: this worker's PID in the high half, a counter
+    /// below, so ids are unique across the server's workers.
+    next_connection_id: u64,
 }
 
 impl Reactor {
@@ -95,6 +101,7 @@ impl Reactor {
             decoder: FrameDecoder::new(limits.max_frame_bytes),
             scratch: Scratch::default(),
             limits,
+            next_connection_id: u64::from(std::process::id()) << 32,
         };
         reactor.register_listeners()?;
         Ok(reactor)
@@ -123,7 +130,7 @@ impl Reactor {
                                 "{signal} received: stopping ({} connections open)",
                                 self.connections.len()
                             );
-                            return Ok(self.plugins);
+                            return Ok(self.shut_down());
                         }
                     }
                     Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
@@ -134,11 +141,12 @@ impl Reactor {
                         let Some(conn) = self.connections.get_mut(key) else {
                             continue;
                         };
-                        let plugin = &mut self.plugins[self.listeners[conn.listener].plugin];
+                        let listener = &self.listeners[conn.listener];
                         let mut ctx = Context {
-                            plugin,
+                            plugin: &mut self.plugins[listener.plugin],
                             decoder: self.decoder,
                             scratch: &mut self.scratch,
+                            listener_addr: &listener.addr_text,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -200,7 +208,11 @@ impl Reactor {
                         continue;
                     }
                     let deadline = now + self.limits.read_timeout;
-                    entry.insert(Connection::new(stream, peer, index, deadline));
+                    let id = self.next_connection_id;
+                    self.next_connection_id += 1;
+                    let conn = entry.insert(Connection::new(stream, peer, index, id, deadline));
+                    self.plugins[listener.plugin]
+                        .connection_opened(&conn.describe(&listener.addr_text));
                     self.deadlines.push(&mut self.connections, key, deadline);
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
                 }
@@ -230,8 +242,10 @@ impl Reactor {
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer;
         let listener = &self.listeners[conn.listener];
+        self.plugins[listener.plugin].connection_closed(&conn.describe(&listener.addr_text));
         match reason {
             Close::PeerClosed => tracing::debug!(%peer, "connection closed by the client"),
+            Close::Shutdown => tracing::debug!(%peer, "connection closed: worker stopping"),
             Close::PeerClosedMidFrame { received } => tracing::info!(
                 %peer,
                 "client closed the connection in the middle of a frame ({received} bytes of it received)"
@@ -261,6 +275,20 @@ impl Reactor {
         if self.accepting == Accepting::Full {
             self.resume_accepting();
         }
+    }
+
+    /// Stop: closes every connection (telling the plugins), then tells each
+    /// plugin the worker is shutting down. Returns the plugins; dropping them
+    /// runs their `destroy`.
+    fn shut_down(mut self) -> Vec<Plugin> {
+        let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, Close::Shutdown);
+        }
+        for plugin in &mut self.plugins {
+            plugin.shutdown();
+        }
+        self.plugins
     }
 
     /// Closes every connection whose deadline has passed.
