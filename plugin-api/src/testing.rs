@@ -71,7 +71,7 @@ impl<P: Plugin> TestHost<P> {
             config_toml_len: config_toml.len(),
             host: (&mut error as *mut Option<String>).cast(),
             set_error: init_set_error,
-            log: log,
+            log,
             log_handle: (&*logs as *const RefCell<Vec<String>>).cast(),
             config_get: no_config_get,
         };
