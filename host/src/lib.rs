@@ -11,10 +11,12 @@
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
+//! - [`authoring`]: `nbnet plugin info|run|new`, tools for plugin authors.
 //!
 //! The binary (`main.rs`) is only the command line and the dispatch to these
 //! parts; they are a library so that benchmarks can call them directly.
 
+pub mod authoring;
 pub mod bench;
 pub mod client;
 pub mod codec;

@@ -1,7 +1,7 @@
 //! The `nbnet` command line: parses arguments and dispatches to the library
 //! (see `lib.rs` for the architecture).
 
-use nbnet::{bench, client, config, exit_code, logging, supervisor};
+use nbnet::{authoring, bench, client, config, exit_code, logging, supervisor};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +48,50 @@ enum Command {
     /// Load-test a server: many connections, pipelined requests, every
     /// response checked, latency percentiles.
     Bench(bench::BenchArgs),
+    /// Tools for plugin authors: inspect, run and create plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Show a plugin's kind, name, version and ABI, and whether this nbnet
+    /// can load it (and why not). Exits 0 when it can.
+    Info {
+        /// The plugin library (.so).
+        file: PathBuf,
+    },
+    /// Run a plugin on inputs, without a server: one request per line of
+    /// stdin (or framed with --frames), one response per line of stdout.
+    Run {
+        /// The plugin library (.so).
+        file: PathBuf,
+        /// The plugin's config table as TOML text, e.g. 'start = 10'.
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Stdin is a stream of frames (10-digit length + payload); print
+        /// framed responses.
+        #[arg(long)]
+        frames: bool,
+        /// Largest request or response payload.
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        max_frame_bytes: usize,
+    },
+    /// Start a new plugin from a template that builds as is.
+    New {
+        /// The plugin's name (lowercase letters, digits, '-', '_').
+        name: String,
+        /// Language of the plugin.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: authoring::Lang,
+        /// Folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The plugin-api folder of an nbnet checkout (default: the one
+        /// this nbnet was built from).
+        #[arg(long)]
+        api_path: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -59,9 +103,37 @@ fn main() {
             timeout,
         }) => client::send(&addr, payload.as_bytes(), timeout),
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Plugin(command)) => plugin_command(command),
         None => serve_or_check(&cli.config, cli.check),
     };
     std::process::exit(code);
+}
+
+fn plugin_command(command: PluginCommand) -> i32 {
+    match command {
+        PluginCommand::Info { file } => authoring::info(&file),
+        PluginCommand::Run {
+            file,
+            config,
+            frames,
+            max_frame_bytes,
+        } => {
+            // Plugin log lines go to stderr, like the server's.
+            logging::init(config::LogLevel::Info);
+            authoring::run(&authoring::RunOptions {
+                file,
+                config,
+                frames,
+                max_frame_bytes,
+            })
+        }
+        PluginCommand::New {
+            name,
+            lang,
+            dir,
+            api_path,
+        } => authoring::new(&name, lang, &dir, api_path.as_deref()),
+    }
 }
 
 fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {

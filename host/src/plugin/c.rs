@@ -10,10 +10,24 @@ use super::{check_abi, Entry, Hooks, Kind};
 /// The smallest table this host can read: every field up to `destroy`.
 const MIN_STRUCT_SIZE: usize = std::mem::size_of::<CPlugin>();
 
+type EntryFn = unsafe extern "C" fn() -> *const CPlugin;
+
+/// The ABI numbers of a C plugin's table, whatever their values.
+pub(super) fn abi_of(library: &libloading::Library) -> Option<(u32, u32)> {
+    // SAFETY: the symbol, if present, has the signature nbnet_plugin.h declares.
+    let entry_fn = unsafe { library.get::<EntryFn>(C_ENTRY_SYMBOL.as_bytes()) }.ok()?;
+    // SAFETY: as above; the function returns a pointer to a static table.
+    let table = unsafe { (*entry_fn)() };
+    if table.is_null() {
+        return None;
+    }
+    // SAFETY: the two leading u32s exist in every version of the table.
+    Some(unsafe { ((*table).abi_major, (*table).abi_minor) })
+}
+
 /// Finds and validates a C plugin's table in `library`. `Ok(None)` means the
 /// library has no C entry point (it may be a Rust plugin).
 pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, String> {
-    type EntryFn = unsafe extern "C" fn() -> *const CPlugin;
     // SAFETY: the symbol, if present, is declared in nbnet_plugin.h with this
     // exact signature.
     let entry_fn = match unsafe { library.get::<EntryFn>(C_ENTRY_SYMBOL.as_bytes()) } {
@@ -44,6 +58,7 @@ pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, Strin
         kind: Kind::C,
         own_name: static_str(table.name),
         own_version: static_str(table.version),
+        abi: (major, minor),
         init,
         process,
         destroy: table.destroy,

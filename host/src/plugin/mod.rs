@@ -79,6 +79,8 @@ struct Entry {
     kind: Kind,
     own_name: String,
     own_version: String,
+    /// ABI (major, minor) the plugin was built for.
+    abi: (u32, u32),
     init: InitFn,
     process: ProcessFn,
     destroy: Option<DestroyFn>,
@@ -320,6 +322,55 @@ impl Drop for Plugin {
             unsafe { destroy(self.state) }
         }
     }
+}
+
+/// What `nbnet plugin info` reports about a library, loadable or not.
+#[derive(Debug)]
+pub struct Inspection {
+    /// Which kind of plugin it is, when that much could be recognised.
+    pub kind: Option<Kind>,
+    /// The plugin's own name and version (known when it loads).
+    pub name_version: Option<(String, String)>,
+    /// The ABI (major, minor) it was built for, when readable.
+    pub abi: Option<(u32, u32)>,
+    /// `Ok` when this host can load it, else why not.
+    pub verdict: Result<(), String>,
+}
+
+/// Inspects the library at `path` without creating an instance (no `init`).
+pub fn inspect(path: &Path) -> Inspection {
+    match open(path) {
+        Ok(entry) => Inspection {
+            kind: Some(entry.kind),
+            name_version: Some((entry.own_name, entry.own_version)),
+            abi: Some(entry.abi),
+            verdict: Ok(()),
+        },
+        Err(reason) => {
+            let (kind, abi) = identify(path);
+            Inspection {
+                kind,
+                name_version: None,
+                abi,
+                verdict: Err(reason),
+            }
+        }
+    }
+}
+
+/// Best-effort kind and ABI of a library that failed to load.
+fn identify(path: &Path) -> (Option<Kind>, Option<(u32, u32)>) {
+    // SAFETY: as in `open`; the user asked to inspect this library.
+    let Ok(library) = (unsafe { libloading::Library::new(path) }) else {
+        return (None, None);
+    };
+    if let Some(abi) = c::abi_of(&library) {
+        return (Some(Kind::C), Some(abi));
+    }
+    if rust::is_rust_plugin(&library) {
+        return (Some(Kind::Rust), None);
+    }
+    (None, None)
 }
 
 /// Opens the library at `path` and finds its entry points.

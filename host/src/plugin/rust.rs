@@ -28,6 +28,7 @@ pub(super) fn load(path: &Path) -> Result<Entry, String> {
         kind: Kind::Rust,
         own_name: module.name().to_string(),
         own_version: module.version().to_string(),
+        abi: (module.abi_major(), module.abi_minor()),
         init: module.init(),
         process: module.process(),
         destroy: Some(module.destroy()),

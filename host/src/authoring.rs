@@ -1,0 +1,422 @@
+//! Tools for plugin authors: `nbnet plugin info | run | new`.
+//!
+//! They exist to make the edit–build–try loop short: see what a `.so` is and
+//! whether this host loads it, run it on inputs without a server, and start a
+//! new plugin from a template that builds as is.
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::codec::FrameReader;
+use crate::config::PluginSpec;
+use crate::exit_code;
+use crate::plugin::{self, Plugin, RawConnection};
+use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
+
+/// `nbnet plugin info FILE`: kind, own name and version, ABI, and whether
+/// this host can load it (and why not). Exit 0 when it can.
+pub fn info(file: &Path) -> i32 {
+    let path = absolute(file);
+    let report = plugin::inspect(&path);
+    println!("file:     {}", path.display());
+    println!(
+        "kind:     {}",
+        match report.kind {
+            Some(plugin::Kind::Rust) => "Rust plugin (abi_stable root module, export_plugin!)",
+            Some(plugin::Kind::C) => "C plugin (nbnet_plugin_entry, nbnet_plugin.h)",
+            None => "not recognised as an nbnet plugin",
+        }
+    );
+    if let Some((name, version)) = &report.name_version {
+        println!("name:     {name}");
+        println!("version:  {version}");
+    }
+    match report.abi {
+        Some((major, minor)) => println!(
+            "abi:      {major}.{minor} (this host loads {ABI_MAJOR}.0 to {ABI_MAJOR}.{ABI_MINOR})"
+        ),
+        None => {
+            println!("abi:      unknown (this host loads {ABI_MAJOR}.0 to {ABI_MAJOR}.{ABI_MINOR})")
+        }
+    }
+    match report.verdict {
+        Ok(()) => {
+            println!("loadable: yes");
+            exit_code::OK
+        }
+        Err(reason) => {
+            println!("loadable: no: {reason}");
+            exit_code::PLUGIN_LOAD_FAILED
+        }
+    }
+}
+
+/// Options of `nbnet plugin run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The plugin library.
+    pub file: PathBuf,
+    /// The plugin's config table as TOML text (`start = 10`).
+    pub config: String,
+    /// Input is a framed stream (10-digit headers), output framed too.
+    pub frames: bool,
+    /// Largest request and response.
+    pub max_frame_bytes: usize,
+}
+
+/// `nbnet plugin run`: loads the plugin as worker 0 of 1 and answers each
+/// input (one payload per line, or frames) on stdout. Plugin errors go to
+/// stderr and the run continues; exit 1 if any request failed.
+pub fn run(options: &RunOptions) -> i32 {
+    let path = absolute(&options.file);
+    let spec = PluginSpec {
+        name: path.file_stem().map_or("plugin".into(), |stem| {
+            let stem = stem.to_string_lossy();
+            stem.strip_prefix("lib").unwrap_or(&stem).to_string()
+        }),
+        path: path.clone(),
+        config_toml: options.config.clone(),
+        line: 0,
+    };
+    let mut plugin = match Plugin::load(&spec, 0, 1) {
+        Ok(plugin) => plugin,
+        Err(e) => {
+            eprintln!("nbnet plugin run: {e}");
+            return exit_code::PLUGIN_LOAD_FAILED;
+        }
+    };
+    let conn = RawConnection {
+        id: 1,
+        peer: c"stdin".as_ptr(),
+        listener: c"stdin".as_ptr(),
+    };
+    let requests = match read_requests(options) {
+        Ok(requests) => requests,
+        Err(message) => {
+            eprintln!("nbnet plugin run: {message}");
+            return exit_code::FAILURE;
+        }
+    };
+    plugin.connection_opened(&conn);
+    let mut stdout = std::io::stdout().lock();
+    let mut failures = 0;
+    let mut frame = Vec::new();
+    for (number, request) in requests.iter().enumerate() {
+        frame.clear();
+        match plugin.process(request, &conn, &mut frame, options.max_frame_bytes) {
+            Ok(()) if options.frames => {
+                let _ = stdout.write_all(&frame);
+            }
+            Ok(()) => {
+                let _ = stdout.write_all(&frame[crate::codec::HEADER_LEN..]);
+                let _ = stdout.write_all(b"\n");
+            }
+            Err(e) => {
+                failures += 1;
+                let _ = stdout.flush();
+                eprintln!("request {}: error: {e}", number + 1);
+            }
+        }
+    }
+    let _ = stdout.flush();
+    plugin.connection_closed(&conn);
+    plugin.shutdown();
+    if failures == 0 {
+        exit_code::OK
+    } else {
+        exit_code::FAILURE
+    }
+}
+
+fn read_requests(options: &RunOptions) -> Result<Vec<Vec<u8>>, String> {
+    let stdin = std::io::stdin();
+    let mut requests = Vec::new();
+    if options.frames {
+        let mut input = Vec::new();
+        stdin
+            .lock()
+            .read_to_end(&mut input)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        let mut reader = FrameReader::new(options.max_frame_bytes);
+        reader.push(&input);
+        while let Some(frame) = reader
+            .next_frame()
+            .map_err(|e| format!("stdin, frame {}: {e}", requests.len() + 1))?
+        {
+            requests.push(frame);
+        }
+    } else {
+        for line in stdin.lock().split(b'\n') {
+            let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            // The protocol has no empty requests.
+            if !line.is_empty() {
+                requests.push(line);
+            }
+        }
+    }
+    Ok(requests)
+}
+
+/// Language of a new plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A Rust crate using the nbnet-plugin-api SDK.
+    Rust,
+    /// A C file using nbnet_plugin.h.
+    C,
+}
+
+/// Where this nbnet's `plugin-api` crate is, as built (for templates).
+fn plugin_api_dir() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-api");
+    built.canonicalize().unwrap_or(built)
+}
+
+/// `nbnet plugin new NAME --lang rust|c --dir DIR`: writes a plugin that
+/// builds as is (an upper-casing example with a test) and prints what to do next.
+pub fn new(name: &str, lang: Lang, dir: &Path, api: Option<&Path>) -> i32 {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+    {
+        eprintln!("nbnet plugin new: {name:?} is not a valid name: use lowercase letters, digits, '-' and '_', starting with a letter");
+        return exit_code::FAILURE;
+    }
+    let api = api.map_or_else(plugin_api_dir, Path::to_path_buf);
+    if !api.join("Cargo.toml").is_file() {
+        eprintln!(
+            "nbnet plugin new: cannot find nbnet's plugin-api at {}; pass --api-path DIR (the plugin-api folder of an nbnet checkout)",
+            api.display()
+        );
+        return exit_code::FAILURE;
+    }
+    let result = match lang {
+        Lang::Rust => new_rust(name, dir, &api),
+        Lang::C => new_c(name, dir, &api),
+    };
+    match result {
+        Ok(()) => exit_code::OK,
+        Err(message) => {
+            eprintln!("nbnet plugin new: {message}");
+            exit_code::FAILURE
+        }
+    }
+}
+
+fn new_rust(name: &str, dir: &Path, api: &Path) -> Result<(), String> {
+    let root = dir.join(name);
+    if root.exists() {
+        return Err(format!(
+            "{} already exists; choose another name or --dir",
+            root.display()
+        ));
+    }
+    let lib = name.replace('-', "_");
+    let type_name: String = name
+        .split(['-', '_'])
+        .map(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    let cargo_toml = format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2021"
+
+[lib]
+# cdylib: the .so nbnet loads; rlib: lets `cargo test` call the plugin directly.
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+nbnet-plugin-api = {{ path = "{api}", features = ["sdk"] }}
+serde = {{ version = "1", features = ["derive"] }}
+
+# A standalone crate, not part of any enclosing workspace.
+[workspace]
+"#,
+        api = api.display()
+    );
+    let lib_rs = RUST_TEMPLATE.replace("{Type}", &type_name);
+    std::fs::create_dir_all(root.join("src"))
+        .and_then(|()| std::fs::write(root.join("Cargo.toml"), cargo_toml))
+        .and_then(|()| std::fs::write(root.join("src/lib.rs"), lib_rs))
+        .map_err(|e| format!("writing {}: {e}", root.display()))?;
+    println!("created {}", root.display());
+    println!("next:");
+    println!(
+        "  cd {} && cargo test && cargo build --release",
+        root.display()
+    );
+    println!("  nbnet plugin info target/release/lib{lib}.so");
+    println!("  echo hello | nbnet plugin run target/release/lib{lib}.so");
+    println!("then add to your nbnet config:");
+    println!(
+        "  [[plugins]]\n  name = \"{name}\"\n  path = \"{}/target/release/lib{lib}.so\"",
+        root.display()
+    );
+    Ok(())
+}
+
+fn new_c(name: &str, dir: &Path, api: &Path) -> Result<(), String> {
+    let file = dir.join(format!("{name}.c"));
+    if file.exists() {
+        return Err(format!(
+            "{} already exists; choose another name or --dir",
+            file.display()
+        ));
+    }
+    let include = api.join("include");
+    let so = dir.join(format!("lib{}.so", name.replace('-', "_")));
+    let build = format!(
+        "cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden -I {} -o {} {}",
+        include.display(),
+        so.display(),
+        file.display()
+    );
+    let source = C_TEMPLATE
+        .replace("{name}", name)
+        .replace("{build}", &build);
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&file, source))
+        .map_err(|e| format!("writing {}: {e}", file.display()))?;
+    println!("created {}", file.display());
+    println!("build it:\n  {build}");
+    println!("try it:\n  echo hello | nbnet plugin run {}", so.display());
+    Ok(())
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+const RUST_TEMPLATE: &str = r#"//! An nbnet plugin. `process` answers each request; this one upper-cases
+//! it and adds an optional prefix from its config table:
+//!
+//! ```toml
+//! [[plugins]]
+//! name = "..."
+//! path = ".../lib....so"
+//! config = { prefix = "> " }
+//! ```
+
+use nbnet_plugin_api::{export_plugin, Error, InitContext, Plugin, Response};
+
+/// The plugin's `config` table. Unknown keys are refused at startup.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Written before every answer.
+    prefix: String,
+}
+
+/// One instance per worker process; `process` is never called concurrently.
+pub struct {Type} {
+    prefix: Vec<u8>,
+}
+
+impl Plugin for {Type} {
+    type Config = Config;
+
+    fn new(config: Config, ctx: &InitContext) -> Result<Self, Error> {
+        ctx.logger().info(&format!("worker {} of {} ready", ctx.worker_index(), ctx.worker_count()));
+        Ok({Type} { prefix: config.prefix.into_bytes() })
+    }
+
+    fn process(&mut self, request: &[u8], response: &mut Response) -> Result<(), Error> {
+        response.write(&self.prefix)?;
+        response.write(&request.to_ascii_uppercase())
+    }
+}
+
+export_plugin!({Type});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbnet_plugin_api::testing::TestHost;
+
+    #[test]
+    fn answers_in_upper_case_after_the_prefix() {
+        let mut host = TestHost::<{Type}>::new("prefix = \"> \"").unwrap();
+        assert_eq!(host.process(b"hi").unwrap(), b"> HI");
+    }
+
+    #[test]
+    fn refuses_unknown_config_keys() {
+        assert!(TestHost::<{Type}>::new("prefx = 1").is_err());
+    }
+}
+"#;
+
+const C_TEMPLATE: &str = r#"/*
+ * {name}.c -- an nbnet plugin in C: answers each request upper-cased.
+ * Build:
+ *   {build}
+ */
+#include <stdlib.h>
+
+#include "nbnet_plugin.h"
+
+typedef struct {
+    uint8_t *buf; /* scratch buffer, grown to the largest request seen */
+    size_t cap;
+} state_t;
+
+static int plugin_init(const nbnet_init_ctx *ctx, void **state) {
+    state_t *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        static const char msg[] = "out of memory";
+        ctx->set_error(ctx, msg, sizeof msg - 1);
+        return NBNET_ERR;
+    }
+    *state = s;
+    return NBNET_OK;
+}
+
+static int plugin_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
+    state_t *s = state;
+    if (len > s->cap) {
+        uint8_t *grown = realloc(s->buf, len);
+        if (grown == NULL) {
+            static const char msg[] = "out of memory";
+            return nbnet_error(resp, msg, sizeof msg - 1);
+        }
+        s->buf = grown;
+        s->cap = len;
+    }
+    for (size_t i = 0; i < len; i++) {
+        uint8_t c = req[i];
+        s->buf[i] = (c >= 'a' && c <= 'z') ? (uint8_t)(c - 'a' + 'A') : c;
+    }
+    return nbnet_write(resp, s->buf, len);
+}
+
+static void plugin_destroy(void *state) {
+    state_t *s = state;
+    free(s->buf);
+    free(s);
+}
+
+static const nbnet_plugin plugin = {
+    .abi_major = NBNET_ABI_MAJOR,
+    .abi_minor = NBNET_ABI_MINOR,
+    .struct_size = sizeof(nbnet_plugin),
+    .name = "{name}",
+    .version = "0.1.0",
+    .init = plugin_init,
+    .process = plugin_process,
+    .destroy = plugin_destroy,
+};
+
+NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &plugin; }
+"#;
