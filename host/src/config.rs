@@ -40,8 +40,17 @@ pub struct Config {
 pub struct ServerConfig {
     /// Worker processes to fork; 0 means one per CPU.
     pub workers: usize,
-    /// Worker restarts the master performs before it gives up and stops.
+    /// Worker restarts within `restart_window` after which the master gives
+    /// up and stops (nbNet's `max_restarts`, counted over a sliding window
+    /// so that rare crashes over months never add up to a shutdown).
     pub max_restarts: u32,
+    /// The sliding window `max_restarts` is counted over.
+    #[serde(deserialize_with = "duration")]
+    pub restart_window: Duration,
+    /// A plugin call running longer than this is considered hung: the
+    /// master kills that worker and starts a new one.
+    #[serde(deserialize_with = "duration")]
+    pub plugin_timeout: Duration,
     /// Close a connection that sends nothing (or is not read) for this long.
     #[serde(deserialize_with = "duration")]
     pub read_timeout: Duration,
@@ -56,6 +65,8 @@ impl Default for ServerConfig {
         ServerConfig {
             workers: 0,
             max_restarts: 100,
+            restart_window: Duration::from_secs(60),
+            plugin_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
@@ -225,8 +236,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    if server.read_timeout.is_zero() {
-        problems.push((None, "[server] read_timeout must be above zero".to_string()));
+    for (key, value) in [
+        ("read_timeout", server.read_timeout),
+        ("plugin_timeout", server.plugin_timeout),
+        ("restart_window", server.restart_window),
+    ] {
+        if value.is_zero() {
+            problems.push((None, format!("[server] {key} must be above zero")));
+        }
     }
     if server.max_connections == 0 {
         problems.push((

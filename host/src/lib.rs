@@ -8,6 +8,8 @@
 //! - [`supervisor`]: the master — binds listeners, forks workers, restarts
 //!   the ones that die, stops on signals.
 //! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
+//! - [`scoreboard`]: memory shared by master and workers: which plugin is
+//!   running where (crash attribution, hung-call watchdog).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod exit_code;
 pub mod logging;
 pub mod plugin;
+pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;
 pub mod worker;

@@ -3,6 +3,7 @@
 //! gunicorn's scripted `waitpid` tests).
 
 use std::fmt;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -51,8 +52,9 @@ pub enum Decision {
 }
 
 /// Decides about a worker that exited unasked. `restarts_done` counts the
-/// restarts already performed; like nbNet's `fork_processes`, the master
-/// gives up when one more would exceed `max_restarts`.
+/// restarts performed within the restart window; like nbNet's
+/// `fork_processes`, the master gives up when one more would exceed
+/// `max_restarts`.
 pub fn on_worker_exit(exit: Exit, restarts_done: u32, max_restarts: u32) -> Decision {
     match exit {
         // It could not load its plugins: a new worker would fail the same
@@ -60,6 +62,25 @@ pub fn on_worker_exit(exit: Exit, restarts_done: u32, max_restarts: u32) -> Deci
         Exit::Code(exit_code::PLUGIN_LOAD_FAILED) => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
         _ if restarts_done >= max_restarts => Decision::Halt(exit_code::TOO_MANY_RESTARTS),
         _ => Decision::Restart,
+    }
+}
+
+/// A worker that lived at least this long ends its slot's crash streak.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The longest wait before restarting a worker that keeps dying.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long to wait before restarting a slot whose workers died `streak`
+/// times in a row, each within [`STABLE_AFTER`] of starting: nothing the
+/// first time (a crash is replaced at once), then 100 ms doubling up to
+/// [`MAX_BACKOFF`], so a plugin that crashes every worker cannot turn the
+/// master into a fork loop.
+pub fn restart_delay(streak: u32) -> Duration {
+    match streak {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(100)
+            .saturating_mul(1u32 << (n - 2).min(16))
+            .min(MAX_BACKOFF),
     }
 }
 
@@ -95,6 +116,15 @@ mod tests {
                 "{exit} after {done}/{max}"
             );
         }
+    }
+
+    #[test]
+    fn restarts_back_off_exponentially_after_the_first_and_are_capped() {
+        let delays: Vec<u64> = (0..10)
+            .map(|n| restart_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [0, 0, 100, 200, 400, 800, 1600, 3200, 6400, 10000]);
+        assert_eq!(restart_delay(1000), MAX_BACKOFF);
     }
 
     #[test]

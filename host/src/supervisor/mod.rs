@@ -6,8 +6,11 @@
 //! Shaped like gunicorn's arbiter: [`Master::run`] is one loop that waits for
 //! a signal (read from a `signalfd`, so nothing runs in handler context),
 //! dispatches it to a `handle_*` method, reaps exited workers, and tops the
-//! pool back up. What to do about a dead worker is decided by the pure
-//! [`decision::on_worker_exit`].
+//! pool back up (with exponential backoff for workers that keep dying). What
+//! to do about a dead worker is decided by the pure
+//! [`decision::on_worker_exit`]. Through the [`Scoreboard`] the master names
+//! the plugin that was running when a worker died, and kills a worker whose
+//! plugin call has not returned within `plugin_timeout`.
 //!
 //! The master stays single-threaded and never loads a plugin, so forking is
 //! always safe; plugins are validated in a short-lived child ([`check`]).
@@ -15,7 +18,7 @@
 pub mod check;
 pub mod decision;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,7 @@ use nix::unistd::{fork, getpid, ForkResult, Pid};
 
 use crate::config::Config;
 use crate::exit_code;
+use crate::scoreboard::Scoreboard;
 use crate::signals::Signals;
 use crate::worker;
 use decision::{Decision, Exit};
@@ -39,11 +43,30 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whether the master is serving or winding down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Keep `worker_count` workers running; restart the ones that die.
+    /// Keep every slot's worker running; restart the ones that die.
     Serving,
     /// Workers were sent SIGTERM; exit with `code` once all are reaped, and
     /// SIGKILL any still alive at `deadline`.
     Stopping { code: i32, deadline: Instant },
+}
+
+/// What the master knows about one worker slot.
+#[derive(Debug)]
+struct Slot {
+    /// The running worker, if any.
+    pid: Option<Pid>,
+    /// When the current (or last) worker was started.
+    started: Instant,
+    /// When to start the next worker, while the slot is empty.
+    restart_at: Instant,
+    /// Consecutive deaths within `STABLE_AFTER` of starting.
+    crash_streak: u32,
+    /// The watchdog's last look at the scoreboard: the call counter, and
+    /// since when it has not moved with a call in flight.
+    watched_calls: u64,
+    watched_since: Instant,
+    /// Set when the watchdog killed this worker: (plugin, elapsed).
+    hung: Option<(usize, Duration)>,
 }
 
 /// The master's state.
@@ -52,10 +75,12 @@ pub struct Master {
     listeners: Vec<mio::net::TcpListener>,
     poll: Poll,
     signals: Signals,
+    scoreboard: Scoreboard,
+    slots: Vec<Slot>,
     /// Live workers: PID → slot index.
-    workers: HashMap<Pid, usize>,
-    worker_count: usize,
-    restarts: u32,
+    pids: HashMap<Pid, usize>,
+    /// When recent restarts happened (pruned to `restart_window`).
+    restarts: VecDeque<Instant>,
     phase: Phase,
 }
 
@@ -101,7 +126,9 @@ pub fn serve(config: Config) -> i32 {
     }
 
     // 3. Signals become events of the master's loop (the mask is inherited
-    //    by workers, which read their own signalfd).
+    //    by workers, which read their own signalfd), and the scoreboard is
+    //    mapped before any worker exists so that all of them share it.
+    let worker_count = config.server.worker_count();
     let setup = Signals::block(&[
         Signal::SIGTERM,
         Signal::SIGINT,
@@ -109,29 +136,41 @@ pub fn serve(config: Config) -> i32 {
         Signal::SIGHUP,
         Signal::SIGCHLD,
     ])
+    .and_then(|signals| Ok((signals, Scoreboard::new(worker_count)?)))
     .map_err(std::io::Error::from)
-    .and_then(|signals| {
+    .and_then(|(signals, scoreboard)| {
         let poll = Poll::new()?;
         signals.register(poll.registry(), SIGNALS)?;
-        Ok((signals, poll))
+        Ok((signals, scoreboard, poll))
     });
-    let (signals, poll) = match setup {
-        Ok(pair) => pair,
+    let (signals, scoreboard, poll) = match setup {
+        Ok(parts) => parts,
         Err(e) => {
-            tracing::error!("cannot set up signal handling: {e}");
+            tracing::error!("cannot set up the master: {e}");
             return exit_code::FAILURE;
         }
     };
 
-    let worker_count = config.server.worker_count();
+    let now = Instant::now();
     let mut master = Master {
         config,
         listeners,
         poll,
         signals,
-        workers: HashMap::new(),
-        worker_count,
-        restarts: 0,
+        scoreboard,
+        slots: (0..worker_count)
+            .map(|_| Slot {
+                pid: None,
+                started: now,
+                restart_at: now,
+                crash_streak: 0,
+                watched_calls: 0,
+                watched_since: now,
+                hung: None,
+            })
+            .collect(),
+        pids: HashMap::new(),
+        restarts: VecDeque::new(),
         phase: Phase::Serving,
     };
     tracing::info!(
@@ -143,17 +182,15 @@ pub fn serve(config: Config) -> i32 {
 }
 
 impl Master {
-    /// The loop: wait, dispatch signals, reap, top up (or finish stopping).
+    /// The loop: wait, dispatch signals, reap, watch plugin calls, top up
+    /// (or finish stopping).
     fn run(&mut self) -> i32 {
         let mut events = Events::with_capacity(8);
         self.manage_workers();
         loop {
-            let timeout = match self.phase {
-                Phase::Serving => None,
-                Phase::Stopping { deadline, .. } => {
-                    Some(deadline.saturating_duration_since(Instant::now()))
-                }
-            };
+            let timeout = self
+                .next_wakeup()
+                .map(|at| at.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::error!("master poll failed: {e}");
@@ -173,6 +210,28 @@ impl Master {
             if let Some(code) = self.manage_workers() {
                 return code;
             }
+            self.watch_plugin_calls();
+        }
+    }
+
+    /// When the loop must wake up without a signal: a pending restart, the
+    /// watchdog's next look, or the stop deadline.
+    fn next_wakeup(&self) -> Option<Instant> {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Stopping { deadline, .. } => Some(deadline),
+            Phase::Serving => {
+                let restart = self
+                    .slots
+                    .iter()
+                    .filter(|slot| slot.pid.is_none())
+                    .map(|slot| slot.restart_at)
+                    .min();
+                // Look often enough to catch a hang within a quarter of the timeout.
+                let tick = (self.config.server.plugin_timeout / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                Some(restart.map_or(now + tick, |at| at.min(now + tick)))
+            }
         }
     }
 
@@ -181,10 +240,7 @@ impl Master {
     fn handle_stop(&mut self, signal: Signal) {
         match self.phase {
             Phase::Serving => {
-                tracing::info!(
-                    "{signal} received: stopping {} worker(s)",
-                    self.workers.len()
-                );
+                tracing::info!("{signal} received: stopping {} worker(s)", self.pids.len());
                 self.halt(exit_code::OK);
             }
             Phase::Stopping { code, .. } => {
@@ -230,26 +286,74 @@ impl Master {
                 continue;
             };
             // Not one of ours (a plugin checker already reaped, say): ignore.
-            let Some(index) = self.workers.remove(&pid) else {
+            let Some(index) = self.pids.remove(&pid) else {
                 continue;
             };
+            self.slots[index].pid = None;
             self.on_worker_exit(index, pid, exit);
         }
     }
 
+    /// Logs a worker's death with the plugin it was running, and schedules
+    /// its replacement (or gives up).
     fn on_worker_exit(&mut self, index: usize, pid: Pid, exit: Exit) {
+        let now = Instant::now();
+        let in_flight = self.scoreboard.slot(index).in_flight();
+        let running = match in_flight {
+            Some(plugin) => format!(" while running plugin {:?}", self.plugin_name(plugin)),
+            None => String::new(),
+        };
         if let Phase::Stopping { .. } = self.phase {
-            tracing::info!("worker {index} (pid {pid}) exited: {exit}");
+            tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
             return;
         }
-        match decision::on_worker_exit(exit, self.restarts, self.config.server.max_restarts) {
+        let slot = &mut self.slots[index];
+        let hung = slot.hung.take();
+        let cause = match hung {
+            Some((plugin, elapsed)) => format!(
+                "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}",
+                self.config.plugins[plugin].name
+            ),
+            None => format!("{exit}{running}"),
+        };
+        slot.crash_streak = if now.duration_since(slot.started) < decision::STABLE_AFTER {
+            slot.crash_streak + 1
+        } else {
+            1
+        };
+        let streak = slot.crash_streak;
+
+        let window = self.config.server.restart_window;
+        while self
+            .restarts
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > window)
+        {
+            self.restarts.pop_front();
+        }
+        let max = self.config.server.max_restarts;
+        match decision::on_worker_exit(exit, self.restarts.len() as u32, max) {
             Decision::Restart => {
-                self.restarts += 1;
-                tracing::warn!(
-                    "worker {index} (pid {pid}) died: {exit}; restarting it (restart {} of max_restarts = {})",
-                    self.restarts,
-                    self.config.server.max_restarts
-                );
+                self.restarts.push_back(now);
+                let delay = decision::restart_delay(streak);
+                self.slots[index].restart_at = now + delay;
+                let restarts = self.restarts.len();
+                if streak < 3 {
+                    tracing::warn!(
+                        "worker {index} (pid {pid}) died: {cause}; restarting it{} ({restarts} restart(s) in the last {window:?}, max_restarts = {max})",
+                        if delay.is_zero() { String::new() } else { format!(" in {delay:?}") }
+                    );
+                } else if streak == 3 {
+                    tracing::error!(
+                        "crash loop: worker {index} died {streak} times in a row, each within {:?} of starting (last: {cause}); restarting with exponential backoff, now {delay:?}, at most {:?}; further deaths in this loop are logged at debug level until a worker stays up",
+                        decision::STABLE_AFTER,
+                        decision::MAX_BACKOFF
+                    );
+                } else {
+                    tracing::debug!(
+                        "worker {index} (pid {pid}) died again: {cause}; crash streak {streak}, restarting in {delay:?}"
+                    );
+                }
             }
             Decision::Halt(code @ exit_code::PLUGIN_LOAD_FAILED) => {
                 tracing::error!(
@@ -259,40 +363,72 @@ impl Master {
             }
             Decision::Halt(code) => {
                 tracing::error!(
-                    "worker {index} (pid {pid}) died: {exit}; {} restarts already done (max_restarts = {}): giving up and stopping",
-                    self.restarts,
-                    self.config.server.max_restarts
+                    "worker {index} (pid {pid}) died: {cause}; {} restarts in the last {window:?} already (max_restarts = {max}): giving up and stopping",
+                    self.restarts.len()
                 );
                 self.halt(code);
             }
         }
     }
 
-    /// Serving: fork workers into empty slots. Stopping: kill stragglers at
-    /// the deadline; return the exit code once every worker is gone.
+    /// The watchdog: a slot whose plugin call has been in flight, with its
+    /// call counter unchanged, for `plugin_timeout` is hung; kill its worker
+    /// (SIGKILL: a hung plugin would not act on SIGTERM).
+    fn watch_plugin_calls(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.server.plugin_timeout;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(pid) = slot.pid else { continue };
+            let board = self.scoreboard.slot(index);
+            let calls = board.calls();
+            let in_flight = board.in_flight();
+            if in_flight.is_none() || calls != slot.watched_calls {
+                slot.watched_calls = calls;
+                slot.watched_since = now;
+                continue;
+            }
+            let elapsed = now.duration_since(slot.watched_since);
+            if elapsed >= timeout && slot.hung.is_none() {
+                let plugin = in_flight.expect("checked above");
+                tracing::error!(
+                    "plugin {:?} has not returned for {elapsed:.1?} in worker {index} (pid {pid}), over plugin_timeout = {timeout:?}: killing the worker",
+                    self.config.plugins[plugin].name
+                );
+                slot.hung = Some((plugin, elapsed));
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Serving: fork workers into empty slots whose restart time has come.
+    /// Stopping: kill stragglers at the deadline; return the exit code once
+    /// every worker is gone.
     fn manage_workers(&mut self) -> Option<i32> {
         match self.phase {
             Phase::Serving => {
-                for index in 0..self.worker_count {
-                    if !self.workers.values().any(|&i| i == index) {
-                        if let Err(e) = self.spawn_worker(index) {
-                            tracing::error!("cannot fork worker {index}: {e}");
-                            self.halt(exit_code::FAILURE);
-                            break;
-                        }
+                let now = Instant::now();
+                for index in 0..self.slots.len() {
+                    let slot = &self.slots[index];
+                    if slot.pid.is_some() || slot.restart_at > now {
+                        continue;
+                    }
+                    if let Err(e) = self.spawn_worker(index) {
+                        tracing::error!("cannot fork worker {index}: {e}");
+                        self.halt(exit_code::FAILURE);
+                        break;
                     }
                 }
                 None
             }
             Phase::Stopping { code, deadline } => {
-                if self.workers.is_empty() {
+                if self.pids.is_empty() {
                     tracing::info!("stopped");
                     return Some(code);
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
                         "{} worker(s) still running after {STOP_TIMEOUT:?}: sending SIGKILL",
-                        self.workers.len()
+                        self.pids.len()
                     );
                     self.signal_workers(Signal::SIGKILL);
                     // Wait for the kills to be reaped.
@@ -309,11 +445,20 @@ impl Master {
     /// Forks the worker for slot `index`. The child never returns.
     fn spawn_worker(&mut self, index: usize) -> nix::Result<()> {
         let master = getpid();
+        // The new worker starts with a clean slot (it resets it too; doing it
+        // here as well means the watchdog never sees the old worker's state).
+        self.scoreboard.slot(index).reset();
         // SAFETY: the master is single-threaded and never loads plugins, so
         // the child may allocate and run arbitrary code after fork.
         match unsafe { fork() }? {
             ForkResult::Parent { child } => {
-                self.workers.insert(child, index);
+                let now = Instant::now();
+                let slot = &mut self.slots[index];
+                slot.pid = Some(child);
+                slot.started = now;
+                slot.watched_calls = 0;
+                slot.watched_since = now;
+                self.pids.insert(child, index);
                 tracing::info!("worker {index} started (pid {child})");
                 Ok(())
             }
@@ -328,17 +473,24 @@ impl Master {
                 let sockets = std::mem::take(&mut self.listeners);
                 let who = worker::Identity {
                     index,
-                    count: self.worker_count,
+                    count: self.slots.len(),
                     master,
                 };
-                let code = worker::run(&self.config, sockets, who);
+                let code = worker::run(&self.config, sockets, who, self.scoreboard.slot(index));
                 std::process::exit(code)
             }
         }
     }
 
+    fn plugin_name(&self, index: usize) -> &str {
+        self.config
+            .plugins
+            .get(index)
+            .map_or("?", |plugin| plugin.name.as_str())
+    }
+
     fn signal_workers(&self, signal: Signal) {
-        for &pid in self.workers.keys() {
+        for &pid in self.pids.keys() {
             let _ = kill(pid, signal);
         }
     }

@@ -32,6 +32,7 @@ use mio::net::TcpStream;
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::plugin::{Plugin, ProcessError, RawConnection};
+use crate::scoreboard::Slot;
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -108,6 +109,10 @@ pub struct Context<'a> {
     pub scratch: &'a mut Scratch,
     /// The listener's address as text, for the plugin.
     pub listener_addr: &'a CStr,
+    /// This worker's scoreboard slot: marks plugin calls in flight.
+    pub slot: &'a Slot,
+    /// Index of `plugin` in the config (what the slot records).
+    pub plugin_index: usize,
 }
 
 /// One accepted client connection.
@@ -191,7 +196,11 @@ impl Connection {
 
     /// Handles READABLE (or read-closed): reads what is there, answers every
     /// complete frame, and writes the answers. `Ok(progress)` says whether
-    /// any bytes moved (for the deadline).
+    /// the read deadline moves: yes when a frame completed or began, or the
+    /// connection is back at a frame boundary; no when bytes only trickled
+    /// into a frame already under way. So `read_timeout` bounds both the
+    /// idle time between frames and the time to receive one frame, and a
+    /// client sending one byte a second (slowloris) is closed.
     pub fn on_readable(&mut self, ctx: &mut Context<'_>, read_closed: bool) -> Result<bool, Close> {
         if self.state != State::Reading {
             // Reads are paused while responses are pending; `on_writable`
@@ -221,14 +230,20 @@ impl Connection {
                     })
                 }
                 Ok(n) => {
-                    progress = true;
-                    if let Err(close) = self.process_read(ctx, n) {
-                        // Deliver the answers to the requests before the bad
-                        // one (best effort: non-blocking), then close.
-                        let mut sent = 0;
-                        let _ = write_some(&mut self.stream, &ctx.scratch.output, &mut sent);
-                        ctx.scratch.output.clear();
-                        return Err(close);
+                    let frame_under_way = self.input_len > 0;
+                    let completed = match self.process_read(ctx, n) {
+                        Ok(completed) => completed,
+                        Err(close) => {
+                            // Deliver the answers to the requests before the bad
+                            // one (best effort: non-blocking), then close.
+                            let mut sent = 0;
+                            let _ = write_some(&mut self.stream, &ctx.scratch.output, &mut sent);
+                            ctx.scratch.output.clear();
+                            return Err(close);
+                        }
+                    };
+                    if completed || !frame_under_way || self.input_len == 0 {
+                        progress = true;
                     }
                     // Answer this read's requests in one write before reading
                     // more; if the client is not reading them, stop reading
@@ -277,13 +292,15 @@ impl Connection {
     /// Answers every complete frame among the `n` bytes just read (in the
     /// shared buffer, or appended to this connection's partial frame), and
     /// keeps any trailing partial frame in the connection's own buffer.
-    fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<(), Close> {
+    /// `Ok(true)` when at least one frame was answered.
+    fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
         let conn = self.describe(ctx.listener_addr);
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
             let used = answer_frames(
                 data,
                 ctx.plugin,
+                (ctx.slot, ctx.plugin_index),
                 &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
@@ -295,12 +312,14 @@ impl Connection {
                 self.input[..rest.len()].copy_from_slice(rest);
                 self.input_len = rest.len();
             }
+            Ok(used > 0)
         } else {
             self.input_len += n;
             let data = &self.input[..self.input_len];
             let used = answer_frames(
                 data,
                 ctx.plugin,
+                (ctx.slot, ctx.plugin_index),
                 &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
@@ -314,8 +333,8 @@ impl Connection {
                 self.input.copy_within(used..self.input_len, 0);
                 self.input_len -= used;
             }
+            Ok(used > 0)
         }
-        Ok(())
     }
 
     /// How many bytes to ask the next `read` into the connection's own
@@ -372,6 +391,7 @@ impl Connection {
 fn answer_frames(
     data: &[u8],
     plugin: &mut Plugin,
+    (slot, plugin_index): (&Slot, usize),
     conn: &RawConnection,
     decoder: FrameDecoder,
     out: &mut Vec<u8>,
@@ -384,8 +404,7 @@ fn answer_frames(
             Ok(Decoded::Frame { len }) => {
                 let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
                 let queued = out.len();
-                plugin
-                    .process(payload, conn, out, max)
+                slot.track(plugin_index, || plugin.process(payload, conn, out, max))
                     .map_err(Close::Plugin)?;
                 tracing::debug!(
                     %peer,

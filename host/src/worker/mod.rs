@@ -18,6 +18,7 @@ use nix::unistd::{getpid, getppid, Pid};
 use crate::config::Config;
 use crate::exit_code;
 use crate::plugin::Plugin;
+use crate::scoreboard::Slot;
 use crate::signals::Signals;
 use reactor::{Limits, Listener, Reactor};
 
@@ -36,7 +37,13 @@ pub struct Identity {
 /// process exit code: [`exit_code::OK`] after a stop signal,
 /// [`exit_code::PLUGIN_LOAD_FAILED`] if a plugin cannot load (the master then
 /// halts instead of restarting), [`exit_code::FAILURE`] otherwise.
-pub fn run(config: &Config, sockets: Vec<mio::net::TcpListener>, who: Identity) -> i32 {
+pub fn run(
+    config: &Config,
+    sockets: Vec<mio::net::TcpListener>,
+    who: Identity,
+    slot: &'static Slot,
+) -> i32 {
+    slot.reset();
     let span = tracing::info_span!("worker", index = who.index, pid = getpid().as_raw());
     let _entered = span.enter();
 
@@ -59,8 +66,13 @@ pub fn run(config: &Config, sockets: Vec<mio::net::TcpListener>, who: Identity) 
     };
 
     let mut plugins = Vec::with_capacity(config.plugins.len());
-    for spec in &config.plugins {
-        match Plugin::load(spec, who.index as u32, who.count as u32) {
+    for (index, spec) in config.plugins.iter().enumerate() {
+        // Tracked like every plugin call: a crash or hang in init is
+        // attributed to the plugin too.
+        let loaded = slot.track(index, || {
+            Plugin::load(spec, who.index as u32, who.count as u32)
+        });
+        match loaded {
             Ok(plugin) => {
                 tracing::debug!("{}", plugin.describe());
                 plugins.push(plugin);
@@ -87,7 +99,7 @@ pub fn run(config: &Config, sockets: Vec<mio::net::TcpListener>, who: Identity) 
         max_frame_bytes: config.server.max_frame_bytes,
         max_connections: config.server.max_connections,
     };
-    let reactor = match Reactor::new(signals, listeners, plugins, limits) {
+    let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
         Ok(reactor) => reactor,
         Err(e) => {
             tracing::error!("cannot start the event loop: {e}");

@@ -17,6 +17,7 @@ use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
 use crate::plugin::Plugin;
+use crate::scoreboard::Slot;
 use crate::signals::Signals;
 
 /// The worker's `signalfd` (stop requests).
@@ -74,6 +75,8 @@ pub struct Reactor {
     decoder: FrameDecoder,
     scratch: Scratch,
     limits: Limits,
+    /// This worker's scoreboard slot.
+    slot: &'static Slot,
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
     next_connection_id: u64,
@@ -87,6 +90,7 @@ impl Reactor {
         listeners: Vec<Listener>,
         plugins: Vec<Plugin>,
         limits: Limits,
+        slot: &'static Slot,
     ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
         signals.register(poll.registry(), SIGNALS)?;
@@ -101,6 +105,7 @@ impl Reactor {
             decoder: FrameDecoder::new(limits.max_frame_bytes),
             scratch: Scratch::default(),
             limits,
+            slot,
             next_connection_id: u64::from(std::process::id()) << 32,
         };
         reactor.register_listeners()?;
@@ -147,6 +152,8 @@ impl Reactor {
                             decoder: self.decoder,
                             scratch: &mut self.scratch,
                             listener_addr: &listener.addr_text,
+                            slot: self.slot,
+                            plugin_index: listener.plugin,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -211,8 +218,10 @@ impl Reactor {
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
                     let conn = entry.insert(Connection::new(stream, peer, index, id, deadline));
-                    self.plugins[listener.plugin]
-                        .connection_opened(&conn.describe(&listener.addr_text));
+                    let plugin = &mut self.plugins[listener.plugin];
+                    let described = conn.describe(&listener.addr_text);
+                    self.slot
+                        .track(listener.plugin, || plugin.connection_opened(&described));
                     self.deadlines.push(&mut self.connections, key, deadline);
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
                 }
@@ -242,7 +251,10 @@ impl Reactor {
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer;
         let listener = &self.listeners[conn.listener];
-        self.plugins[listener.plugin].connection_closed(&conn.describe(&listener.addr_text));
+        let plugin = &mut self.plugins[listener.plugin];
+        let described = conn.describe(&listener.addr_text);
+        self.slot
+            .track(listener.plugin, || plugin.connection_closed(&described));
         match reason {
             Close::PeerClosed => tracing::debug!(%peer, "connection closed by the client"),
             Close::Shutdown => tracing::debug!(%peer, "connection closed: worker stopping"),
@@ -285,8 +297,8 @@ impl Reactor {
         for key in keys {
             self.close(key, Close::Shutdown);
         }
-        for plugin in &mut self.plugins {
-            plugin.shutdown();
+        for (index, plugin) in self.plugins.iter_mut().enumerate() {
+            self.slot.track(index, || plugin.shutdown());
         }
         self.plugins
     }
