@@ -12,6 +12,8 @@ run: build
 build:
 	cargo build --release --workspace
 	$(CC) $(CFLAGS_PLUGIN) -o target/release/libupper_c.so plugins/upper-c/upper.c
+	$(CC) $(CFLAGS_PLUGIN) -o target/release/libecho_c.so plugins/echo-c/echo.c
+	$(CC) $(CFLAGS_PLUGIN) -o target/release/libcounter_c.so plugins/counter-c/counter.c
 
 test:
 	cargo test --workspace

@@ -19,7 +19,7 @@ typedef struct {
 } upper_state;
 
 static int upper_init(const nbnet_init_ctx *ctx, void **state) {
-    upper_state *s = calloc(1, sizeof *s);
+    upper_state *s = (upper_state *)calloc(1, sizeof *s);
     if (s == NULL) {
         static const char msg[] = "out of memory";
         ctx->set_error(ctx, msg, sizeof msg - 1);
@@ -30,9 +30,9 @@ static int upper_init(const nbnet_init_ctx *ctx, void **state) {
 }
 
 static int upper_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
-    upper_state *s = state;
+    upper_state *s = (upper_state *)state;
     if (len > s->cap) {
-        uint8_t *grown = realloc(s->buf, len);
+        uint8_t *grown = (uint8_t *)realloc(s->buf, len);
         if (grown == NULL) {
             static const char msg[] = "out of memory";
             return nbnet_error(resp, msg, sizeof msg - 1);
@@ -48,7 +48,7 @@ static int upper_process(void *state, const uint8_t *req, size_t len, nbnet_resp
 }
 
 static void upper_destroy(void *state) {
-    upper_state *s = state;
+    upper_state *s = (upper_state *)state;
     free(s->buf);
     free(s);
 }
@@ -62,6 +62,9 @@ static const nbnet_plugin upper_plugin = {
     .init = upper_init,
     .process = upper_process,
     .destroy = upper_destroy,
+    .on_open = NULL,
+    .on_close = NULL,
+    .on_shutdown = NULL,
 };
 
 NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &upper_plugin; }
