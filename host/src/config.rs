@@ -222,7 +222,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|span| line_of(span.start));
-        fail(vec![(line, e.message().trim_end().to_string())])
+        let mut message = e.message().trim_end().to_string();
+        // Quote the offending line: a type error's message names the value
+        // but not the key.
+        if let Some(source) = line.and_then(|l| text.lines().nth(l - 1)) {
+            if !source.trim().is_empty() {
+                message = format!("{message} (in `{}`)", source.trim());
+            }
+        }
+        fail(vec![(line, message)])
     })?;
 
     let mut problems = Vec::new();
@@ -430,10 +438,14 @@ plugin = "upper"
     }
 
     #[test]
-    fn wrong_type_names_the_line() {
+    fn wrong_type_names_the_line_and_quotes_it() {
         let err = parse_str(&format!("[server]\nworkers = \"two\"\n{MINIMAL}")).unwrap_err();
         assert!(
             err.to_string().starts_with("/etc/nbnet/test.toml:2: "),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("(in `workers = \"two\"`)"),
             "{err}"
         );
     }

@@ -1,1 +1,1010 @@
-//! placeholder
+//! Helpers for the black-box tests (crate `nbnet_tests`).
+//!
+//! The tests start the real `nbnet` binary with real plugins on 127.0.0.1 and
+//! talk to it over TCP, the way a user would. This module:
+//!
+//! - builds everything once per test binary ([`build`]): `cargo build
+//!   --workspace` for the binary and the Rust plugins, then `cc` for the C
+//!   plugins (the example `upper-c` and the test-only ones in
+//!   `plugins/testing/c/`), into `target/test-plugins/`;
+//! - gives each test its own temporary directory and free ports ([`Sandbox`]),
+//!   where a config template is rendered (placeholders such as `{port}` and
+//!   `{upper}`, see [`Sandbox::render`]) and written as `nbnet.toml`;
+//! - runs the server ([`Server`]) with its stderr in a log file that is printed
+//!   when a test fails, and watches its workers through `/proc`;
+//! - speaks the framed protocol ([`Client`], [`frame`]).
+//!
+//! Every wait is bounded: a test that would hang fails instead, with the log.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use libc::{SIGINT, SIGKILL, SIGTERM};
+
+/// How long the server may take to start answering, and a failing start or a
+/// `--check` may take to exit ("promptly").
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read timeout of a [`Client`]: a reply that takes longer counts as missing.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Length of the ASCII decimal header in front of every payload.
+pub const HEADER_LEN: usize = 10;
+
+// ------------------------------------------------------------------ building
+
+/// Everything the tests run: the binary and the plugin libraries.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// The `nbnet` binary.
+    pub nbnet: PathBuf,
+    /// Rust `upper` plugin (`hi` -> `HI`).
+    pub upper_so: PathBuf,
+    /// Rust `echo` plugin.
+    pub echo_so: PathBuf,
+    /// Rust test plugin whose init always fails (`reason` in its config).
+    pub fail_init_so: PathBuf,
+    /// C `upper` plugin from `plugins/upper-c/upper.c`.
+    pub upper_c_so: PathBuf,
+    /// C test plugin claiming ABI major 99 (`plugins/testing/c/bad_abi.c`).
+    pub bad_abi_so: PathBuf,
+    /// C test plugin built for a newer ABI minor than the host's.
+    pub newer_minor_so: PathBuf,
+    /// C test plugin with `process = NULL`.
+    pub missing_process_so: PathBuf,
+    /// C test plugin that fails, crashes or over-answers on request.
+    pub misbehave_so: PathBuf,
+    /// A shared library that exists but is no plugin (libm).
+    pub system_lib: PathBuf,
+}
+
+/// The workspace root (the parent of this package's directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory")
+        .to_path_buf()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace
+/// root if relative), else `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// Builds the binary and all plugins, once per test binary, and returns where
+/// they are. Panics with the compiler's output if anything fails to build.
+pub fn build() -> &'static Artifacts {
+    // A failed build is remembered too, so that the other tests of this
+    // binary fail at once with the same message instead of rebuilding.
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let built = ARTIFACTS.get_or_init(|| {
+        std::panic::catch_unwind(build_now).map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "building the test artifacts panicked".to_string())
+        })
+    });
+    match built {
+        Ok(artifacts) => artifacts,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn build_now() -> Artifacts {
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let out = Command::new(&cargo)
+        .args(["build", "--workspace"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} build --workspace: {e}"));
+    if !out.status.success() {
+        panic!(
+            "`{} build --workspace` failed ({}):\n{}",
+            cargo.to_string_lossy(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let debug = target_dir().join("debug");
+    // NBNET_TEST_BIN runs the suite against another build of the binary.
+    let nbnet = match std::env::var_os("NBNET_TEST_BIN") {
+        Some(bin) if !bin.is_empty() => PathBuf::from(bin),
+        _ => debug.join("nbnet"),
+    };
+    let rust_plugin = |name: &str| -> PathBuf {
+        let path = debug.join(format!("lib{name}.so"));
+        assert!(
+            path.is_file(),
+            "cargo build --workspace did not produce {}",
+            path.display()
+        );
+        path
+    };
+    assert!(
+        nbnet.is_file(),
+        "cargo build --workspace did not produce {}",
+        nbnet.display()
+    );
+
+    let plugin_dir = target_dir().join("test-plugins");
+    fs::create_dir_all(&plugin_dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", plugin_dir.display()));
+    let c_plugin =
+        |source: &str, name: &str| compile_c_plugin(&root.join(source), &plugin_dir, name);
+
+    Artifacts {
+        upper_so: rust_plugin("upper"),
+        echo_so: rust_plugin("echo"),
+        fail_init_so: rust_plugin("fail_init"),
+        upper_c_so: c_plugin("plugins/upper-c/upper.c", "libupper_c.so"),
+        bad_abi_so: c_plugin("plugins/testing/c/bad_abi.c", "libbad_abi.so"),
+        newer_minor_so: c_plugin("plugins/testing/c/newer_minor.c", "libnewer_minor.so"),
+        missing_process_so: c_plugin(
+            "plugins/testing/c/missing_process.c",
+            "libmissing_process.so",
+        ),
+        misbehave_so: c_plugin("plugins/testing/c/misbehave.c", "libmisbehave.so"),
+        system_lib: find_system_lib(),
+        nbnet,
+    }
+}
+
+/// Compiles one C plugin with the flags `nbnet_plugin.h` documents (plus
+/// `-Werror`), atomically (compile to a temporary name, then rename).
+fn compile_c_plugin(source: &Path, out_dir: &Path, name: &str) -> PathBuf {
+    let cc = std::env::var_os("CC").unwrap_or_else(|| OsString::from("cc"));
+    let out = out_dir.join(name);
+    let tmp = out_dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let include = workspace_root().join("plugin-api/include");
+    let result = Command::new(&cc)
+        .args([
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+        ])
+        .arg("-I")
+        .arg(&include)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(source)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
+    if !result.status.success() {
+        let _ = fs::remove_file(&tmp);
+        panic!(
+            "compiling {} with {} failed ({}):\n{}{}",
+            source.display(),
+            cc.to_string_lossy(),
+            result.status,
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    fs::rename(&tmp, &out).unwrap_or_else(|e| panic!("cannot rename {}: {e}", tmp.display()));
+    out
+}
+
+/// A shared library that certainly is not an nbnet plugin.
+fn find_system_lib() -> PathBuf {
+    for candidate in [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+        "/usr/lib64/libm.so.6",
+        "/lib/aarch64-linux-gnu/libm.so.6",
+        "/usr/lib/aarch64-linux-gnu/libm.so.6",
+    ] {
+        if Path::new(candidate).is_file() {
+            return PathBuf::from(candidate);
+        }
+    }
+    // `ldconfig -p` lines look like: "\tlibm.so.6 (libc6,x86-64) => /lib/.../libm.so.6".
+    for ldconfig in ["ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"] {
+        let Ok(out) = Command::new(ldconfig)
+            .arg("-p")
+            .stdin(Stdio::null())
+            .output()
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut fallback = None;
+        for line in text.lines() {
+            let Some((_, path)) = line.split_once("=> ") else {
+                continue;
+            };
+            let path = PathBuf::from(path.trim());
+            if !path.is_file() {
+                continue;
+            }
+            if line.trim_start().starts_with("libm.so") {
+                return path;
+            }
+            fallback.get_or_insert(path);
+        }
+        if let Some(path) = fallback {
+            return path;
+        }
+    }
+    panic!("no system shared library found (tried libm paths and `ldconfig -p`)");
+}
+
+// ----------------------------------------------------------------- utilities
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Encodes one frame: 10-digit zero-padded length, then the payload.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:010}", payload.len()).into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`
+/// saying what was awaited.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lossy text of bytes, for messages.
+pub fn show(bytes: &[u8]) -> String {
+    const MAX: usize = 200;
+    if bytes.len() > MAX {
+        format!(
+            "{:?}... ({} bytes)",
+            String::from_utf8_lossy(&bytes[..MAX]),
+            bytes.len()
+        )
+    } else {
+        format!("{:?}", String::from_utf8_lossy(bytes))
+    }
+}
+
+// ------------------------------------------------------------------ processes
+
+/// A process identified by PID and start time, so that a reused PID is never
+/// mistaken for it (nor signalled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl Proc {
+    /// Reads `/proc/<pid>/stat`; `None` if there is no such process.
+    pub fn of(pid: i32) -> Option<Proc> {
+        let (_, start_time) = proc_stat(pid)?;
+        Some(Proc { pid, start_time })
+    }
+
+    /// True while this very process exists and is not a zombie.
+    pub fn alive(&self) -> bool {
+        match proc_stat(self.pid) {
+            Some((state, start)) => start == self.start_time && state != 'Z' && state != 'X',
+            None => false,
+        }
+    }
+
+    /// SIGKILLs it if it is still this very process.
+    pub fn kill_if_alive(&self) {
+        if self.alive() {
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// (state, start time) from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); start time is field 22.
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// PIDs of the children of `pid` (from its main thread), zombies included.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Sends `sig` to `pid`, panicking if that fails.
+pub fn send_signal(pid: i32, sig: i32) {
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}) failed: {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// How a process ended, for messages: "exit code 3" or "signal 9".
+pub fn describe(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => format!("{status}"),
+    }
+}
+
+// -------------------------------------------------------------------- sandbox
+
+/// What a finished `nbnet` run printed and how it ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// One test's temporary directory, its ports and its `nbnet.toml`.
+///
+/// Config templates are TOML with placeholders, replaced by [`Sandbox::render`]:
+/// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
+/// and kept for the sandbox's life), `{dir}` (the temporary directory), and the
+/// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
+/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{system_lib}`.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    runs: u32,
+    cwd: Option<PathBuf>,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    /// A fresh directory (builds the artifacts first if needed).
+    pub fn new() -> Sandbox {
+        build();
+        let dir = tempfile::Builder::new()
+            .prefix("nbnet-test-")
+            .tempdir()
+            .expect("create tempdir");
+        Sandbox {
+            dir,
+            ports: Vec::new(),
+            runs: 0,
+            cwd: None,
+        }
+    }
+
+    /// The temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where the config is written.
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("nbnet.toml")
+    }
+
+    /// Port `i` (0-based; `{port}` is 0, `{port2}` is 1, ...), chosen on first use.
+    pub fn port(&mut self, i: usize) -> u16 {
+        while self.ports.len() <= i {
+            let port = free_port();
+            if !self.ports.contains(&port) {
+                self.ports.push(port);
+            }
+        }
+        self.ports[i]
+    }
+
+    /// The ports chosen so far.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// Forgets the ports so that the next render picks new ones.
+    fn new_ports(&mut self) {
+        self.ports.clear();
+    }
+
+    /// Replaces the placeholders in `template`; panics on an unknown one.
+    pub fn render(&mut self, template: &str) -> String {
+        let a = build();
+        let mut out = String::with_capacity(template.len() + 256);
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let name_len = after
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(after.len());
+            if name_len == 0 || !after[name_len..].starts_with('}') {
+                // Not a placeholder (e.g. a TOML inline table).
+                out.push('{');
+                rest = after;
+                continue;
+            }
+            let name = &after[..name_len];
+            let path = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
+            let value = match name {
+                "port" => self.port(0).to_string(),
+                "port2" => self.port(1).to_string(),
+                "port3" => self.port(2).to_string(),
+                "dir" => path(self.path()),
+                "upper" => path(&a.upper_so),
+                "echo" => path(&a.echo_so),
+                "fail_init" => path(&a.fail_init_so),
+                "upper_c" => path(&a.upper_c_so),
+                "bad_abi" => path(&a.bad_abi_so),
+                "newer_minor" => path(&a.newer_minor_so),
+                "missing_process" => path(&a.missing_process_so),
+                "misbehave" => path(&a.misbehave_so),
+                "system_lib" => path(&a.system_lib),
+                other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
+            };
+            out.push_str(&value);
+            rest = &after[name_len + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Renders `template` and writes it as `nbnet.toml`; returns its path.
+    pub fn write_config(&mut self, template: &str) -> PathBuf {
+        let text = self.render(template);
+        let path = self.config_path();
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Writes a file in the sandbox; returns its path.
+    pub fn write(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.path().join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Creates a directory in the sandbox; returns its path.
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let path = self.path().join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        path
+    }
+
+    /// Runs later `nbnet` commands in `dir` instead of the sandbox directory.
+    pub fn set_cwd(&mut self, dir: &Path) {
+        self.cwd = Some(dir.to_path_buf());
+    }
+
+    /// A `nbnet` command run in the sandbox (or the directory given to
+    /// [`Sandbox::set_cwd`]), with a clean log environment.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&build().nbnet);
+        cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
+            .env_remove("RUST_LOG")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn next_run(&mut self, what: &str) -> (PathBuf, PathBuf) {
+        self.runs += 1;
+        let n = self.runs;
+        (
+            self.path().join(format!("{what}-{n}.stdout")),
+            self.path().join(format!("{what}-{n}.stderr")),
+        )
+    }
+
+    /// Runs `nbnet` with `args` and waits (at most [`STARTUP_TIMEOUT`]) for it
+    /// to exit; panics, after killing it, if it does not.
+    pub fn run(&mut self, args: &[&str]) -> Outcome {
+        let (stdout_path, stderr_path) = self.next_run("run");
+        let mut child = self
+            .command()
+            .args(args)
+            .stdout(fs::File::create(&stdout_path).expect("create stdout file"))
+            .stderr(fs::File::create(&stderr_path).expect("create stderr file"))
+            .spawn()
+            .expect("spawn nbnet");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let kids: Vec<Proc> = children_of(child.id() as i32)
+                    .into_iter()
+                    .filter_map(Proc::of)
+                    .collect();
+                let _ = child.kill();
+                let _ = child.wait();
+                for kid in kids {
+                    kid.kill_if_alive();
+                }
+                panic!(
+                    "`nbnet {}` did not exit within {STARTUP_TIMEOUT:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    args.join(" "),
+                    fs::read_to_string(&stdout_path).unwrap_or_default(),
+                    fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        Outcome {
+            status,
+            stdout: fs::read_to_string(&stdout_path).unwrap_or_default(),
+            stderr: fs::read_to_string(&stderr_path).unwrap_or_default(),
+        }
+    }
+
+    /// Writes the config and runs `nbnet --config FILE --check`.
+    pub fn check(&mut self, template: &str) -> Outcome {
+        let config = self.write_config(template);
+        self.run(&["--config", config.to_str().unwrap(), "--check"])
+    }
+
+    /// Writes the config and starts `nbnet --config FILE`, expecting it to
+    /// exit unsuccessfully within [`STARTUP_TIMEOUT`]; returns status and stderr.
+    pub fn expect_startup_failure(&mut self, template: &str) -> (ExitStatus, String) {
+        let config = self.write_config(template);
+        let outcome = self.run(&["--config", config.to_str().unwrap()]);
+        assert!(
+            !outcome.status.success(),
+            "nbnet was expected to fail to start but exited successfully\n--- stderr ---\n{}",
+            outcome.stderr
+        );
+        (outcome.status, outcome.stderr)
+    }
+
+    /// Starts a server with this config and waits until it answers.
+    pub fn start(self, template: &str) -> Server {
+        Server::start_in(self, template)
+    }
+}
+
+/// `nbnet --check` on a config in a fresh sandbox.
+pub fn check(template: &str) -> Outcome {
+    Sandbox::new().check(template)
+}
+
+/// Starts nbnet with a config in a fresh sandbox and expects it to fail
+/// promptly; returns its exit status and stderr.
+pub fn expect_startup_failure(template: &str) -> (ExitStatus, String) {
+    Sandbox::new().expect_startup_failure(template)
+}
+
+/// Runs `nbnet send ADDR PAYLOAD` (bounded by [`STARTUP_TIMEOUT`]).
+pub fn nbnet_send(addr: &str, payload: &str) -> Outcome {
+    Sandbox::new().run(&["send", addr, payload])
+}
+
+// --------------------------------------------------------------------- server
+
+/// A running `nbnet --config nbnet.toml`. Dropping it SIGKILLs the master and
+/// any worker it has seen; if the test is failing, its log is printed.
+pub struct Server {
+    sandbox: Option<Sandbox>,
+    child: Child,
+    log_path: PathBuf,
+    seen: Mutex<Vec<Proc>>,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// Starts a server from a config template in a fresh sandbox.
+    pub fn start(template: &str) -> Server {
+        Sandbox::new().start(template)
+    }
+
+    /// Starts a server in `sandbox` and waits (at most [`STARTUP_TIMEOUT`])
+    /// until every listener answers a request. If the server exits first it
+    /// panics with the log, except that a port taken in the meantime by
+    /// someone else makes it retry with new ports (twice).
+    pub fn start_in(mut sandbox: Sandbox, template: &str) -> Server {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let config = sandbox.write_config(template);
+            let (stdout_path, log_path) = sandbox.next_run("server");
+            let child = sandbox
+                .command()
+                .arg("--config")
+                .arg(&config)
+                .stdout(fs::File::create(&stdout_path).expect("create stdout file"))
+                .stderr(fs::File::create(&log_path).expect("create log file"))
+                .spawn()
+                .expect("spawn nbnet");
+            let mut server = Server {
+                sandbox: Some(sandbox),
+                child,
+                log_path,
+                seen: Mutex::new(Vec::new()),
+                exited: None,
+            };
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(why) => {
+                    let log = server.log();
+                    if attempt < 3 && log.contains("in use") {
+                        server.kill_all();
+                        sandbox = server.sandbox.take().unwrap();
+                        sandbox.new_ports();
+                        continue;
+                    }
+                    // Drop prints nothing unless panicking; include the log here.
+                    panic!("nbnet did not start: {why}\n--- nbnet log ---\n{log}");
+                }
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let ports = self.sandbox().ports().to_vec();
+        if ports.is_empty() {
+            return Err("the config template has no {port} placeholder".into());
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        for port in ports {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("try_wait") {
+                    self.exited = Some(status);
+                    return Err(format!("nbnet exited with {}", describe(&status)));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "port {port} did not answer within {STARTUP_TIMEOUT:?}"
+                    ));
+                }
+                if let Ok(mut client) = Client::try_connect(port) {
+                    let _ = client.stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    if client.send_frame(b"ping").is_ok() && client.read_frame().is_ok() {
+                        break;
+                    }
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn sandbox(&self) -> &Sandbox {
+        self.sandbox.as_ref().expect("server has its sandbox")
+    }
+
+    /// The master's PID.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The first listener's port (`{port}`).
+    pub fn port(&self) -> u16 {
+        self.sandbox().ports()[0]
+    }
+
+    /// Port `i` (`{port}` is 0, `{port2}` is 1, ...).
+    pub fn port_n(&self, i: usize) -> u16 {
+        self.sandbox().ports()[i]
+    }
+
+    /// `127.0.0.1:<port>` of the first listener.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port()))
+    }
+
+    /// The sandbox directory.
+    pub fn dir(&self) -> &Path {
+        self.sandbox().path()
+    }
+
+    /// A client connected to the first listener.
+    pub fn client(&self) -> Client {
+        Client::connect(self.port())
+    }
+
+    /// The master's current children (zombies included), remembered so that
+    /// Drop can kill them.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        let pids = children_of(self.pid());
+        let mut seen = self.seen.lock().unwrap();
+        for &pid in &pids {
+            if let Some(p) = Proc::of(pid) {
+                if !seen.contains(&p) {
+                    seen.push(p);
+                }
+            }
+        }
+        pids
+    }
+
+    /// The master's children that are alive (not zombies).
+    pub fn live_workers(&self) -> Vec<Proc> {
+        self.worker_pids()
+            .into_iter()
+            .filter_map(Proc::of)
+            .filter(Proc::alive)
+            .collect()
+    }
+
+    /// Every worker process seen so far.
+    pub fn seen_workers(&self) -> Vec<Proc> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 10 s) until exactly `n` live workers exist; returns them.
+    pub fn wait_for_workers(&self, n: usize) -> Vec<Proc> {
+        self.wait_for(&format!("{n} live workers"), || {
+            let live = self.live_workers();
+            (live.len() == n).then_some(live)
+        })
+    }
+
+    /// Like [`wait_until`] with a 10 s bound, but the panic carries the log.
+    pub fn wait_for<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(value) = f() {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out waiting for {what} (workers now: {:?})\n--- nbnet log ---\n{}",
+                    self.worker_pids(),
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends `sig` to the master.
+    pub fn signal(&self, sig: i32) {
+        assert!(self.exited.is_none(), "the master has already exited");
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits up to `timeout` for the master to exit (and reaps it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Some(status);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERMs the master, expects a clean exit (code 0) within 10 s, and
+    /// gives back the sandbox (same directory and ports) for another start.
+    pub fn stop(mut self) -> Sandbox {
+        self.worker_pids();
+        self.signal(SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(10));
+        match status {
+            Some(s) if s.code() == Some(0) => {}
+            other => panic!(
+                "after SIGTERM nbnet should exit with code 0 within 10 s, got {:?}\n--- nbnet log ---\n{}",
+                other.as_ref().map(describe),
+                self.log()
+            ),
+        }
+        self.kill_all();
+        self.sandbox.take().unwrap()
+    }
+
+    fn kill_all(&mut self) {
+        if self.exited.is_none() {
+            self.worker_pids();
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.exited = Some(status);
+            }
+        }
+        for p in self.seen.lock().unwrap().iter() {
+            p.kill_if_alive();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill_all();
+        if thread::panicking() {
+            eprintln!(
+                "--- nbnet log ({}) ---\n{}--- end of nbnet log ---",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+// --------------------------------------------------------------------- client
+
+/// A blocking client of the framed protocol on 127.0.0.1, with a read timeout
+/// of [`IO_TIMEOUT`].
+pub struct Client {
+    pub stream: TcpStream,
+}
+
+impl Client {
+    /// Connects to 127.0.0.1:`port`, panicking on failure.
+    pub fn connect(port: u16) -> Client {
+        Client::try_connect(port).unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"))
+    }
+
+    /// Connects to 127.0.0.1:`port`.
+    pub fn try_connect(port: u16) -> io::Result<Client> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Client { stream })
+    }
+
+    /// Writes raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Writes one frame.
+    pub fn send_frame(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.send_raw(&frame(payload))
+    }
+
+    /// Reads one frame and returns its payload. EOF before the end of a frame
+    /// is `UnexpectedEof`; a malformed header from the server is `InvalidData`.
+    pub fn read_frame(&mut self) -> io::Result<Vec<u8>> {
+        let mut header = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut header)?;
+        if !header.iter().all(u8::is_ascii_digit) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad header from server: {}", show(&header)),
+            ));
+        }
+        let len: usize = std::str::from_utf8(&header).unwrap().parse().unwrap();
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload)?;
+        Ok(payload)
+    }
+
+    /// Sends one frame and reads the answer, panicking on any error.
+    pub fn request(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.send_frame(payload)
+            .unwrap_or_else(|e| panic!("sending request {}: {e}", show(payload)));
+        self.read_frame()
+            .unwrap_or_else(|e| panic!("reading the answer to {}: {e}", show(payload)))
+    }
+
+    /// Sets the read timeout.
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("set_read_timeout");
+    }
+
+    /// Asserts that the server closes the connection within [`IO_TIMEOUT`]
+    /// without sending anything (EOF or a reset).
+    pub fn expect_closed(&mut self) {
+        self.expect_closed_within(IO_TIMEOUT);
+    }
+
+    /// Asserts that the server closes the connection within `timeout` without
+    /// sending anything; returns how long that took.
+    pub fn expect_closed_within(&mut self, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        self.set_read_timeout(timeout);
+        let mut buf = [0u8; 4096];
+        let result = self.stream.read(&mut buf);
+        let elapsed = start.elapsed();
+        match result {
+            Ok(0) => elapsed,
+            Ok(n) => panic!(
+                "expected the server to close the connection without a reply, got {}",
+                show(&buf[..n])
+            ),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                elapsed
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("expected the server to close the connection, still open after {timeout:?}")
+            }
+            Err(e) => panic!("expected EOF or a reset, got {e}"),
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait` and the connection stays open.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        self.set_read_timeout(wait);
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => panic!("expected no reply yet, but the server closed the connection"),
+            Ok(_) => panic!(
+                "expected no reply yet, but got data ({:?})",
+                byte[0] as char
+            ),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("expected no reply yet, got error {e}"),
+        }
+        self.set_read_timeout(IO_TIMEOUT);
+    }
+
+    /// Half-closes the sending side.
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}

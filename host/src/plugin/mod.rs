@@ -137,6 +137,8 @@ pub enum ProcessError {
     ResponseTooLarge {
         /// The configured limit.
         max: usize,
+        /// What the plugin said about it, if anything.
+        plugin_message: Option<String>,
     },
 }
 
@@ -144,10 +146,19 @@ impl fmt::Display for ProcessError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProcessError::Plugin(message) => f.write_str(message),
-            ProcessError::ResponseTooLarge { max } => write!(
-                f,
-                "the response would exceed max_frame_bytes = {max}; the host refused it"
-            ),
+            ProcessError::ResponseTooLarge {
+                max,
+                plugin_message,
+            } => {
+                write!(
+                    f,
+                    "the response would exceed max_frame_bytes = {max}; the host refused it"
+                )?;
+                match plugin_message {
+                    Some(message) => write!(f, " (plugin: {message})"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -299,6 +310,7 @@ impl Plugin {
             return Err(if refused {
                 ProcessError::ResponseTooLarge {
                     max: max_frame_bytes,
+                    plugin_message: error,
                 }
             } else {
                 ProcessError::Plugin(
