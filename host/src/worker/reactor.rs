@@ -77,6 +77,8 @@ pub struct Reactor {
     limits: Limits,
     /// This worker's scoreboard slot.
     slot: &'static Slot,
+    /// Rate limit for "cannot accept" warnings.
+    overload_log: OverloadLog,
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
     next_connection_id: u64,
@@ -106,6 +108,7 @@ impl Reactor {
             scratch: Scratch::default(),
             limits,
             slot,
+            overload_log: OverloadLog::default(),
             next_connection_id: u64::from(std::process::id()) << 32,
         };
         reactor.register_listeners()?;
@@ -191,10 +194,14 @@ impl Reactor {
         let first_connection = FIRST_LISTENER + self.listeners.len();
         while self.accepting == Accepting::Open {
             if self.connections.len() >= self.limits.max_connections {
-                tracing::warn!(
-                    "max_connections = {} reached: not accepting until a connection closes (new clients wait in the listen backlog)",
-                    self.limits.max_connections
-                );
+                match self.overload_log.admit(now) {
+                    Some(suppressed) => tracing::warn!(
+                        "max_connections = {} reached: not accepting until a connection closes (new clients wait in the listen backlog){}",
+                        self.limits.max_connections,
+                        OverloadLog::since_last(suppressed)
+                    ),
+                    None => tracing::debug!("max_connections reached again"),
+                }
                 self.pause_accepting(Accepting::Full);
                 return;
             }
@@ -229,11 +236,15 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if out_of_descriptors(&e) => {
-                    tracing::warn!(
-                        "accept on {} failed: {e}; pausing accept for {FD_EXHAUSTED_PAUSE:?} ({} connections open; raise the fd limit with ulimit -n)",
-                        listener.addr,
-                        self.connections.len()
-                    );
+                    match self.overload_log.admit(now) {
+                        Some(suppressed) => tracing::warn!(
+                            "accept on {} failed: {e}; pausing accept for {FD_EXHAUSTED_PAUSE:?} ({} connections open; raise the fd limit with ulimit -n){}",
+                            listener.addr,
+                            self.connections.len(),
+                            OverloadLog::since_last(suppressed)
+                        ),
+                        None => tracing::debug!("accept on {} failed again: {e}", listener.addr),
+                    }
                     self.pause_accepting(Accepting::Backoff(now + FD_EXHAUSTED_PAUSE));
                     return;
                 }
@@ -373,10 +384,69 @@ impl Reactor {
     }
 }
 
+/// Warnings about refusing to accept (full, out of fds) come in bursts:
+/// one line per burst, not one per attempt. A burst ends after
+/// `OVERLOAD_LOG_INTERVAL` without a warning; later warnings say how many
+/// were folded in.
+#[derive(Debug, Default)]
+struct OverloadLog {
+    last_warning: Option<Instant>,
+    suppressed: u32,
+}
+
+/// Quiet time after an overload warning.
+const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl OverloadLog {
+    /// `Some(suppressed)` when a warning may be logged now (with the count
+    /// of warnings folded since the last one), `None` to stay quiet.
+    fn admit(&mut self, now: Instant) -> Option<u32> {
+        match self.last_warning {
+            Some(last) if now.duration_since(last) < OVERLOAD_LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_warning = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    fn since_last(suppressed: u32) -> String {
+        if suppressed == 0 {
+            String::new()
+        } else {
+            format!("; {suppressed} similar event(s) since the last warning")
+        }
+    }
+}
+
 /// EMFILE/ENFILE and kin: accepting again right away would fail the same way.
 fn out_of_descriptors(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_warnings_are_one_per_burst_and_count_what_they_fold() {
+        let t0 = Instant::now();
+        let mut log = OverloadLog::default();
+        assert_eq!(log.admit(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.admit(t0 + Duration::from_millis(i * 100)), None);
+        }
+        assert_eq!(log.admit(t0 + OVERLOAD_LOG_INTERVAL), Some(5));
+        assert_eq!(
+            OverloadLog::since_last(5),
+            "; 5 similar event(s) since the last warning"
+        );
+        assert_eq!(OverloadLog::since_last(0), "");
+    }
 }
