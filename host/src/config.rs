@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Open client connections per worker; past it the worker stops accepting.
     pub max_connections: usize,
+    /// How long a graceful stop (SIGTERM) may take: connections still busy
+    /// after it are cut.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             read_timeout: Duration::from_secs(30),
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -248,6 +253,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         ("read_timeout", server.read_timeout),
         ("plugin_timeout", server.plugin_timeout),
         ("restart_window", server.restart_window),
+        ("shutdown_timeout", server.shutdown_timeout),
     ] {
         if value.is_zero() {
             problems.push((None, format!("[server] {key} must be above zero")));

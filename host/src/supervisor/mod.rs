@@ -37,8 +37,9 @@ use decision::{Decision, Exit};
 
 /// The master's `signalfd`.
 const SIGNALS: Token = Token(0);
-/// How long workers get to exit after SIGTERM before they are killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long workers get beyond their own deadline (`shutdown_timeout` for a
+/// graceful stop, none for a fast one) before the master kills them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Whether the master is serving or winding down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,15 @@ enum Phase {
     /// Workers were sent SIGTERM; exit with `code` once all are reaped, and
     /// SIGKILL any still alive at `deadline`.
     Stopping { code: i32, deadline: Instant },
+}
+
+/// How workers are asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: drain, then exit.
+    Graceful,
+    /// SIGINT: close everything now.
+    Fast,
 }
 
 /// What the master knows about one worker slot.
@@ -194,7 +204,7 @@ impl Master {
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::error!("master poll failed: {e}");
-                    self.halt(exit_code::FAILURE);
+                    self.halt(exit_code::FAILURE, Stop::Fast);
                 }
             }
             for signal in self.signals.pending() {
@@ -235,13 +245,29 @@ impl Master {
         }
     }
 
-    /// SIGTERM, SIGINT, SIGQUIT: stop every worker, then exit 0. A second
-    /// stop signal while stopping kills the workers at once.
+    /// SIGTERM or SIGQUIT: graceful stop — workers stop accepting, finish
+    /// the frames they are in, deliver every answer, then exit; the master
+    /// exits 0 when all are gone. SIGINT: fast stop — workers close every
+    /// connection at once. A second stop signal while stopping kills the
+    /// workers.
     fn handle_stop(&mut self, signal: Signal) {
         match self.phase {
             Phase::Serving => {
-                tracing::info!("{signal} received: stopping {} worker(s)", self.pids.len());
-                self.halt(exit_code::OK);
+                let how = if signal == Signal::SIGINT {
+                    Stop::Fast
+                } else {
+                    Stop::Graceful
+                };
+                tracing::info!(
+                    "{signal} received: {} stop of {} worker(s)",
+                    if how == Stop::Fast {
+                        "fast"
+                    } else {
+                        "graceful"
+                    },
+                    self.pids.len()
+                );
+                self.halt(exit_code::OK, how);
             }
             Phase::Stopping { code, .. } => {
                 tracing::warn!("{signal} received again: killing the remaining workers");
@@ -258,16 +284,28 @@ impl Master {
         tracing::warn!("SIGHUP received: reload is not supported yet; restart nbnet to apply config or plugin changes");
     }
 
-    /// Begins stopping: SIGTERM to every worker; exit with `code` when all are gone.
-    fn halt(&mut self, code: i32) {
+    /// Begins stopping every worker; exit with `code` when all are gone.
+    /// Workers still running after their own deadline plus [`STOP_GRACE`]
+    /// are killed.
+    fn halt(&mut self, code: i32, how: Stop) {
         if let Phase::Stopping { .. } = self.phase {
             return;
         }
+        let (signal, allowed) = match how {
+            Stop::Graceful => (
+                Signal::SIGTERM,
+                self.config.server.shutdown_timeout + STOP_GRACE,
+            ),
+            Stop::Fast => (Signal::SIGINT, STOP_GRACE),
+        };
         self.phase = Phase::Stopping {
             code,
-            deadline: Instant::now() + STOP_TIMEOUT,
+            deadline: Instant::now() + allowed,
         };
-        self.signal_workers(Signal::SIGTERM);
+        // Close the master's copies of the listening sockets; the workers
+        // close theirs as they start draining, so the ports stop listening.
+        self.listeners.clear();
+        self.signal_workers(signal);
     }
 
     /// Collects every exited worker (`waitpid` until nothing is left to reap).
@@ -359,14 +397,14 @@ impl Master {
                 tracing::error!(
                     "worker {index} (pid {pid}) could not load its plugins (see above): stopping, since a new worker would fail the same way"
                 );
-                self.halt(code);
+                self.halt(code, Stop::Graceful);
             }
             Decision::Halt(code) => {
                 tracing::error!(
                     "worker {index} (pid {pid}) died: {cause}; {} restarts in the last {window:?} already (max_restarts = {max}): giving up and stopping",
                     self.restarts.len()
                 );
-                self.halt(code);
+                self.halt(code, Stop::Graceful);
             }
         }
     }
@@ -414,7 +452,7 @@ impl Master {
                     }
                     if let Err(e) = self.spawn_worker(index) {
                         tracing::error!("cannot fork worker {index}: {e}");
-                        self.halt(exit_code::FAILURE);
+                        self.halt(exit_code::FAILURE, Stop::Fast);
                         break;
                     }
                 }
@@ -427,7 +465,7 @@ impl Master {
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
-                        "{} worker(s) still running after {STOP_TIMEOUT:?}: sending SIGKILL",
+                        "{} worker(s) still running past the stop deadline: sending SIGKILL",
                         self.pids.len()
                     );
                     self.signal_workers(Signal::SIGKILL);

@@ -189,6 +189,16 @@ impl Connection {
         self.links.deadline
     }
 
+    /// At a frame boundary with every answer sent: nothing is owed either way.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Reading && self.input_len == 0
+    }
+
+    /// Whether responses wait for the client to read them.
+    pub fn has_unsent_output(&self) -> bool {
+        self.state == State::Writing
+    }
+
     /// Whether part of a frame has been received.
     pub fn mid_frame(&self) -> bool {
         self.input_len > 0

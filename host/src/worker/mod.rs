@@ -88,7 +88,7 @@ pub fn run(
         .into_iter()
         .zip(&config.listeners)
         .map(|(socket, spec)| Listener {
-            socket,
+            socket: Some(socket),
             addr: spec.addr,
             plugin: spec.plugin,
             addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
@@ -98,6 +98,7 @@ pub fn run(
         read_timeout: config.server.read_timeout,
         max_frame_bytes: config.server.max_frame_bytes,
         max_connections: config.server.max_connections,
+        shutdown_timeout: config.server.shutdown_timeout,
     };
     let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
         Ok(reactor) => reactor,

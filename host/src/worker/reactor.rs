@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::Signal;
 use slab::Slab;
 
 use super::conn::{Close, Connection, Context, Scratch};
@@ -20,7 +21,7 @@ use crate::plugin::Plugin;
 use crate::scoreboard::Slot;
 use crate::signals::Signals;
 
-/// The worker's `signalfd` (stop requests).
+/// The worker's `signalfd`: SIGTERM/SIGQUIT drain, SIGINT stops at once.
 const SIGNALS: Token = Token(0);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
 const FIRST_LISTENER: usize = 1;
@@ -36,12 +37,15 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Open connections; past it the worker stops accepting.
     pub max_connections: usize,
+    /// How long a graceful stop may take before connections are cut.
+    pub shutdown_timeout: Duration,
 }
 
 /// One inherited listening socket and the plugin that serves it.
 pub struct Listener {
-    /// The socket, bound by the master.
-    pub socket: TcpListener,
+    /// The socket, bound by the master; `None` once this worker drains
+    /// (its copy is closed so that a stopping server stops listening).
+    pub socket: Option<TcpListener>,
     /// Its address, for logs.
     pub addr: SocketAddr,
     /// Index of its plugin in the worker's plugin list.
@@ -61,6 +65,9 @@ enum Accepting {
     /// Out of file descriptors: listeners deregistered until this instant,
     /// instead of spinning on an accept that keeps failing.
     Backoff(Instant),
+    /// Draining for a graceful stop: never accepting again. Other workers
+    /// (or the next generation, after a reload) take new connections.
+    Closed,
 }
 
 /// The worker's reactor.
@@ -79,6 +86,9 @@ pub struct Reactor {
     slot: &'static Slot,
     /// Rate limit for "cannot accept" warnings.
     overload_log: OverloadLog,
+    /// Set by SIGTERM/SIGQUIT: draining until every connection is done, or
+    /// this deadline.
+    draining: Option<Instant>,
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
     next_connection_id: u64,
@@ -109,6 +119,7 @@ impl Reactor {
             limits,
             slot,
             overload_log: OverloadLog::default(),
+            draining: None,
             next_connection_id: u64::from(std::process::id()) << 32,
         };
         reactor.register_listeners()?;
@@ -132,13 +143,15 @@ impl Reactor {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => {
-                        let received = self.signals.pending();
-                        if let Some(signal) = received.first() {
-                            tracing::info!(
-                                "{signal} received: stopping ({} connections open)",
-                                self.connections.len()
-                            );
-                            return Ok(self.shut_down());
+                        for signal in self.signals.pending() {
+                            if signal == Signal::SIGINT {
+                                tracing::info!(
+                                    "SIGINT received: stopping now ({} connection(s) closed)",
+                                    self.connections.len()
+                                );
+                                return Ok(self.shut_down());
+                            }
+                            self.begin_drain(signal, now);
                         }
                     }
                     Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
@@ -169,6 +182,11 @@ impl Reactor {
                             };
                         }
                         match outcome {
+                            // Draining: a connection whose requests are all
+                            // answered and sent is closed at this frame boundary.
+                            Ok(_) if self.draining.is_some() && conn.is_idle() => {
+                                self.close(key, Close::Shutdown)
+                            }
                             Ok(true) => {
                                 let deadline = now + self.limits.read_timeout;
                                 self.deadlines.touch(&mut self.connections, key, deadline);
@@ -180,6 +198,16 @@ impl Reactor {
                 }
             }
             self.expire(now);
+            if let Some(deadline) = self.draining {
+                if self.connections.is_empty() {
+                    tracing::info!("drained: every request answered");
+                    return Ok(self.shut_down());
+                }
+                if now >= deadline {
+                    self.cut_remaining();
+                    return Ok(self.shut_down());
+                }
+            }
             if let Accepting::Backoff(until) = self.accepting {
                 if now >= until {
                     self.resume_accepting();
@@ -206,7 +234,10 @@ impl Reactor {
                 return;
             }
             let listener = &self.listeners[index];
-            match listener.socket.accept() {
+            let Some(socket) = &listener.socket else {
+                return;
+            };
+            match socket.accept() {
                 Ok((mut stream, peer)) => {
                     // Responses are complete frames written at once: Nagle's
                     // delay would only add latency.
@@ -300,6 +331,51 @@ impl Reactor {
         }
     }
 
+    /// SIGTERM or SIGQUIT: graceful stop. Stop accepting, close every idle
+    /// connection now, and let the others finish the frame they are in and
+    /// receive every answer; each is closed at its next frame boundary.
+    /// `shutdown_timeout` bounds the whole drain.
+    fn begin_drain(&mut self, signal: Signal, now: Instant) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(now + self.limits.shutdown_timeout);
+        self.pause_accepting(Accepting::Closed);
+        let idle: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, conn)| conn.is_idle())
+            .map(|(key, _)| key)
+            .collect();
+        let busy = self.connections.len() - idle.len();
+        for key in idle.iter().copied() {
+            self.close(key, Close::Shutdown);
+        }
+        tracing::info!(
+            "{signal} received: draining (not accepting; {} idle connection(s) closed, {busy} finishing their frames, shutdown_timeout = {:?})",
+            idle.len(),
+            self.limits.shutdown_timeout
+        );
+    }
+
+    /// `shutdown_timeout` ran out while draining: cut what is left, saying how much.
+    fn cut_remaining(&mut self) {
+        let (mut mid_frame, mut unsent) = (0, 0);
+        for (_, conn) in self.connections.iter() {
+            if conn.mid_frame() {
+                mid_frame += 1;
+            }
+            if conn.has_unsent_output() {
+                unsent += 1;
+            }
+        }
+        tracing::warn!(
+            "shutdown_timeout = {:?} reached: cutting {} connection(s) ({mid_frame} in the middle of a request, {unsent} with responses not yet read by the client)",
+            self.limits.shutdown_timeout,
+            self.connections.len()
+        );
+    }
+
     /// Stop: closes every connection (telling the plugins), then tells each
     /// plugin the worker is shutting down. Returns the plugins; dropping them
     /// runs their `destroy`.
@@ -337,10 +413,10 @@ impl Reactor {
             Accepting::Backoff(until) => Some(until),
             _ => None,
         };
-        let wake = match (deadline, backoff) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let wake = [deadline, backoff, self.draining]
+            .into_iter()
+            .flatten()
+            .min();
         // Round up to the next millisecond: epoll's unit. Rounding down would
         // wake a hair early and spin until the deadline passes.
         wake.map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))
@@ -348,19 +424,26 @@ impl Reactor {
 
     fn register_listeners(&mut self) -> io::Result<()> {
         for (i, listener) in self.listeners.iter_mut().enumerate() {
-            self.poll.registry().register(
-                &mut listener.socket,
-                Token(FIRST_LISTENER + i),
-                Interest::READABLE,
-            )?;
+            if let Some(socket) = &mut listener.socket {
+                self.poll.registry().register(
+                    socket,
+                    Token(FIRST_LISTENER + i),
+                    Interest::READABLE,
+                )?;
+            }
         }
         Ok(())
     }
 
     fn pause_accepting(&mut self, why: Accepting) {
-        if self.accepting == Accepting::Open {
-            for listener in &mut self.listeners {
-                let _ = self.poll.registry().deregister(&mut listener.socket);
+        for listener in &mut self.listeners {
+            if let Some(socket) = &mut listener.socket {
+                if self.accepting == Accepting::Open {
+                    let _ = self.poll.registry().deregister(socket);
+                }
+                if why == Accepting::Closed {
+                    listener.socket = None;
+                }
             }
         }
         self.accepting = why;
@@ -369,6 +452,9 @@ impl Reactor {
     /// Registers the listeners again; pending connections are reported at
     /// once (registering a ready socket raises an event).
     fn resume_accepting(&mut self) {
+        if self.accepting == Accepting::Closed {
+            return;
+        }
         if self.connections.len() >= self.limits.max_connections {
             // Still full (e.g. after an fd backoff): wait for a close instead.
             self.accepting = Accepting::Full;
