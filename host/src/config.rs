@@ -62,6 +62,15 @@ pub struct ServerConfig {
     /// after it are cut.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Replace a worker after it has answered this many requests (0 = never),
+    /// to bound the effect of slow leaks in plugins (gunicorn's max_requests).
+    pub max_requests_per_worker: u64,
+    /// Up to this many more requests, chosen per worker, so that workers
+    /// started together are not all replaced at once.
+    pub max_requests_jitter: u64,
+    /// Where the master writes its PID (for `nbnet reload` / `nbnet stop`);
+    /// relative to the config file's folder. None: no PID file.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +84,9 @@ impl Default for ServerConfig {
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(30),
+            max_requests_per_worker: 0,
+            max_requests_jitter: 0,
+            pid_file: None,
         }
     }
 }
@@ -267,6 +279,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
 
     let base = file.parent().unwrap_or(Path::new("."));
+    let mut server = raw.server;
+    if let Some(pid_file) = &server.pid_file {
+        server.pid_file =
+            Some(std::path::absolute(base.join(pid_file)).unwrap_or_else(|_| base.join(pid_file)));
+    }
     let mut plugins: Vec<PluginSpec> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for entry in &raw.plugins {
@@ -363,7 +380,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         file: file.to_path_buf(),
-        server: raw.server,
+        server,
         log: raw.log,
         plugins,
         listeners,

@@ -11,6 +11,7 @@
 //! - [`scoreboard`]: memory shared by master and workers: which plugin is
 //!   running where (crash attribution, hung-call watchdog).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
+//! - [`control`]: `nbnet reload|stop`, signalling a running master.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
 //! - [`authoring`]: `nbnet plugin info|run|new`, tools for plugin authors.
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod exit_code;
 pub mod logging;
 pub mod plugin;

@@ -1,7 +1,7 @@
 //! The `nbnet` command line: parses arguments and dispatches to the library
 //! (see `lib.rs` for the architecture).
 
-use nbnet::{authoring, bench, client, config, exit_code, logging, supervisor};
+use nbnet::{authoring, bench, client, config, control, exit_code, logging, supervisor};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,11 +15,15 @@ use clap::{Parser, Subcommand};
 /// With no subcommand, nbnet serves the config file: the master binds the
 /// listeners, forks the workers, and each worker loads the plugins.
 #[derive(Parser, Debug)]
-#[command(name = "nbnet", version, about, long_about)]
+#[command(name = "nbnet", about, long_about, disable_version_flag = true)]
 struct Cli {
-    /// The config file to serve or check.
-    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
+    /// The config file to serve, check, reload or stop.
+    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
     config: PathBuf,
+
+    /// Print the version and the plugin ABI versions this nbnet loads.
+    #[arg(short = 'V', long)]
+    version: bool,
 
     /// Validate the config and load every plugin (in a child process), print
     /// every problem, and exit: 0 when all is well.
@@ -48,6 +52,18 @@ enum Command {
     /// Load-test a server: many connections, pipelined requests, every
     /// response checked, latency percentiles.
     Bench(bench::BenchArgs),
+    /// Reload the running server: signal its master (found through the
+    /// config's pid_file) with SIGHUP. It re-reads the config and plugins,
+    /// starts new workers, and drains the old ones; an invalid config
+    /// changes nothing.
+    Reload,
+    /// Stop the running server gracefully (SIGTERM to the master found
+    /// through the config's pid_file) and wait until it has exited.
+    Stop {
+        /// Stop at once (SIGINT): close connections without draining.
+        #[arg(long)]
+        fast: bool,
+    },
     /// Tools for plugin authors: inspect, run and create plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -96,6 +112,10 @@ enum PluginCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.version {
+        println!("{}", control::version_line());
+        std::process::exit(exit_code::OK);
+    }
     let code = match cli.command {
         Some(Command::Send {
             addr,
@@ -104,6 +124,8 @@ fn main() {
         }) => client::send(&addr, payload.as_bytes(), timeout),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
+        Some(Command::Reload) => control::reload(&cli.config),
+        Some(Command::Stop { fast }) => control::stop(&cli.config, fast),
         None => serve_or_check(&cli.config, cli.check),
     };
     std::process::exit(code);

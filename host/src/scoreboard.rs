@@ -29,6 +29,12 @@ pub struct Slot {
     in_flight: AtomicU32,
     /// Plugin calls started since the worker began.
     calls: AtomicU64,
+    /// Set by the worker once its plugins are loaded and it is accepting:
+    /// the master waits for it before draining the worker it replaces.
+    ready: AtomicU32,
+    /// Set by the worker when it wants to be replaced (it served
+    /// `max_requests_per_worker`); it keeps serving until the master drains it.
+    retire: AtomicU32,
 }
 
 impl Slot {
@@ -72,6 +78,28 @@ impl Slot {
     pub fn reset(&self) {
         self.in_flight.store(0, Ordering::Relaxed);
         self.calls.store(0, Ordering::Relaxed);
+        self.ready.store(0, Ordering::Relaxed);
+        self.retire.store(0, Ordering::Relaxed);
+    }
+
+    /// The worker is serving (plugins loaded, listeners registered).
+    pub fn set_ready(&self) {
+        self.ready.store(1, Ordering::Release);
+    }
+
+    /// Whether the worker said it is serving.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == 1
+    }
+
+    /// The worker asks to be replaced.
+    pub fn request_retirement(&self) {
+        self.retire.store(1, Ordering::Release);
+    }
+
+    /// Whether the worker asked to be replaced.
+    pub fn wants_retirement(&self) -> bool {
+        self.retire.load(Ordering::Acquire) == 1
     }
 }
 

@@ -1,16 +1,22 @@
-//! The master process: binds the listeners, forks the workers, and keeps the
-//! pool full until told to stop.
+//! The master process: binds the listeners, forks the workers, keeps the
+//! pool full, replaces workers without refusing a connection, and stops.
 //!
 //! # Brief overview
 //!
 //! Shaped like gunicorn's arbiter: [`Master::run`] is one loop that waits for
 //! a signal (read from a `signalfd`, so nothing runs in handler context),
-//! dispatches it to a `handle_*` method, reaps exited workers, and tops the
-//! pool back up (with exponential backoff for workers that keep dying). What
-//! to do about a dead worker is decided by the pure
+//! dispatches it to a `handle_*` method, reaps exited workers, watches plugin
+//! calls, and tops the pool back up (with exponential backoff for workers
+//! that keep dying). What to do about a dead worker is decided by the pure
 //! [`decision::on_worker_exit`]. Through the [`Scoreboard`] the master names
-//! the plugin that was running when a worker died, and kills a worker whose
-//! plugin call has not returned within `plugin_timeout`.
+//! the plugin that was running when a worker died, kills a worker whose
+//! plugin call has not returned within `plugin_timeout`, and learns when a
+//! new worker is ready.
+//!
+//! **Replacing a worker** (reload, `max_requests_per_worker`) never refuses a
+//! connection: the old worker keeps serving ("outgoing") until its
+//! replacement says it is ready, and only then drains. Listening sockets
+//! whose address is unchanged are shared by both.
 //!
 //! The master stays single-threaded and never loads a plugin, so forking is
 //! always safe; plugins are validated in a short-lived child ([`check`]).
@@ -19,16 +25,19 @@ pub mod check;
 pub mod decision;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getpid, ForkResult, Pid};
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::exit_code;
 use crate::scoreboard::Scoreboard;
 use crate::signals::Signals;
@@ -40,13 +49,31 @@ const SIGNALS: Token = Token(0);
 /// How long workers get beyond their own deadline (`shutdown_timeout` for a
 /// graceful stop, none for a fast one) before the master kills them.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Scoreboard entries: enough for every worker alive at once, including
+/// outgoing and draining ones during reloads and SIGTTIN growth.
+const SCOREBOARD_ENTRIES: usize = 1024;
+/// A reload whose new workers are not all ready by then is rolled back.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the master looks at the scoreboard while replacing workers.
+const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
+
+/// The signals the master handles.
+const MASTER_SIGNALS: [Signal; 7] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGCHLD,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
 
 /// Whether the master is serving or winding down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Keep every slot's worker running; restart the ones that die.
     Serving,
-    /// Workers were sent SIGTERM; exit with `code` once all are reaped, and
+    /// Workers were asked to stop; exit with `code` once all are reaped, and
     /// SIGKILL any still alive at `deadline`.
     Stopping { code: i32, deadline: Instant },
 }
@@ -60,37 +87,84 @@ enum Stop {
     Fast,
 }
 
-/// What the master knows about one worker slot.
+/// What a live worker is doing, as far as the master is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The worker of its pool slot.
+    Serving,
+    /// Being replaced: still serving until its replacement (or, during a
+    /// reload, every new worker) is ready; then it drains.
+    Outgoing,
+    /// Told to drain (SIGTERM); it exits when its connections are done.
+    Draining,
+}
+
+/// A live worker process.
+#[derive(Debug)]
+struct Worker {
+    /// Its pool slot (plugins see it as the worker index).
+    index: usize,
+    /// Its scoreboard entry.
+    board: usize,
+    role: Role,
+    started: Instant,
+    /// The plugin names of the config it was started with (for messages
+    /// about it after a reload changed the config).
+    plugins: std::rc::Rc<Vec<String>>,
+    /// The watchdog's last look: the call counter, and since when it has not
+    /// moved with a call in flight.
+    watched_calls: u64,
+    watched_since: Instant,
+    /// Set when the watchdog killed it: (plugin, elapsed).
+    hung: Option<(usize, Duration)>,
+}
+
+/// One slot of the worker pool.
 #[derive(Debug)]
 struct Slot {
-    /// The running worker, if any.
+    /// Its serving worker, if any.
     pid: Option<Pid>,
-    /// When the current (or last) worker was started.
-    started: Instant,
-    /// When to start the next worker, while the slot is empty.
+    /// When to start a worker, while the slot has none.
     restart_at: Instant,
     /// Consecutive deaths within `STABLE_AFTER` of starting.
     crash_streak: u32,
-    /// The watchdog's last look at the scoreboard: the call counter, and
-    /// since when it has not moved with a call in flight.
-    watched_calls: u64,
-    watched_since: Instant,
-    /// Set when the watchdog killed this worker: (plugin, elapsed).
-    hung: Option<(usize, Duration)>,
+}
+
+impl Slot {
+    fn empty(now: Instant) -> Slot {
+        Slot {
+            pid: None,
+            restart_at: now,
+            crash_streak: 0,
+        }
+    }
+}
+
+/// A reload whose new workers are not all ready yet: what to go back to.
+struct PendingReload {
+    previous: Config,
+    previous_listeners: Vec<(SocketAddr, TcpListener)>,
+    previous_slots: usize,
+    started: Instant,
 }
 
 /// The master's state.
 pub struct Master {
     config: Config,
-    listeners: Vec<mio::net::TcpListener>,
+    /// Plugin names of `config`, shared with the workers started from it.
+    plugin_names: std::rc::Rc<Vec<String>>,
+    /// The bound listening sockets of `config`, by address.
+    listeners: Vec<(SocketAddr, TcpListener)>,
     poll: Poll,
     signals: Signals,
     scoreboard: Scoreboard,
+    free_boards: Vec<usize>,
     slots: Vec<Slot>,
-    /// Live workers: PID → slot index.
-    pids: HashMap<Pid, usize>,
+    workers: HashMap<Pid, Worker>,
     /// When recent restarts happened (pruned to `restart_window`).
     restarts: VecDeque<Instant>,
+    reload: Option<PendingReload>,
+    pid_file: Option<PathBuf>,
     phase: Phase,
 }
 
@@ -98,61 +172,34 @@ pub struct Master {
 pub fn serve(config: Config) -> i32 {
     // 1. Every plugin must load before anything is forked: a broken plugin
     //    is one clear error now, not a restart loop later.
-    let report = check::check_plugins(&config);
-    if !report.errors.is_empty() {
-        for error in &report.errors {
-            tracing::error!("{error}");
-        }
+    if let Err(count) = check_and_report(&config) {
         tracing::error!(
-            "not starting: {} plugin problem(s) in {}",
-            report.errors.len(),
+            "not starting: {count} plugin problem(s) in {}",
             config.file.display()
         );
         return exit_code::PLUGIN_LOAD_FAILED;
     }
-    for line in &report.loaded {
-        tracing::info!("{line}");
-    }
 
     // 2. Bind every listener before forking: workers inherit the sockets.
-    let mut listeners = Vec::with_capacity(config.listeners.len());
-    for spec in &config.listeners {
-        match mio::net::TcpListener::bind(spec.addr) {
-            Ok(socket) => {
-                let plugin = &config.plugins[spec.plugin].name;
-                tracing::info!("listening on {} (plugin {plugin:?})", spec.addr);
-                listeners.push(socket);
-            }
-            Err(e) => {
-                tracing::error!(
-                    "cannot listen on {} ({}:{}): {e}",
-                    spec.addr,
-                    config.file.display(),
-                    spec.line
-                );
-                return exit_code::FAILURE;
-            }
+    let listeners = match bind_listeners(&config) {
+        Ok(listeners) => listeners,
+        Err(message) => {
+            tracing::error!("{message}");
+            return exit_code::FAILURE;
         }
-    }
+    };
 
     // 3. Signals become events of the master's loop (the mask is inherited
     //    by workers, which read their own signalfd), and the scoreboard is
     //    mapped before any worker exists so that all of them share it.
-    let worker_count = config.server.worker_count();
-    let setup = Signals::block(&[
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGQUIT,
-        Signal::SIGHUP,
-        Signal::SIGCHLD,
-    ])
-    .and_then(|signals| Ok((signals, Scoreboard::new(worker_count)?)))
-    .map_err(std::io::Error::from)
-    .and_then(|(signals, scoreboard)| {
-        let poll = Poll::new()?;
-        signals.register(poll.registry(), SIGNALS)?;
-        Ok((signals, scoreboard, poll))
-    });
+    let setup = Signals::block(&MASTER_SIGNALS)
+        .and_then(|signals| Ok((signals, Scoreboard::new(SCOREBOARD_ENTRIES)?)))
+        .map_err(std::io::Error::from)
+        .and_then(|(signals, scoreboard)| {
+            let poll = Poll::new()?;
+            signals.register(poll.registry(), SIGNALS)?;
+            Ok((signals, scoreboard, poll))
+        });
     let (signals, scoreboard, poll) = match setup {
         Ok(parts) => parts,
         Err(e) => {
@@ -161,26 +208,29 @@ pub fn serve(config: Config) -> i32 {
         }
     };
 
+    let pid_file = config.server.pid_file.clone();
+    if let Some(path) = &pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", getpid())) {
+            tracing::error!("cannot write pid_file {}: {e}", path.display());
+            return exit_code::FAILURE;
+        }
+    }
+
     let now = Instant::now();
+    let worker_count = config.server.worker_count();
     let mut master = Master {
+        plugin_names: plugin_names(&config),
         config,
         listeners,
         poll,
         signals,
         scoreboard,
-        slots: (0..worker_count)
-            .map(|_| Slot {
-                pid: None,
-                started: now,
-                restart_at: now,
-                crash_streak: 0,
-                watched_calls: 0,
-                watched_since: now,
-                hung: None,
-            })
-            .collect(),
-        pids: HashMap::new(),
+        free_boards: (0..SCOREBOARD_ENTRIES).rev().collect(),
+        slots: (0..worker_count).map(|_| Slot::empty(now)).collect(),
+        workers: HashMap::new(),
         restarts: VecDeque::new(),
+        reload: None,
+        pid_file,
         phase: Phase::Serving,
     };
     tracing::info!(
@@ -188,11 +238,54 @@ pub fn serve(config: Config) -> i32 {
         getpid(),
         master.config.file.display()
     );
-    master.run()
+    let code = master.run();
+    if let Some(path) = &master.pid_file {
+        let _ = std::fs::remove_file(path);
+    }
+    code
+}
+
+/// Loads every plugin of `config` in a child; logs what loaded and every
+/// problem. `Err(count)` when something is wrong.
+fn check_and_report(config: &Config) -> Result<(), usize> {
+    let report = check::check_plugins(config);
+    for error in &report.errors {
+        tracing::error!("{error}");
+    }
+    if !report.errors.is_empty() {
+        return Err(report.errors.len());
+    }
+    for line in &report.loaded {
+        tracing::info!("{line}");
+    }
+    Ok(())
+}
+
+/// Binds every listener of `config` (at startup; reloads bind only new ones).
+fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, TcpListener)>, String> {
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for spec in &config.listeners {
+        let socket = TcpListener::bind(spec.addr).map_err(|e| {
+            format!(
+                "cannot listen on {} ({}:{}): {e}",
+                spec.addr,
+                config.file.display(),
+                spec.line
+            )
+        })?;
+        let plugin = &config.plugins[spec.plugin].name;
+        tracing::info!("listening on {} (plugin {plugin:?})", spec.addr);
+        bound.push((spec.addr, socket));
+    }
+    Ok(bound)
+}
+
+fn plugin_names(config: &Config) -> std::rc::Rc<Vec<String>> {
+    std::rc::Rc::new(config.plugins.iter().map(|p| p.name.clone()).collect())
 }
 
 impl Master {
-    /// The loop: wait, dispatch signals, reap, watch plugin calls, top up
+    /// The loop: wait, dispatch signals, reap, watch the workers, top up
     /// (or finish stopping).
     fn run(&mut self) -> i32 {
         let mut events = Events::with_capacity(8);
@@ -211,6 +304,8 @@ impl Master {
                 match signal {
                     Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.handle_stop(signal),
                     Signal::SIGHUP => self.handle_hup(),
+                    Signal::SIGTTIN => self.handle_ttin(),
+                    Signal::SIGTTOU => self.handle_ttou(),
                     // Reaping happens below, whatever woke us.
                     Signal::SIGCHLD => {}
                     other => tracing::debug!("ignoring {other}"),
@@ -220,12 +315,12 @@ impl Master {
             if let Some(code) = self.manage_workers() {
                 return code;
             }
-            self.watch_plugin_calls();
+            self.watch_workers();
         }
     }
 
     /// When the loop must wake up without a signal: a pending restart, the
-    /// watchdog's next look, or the stop deadline.
+    /// watchdog's next look, a replacement to watch, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let now = Instant::now();
         match self.phase {
@@ -237,9 +332,15 @@ impl Master {
                     .filter(|slot| slot.pid.is_none())
                     .map(|slot| slot.restart_at)
                     .min();
-                // Look often enough to catch a hang within a quarter of the timeout.
-                let tick = (self.config.server.plugin_timeout / 4)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                let replacing = self.workers.values().any(|w| w.role == Role::Outgoing);
+                // Look often enough to catch a hang within a quarter of the
+                // timeout, and quickly while a replacement is starting.
+                let tick = if replacing {
+                    REPLACEMENT_TICK
+                } else {
+                    (self.config.server.plugin_timeout / 4)
+                        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+                };
                 Some(restart.map_or(now + tick, |at| at.min(now + tick)))
             }
         }
@@ -265,7 +366,7 @@ impl Master {
                     } else {
                         "graceful"
                     },
-                    self.pids.len()
+                    self.workers.len()
                 );
                 self.halt(exit_code::OK, how);
             }
@@ -279,9 +380,123 @@ impl Master {
         }
     }
 
-    /// SIGHUP: reload is not implemented yet; say so rather than die.
+    /// SIGHUP: reload. Re-read and validate the config and load every plugin
+    /// in a child (as `--check` does); on any problem log it and change
+    /// nothing. Otherwise bind new listeners (keeping the sockets of
+    /// unchanged ones), start a new worker per slot with the new config and
+    /// `.so` files, and drain the old workers once every new one is ready.
     fn handle_hup(&mut self) {
-        tracing::warn!("SIGHUP received: reload is not supported yet; restart nbnet to apply config or plugin changes");
+        if self.phase != Phase::Serving {
+            return;
+        }
+        if self.reload.is_some() {
+            tracing::warn!("SIGHUP received while a reload is in progress: ignored");
+            return;
+        }
+        let file = self.config.file.clone();
+        tracing::info!("SIGHUP received: reloading {}", file.display());
+        let config = match config::load(&file) {
+            Ok(config) => config,
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    tracing::error!("{line}");
+                }
+                tracing::error!(
+                    "reload aborted: the config is invalid; still serving the previous one"
+                );
+                return;
+            }
+        };
+        if let Err(count) = check_and_report(&config) {
+            tracing::error!(
+                "reload aborted: {count} plugin problem(s); still serving the previous config"
+            );
+            return;
+        }
+        // Bind the new addresses first: if one fails, nothing has changed.
+        let mut fresh = Vec::new();
+        for spec in &config.listeners {
+            if self.listeners.iter().any(|(addr, _)| *addr == spec.addr) {
+                continue;
+            }
+            match TcpListener::bind(spec.addr) {
+                Ok(socket) => fresh.push((spec.addr, socket)),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot listen on {} ({}:{}): {e}",
+                        spec.addr,
+                        config.file.display(),
+                        spec.line
+                    );
+                    tracing::error!("reload aborted: still serving the previous config");
+                    return;
+                }
+            }
+        }
+        // Unchanged addresses keep their sockets (shared by old and new
+        // workers, so no connection is refused); removed ones are kept aside
+        // until the old workers are gone, in case the reload rolls back.
+        let (mut listeners, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|(addr, _)| config.listeners.iter().any(|l| l.addr == *addr));
+        for (addr, _) in &listeners {
+            tracing::info!("listener {addr}: socket kept");
+        }
+        for (addr, _) in &fresh {
+            tracing::info!("listener {addr}: added by the new config");
+        }
+        for (addr, _) in &removed {
+            tracing::info!(
+                "listener {addr}: removed by the new config, closing once the old workers are gone"
+            );
+        }
+        listeners.extend(fresh);
+        let previous = std::mem::replace(&mut self.config, config);
+        self.plugin_names = plugin_names(&self.config);
+        self.reload = Some(PendingReload {
+            previous,
+            previous_listeners: removed,
+            previous_slots: self.slots.len(),
+            started: Instant::now(),
+        });
+        self.listeners = listeners;
+        // Every current worker becomes outgoing; every slot gets a new one.
+        for worker in self.workers.values_mut() {
+            if worker.role == Role::Serving {
+                worker.role = Role::Outgoing;
+            }
+        }
+        let now = Instant::now();
+        self.slots = (0..self.config.server.worker_count())
+            .map(|_| Slot::empty(now))
+            .collect();
+        tracing::info!(
+            "reload: starting {} new worker(s); the old ones serve until all are ready",
+            self.slots.len()
+        );
+    }
+
+    /// SIGTTIN: one worker more.
+    fn handle_ttin(&mut self) {
+        if self.phase != Phase::Serving {
+            return;
+        }
+        self.slots.push(Slot::empty(Instant::now()));
+        tracing::info!("SIGTTIN received: {} worker(s) now", self.slots.len());
+    }
+
+    /// SIGTTOU: one worker fewer (never below one); the removed worker drains.
+    fn handle_ttou(&mut self) {
+        if self.phase != Phase::Serving || self.slots.len() <= 1 {
+            tracing::info!("SIGTTOU received: keeping at least one worker");
+            return;
+        }
+        if let Some(slot) = self.slots.pop() {
+            if let Some(pid) = slot.pid {
+                self.drain(pid);
+            }
+        }
+        tracing::info!("SIGTTOU received: {} worker(s) now", self.slots.len());
     }
 
     /// Begins stopping every worker; exit with `code` when all are gone.
@@ -305,6 +520,9 @@ impl Master {
         // Close the master's copies of the listening sockets; the workers
         // close theirs as they start draining, so the ports stop listening.
         self.listeners.clear();
+        if let Some(reload) = self.reload.take() {
+            drop(reload.previous_listeners);
+        }
         self.signal_workers(signal);
     }
 
@@ -324,37 +542,64 @@ impl Master {
                 continue;
             };
             // Not one of ours (a plugin checker already reaped, say): ignore.
-            let Some(index) = self.pids.remove(&pid) else {
+            let Some(worker) = self.workers.remove(&pid) else {
                 continue;
             };
-            self.slots[index].pid = None;
-            self.on_worker_exit(index, pid, exit);
+            self.free_boards.push(worker.board);
+            if let Some(slot) = self.slots.get_mut(worker.index) {
+                if slot.pid == Some(pid) {
+                    slot.pid = None;
+                }
+            }
+            self.on_worker_exit(pid, worker, exit);
         }
     }
 
     /// Logs a worker's death with the plugin it was running, and schedules
-    /// its replacement (or gives up).
-    fn on_worker_exit(&mut self, index: usize, pid: Pid, exit: Exit) {
+    /// its replacement (or gives up, or rolls a reload back).
+    fn on_worker_exit(&mut self, pid: Pid, worker: Worker, exit: Exit) {
         let now = Instant::now();
-        let in_flight = self.scoreboard.slot(index).in_flight();
-        let running = match in_flight {
-            Some(plugin) => format!(" while running plugin {:?}", self.plugin_name(plugin)),
+        let index = worker.index;
+        let running = match self.scoreboard.slot(worker.board).in_flight() {
+            Some(plugin) => format!(
+                " while running plugin {:?}",
+                worker.plugins.get(plugin).map_or("?", String::as_str)
+            ),
             None => String::new(),
         };
         if let Phase::Stopping { .. } = self.phase {
             tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
             return;
         }
-        let slot = &mut self.slots[index];
-        let hung = slot.hung.take();
-        let cause = match hung {
+        if worker.role != Role::Serving {
+            let level_ok = exit == Exit::Code(exit_code::OK);
+            if level_ok {
+                tracing::info!("old worker {index} (pid {pid}) finished draining and exited");
+            } else {
+                tracing::warn!("old worker {index} (pid {pid}) exited: {exit}{running}");
+            }
+            return;
+        }
+        if self.reload.is_some() && exit == Exit::Code(exit_code::PLUGIN_LOAD_FAILED) {
+            tracing::error!(
+                "new worker {index} (pid {pid}) could not load its plugins (see above)"
+            );
+            self.roll_back_reload();
+            return;
+        }
+        let cause = match worker.hung {
             Some((plugin, elapsed)) => format!(
                 "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}",
-                self.config.plugins[plugin].name
+                worker.plugins.get(plugin).map_or("?", String::as_str)
             ),
             None => format!("{exit}{running}"),
         };
-        slot.crash_streak = if now.duration_since(slot.started) < decision::STABLE_AFTER {
+        let Some(slot) = self.slots.get_mut(index) else {
+            // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
+            tracing::info!("worker {index} (pid {pid}) exited: {cause}");
+            return;
+        };
+        slot.crash_streak = if now.duration_since(worker.started) < decision::STABLE_AFTER {
             slot.crash_streak + 1
         } else {
             1
@@ -409,32 +654,140 @@ impl Master {
         }
     }
 
-    /// The watchdog: a slot whose plugin call has been in flight, with its
-    /// call counter unchanged, for `plugin_timeout` is hung; kill its worker
-    /// (SIGKILL: a hung plugin would not act on SIGTERM).
-    fn watch_plugin_calls(&mut self) {
+    /// A reload failed after the new workers started: kill them and put the
+    /// previous config, listeners and workers back.
+    fn roll_back_reload(&mut self) {
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        tracing::error!("reload rolled back: still serving the previous config");
+        let new_workers: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.role == Role::Serving)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in new_workers {
+            if let Some(worker) = self.workers.get_mut(&pid) {
+                worker.role = Role::Draining;
+            }
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        // Sockets bound only for the new config are dropped; unchanged ones
+        // are shared and stay.
+        let mut listeners = std::mem::take(&mut self.listeners);
+        listeners.retain(|(addr, _)| reload.previous.listeners.iter().any(|l| l.addr == *addr));
+        listeners.extend(reload.previous_listeners);
+        self.listeners = listeners;
+        self.config = reload.previous;
+        self.plugin_names = plugin_names(&self.config);
+        let now = Instant::now();
+        self.slots = (0..reload.previous_slots)
+            .map(|_| Slot::empty(now))
+            .collect();
+        for (pid, worker) in self.workers.iter_mut() {
+            if worker.role == Role::Outgoing {
+                worker.role = Role::Serving;
+                if let Some(slot) = self.slots.get_mut(worker.index) {
+                    slot.pid = Some(*pid);
+                }
+            }
+        }
+    }
+
+    /// Each loop: the hung-call watchdog, retirement requests, and the
+    /// hand-over from outgoing workers to ready replacements.
+    fn watch_workers(&mut self) {
+        if self.phase != Phase::Serving {
+            return;
+        }
         let now = Instant::now();
         let timeout = self.config.server.plugin_timeout;
-        for (index, slot) in self.slots.iter_mut().enumerate() {
-            let Some(pid) = slot.pid else { continue };
-            let board = self.scoreboard.slot(index);
+        let mut retiring = Vec::new();
+        for (&pid, worker) in self.workers.iter_mut() {
+            let board = self.scoreboard.slot(worker.board);
+            // The watchdog: a call in flight whose counter has not moved for
+            // plugin_timeout is hung; SIGKILL, since a hung plugin would not
+            // act on SIGTERM.
             let calls = board.calls();
             let in_flight = board.in_flight();
-            if in_flight.is_none() || calls != slot.watched_calls {
-                slot.watched_calls = calls;
-                slot.watched_since = now;
-                continue;
+            if in_flight.is_none() || calls != worker.watched_calls {
+                worker.watched_calls = calls;
+                worker.watched_since = now;
+            } else {
+                let elapsed = now.duration_since(worker.watched_since);
+                if elapsed >= timeout && worker.hung.is_none() {
+                    let plugin = in_flight.expect("checked above");
+                    tracing::error!(
+                        "plugin {:?} has not returned for {elapsed:.1?} in worker {} (pid {pid}), over plugin_timeout = {timeout:?}: killing the worker",
+                        worker.plugins.get(plugin).map_or("?", String::as_str),
+                        worker.index
+                    );
+                    worker.hung = Some((plugin, elapsed));
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
             }
-            let elapsed = now.duration_since(slot.watched_since);
-            if elapsed >= timeout && slot.hung.is_none() {
-                let plugin = in_flight.expect("checked above");
-                tracing::error!(
-                    "plugin {:?} has not returned for {elapsed:.1?} in worker {index} (pid {pid}), over plugin_timeout = {timeout:?}: killing the worker",
-                    self.config.plugins[plugin].name
+            if worker.role == Role::Serving && board.wants_retirement() {
+                retiring.push(pid);
+            }
+        }
+        for pid in retiring {
+            if let Some(worker) = self.workers.get_mut(&pid) {
+                tracing::info!(
+                    "worker {} (pid {pid}) served max_requests_per_worker: replacing it",
+                    worker.index
                 );
-                slot.hung = Some((plugin, elapsed));
-                let _ = kill(pid, Signal::SIGKILL);
+                worker.role = Role::Outgoing;
+                if let Some(slot) = self.slots.get_mut(worker.index) {
+                    slot.pid = None;
+                    slot.restart_at = now;
+                }
             }
+        }
+
+        // Hand-over: once every slot has a ready worker, outgoing ones drain.
+        let outgoing: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.role == Role::Outgoing)
+            .map(|(pid, _)| *pid)
+            .collect();
+        if outgoing.is_empty() {
+            return;
+        }
+        let all_ready = self.slots.iter().all(|slot| {
+            slot.pid
+                .and_then(|pid| self.workers.get(&pid))
+                .is_some_and(|w| self.scoreboard.slot(w.board).is_ready())
+        });
+        if all_ready {
+            if let Some(reload) = self.reload.take() {
+                drop(reload.previous_listeners);
+                tracing::info!(
+                    "reload complete in {:.1?}: {} new worker(s) serving; draining {} old worker(s)",
+                    reload.started.elapsed(),
+                    self.slots.len(),
+                    outgoing.len()
+                );
+            }
+            for pid in outgoing {
+                self.drain(pid);
+            }
+        } else if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.started.elapsed() > RELOAD_TIMEOUT)
+        {
+            tracing::error!("reload: the new workers were not all ready within {RELOAD_TIMEOUT:?}");
+            self.roll_back_reload();
+        }
+    }
+
+    /// Tells one worker to drain (SIGTERM) and stop counting it as serving.
+    fn drain(&mut self, pid: Pid) {
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            worker.role = Role::Draining;
+            let _ = kill(pid, Signal::SIGTERM);
         }
     }
 
@@ -459,14 +812,14 @@ impl Master {
                 None
             }
             Phase::Stopping { code, deadline } => {
-                if self.pids.is_empty() {
+                if self.workers.is_empty() {
                     tracing::info!("stopped");
                     return Some(code);
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
                         "{} worker(s) still running past the stop deadline: sending SIGKILL",
-                        self.pids.len()
+                        self.workers.len()
                     );
                     self.signal_workers(Signal::SIGKILL);
                     // Wait for the kills to be reaped.
@@ -483,24 +836,42 @@ impl Master {
     /// Forks the worker for slot `index`. The child never returns.
     fn spawn_worker(&mut self, index: usize) -> nix::Result<()> {
         let master = getpid();
-        // The new worker starts with a clean slot (it resets it too; doing it
-        // here as well means the watchdog never sees the old worker's state).
-        self.scoreboard.slot(index).reset();
+        let Some(board) = self.free_boards.pop() else {
+            tracing::error!(
+                "no free scoreboard entry for worker {index} ({SCOREBOARD_ENTRIES} workers alive?)"
+            );
+            return Err(Errno::EAGAIN);
+        };
+        // The new worker starts with a clean entry (it resets it too; doing
+        // it here as well means the watchdog never sees stale state).
+        self.scoreboard.slot(board).reset();
         // SAFETY: the master is single-threaded and never loads plugins, so
         // the child may allocate and run arbitrary code after fork.
-        match unsafe { fork() }? {
-            ForkResult::Parent { child } => {
+        match unsafe { fork() } {
+            Err(e) => {
+                self.free_boards.push(board);
+                Err(e)
+            }
+            Ok(ForkResult::Parent { child }) => {
                 let now = Instant::now();
-                let slot = &mut self.slots[index];
-                slot.pid = Some(child);
-                slot.started = now;
-                slot.watched_calls = 0;
-                slot.watched_since = now;
-                self.pids.insert(child, index);
+                self.slots[index].pid = Some(child);
+                self.workers.insert(
+                    child,
+                    Worker {
+                        index,
+                        board,
+                        role: Role::Serving,
+                        started: now,
+                        plugins: self.plugin_names.clone(),
+                        watched_calls: 0,
+                        watched_since: now,
+                        hung: None,
+                    },
+                );
                 tracing::info!("worker {index} started (pid {child})");
                 Ok(())
             }
-            ForkResult::Child => {
+            Ok(ForkResult::Child) => {
                 // SAFETY: these descriptors are the master's epoll instance and
                 // signalfd, inherited by the fork; this process never returns
                 // to the code that owns them (it exits below).
@@ -508,27 +879,34 @@ impl Master {
                     libc::close(self.poll.as_raw_fd());
                     libc::close(self.signals.raw_fd());
                 }
-                let sockets = std::mem::take(&mut self.listeners);
+                // This worker's sockets, in the order of its config's listeners.
+                let mut available = std::mem::take(&mut self.listeners);
+                let sockets = self
+                    .config
+                    .listeners
+                    .iter()
+                    .filter_map(|spec| {
+                        let at = available.iter().position(|(addr, _)| *addr == spec.addr)?;
+                        Some(available.swap_remove(at).1)
+                    })
+                    .collect();
+                drop(available);
+                if let Some(reload) = self.reload.take() {
+                    drop(reload.previous_listeners);
+                }
                 let who = worker::Identity {
                     index,
                     count: self.slots.len(),
                     master,
                 };
-                let code = worker::run(&self.config, sockets, who, self.scoreboard.slot(index));
+                let code = worker::run(&self.config, sockets, who, self.scoreboard.slot(board));
                 std::process::exit(code)
             }
         }
     }
 
-    fn plugin_name(&self, index: usize) -> &str {
-        self.config
-            .plugins
-            .get(index)
-            .map_or("?", |plugin| plugin.name.as_str())
-    }
-
     fn signal_workers(&self, signal: Signal) {
-        for &pid in self.pids.keys() {
+        for &pid in self.workers.keys() {
             let _ = kill(pid, signal);
         }
     }

@@ -113,6 +113,8 @@ pub struct Context<'a> {
     pub slot: &'a Slot,
     /// Index of `plugin` in the config (what the slot records).
     pub plugin_index: usize,
+    /// Requests this worker has answered (for `max_requests_per_worker`).
+    pub served: &'a mut u64,
 }
 
 /// One accepted client connection.
@@ -311,6 +313,7 @@ impl Connection {
                 data,
                 ctx.plugin,
                 (ctx.slot, ctx.plugin_index),
+                ctx.served,
                 &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
@@ -330,6 +333,7 @@ impl Connection {
                 data,
                 ctx.plugin,
                 (ctx.slot, ctx.plugin_index),
+                ctx.served,
                 &conn,
                 ctx.decoder,
                 &mut ctx.scratch.output,
@@ -402,6 +406,7 @@ fn answer_frames(
     data: &[u8],
     plugin: &mut Plugin,
     (slot, plugin_index): (&Slot, usize),
+    served: &mut u64,
     conn: &RawConnection,
     decoder: FrameDecoder,
     out: &mut Vec<u8>,
@@ -422,6 +427,7 @@ fn answer_frames(
                     response = out.len() - queued - HEADER_LEN,
                     "frame processed"
                 );
+                *served += 1;
                 start += HEADER_LEN + len;
             }
             Ok(Decoded::Incomplete { .. }) => break,

@@ -99,6 +99,7 @@ pub fn run(
         max_frame_bytes: config.server.max_frame_bytes,
         max_connections: config.server.max_connections,
         shutdown_timeout: config.server.shutdown_timeout,
+        retire_after: retire_after(config, getpid().as_raw() as u64),
     };
     let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
         Ok(reactor) => reactor,
@@ -107,6 +108,9 @@ pub fn run(
             return exit_code::FAILURE;
         }
     };
+    // Tell the master this worker serves: during a reload or a replacement
+    // it drains the worker this one replaces only now.
+    slot.set_ready();
     tracing::debug!("serving");
     match reactor.run() {
         // Connections are closed (the reactor is gone); now the plugins'
@@ -120,4 +124,24 @@ pub fn run(
             exit_code::FAILURE
         }
     }
+}
+
+/// The request count after which this worker asks to be replaced:
+/// `max_requests_per_worker` plus a per-worker share of the jitter (derived
+/// from the PID, so workers started together retire at different times).
+fn retire_after(config: &Config, seed: u64) -> Option<u64> {
+    let limit = config.server.max_requests_per_worker;
+    if limit == 0 {
+        return None;
+    }
+    let jitter = config.server.max_requests_jitter;
+    let spread = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    Some(
+        limit
+            + if jitter == 0 {
+                0
+            } else {
+                spread % (jitter + 1)
+            },
+    )
 }

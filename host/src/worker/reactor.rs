@@ -39,6 +39,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a graceful stop may take before connections are cut.
     pub shutdown_timeout: Duration,
+    /// Requests after which the worker asks the master to replace it.
+    pub retire_after: Option<u64>,
 }
 
 /// One inherited listening socket and the plugin that serves it.
@@ -86,6 +88,11 @@ pub struct Reactor {
     slot: &'static Slot,
     /// Rate limit for "cannot accept" warnings.
     overload_log: OverloadLog,
+    /// Requests answered so far.
+    served: u64,
+    /// Ask to be replaced after this many requests (max_requests_per_worker
+    /// plus this worker's jitter); `None` when unlimited or already asked.
+    retire_after: Option<u64>,
     /// Set by SIGTERM/SIGQUIT: draining until every connection is done, or
     /// this deadline.
     draining: Option<Instant>,
@@ -120,6 +127,8 @@ impl Reactor {
             slot,
             overload_log: OverloadLog::default(),
             draining: None,
+            served: 0,
+            retire_after: limits.retire_after,
             next_connection_id: u64::from(std::process::id()) << 32,
         };
         reactor.register_listeners()?;
@@ -170,6 +179,7 @@ impl Reactor {
                             listener_addr: &listener.addr_text,
                             slot: self.slot,
                             plugin_index: listener.plugin,
+                            served: &mut self.served,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -198,6 +208,13 @@ impl Reactor {
                 }
             }
             self.expire(now);
+            if self.retire_after.is_some_and(|limit| self.served >= limit) {
+                // The master starts a replacement and drains this worker once
+                // the replacement is ready; until then keep serving.
+                tracing::info!("answered {} requests: asking to be replaced", self.served);
+                self.slot.request_retirement();
+                self.retire_after = None;
+            }
             if let Some(deadline) = self.draining {
                 if self.connections.is_empty() {
                     tracing::info!("drained: every request answered");

@@ -1,0 +1,134 @@
+//! `nbnet reload` and `nbnet stop`: find the running master through the
+//! config's `pid_file` and signal it, as `nginx -s reload|quit` does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config;
+use crate::exit_code;
+use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
+
+/// `nbnet --version`: the version and the plugin ABIs this build loads.
+pub fn version_line() -> String {
+    format!(
+        "nbnet {} (plugin ABI {ABI_MAJOR}.{ABI_MINOR}: loads C and Rust plugins built for ABI {ABI_MAJOR}.0 through {ABI_MAJOR}.{ABI_MINOR}; Rust plugins built against nbnet-plugin-api {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// `nbnet reload`: SIGHUP to the master, after checking the config here
+/// (the master would refuse an invalid one too, but this says why at once).
+pub fn reload(config_file: &Path) -> i32 {
+    if let Err(e) = config::load(config_file) {
+        eprintln!("nbnet reload: not reloading, the config is invalid:\n{e}");
+        return exit_code::CONFIG_INVALID;
+    }
+    match master_pid(config_file).and_then(|(pid, file)| {
+        send(pid, Signal::SIGHUP, &file)?;
+        Ok(pid)
+    }) {
+        Ok(pid) => {
+            println!("reload requested (SIGHUP to master {pid}); its log says whether the new config was taken");
+            exit_code::OK
+        }
+        Err(message) => {
+            eprintln!("nbnet reload: {message}");
+            exit_code::FAILURE
+        }
+    }
+}
+
+/// `nbnet stop [--fast]`: SIGTERM (or SIGINT) to the master, then wait
+/// until it has exited.
+pub fn stop(config_file: &Path, fast: bool) -> i32 {
+    let signal = if fast {
+        Signal::SIGINT
+    } else {
+        Signal::SIGTERM
+    };
+    // The running master's shutdown_timeout may differ from the file's (or
+    // the file may no longer parse): wait for the default or the file's.
+    let wait = config::load(config_file)
+        .map_or(Duration::from_secs(30), |c| c.server.shutdown_timeout)
+        + Duration::from_secs(10);
+    let (pid, file) = match master_pid(config_file) {
+        Ok(found) => found,
+        Err(message) => {
+            eprintln!("nbnet stop: {message}");
+            return exit_code::FAILURE;
+        }
+    };
+    if let Err(message) = send(pid, signal, &file) {
+        eprintln!("nbnet stop: {message}");
+        return exit_code::FAILURE;
+    }
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if kill(pid, None) == Err(Errno::ESRCH) {
+            println!("stopped (master {pid})");
+            return exit_code::OK;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("nbnet stop: master {pid} is still running after {wait:?}");
+    exit_code::FAILURE
+}
+
+/// The master's PID from the config's `pid_file`, with errors that say
+/// what to do.
+///
+/// Only `[server] pid_file` is read, so `nbnet stop` works even when the
+/// config has been edited into an invalid state since the server started.
+fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
+    let text = std::fs::read_to_string(config_file)
+        .map_err(|e| format!("cannot read {}: {e}", config_file.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not valid TOML ({}); cannot find its pid_file",
+            config_file.display(),
+            e.message().trim()
+        )
+    })?;
+    let pid_file = table
+        .get("server")
+        .and_then(|server| server.get("pid_file"))
+        .and_then(|value| value.as_str());
+    let Some(pid_file) = pid_file else {
+        return Err(format!(
+            "{} has no [server] pid_file, so the running master cannot be found; add e.g. pid_file = \"nbnet.pid\" and restart nbnet",
+            config_file.display()
+        ));
+    };
+    let base = config_file.parent().unwrap_or(Path::new("."));
+    let file = std::path::absolute(base.join(pid_file)).unwrap_or_else(|_| base.join(pid_file));
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        format!(
+            "cannot read the PID file {}: {e}; is nbnet running with {}?",
+            file.display(),
+            config_file.display()
+        )
+    })?;
+    let pid: i32 = text.trim().parse().map_err(|_| {
+        format!(
+            "the PID file {} does not hold a process id ({:?})",
+            file.display(),
+            text.trim()
+        )
+    })?;
+    Ok((Pid::from_raw(pid), file))
+}
+
+fn send(pid: Pid, signal: Signal, file: &Path) -> Result<(), String> {
+    kill(pid, signal).map_err(|e| match e {
+        Errno::ESRCH => format!(
+            "no process {pid} (from {}): nbnet is not running; the PID file is stale",
+            file.display()
+        ),
+        e => format!("cannot signal process {pid} (from {}): {e}", file.display()),
+    })
+}
