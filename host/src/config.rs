@@ -28,6 +28,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[admin]`: where the master serves `/metrics` and `/healthz`, if anywhere.
+    pub admin: Option<SocketAddr>,
     /// `[[plugins]]`, paths resolved.
     pub plugins: Vec<PluginSpec>,
     /// `[[listeners]]`, each pointing at an entry of `plugins`.
@@ -198,6 +200,8 @@ struct RawConfig {
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
     plugins: Vec<Spanned<RawPlugin>>,
     #[serde(default)]
     listeners: Vec<Spanned<RawListener>>,
@@ -210,6 +214,12 @@ struct RawPlugin {
     path: Spanned<String>,
     #[serde(default)]
     config: Option<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    addr: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +378,30 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             listeners.push(ListenerSpec { addr, plugin, line });
         }
     }
+    let admin = raw.admin.as_ref().and_then(|admin| {
+        let text = admin.addr.get_ref();
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if listeners.iter().any(|l| l.addr == addr) => {
+                problems.push((
+                    Some(line_of(admin.addr.span().start)),
+                    format!(
+                        "[admin] addr {addr} is also a [[listeners]] address; use another port"
+                    ),
+                ));
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push((
+                    Some(line_of(admin.addr.span().start)),
+                    format!(
+                        "[admin] addr {text:?} is not IP:PORT (for example \"127.0.0.1:9100\")"
+                    ),
+                ));
+                None
+            }
+        }
+    });
     if raw.listeners.is_empty() {
         problems.push((
             None,
@@ -382,6 +416,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         server,
         log: raw.log,
+        admin,
         plugins,
         listeners,
     })
@@ -532,6 +567,23 @@ plugin = "nope"
         assert!(
             err.to_string()
                 .contains("duplicate listener 127.0.0.1:9000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_admin_address_is_optional_and_checked() {
+        assert_eq!(parse_str(MINIMAL).unwrap().admin, None);
+        let text = format!("[admin]\naddr = \"127.0.0.1:9100\"\n{MINIMAL}");
+        assert_eq!(
+            parse_str(&text).unwrap().admin,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        let text = format!("[admin]\naddr = \"127.0.0.1:9000\"\n{MINIMAL}");
+        let err = parse_str(&text).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(":2: [admin] addr 127.0.0.1:9000 is also a [[listeners]] address"),
             "{err}"
         );
     }

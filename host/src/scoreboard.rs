@@ -11,9 +11,13 @@
 //!   call counter has not moved for `plugin_timeout`, the call has hung: the
 //!   master kills that worker (the uWSGI "harakiri" idea).
 //!
-//! Cost per request: two relaxed atomic stores and one relaxed increment in
-//! memory the worker already owns — no syscall, no lock, no clock read (the
-//! master measures elapsed time by sampling, not the worker by timestamping).
+//! It also holds each worker's statistics ([`Stats`]), which the master sums
+//! for the admin endpoint's `/metrics`.
+//!
+//! Every field has a single writer (its worker), so counters are bumped with
+//! a relaxed load and store — plain moves, no locked instruction, no syscall,
+//! no lock. The hung-call watchdog reads no clock in the worker: the master
+//! measures elapsed time by sampling the call counter.
 
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
@@ -35,6 +39,226 @@ pub struct Slot {
     /// Set by the worker when it wants to be replaced (it served
     /// `max_requests_per_worker`); it keeps serving until the master drains it.
     retire: AtomicU32,
+    /// The worker's statistics.
+    pub stats: Stats,
+}
+
+/// Plugins with statistics per worker; plugins past this many are served
+/// but not counted.
+pub const MAX_PLUGINS: usize = 16;
+/// Upper bounds (µs) of the latency histogram's buckets; one more bucket
+/// counts everything above the last.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
+const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// A counter with one writer: bumped without a locked instruction.
+#[repr(transparent)]
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n` (only the owning worker calls this).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    /// Subtracts `n` (a gauge going down; only the owning worker calls this).
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_sub(n),
+            Ordering::Relaxed,
+        );
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+/// One plugin's numbers in one worker.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Requests answered or failed.
+    pub requests: Counter,
+    /// Requests the plugin failed (panics included).
+    pub errors: Counter,
+    /// Of those, Rust panics caught by the SDK.
+    pub panics: Counter,
+    /// Sum of call durations, in nanoseconds.
+    pub latency_ns: Counter,
+    /// Call durations by bucket (see [`LATENCY_BOUNDS_US`]).
+    pub buckets: [Counter; BUCKETS],
+}
+
+impl PluginStats {
+    /// Records one call that took `elapsed`.
+    #[inline]
+    pub fn record(&self, elapsed: std::time::Duration, outcome: Outcome) {
+        self.requests.add(1);
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Error => self.errors.add(1),
+            Outcome::Panic => {
+                self.errors.add(1);
+                self.panics.add(1);
+            }
+        }
+        let ns = elapsed.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.latency_ns.add(ns);
+        let us = ns / 1_000;
+        let bucket = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&bound| us < bound)
+            .unwrap_or(BUCKETS - 1);
+        self.buckets[bucket].add(1);
+    }
+}
+
+/// How a plugin call ended, for the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answered.
+    Ok,
+    /// It reported an error.
+    Error,
+    /// It panicked (caught by the Rust SDK).
+    Panic,
+}
+
+/// One worker's numbers.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections open now (a gauge).
+    pub connections_open: Counter,
+    /// Connections accepted.
+    pub connections_total: Counter,
+    /// Request bytes received.
+    pub bytes_in: Counter,
+    /// Response bytes sent.
+    pub bytes_out: Counter,
+    /// Connections closed for breaking the framing protocol.
+    pub protocol_errors: Counter,
+    /// Per plugin (by config index).
+    pub plugins: [PluginStats; MAX_PLUGINS],
+}
+
+impl Stats {
+    /// The numbers of plugin `index`, if it is counted.
+    #[inline]
+    pub fn plugin(&self, index: usize) -> Option<&PluginStats> {
+        self.plugins.get(index)
+    }
+
+    fn reset(&self) {
+        for counter in [
+            &self.connections_open,
+            &self.connections_total,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.protocol_errors,
+        ] {
+            counter.reset();
+        }
+        for plugin in &self.plugins {
+            for counter in [
+                &plugin.requests,
+                &plugin.errors,
+                &plugin.panics,
+                &plugin.latency_ns,
+            ] {
+                counter.reset();
+            }
+            for bucket in &plugin.buckets {
+                bucket.reset();
+            }
+        }
+    }
+}
+
+/// Plain sums of [`Stats`], kept by the master (e.g. for workers that are
+/// gone, so that totals never go backwards).
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Connections open (gauge: only meaningful for live workers).
+    pub connections_open: u64,
+    /// See [`Stats`].
+    pub connections_total: u64,
+    /// See [`Stats`].
+    pub bytes_in: u64,
+    /// See [`Stats`].
+    pub bytes_out: u64,
+    /// See [`Stats`].
+    pub protocol_errors: u64,
+    /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
+    pub plugins: std::collections::BTreeMap<String, PluginTotals>,
+}
+
+/// Plain sums of [`PluginStats`].
+#[derive(Debug, Default, Clone)]
+pub struct PluginTotals {
+    /// See [`PluginStats`].
+    pub requests: u64,
+    /// See [`PluginStats`].
+    pub errors: u64,
+    /// See [`PluginStats`].
+    pub panics: u64,
+    /// See [`PluginStats`].
+    pub latency_ns: u64,
+    /// See [`PluginStats`].
+    pub buckets: [u64; BUCKETS],
+}
+
+impl Totals {
+    /// Adds a worker's numbers; `plugins` names its config's plugins.
+    pub fn add(&mut self, stats: &Stats, plugins: &[String], include_gauges: bool) {
+        if include_gauges {
+            self.connections_open += stats.connections_open.get();
+        }
+        self.connections_total += stats.connections_total.get();
+        self.bytes_in += stats.bytes_in.get();
+        self.bytes_out += stats.bytes_out.get();
+        self.protocol_errors += stats.protocol_errors.get();
+        for (name, plugin) in plugins.iter().zip(&stats.plugins) {
+            let sum = self.plugins.entry(name.clone()).or_default();
+            sum.requests += plugin.requests.get();
+            sum.errors += plugin.errors.get();
+            sum.panics += plugin.panics.get();
+            sum.latency_ns += plugin.latency_ns.get();
+            for (total, bucket) in sum.buckets.iter_mut().zip(&plugin.buckets) {
+                *total += bucket.get();
+            }
+        }
+    }
+
+    /// Adds another set of totals.
+    pub fn merge(&mut self, other: &Totals) {
+        self.connections_open += other.connections_open;
+        self.connections_total += other.connections_total;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.protocol_errors += other.protocol_errors;
+        for (name, plugin) in &other.plugins {
+            let sum = self.plugins.entry(name.clone()).or_default();
+            sum.requests += plugin.requests;
+            sum.errors += plugin.errors;
+            sum.panics += plugin.panics;
+            sum.latency_ns += plugin.latency_ns;
+            for (total, bucket) in sum.buckets.iter_mut().zip(&plugin.buckets) {
+                *total += bucket;
+            }
+        }
+    }
 }
 
 impl Slot {
@@ -42,7 +266,9 @@ impl Slot {
     /// to be called.
     #[inline]
     pub fn enter(&self, plugin: usize) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        // Single writer: a load and a store, no locked instruction.
+        self.calls
+            .store(self.calls.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         self.in_flight.store(plugin as u32 + 1, Ordering::Relaxed);
     }
 
@@ -80,6 +306,7 @@ impl Slot {
         self.calls.store(0, Ordering::Relaxed);
         self.ready.store(0, Ordering::Relaxed);
         self.retire.store(0, Ordering::Relaxed);
+        self.stats.reset();
     }
 
     /// The worker is serving (plugins loaded, listeners registered).
@@ -173,6 +400,36 @@ mod tests {
         slot.reset();
         assert_eq!(slot.calls(), 0);
         assert_eq!(board.slot(0).calls(), 0);
+    }
+
+    #[test]
+    fn latency_lands_in_its_bucket_and_totals_add_up() {
+        let board = Scoreboard::new(1).unwrap();
+        let stats = &board.slot(0).stats;
+        let plugin = stats.plugin(0).unwrap();
+        plugin.record(std::time::Duration::from_micros(7), Outcome::Ok);
+        plugin.record(std::time::Duration::from_millis(2), Outcome::Panic);
+        plugin.record(std::time::Duration::from_secs(5), Outcome::Error);
+        assert_eq!(plugin.requests.get(), 3);
+        assert_eq!(plugin.errors.get(), 2);
+        assert_eq!(plugin.panics.get(), 1);
+        assert_eq!(plugin.buckets[1].get(), 1, "7 µs is under the 10 µs bound");
+        assert_eq!(plugin.buckets[8].get(), 1, "2 ms is under the 2.5 ms bound");
+        assert_eq!(
+            plugin.buckets[BUCKETS - 1].get(),
+            1,
+            "5 s is above every bound"
+        );
+        stats.connections_open.add(2);
+        stats.connections_open.sub(1);
+        let mut totals = Totals::default();
+        totals.add(stats, &["upper".to_string()], true);
+        let mut twice = totals.clone();
+        twice.merge(&totals);
+        assert_eq!(twice.plugins["upper"].requests, 6);
+        assert_eq!(twice.connections_open, 2);
+        board.slot(0).reset();
+        assert_eq!(plugin.requests.get(), 0);
     }
 
     #[test]

@@ -21,10 +21,12 @@
 //! The master stays single-threaded and never loads a plugin, so forking is
 //! always safe; plugins are validated in a short-lived child ([`check`]).
 
+pub mod admin;
 pub mod check;
 pub mod decision;
+pub mod metrics;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -39,13 +41,15 @@ use nix::unistd::{fork, getpid, ForkResult, Pid};
 
 use crate::config::{self, Config};
 use crate::exit_code;
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::{Scoreboard, Totals};
 use crate::signals::Signals;
 use crate::worker;
 use decision::{Decision, Exit};
 
 /// The master's `signalfd`.
 const SIGNALS: Token = Token(0);
+/// The admin listener; its clients take the tokens above it.
+const ADMIN: usize = 1;
 /// How long workers get beyond their own deadline (`shutdown_timeout` for a
 /// graceful stop, none for a fast one) before the master kills them.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -166,6 +170,16 @@ pub struct Master {
     reload: Option<PendingReload>,
     pid_file: Option<PathBuf>,
     phase: Phase,
+    /// The `/metrics` and `/healthz` listener, if configured.
+    admin: Option<admin::Admin>,
+    /// Numbers of workers that have exited, so totals never go backwards.
+    retired: Totals,
+    /// Restarts since the master started.
+    restarts_total: u64,
+    /// Why each slot's last worker exited.
+    last_exits: BTreeMap<usize, String>,
+    /// Watchdog kills per plugin.
+    timeouts: BTreeMap<String, u64>,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -208,6 +222,23 @@ pub fn serve(config: Config) -> i32 {
         }
     };
 
+    let admin = match config.admin {
+        Some(addr) => match admin::Admin::bind(addr, poll.registry(), ADMIN) {
+            Ok(admin) => {
+                tracing::info!("admin: http://{addr}/metrics and /healthz");
+                Some(admin)
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen on [admin] addr {addr} ({}): {e}",
+                    config.file.display()
+                );
+                return exit_code::FAILURE;
+            }
+        },
+        None => None,
+    };
+
     let pid_file = config.server.pid_file.clone();
     if let Some(path) = &pid_file {
         if let Err(e) = std::fs::write(path, format!("{}\n", getpid())) {
@@ -232,6 +263,11 @@ pub fn serve(config: Config) -> i32 {
         reload: None,
         pid_file,
         phase: Phase::Serving,
+        admin,
+        retired: Totals::default(),
+        restarts_total: 0,
+        last_exits: BTreeMap::new(),
+        timeouts: BTreeMap::new(),
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -288,7 +324,7 @@ impl Master {
     /// The loop: wait, dispatch signals, reap, watch the workers, top up
     /// (or finish stopping).
     fn run(&mut self) -> i32 {
-        let mut events = Events::with_capacity(8);
+        let mut events = Events::with_capacity(64);
         self.manage_workers();
         loop {
             let timeout = self
@@ -299,6 +335,21 @@ impl Master {
                     tracing::error!("master poll failed: {e}");
                     self.halt(exit_code::FAILURE, Stop::Fast);
                 }
+            }
+            // Admin requests (signals are read below whatever woke us).
+            if let Some(mut admin) = self.admin.take() {
+                let tokens: Vec<Token> = events
+                    .iter()
+                    .map(|e| e.token())
+                    .filter(|&t| admin.owns(t))
+                    .collect();
+                for token in tokens {
+                    admin.on_event(token, self.poll.registry(), &mut |method, path| {
+                        self.answer_admin(method, path)
+                    });
+                }
+                admin.expire(Instant::now(), self.poll.registry());
+                self.admin = Some(admin);
             }
             for signal in self.signals.pending() {
                 match signal {
@@ -320,8 +371,17 @@ impl Master {
     }
 
     /// When the loop must wake up without a signal: a pending restart, the
-    /// watchdog's next look, a replacement to watch, or the stop deadline.
+    /// watchdog's next look, a replacement to watch, an admin client's
+    /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
+        let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
+        [self.next_wakeup_for_workers(), admin]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn next_wakeup_for_workers(&self) -> Option<Instant> {
         let now = Instant::now();
         match self.phase {
             Phase::Stopping { deadline, .. } => Some(deadline),
@@ -343,6 +403,73 @@ impl Master {
                 };
                 Some(restart.map_or(now + tick, |at| at.min(now + tick)))
             }
+        }
+    }
+
+    /// Answers an admin request: `GET /metrics` or `GET /healthz`.
+    fn answer_admin(&self, method: &str, path: &str) -> admin::Reply {
+        let text = |status, body: &str| admin::Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.to_string(),
+        };
+        if method != "GET" {
+            return text(405, "only GET is served here\n");
+        }
+        match path {
+            "/metrics" => admin::Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: metrics::render(&self.snapshot()),
+            },
+            "/healthz" => {
+                let ready = self
+                    .workers
+                    .values()
+                    .any(|w| w.role != Role::Draining && self.scoreboard.slot(w.board).is_ready());
+                match (self.phase, ready) {
+                    (Phase::Serving, true) => text(200, "ok\n"),
+                    (Phase::Serving, false) => text(503, "no worker ready\n"),
+                    (Phase::Stopping { .. }, _) => text(503, "stopping\n"),
+                }
+            }
+            _ => text(404, "not found: try /metrics or /healthz\n"),
+        }
+    }
+
+    /// The numbers `/metrics` shows, read from the scoreboard now.
+    fn snapshot(&self) -> metrics::Snapshot {
+        let mut all = self.retired.clone();
+        let mut workers: Vec<metrics::WorkerView> = self
+            .workers
+            .iter()
+            .map(|(pid, worker)| {
+                let mut totals = Totals::default();
+                totals.add(
+                    &self.scoreboard.slot(worker.board).stats,
+                    &worker.plugins,
+                    true,
+                );
+                all.merge(&totals);
+                metrics::WorkerView {
+                    index: worker.index,
+                    pid: pid.as_raw(),
+                    role: match worker.role {
+                        Role::Serving => "serving",
+                        Role::Outgoing => "outgoing",
+                        Role::Draining => "draining",
+                    },
+                    totals,
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.index, w.pid));
+        metrics::Snapshot {
+            workers,
+            all,
+            restarts: self.restarts_total,
+            last_exits: self.last_exits.clone(),
+            timeouts: self.timeouts.clone(),
         }
     }
 
@@ -545,6 +672,12 @@ impl Master {
             let Some(worker) = self.workers.remove(&pid) else {
                 continue;
             };
+            // Keep its numbers before the entry is reused.
+            self.retired.add(
+                &self.scoreboard.slot(worker.board).stats,
+                &worker.plugins,
+                false,
+            );
             self.free_boards.push(worker.board);
             if let Some(slot) = self.slots.get_mut(worker.index) {
                 if slot.pid == Some(pid) {
@@ -594,6 +727,7 @@ impl Master {
             ),
             None => format!("{exit}{running}"),
         };
+        self.last_exits.insert(index, cause.clone());
         let Some(slot) = self.slots.get_mut(index) else {
             // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
             tracing::info!("worker {index} (pid {pid}) exited: {cause}");
@@ -618,6 +752,7 @@ impl Master {
         match decision::on_worker_exit(exit, self.restarts.len() as u32, max) {
             Decision::Restart => {
                 self.restarts.push_back(now);
+                self.restarts_total += 1;
                 let delay = decision::restart_delay(streak);
                 self.slots[index].restart_at = now + delay;
                 let restarts = self.restarts.len();
@@ -711,20 +846,25 @@ impl Master {
             // act on SIGTERM.
             let calls = board.calls();
             let in_flight = board.in_flight();
-            if in_flight.is_none() || calls != worker.watched_calls {
-                worker.watched_calls = calls;
-                worker.watched_since = now;
-            } else {
-                let elapsed = now.duration_since(worker.watched_since);
-                if elapsed >= timeout && worker.hung.is_none() {
-                    let plugin = in_flight.expect("checked above");
+            match in_flight {
+                Some(plugin) if calls == worker.watched_calls => {
+                    let elapsed = now.duration_since(worker.watched_since);
+                    if elapsed < timeout || worker.hung.is_some() {
+                        continue;
+                    }
                     tracing::error!(
                         "plugin {:?} has not returned for {elapsed:.1?} in worker {} (pid {pid}), over plugin_timeout = {timeout:?}: killing the worker",
                         worker.plugins.get(plugin).map_or("?", String::as_str),
                         worker.index
                     );
                     worker.hung = Some((plugin, elapsed));
+                    let name = worker.plugins.get(plugin).cloned().unwrap_or_default();
+                    *self.timeouts.entry(name).or_default() += 1;
                     let _ = kill(pid, Signal::SIGKILL);
+                }
+                _ => {
+                    worker.watched_calls = calls;
+                    worker.watched_since = now;
                 }
             }
             if worker.role == Role::Serving && board.wants_retirement() {
@@ -879,6 +1019,8 @@ impl Master {
                     libc::close(self.poll.as_raw_fd());
                     libc::close(self.signals.raw_fd());
                 }
+                // The admin listener and its clients are the master's.
+                drop(self.admin.take());
                 // This worker's sockets, in the order of its config's listeners.
                 let mut available = std::mem::take(&mut self.listeners);
                 let sockets = self

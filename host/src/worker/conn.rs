@@ -32,7 +32,7 @@ use mio::net::TcpStream;
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::plugin::{Plugin, ProcessError, RawConnection};
-use crate::scoreboard::Slot;
+use crate::scoreboard::{Outcome, Slot, Stats};
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -249,7 +249,12 @@ impl Connection {
                             // Deliver the answers to the requests before the bad
                             // one (best effort: non-blocking), then close.
                             let mut sent = 0;
-                            let _ = write_some(&mut self.stream, &ctx.scratch.output, &mut sent);
+                            let _ = write_some(
+                                &mut self.stream,
+                                &ctx.scratch.output,
+                                &mut sent,
+                                &ctx.slot.stats,
+                            );
                             ctx.scratch.output.clear();
                             return Err(close);
                         }
@@ -260,7 +265,7 @@ impl Connection {
                     // Answer this read's requests in one write before reading
                     // more; if the client is not reading them, stop reading
                     // from it too (WRITABLE resumes), so memory stays bounded.
-                    self.flush_scratch(ctx.scratch)?;
+                    self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
                     if self.state != State::Reading {
                         return Ok(true);
                     }
@@ -288,7 +293,12 @@ impl Connection {
             return Ok(false);
         }
         let before = self.written;
-        let done = write_some(&mut self.stream, &self.output, &mut self.written)?;
+        let done = write_some(
+            &mut self.stream,
+            &self.output,
+            &mut self.written,
+            &ctx.slot.stats,
+        )?;
         let progress = self.written != before;
         if !done {
             return Ok(progress);
@@ -307,18 +317,19 @@ impl Connection {
     /// `Ok(true)` when at least one frame was answered.
     fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
         let conn = self.describe(ctx.listener_addr);
+        ctx.slot.stats.bytes_in.add(n as u64);
+        let mut answering = Answering {
+            plugin: &mut *ctx.plugin,
+            plugin_index: ctx.plugin_index,
+            slot: ctx.slot,
+            served: &mut *ctx.served,
+            conn: &conn,
+            decoder: ctx.decoder,
+            peer: self.peer,
+        };
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
-            let used = answer_frames(
-                data,
-                ctx.plugin,
-                (ctx.slot, ctx.plugin_index),
-                ctx.served,
-                &conn,
-                ctx.decoder,
-                &mut ctx.scratch.output,
-                self.peer,
-            )?;
+            let used = answering.frames(data, &mut ctx.scratch.output)?;
             if used < n {
                 let rest = &ctx.scratch.input[used..n];
                 self.reserve_input(rest.len());
@@ -329,16 +340,7 @@ impl Connection {
         } else {
             self.input_len += n;
             let data = &self.input[..self.input_len];
-            let used = answer_frames(
-                data,
-                ctx.plugin,
-                (ctx.slot, ctx.plugin_index),
-                ctx.served,
-                &conn,
-                ctx.decoder,
-                &mut ctx.scratch.output,
-                self.peer,
-            )?;
+            let used = answering.frames(data, &mut ctx.scratch.output)?;
             if used == self.input_len {
                 // Back at a frame boundary: release the buffer.
                 self.input = Vec::new();
@@ -382,9 +384,9 @@ impl Connection {
     /// `write` calls as the kernel allows. What the kernel cannot take yet
     /// moves to the connection's own buffer, and the connection waits for
     /// WRITABLE.
-    fn flush_scratch(&mut self, scratch: &mut Scratch) -> Result<(), Close> {
+    fn flush_scratch(&mut self, scratch: &mut Scratch, stats: &Stats) -> Result<(), Close> {
         let mut written = 0;
-        let result = write_some(&mut self.stream, &scratch.output, &mut written);
+        let result = write_some(&mut self.stream, &scratch.output, &mut written, stats);
         if let Ok(false) = result {
             self.output = scratch.output[written..].to_vec();
             self.written = 0;
@@ -400,50 +402,80 @@ impl Connection {
     }
 }
 
-/// Decodes and answers the complete frames at the front of `data`,
-/// appending each response frame to `out`. Returns the bytes consumed.
-fn answer_frames(
-    data: &[u8],
-    plugin: &mut Plugin,
-    (slot, plugin_index): (&Slot, usize),
-    served: &mut u64,
-    conn: &RawConnection,
+/// What answering frames needs besides the bytes: borrowed from the
+/// [`Context`] field by field, so the shared read buffer can be borrowed too.
+struct Answering<'a> {
+    plugin: &'a mut Plugin,
+    plugin_index: usize,
+    slot: &'a Slot,
+    served: &'a mut u64,
+    conn: &'a RawConnection,
     decoder: FrameDecoder,
-    out: &mut Vec<u8>,
     peer: SocketAddr,
-) -> Result<usize, Close> {
-    let mut start = 0;
-    let max = decoder.max_frame_bytes();
-    while start < data.len() {
-        match decoder.decode(&data[start..]) {
-            Ok(Decoded::Frame { len }) => {
-                let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
-                let queued = out.len();
-                slot.track(plugin_index, || plugin.process(payload, conn, out, max))
-                    .map_err(Close::Plugin)?;
-                tracing::debug!(
-                    %peer,
-                    request = len,
-                    response = out.len() - queued - HEADER_LEN,
-                    "frame processed"
-                );
-                *served += 1;
-                start += HEADER_LEN + len;
+}
+
+impl Answering<'_> {
+    /// Decodes and answers the complete frames at the front of `data`,
+    /// appending each response frame to `out`. Returns the bytes consumed.
+    fn frames(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, Close> {
+        let mut start = 0;
+        let max = self.decoder.max_frame_bytes();
+        let stats = self.slot.stats.plugin(self.plugin_index);
+        while start < data.len() {
+            match self.decoder.decode(&data[start..]) {
+                Ok(Decoded::Frame { len }) => {
+                    let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
+                    let queued = out.len();
+                    let began = Instant::now();
+                    let result = self.slot.track(self.plugin_index, || {
+                        self.plugin.process(payload, self.conn, out, max)
+                    });
+                    if let Some(stats) = stats {
+                        stats.record(began.elapsed(), outcome(&result));
+                    }
+                    result.map_err(Close::Plugin)?;
+                    tracing::debug!(
+                        peer = %self.peer,
+                        request = len,
+                        response = out.len() - queued - HEADER_LEN,
+                        "frame processed"
+                    );
+                    *self.served += 1;
+                    start += HEADER_LEN + len;
+                }
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(e) => return Err(Close::Protocol(e)),
             }
-            Ok(Decoded::Incomplete { .. }) => break,
-            Err(e) => return Err(Close::Protocol(e)),
         }
+        Ok(start)
     }
-    Ok(start)
+}
+
+/// Classifies a plugin call for the statistics. The Rust SDK reports a
+/// caught panic as an error whose message starts with "panicked".
+fn outcome(result: &Result<(), ProcessError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Ok,
+        Err(ProcessError::Plugin(message)) if message.starts_with("panicked") => Outcome::Panic,
+        Err(_) => Outcome::Error,
+    }
 }
 
 /// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
 /// buffer is full (`Ok(false)`), advancing `*written`.
-fn write_some(stream: &mut TcpStream, buf: &[u8], written: &mut usize) -> Result<bool, Close> {
+fn write_some(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    written: &mut usize,
+    stats: &Stats,
+) -> Result<bool, Close> {
     while *written < buf.len() {
         match stream.write(&buf[*written..]) {
             Ok(0) => return Err(Close::Io(io::ErrorKind::WriteZero.into())),
-            Ok(n) => *written += n,
+            Ok(n) => {
+                *written += n;
+                stats.bytes_out.add(n as u64);
+            }
             // Send buffer full: wait for WRITABLE.
             Err(e) if would_block(&e) => return Ok(false),
             Err(e) if interrupted(&e) => continue,

@@ -269,6 +269,8 @@ impl Reactor {
                         tracing::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
+                    self.slot.stats.connections_open.add(1);
+                    self.slot.stats.connections_total.add(1);
                     let deadline = now + self.limits.read_timeout;
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
@@ -307,6 +309,10 @@ impl Reactor {
     fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
+        self.slot.stats.connections_open.sub(1);
+        if let Close::Protocol(_) = reason {
+            self.slot.stats.protocol_errors.add(1);
+        }
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer;
         let listener = &self.listeners[conn.listener];
