@@ -15,6 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::codec::MAX_DECLARED;
+pub use crate::listener::Endpoint;
 
 /// Default config file, relative to the current directory.
 pub const DEFAULT_PATH: &str = "config/nbnet.toml";
@@ -157,12 +158,20 @@ pub struct PluginSpec {
 /// One `[[listeners]]` entry after validation.
 #[derive(Debug, Clone)]
 pub struct ListenerSpec {
-    /// Address to bind.
-    pub addr: SocketAddr,
+    /// Where to listen: `IP:PORT`, or `unix:/path`.
+    pub addr: Endpoint,
     /// Index into [`Config::plugins`] of the plugin serving it.
     pub plugin: usize,
     /// Line of the entry in the config file, for messages.
     pub line: usize,
+    /// Every connection must start with a PROXY protocol (v1 or v2) header,
+    /// which gives the real client's address.
+    pub proxy_protocol: bool,
+    /// TCP only: one `SO_REUSEPORT` socket per worker instead of one shared
+    /// socket (the kernel spreads connections; see the README).
+    pub reuseport: bool,
+    /// Unix sockets only: the socket file's permissions (e.g. 0o660).
+    pub mode: Option<u32>,
 }
 
 /// Everything wrong with a config file.
@@ -227,6 +236,12 @@ struct RawAdmin {
 struct RawListener {
     addr: Spanned<String>,
     plugin: Spanned<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    reuseport: Option<Spanned<bool>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
 }
 
 /// Reads and validates the config file at `file`.
@@ -338,27 +353,54 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let line = line_of(entry.span().start);
         let listener = entry.get_ref();
         let addr_text = listener.addr.get_ref();
-        let addr = match addr_text.parse::<SocketAddr>() {
+        let addr_line = Some(line_of(listener.addr.span().start));
+        let addr = match parse_endpoint(addr_text, base) {
             Ok(addr) => Some(addr),
-            Err(_) => {
-                problems.push((
-                    Some(line_of(listener.addr.span().start)),
-                    format!("listener addr {addr_text:?} is not IP:PORT (for example \"127.0.0.1:9000\" or \"[::1]:9000\")"),
-                ));
+            Err(why) => {
+                problems.push((addr_line, why));
                 None
             }
         };
-        if let Some(addr) = addr {
-            if let Some(first) = listeners.iter().find(|l| l.addr == addr) {
+        if let Some(addr) = &addr {
+            if let Some(first) = listeners.iter().find(|l| l.addr == *addr) {
                 problems.push((
-                    Some(line_of(listener.addr.span().start)),
+                    addr_line,
                     format!(
                         "duplicate listener {addr} (first defined on line {})",
                         first.line
                     ),
                 ));
             }
+            let unix = matches!(addr, Endpoint::Unix(_));
+            if let Some(reuseport) = listener.reuseport.as_ref().filter(|r| *r.get_ref() && unix) {
+                problems.push((
+                    Some(line_of(reuseport.span().start)),
+                    format!("listener {addr}: reuseport applies to TCP listeners only"),
+                ));
+            }
+            if !unix && listener.mode.is_some() {
+                problems.push((
+                    addr_line,
+                    format!("listener {addr}: mode applies to unix: listeners only"),
+                ));
+            }
         }
+        let mode = match &listener.mode {
+            None => None,
+            Some(text) => match u32::from_str_radix(text.get_ref().trim_start_matches("0o"), 8) {
+                Ok(mode) if mode <= 0o777 => Some(mode),
+                _ => {
+                    problems.push((
+                        Some(line_of(text.span().start)),
+                        format!(
+                            "listener mode {:?} is not octal permissions (for example \"0660\")",
+                            text.get_ref()
+                        ),
+                    ));
+                    None
+                }
+            },
+        };
         let plugin_name = listener.plugin.get_ref().trim();
         let plugin = match by_name.get(plugin_name) {
             Some(&index) => Some(index),
@@ -375,13 +417,20 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             }
         };
         if let (Some(addr), Some(plugin)) = (addr, plugin) {
-            listeners.push(ListenerSpec { addr, plugin, line });
+            listeners.push(ListenerSpec {
+                addr,
+                plugin,
+                line,
+                proxy_protocol: listener.proxy_protocol,
+                reuseport: listener.reuseport.as_ref().is_some_and(|r| *r.get_ref()),
+                mode,
+            });
         }
     }
     let admin = raw.admin.as_ref().and_then(|admin| {
         let text = admin.addr.get_ref();
         match text.parse::<SocketAddr>() {
-            Ok(addr) if listeners.iter().any(|l| l.addr == addr) => {
+            Ok(addr) if listeners.iter().any(|l| l.addr == Endpoint::Tcp(addr)) => {
                 problems.push((
                     Some(line_of(admin.addr.span().start)),
                     format!(
@@ -419,6 +468,25 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         admin,
         plugins,
         listeners,
+    })
+}
+
+/// Parses a listener address: `IP:PORT`, or `unix:PATH` (a relative path
+/// resolves against the config file's folder).
+fn parse_endpoint(text: &str, base: &Path) -> Result<Endpoint, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(
+                "listener addr \"unix:\" needs a path, e.g. \"unix:/run/nbnet.sock\"".into(),
+            );
+        }
+        let path = base.join(path);
+        return Ok(Endpoint::Unix(std::path::absolute(&path).unwrap_or(path)));
+    }
+    text.parse::<SocketAddr>().map(Endpoint::Tcp).map_err(|_| {
+        format!(
+            "listener addr {text:?} is not IP:PORT or unix:PATH (for example \"127.0.0.1:9000\", \"[::1]:9000\" or \"unix:/run/nbnet.sock\")"
+        )
     })
 }
 
@@ -550,7 +618,7 @@ plugin = "nope"
             "{text}"
         );
         assert!(
-            text.contains(":13: listener addr \"localhost:9000\""),
+            text.contains(":13: listener addr \"localhost:9000\" is not IP:PORT or unix:PATH"),
             "{text}"
         );
         assert!(
@@ -586,6 +654,32 @@ plugin = "nope"
                 .contains(":2: [admin] addr 127.0.0.1:9000 is also a [[listeners]] address"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unix_listeners_resolve_paths_and_check_their_options() {
+        let text = MINIMAL.replace(
+            "addr = \"127.0.0.1:9000\"",
+            "addr = \"unix:run/nbnet.sock\"\nmode = \"0660\"\nproxy_protocol = true",
+        );
+        let config = parse_str(&text).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(
+            listener.addr,
+            Endpoint::Unix("/etc/nbnet/run/nbnet.sock".into())
+        );
+        assert_eq!(listener.mode, Some(0o660));
+        assert!(listener.proxy_protocol);
+        let text = MINIMAL.replace(
+            "addr = \"127.0.0.1:9000\"",
+            "addr = \"unix:/x.sock\"\nreuseport = true\nmode = \"999\"",
+        );
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("reuseport applies to TCP listeners only"),
+            "{err}"
+        );
+        assert!(err.contains("listener mode \"999\" is not octal"), "{err}");
     }
 
     #[test]

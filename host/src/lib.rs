@@ -10,6 +10,8 @@
 //! - [`worker`]: a worker — loads plugins after fork, runs a mio reactor.
 //! - [`scoreboard`]: memory shared by master and workers: which plugin is
 //!   running where (crash attribution, hung-call watchdog).
+//! - [`listener`]: TCP and Unix listening sockets and streams.
+//! - [`proxy`]: PROXY protocol v1/v2 header parser (pure).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`control`]: `nbnet reload|stop`, signalling a running master.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
@@ -26,8 +28,10 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod exit_code;
+pub mod listener;
 pub mod logging;
 pub mod plugin;
+pub mod proxy;
 pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;

@@ -27,20 +27,19 @@ pub mod decision;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getpid, ForkResult, Pid};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, ListenerSpec};
 use crate::exit_code;
+use crate::listener::{Endpoint, ListenSocket};
 use crate::scoreboard::{Scoreboard, Totals};
 use crate::signals::Signals;
 use crate::worker;
@@ -147,7 +146,7 @@ impl Slot {
 /// A reload whose new workers are not all ready yet: what to go back to.
 struct PendingReload {
     previous: Config,
-    previous_listeners: Vec<(SocketAddr, TcpListener)>,
+    previous_listeners: Vec<Bound>,
     previous_slots: usize,
     started: Instant,
 }
@@ -157,8 +156,8 @@ pub struct Master {
     config: Config,
     /// Plugin names of `config`, shared with the workers started from it.
     plugin_names: std::rc::Rc<Vec<String>>,
-    /// The bound listening sockets of `config`, by address.
-    listeners: Vec<(SocketAddr, TcpListener)>,
+    /// The bound listening sockets of `config`.
+    listeners: Vec<Bound>,
     poll: Poll,
     signals: Signals,
     scoreboard: Scoreboard,
@@ -298,10 +297,32 @@ fn check_and_report(config: &Config) -> Result<(), usize> {
 }
 
 /// Binds every listener of `config` (at startup; reloads bind only new ones).
-fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, TcpListener)>, String> {
+fn bind_listeners(config: &Config) -> Result<Vec<Bound>, String> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for spec in &config.listeners {
-        let socket = TcpListener::bind(spec.addr).map_err(|e| {
+        bound.push(Bound::bind(spec, config)?);
+        let plugin = &config.plugins[spec.plugin].name;
+        tracing::info!("listening on {} (plugin {plugin:?})", spec.addr);
+    }
+    Ok(bound)
+}
+
+/// One listener's sockets in the master: one shared by every worker, or
+/// with `reuseport` one per worker slot (bound as slots appear).
+struct Bound {
+    addr: Endpoint,
+    reuseport: bool,
+    sockets: Vec<ListenSocket>,
+}
+
+impl Bound {
+    /// Binds the listener's (first) socket.
+    fn bind(spec: &ListenerSpec, config: &Config) -> Result<Bound, String> {
+        let socket = match &spec.addr {
+            Endpoint::Tcp(addr) => ListenSocket::bind_tcp(*addr, spec.reuseport),
+            Endpoint::Unix(path) => ListenSocket::bind_unix(path, spec.mode),
+        }
+        .map_err(|e| {
             format!(
                 "cannot listen on {} ({}:{}): {e}",
                 spec.addr,
@@ -309,11 +330,44 @@ fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, TcpListener)>, Str
                 spec.line
             )
         })?;
-        let plugin = &config.plugins[spec.plugin].name;
-        tracing::info!("listening on {} (plugin {plugin:?})", spec.addr);
-        bound.push((spec.addr, socket));
+        Ok(Bound {
+            addr: spec.addr.clone(),
+            reuseport: spec.reuseport,
+            sockets: vec![socket],
+        })
     }
-    Ok(bound)
+
+    /// Makes sure slot `index` has its socket (reuseport binds one more).
+    fn prepare(&mut self, index: usize) -> std::io::Result<()> {
+        if let (true, Endpoint::Tcp(addr)) = (self.reuseport, &self.addr) {
+            while self.sockets.len() <= index {
+                self.sockets.push(ListenSocket::bind_tcp(*addr, true)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// In a new worker: the socket of slot `index` (the others are dropped
+    /// with the master's memory image when the worker exits).
+    fn take_for(&mut self, index: usize) -> Option<ListenSocket> {
+        let at = if self.reuseport { index } else { 0 };
+        (at < self.sockets.len()).then(|| self.sockets.swap_remove(at))
+    }
+
+    /// Keeps the sockets of the first `slots` slots (reuseport); a removed
+    /// slot's socket closes, so the kernel stops routing connections to it.
+    fn truncate(&mut self, slots: usize) {
+        if self.reuseport {
+            self.sockets.truncate(slots.max(1));
+        }
+    }
+
+    /// Closes the listener for good: a Unix socket's file is removed.
+    fn close(self) {
+        if let Endpoint::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn plugin_names(config: &Config) -> std::rc::Rc<Vec<String>> {
@@ -543,19 +597,27 @@ impl Master {
         // Bind the new addresses first: if one fails, nothing has changed.
         let mut fresh = Vec::new();
         for spec in &config.listeners {
-            if self.listeners.iter().any(|(addr, _)| *addr == spec.addr) {
-                continue;
-            }
-            match TcpListener::bind(spec.addr) {
-                Ok(socket) => fresh.push((spec.addr, socket)),
-                Err(e) => {
+            let existing = self.listeners.iter().find(|b| b.addr == spec.addr);
+            if let Some(existing) = existing {
+                if existing.reuseport != spec.reuseport {
                     tracing::error!(
-                        "cannot listen on {} ({}:{}): {e}",
+                        "reload aborted: listener {} changes reuseport ({}:{}); that needs a restart",
                         spec.addr,
                         config.file.display(),
                         spec.line
                     );
+                    return;
+                }
+                continue;
+            }
+            match Bound::bind(spec, &config) {
+                Ok(bound) => fresh.push(bound),
+                Err(message) => {
+                    tracing::error!("{message}");
                     tracing::error!("reload aborted: still serving the previous config");
+                    for bound in fresh {
+                        bound.close();
+                    }
                     return;
                 }
             }
@@ -565,16 +627,17 @@ impl Master {
         // until the old workers are gone, in case the reload rolls back.
         let (mut listeners, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
             .into_iter()
-            .partition(|(addr, _)| config.listeners.iter().any(|l| l.addr == *addr));
-        for (addr, _) in &listeners {
-            tracing::info!("listener {addr}: socket kept");
+            .partition(|b| config.listeners.iter().any(|l| l.addr == b.addr));
+        for bound in &listeners {
+            tracing::info!("listener {}: socket kept", bound.addr);
         }
-        for (addr, _) in &fresh {
-            tracing::info!("listener {addr}: added by the new config");
+        for bound in &fresh {
+            tracing::info!("listener {}: added by the new config", bound.addr);
         }
-        for (addr, _) in &removed {
+        for bound in &removed {
             tracing::info!(
-                "listener {addr}: removed by the new config, closing once the old workers are gone"
+                "listener {}: removed by the new config, closing once the old workers are gone",
+                bound.addr
             );
         }
         listeners.extend(fresh);
@@ -623,6 +686,10 @@ impl Master {
                 self.drain(pid);
             }
         }
+        let slots = self.slots.len();
+        for bound in &mut self.listeners {
+            bound.truncate(slots);
+        }
         tracing::info!("SIGTTOU received: {} worker(s) now", self.slots.len());
     }
 
@@ -646,9 +713,13 @@ impl Master {
         };
         // Close the master's copies of the listening sockets; the workers
         // close theirs as they start draining, so the ports stop listening.
-        self.listeners.clear();
+        for bound in std::mem::take(&mut self.listeners) {
+            bound.close();
+        }
         if let Some(reload) = self.reload.take() {
-            drop(reload.previous_listeners);
+            for bound in reload.previous_listeners {
+                bound.close();
+            }
         }
         self.signal_workers(signal);
     }
@@ -810,8 +881,12 @@ impl Master {
         }
         // Sockets bound only for the new config are dropped; unchanged ones
         // are shared and stay.
-        let mut listeners = std::mem::take(&mut self.listeners);
-        listeners.retain(|(addr, _)| reload.previous.listeners.iter().any(|l| l.addr == *addr));
+        let (mut listeners, added): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|b| reload.previous.listeners.iter().any(|l| l.addr == b.addr));
+        for bound in added {
+            bound.close();
+        }
         listeners.extend(reload.previous_listeners);
         self.listeners = listeners;
         self.config = reload.previous;
@@ -902,7 +977,9 @@ impl Master {
         });
         if all_ready {
             if let Some(reload) = self.reload.take() {
-                drop(reload.previous_listeners);
+                for bound in reload.previous_listeners {
+                    bound.close();
+                }
                 tracing::info!(
                     "reload complete in {:.1?}: {} new worker(s) serving; draining {} old worker(s)",
                     reload.started.elapsed(),
@@ -982,6 +1059,16 @@ impl Master {
             );
             return Err(Errno::EAGAIN);
         };
+        for bound in &mut self.listeners {
+            if let Err(e) = bound.prepare(index) {
+                tracing::error!(
+                    "cannot bind another reuseport socket on {}: {e}",
+                    bound.addr
+                );
+                self.free_boards.push(board);
+                return Err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+        }
         // The new worker starts with a clean entry (it resets it too; doing
         // it here as well means the watchdog never sees stale state).
         self.scoreboard.slot(board).reset();
@@ -1028,14 +1115,15 @@ impl Master {
                     .listeners
                     .iter()
                     .filter_map(|spec| {
-                        let at = available.iter().position(|(addr, _)| *addr == spec.addr)?;
-                        Some(available.swap_remove(at).1)
+                        let bound = available.iter_mut().find(|b| b.addr == spec.addr)?;
+                        bound.take_for(index)
                     })
                     .collect();
+                // The rest are copies of the master's sockets: closing them
+                // here does not close them in the master (and `close` is
+                // never called, so no socket file is removed).
                 drop(available);
-                if let Some(reload) = self.reload.take() {
-                    drop(reload.previous_listeners);
-                }
+                self.reload = None;
                 let who = worker::Identity {
                     index,
                     count: self.slots.len(),

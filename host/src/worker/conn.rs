@@ -24,14 +24,13 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::time::Instant;
-
-use mio::net::TcpStream;
 
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
+use crate::listener::Stream;
 use crate::plugin::{Plugin, ProcessError, RawConnection};
+use crate::proxy::{self, Proxied, ProxyError};
 use crate::scoreboard::{Outcome, Slot, Stats};
 
 /// Size of the worker's shared read buffer: frames up to this size that
@@ -68,6 +67,9 @@ impl Default for Scratch {
 /// Where a connection is in its life; see the module doc for the diagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// On a `proxy_protocol` listener, before anything else: waiting for the
+    /// PROXY header that names the real client. Frames come only after it.
+    ProxyHeader,
     /// Waiting for request bytes: idle keep-alive, or part of a frame.
     Reading,
     /// Responses are queued and the kernel's send buffer is full.
@@ -88,6 +90,8 @@ pub enum Close {
     Io(io::Error),
     /// The peer broke the framing protocol.
     Protocol(FrameError),
+    /// The connection did not start with a valid PROXY protocol header.
+    Proxy(ProxyError),
     /// The plugin failed this request.
     Plugin(ProcessError),
     /// The worker is stopping.
@@ -119,9 +123,10 @@ pub struct Context<'a> {
 
 /// One accepted client connection.
 pub struct Connection {
-    stream: TcpStream,
-    /// The client's address, for logs.
-    pub peer: SocketAddr,
+    stream: Stream,
+    /// The client's address, for logs: the real client's once a PROXY
+    /// header named it.
+    pub peer: String,
     /// Index of the listener (and so of the plugin) that accepted it.
     pub listener: usize,
     /// Unique id within the server, shown to plugins.
@@ -151,19 +156,24 @@ impl Linked for Connection {
 impl Connection {
     /// Wraps a freshly accepted stream.
     pub fn new(
-        stream: TcpStream,
-        peer: SocketAddr,
+        stream: Stream,
+        peer: String,
         listener: usize,
         id: u64,
         deadline: Instant,
+        proxy_protocol: bool,
     ) -> Self {
         Connection {
             stream,
+            peer_text: CString::new(peer.as_str()).unwrap_or_default(),
             peer,
             listener,
             id,
-            peer_text: CString::new(peer.to_string()).unwrap_or_default(),
-            state: State::Reading,
+            state: if proxy_protocol {
+                State::ProxyHeader
+            } else {
+                State::Reading
+            },
             input: Vec::new(),
             input_len: 0,
             output: Vec::new(),
@@ -182,7 +192,7 @@ impl Connection {
     }
 
     /// The socket, for (de)registration.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
+    pub fn stream_mut(&mut self) -> &mut Stream {
         &mut self.stream
     }
 
@@ -193,7 +203,7 @@ impl Connection {
 
     /// At a frame boundary with every answer sent: nothing is owed either way.
     pub fn is_idle(&self) -> bool {
-        self.state == State::Reading && self.input_len == 0
+        matches!(self.state, State::Reading | State::ProxyHeader) && self.input_len == 0
     }
 
     /// Whether responses wait for the client to read them.
@@ -214,6 +224,9 @@ impl Connection {
     /// idle time between frames and the time to receive one frame, and a
     /// client sending one byte a second (slowloris) is closed.
     pub fn on_readable(&mut self, ctx: &mut Context<'_>, read_closed: bool) -> Result<bool, Close> {
+        if self.state == State::ProxyHeader && !self.read_proxy_header(ctx)? {
+            return Ok(false);
+        }
         if self.state != State::Reading {
             // Reads are paused while responses are pending; `on_writable`
             // resumes reading once they are flushed.
@@ -286,10 +299,55 @@ impl Connection {
         }
     }
 
+    /// Reads until the PROXY header is complete; then takes the real
+    /// client's address, answers any frames that came with the header, and
+    /// moves to Reading. `Ok(false)` while the header is incomplete (its
+    /// bytes do not extend the deadline: `read_timeout` bounds the header).
+    fn read_proxy_header(&mut self, ctx: &mut Context<'_>) -> Result<bool, Close> {
+        loop {
+            self.reserve_input(MIN_OWN_READ);
+            match self.stream.read(&mut self.input[self.input_len..]) {
+                Ok(0) => {
+                    return Err(Close::PeerClosedMidFrame {
+                        received: self.input_len,
+                    })
+                }
+                Ok(n) => {
+                    ctx.slot.stats.bytes_in.add(n as u64);
+                    self.input_len += n;
+                }
+                Err(e) if would_block(&e) => return Ok(false),
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => return Err(Close::Io(e)),
+            }
+            let (proxied, consumed) = match proxy::parse(&self.input[..self.input_len]) {
+                Ok(Some(header)) => header,
+                Ok(None) => continue,
+                Err(e) => return Err(Close::Proxy(e)),
+            };
+            if let Proxied::Tcp { source, .. } = proxied {
+                tracing::debug!(proxy = %self.peer, client = %source, "PROXY header");
+                self.peer = source.to_string();
+                self.peer_text = CString::new(self.peer.as_str()).unwrap_or_default();
+            }
+            self.input.copy_within(consumed..self.input_len, 0);
+            self.input_len -= consumed;
+            self.transition(State::Reading);
+            if self.input_len > 0 {
+                // Frames sent right behind the header.
+                self.process_read(ctx, 0)?;
+                self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
+            } else {
+                self.input = Vec::new();
+            }
+            return Ok(true);
+        }
+    }
+
     /// Handles WRITABLE: sends queued responses; once all are sent, resumes
     /// reading (data may have arrived while reads were paused).
     pub fn on_writable(&mut self, ctx: &mut Context<'_>) -> Result<bool, Close> {
-        if self.state == State::Reading {
+        if self.state != State::Writing {
             return Ok(false);
         }
         let before = self.written;
@@ -325,7 +383,7 @@ impl Connection {
             served: &mut *ctx.served,
             conn: &conn,
             decoder: ctx.decoder,
-            peer: self.peer,
+            peer: &self.peer,
         };
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
@@ -411,7 +469,7 @@ struct Answering<'a> {
     served: &'a mut u64,
     conn: &'a RawConnection,
     decoder: FrameDecoder,
-    peer: SocketAddr,
+    peer: &'a str,
 }
 
 impl Answering<'_> {
@@ -464,7 +522,7 @@ fn outcome(result: &Result<(), ProcessError>) -> Outcome {
 /// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
 /// buffer is full (`Ok(false)`), advancing `*written`.
 fn write_some(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &[u8],
     written: &mut usize,
     stats: &Stats,

@@ -39,7 +39,7 @@ pub struct Identity {
 /// halts instead of restarting), [`exit_code::FAILURE`] otherwise.
 pub fn run(
     config: &Config,
-    sockets: Vec<mio::net::TcpListener>,
+    sockets: Vec<crate::listener::ListenSocket>,
     who: Identity,
     slot: &'static Slot,
 ) -> i32 {
@@ -89,8 +89,9 @@ pub fn run(
         .zip(&config.listeners)
         .map(|(socket, spec)| Listener {
             socket: Some(socket),
-            addr: spec.addr,
+            addr: spec.addr.clone(),
             plugin: spec.plugin,
+            proxy_protocol: spec.proxy_protocol,
             addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
         })
         .collect();

@@ -6,10 +6,8 @@
 
 use std::ffi::CString;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use slab::Slab;
@@ -17,6 +15,7 @@ use slab::Slab;
 use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
+use crate::listener::{Endpoint, ListenSocket};
 use crate::plugin::Plugin;
 use crate::scoreboard::Slot;
 use crate::signals::Signals;
@@ -47,13 +46,15 @@ pub struct Limits {
 pub struct Listener {
     /// The socket, bound by the master; `None` once this worker drains
     /// (its copy is closed so that a stopping server stops listening).
-    pub socket: Option<TcpListener>,
+    pub socket: Option<ListenSocket>,
     /// Its address, for logs.
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// Index of its plugin in the worker's plugin list.
     pub plugin: usize,
     /// `addr` as text, for plugins.
     pub addr_text: CString,
+    /// Connections must start with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 /// Whether the worker is taking new connections.
@@ -256,9 +257,6 @@ impl Reactor {
             };
             match socket.accept() {
                 Ok((mut stream, peer)) => {
-                    // Responses are complete frames written at once: Nagle's
-                    // delay would only add latency.
-                    let _ = stream.set_nodelay(true);
                     let entry = self.connections.vacant_entry();
                     let key = entry.key();
                     if let Err(e) = self.poll.registry().register(
@@ -274,7 +272,14 @@ impl Reactor {
                     let deadline = now + self.limits.read_timeout;
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
-                    let conn = entry.insert(Connection::new(stream, peer, index, id, deadline));
+                    let conn = entry.insert(Connection::new(
+                        stream,
+                        peer.clone(),
+                        index,
+                        id,
+                        deadline,
+                        listener.proxy_protocol,
+                    ));
                     let plugin = &mut self.plugins[listener.plugin];
                     let described = conn.describe(&listener.addr_text);
                     self.slot
@@ -310,11 +315,11 @@ impl Reactor {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
         self.slot.stats.connections_open.sub(1);
-        if let Close::Protocol(_) = reason {
+        if let Close::Protocol(_) | Close::Proxy(_) = reason {
             self.slot.stats.protocol_errors.add(1);
         }
         let _ = self.poll.registry().deregister(conn.stream_mut());
-        let peer = conn.peer;
+        let peer = conn.peer.clone();
         let listener = &self.listeners[conn.listener];
         let plugin = &mut self.plugins[listener.plugin];
         let described = conn.describe(&listener.addr_text);
@@ -332,6 +337,11 @@ impl Reactor {
                 %peer,
                 listener = %listener.addr,
                 "protocol error: {e}; connection closed"
+            ),
+            Close::Proxy(e) => tracing::warn!(
+                %peer,
+                listener = %listener.addr,
+                "PROXY protocol error: {e}; connection closed (this listener requires a PROXY header)"
             ),
             Close::Plugin(e) => tracing::warn!(
                 %peer,

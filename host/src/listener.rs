@@ -1,0 +1,251 @@
+//! Listening sockets and the streams they accept: TCP or Unix domain,
+//! behind one type each so the reactor does not care which.
+//!
+//! The master binds every listener ([`ListenSocket::bind`]); workers inherit
+//! the sockets across fork. A TCP listener with `reuseport` gets one socket
+//! per worker slot, all bound to the same address with `SO_REUSEPORT`, so
+//! the kernel spreads new connections over the workers' own accept queues
+//! instead of waking every worker for each one.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket path (written `unix:/path` in the config).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum ListenSocket {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain; the path is removed when the master drops it.
+    Unix(UnixListener),
+}
+
+/// A TCP socket's listen backlog: generous, since a worker at
+/// `max_connections` leaves new clients waiting there.
+const BACKLOG: i32 = 1024;
+
+impl ListenSocket {
+    /// Binds a TCP listener (`reuseport`: with `SO_REUSEPORT`, so that
+    /// several sockets can share the address).
+    pub fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<ListenSocket> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if reuseport {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        Ok(ListenSocket::Tcp(TcpListener::from_std(socket.into())))
+    }
+
+    /// Binds a Unix domain listener at `path`. A stale socket file left by a
+    /// server that died is removed first (nothing answers on it); a live one
+    /// (another server answers) or a file that is not a socket is an error,
+    /// never deleted. `mode` sets the socket file's permissions.
+    pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<ListenSocket> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the path exists and is not a socket; not removing it",
+                ));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another server is listening on this socket",
+                    ))
+                }
+                Err(_) => {
+                    tracing::info!("removing stale socket file {}", path.display());
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        if let Some(mode) = mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(ListenSocket::Unix(listener))
+    }
+
+    /// Accepts one connection: the stream and the peer's address as text.
+    pub fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            ListenSocket::Tcp(listener) => {
+                let (stream, peer) = listener.accept()?;
+                // Responses are complete frames written at once: Nagle's
+                // delay would only add latency.
+                let _ = stream.set_nodelay(true);
+                Ok((Stream::Tcp(stream), peer.to_string()))
+            }
+            ListenSocket::Unix(listener) => {
+                let (stream, _) = listener.accept()?;
+                Ok((Stream::Unix(stream), "unix".to_string()))
+            }
+        }
+    }
+}
+
+impl Source for ListenSocket {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            ListenSocket::Tcp(l) => l.register(registry, token, interests),
+            ListenSocket::Unix(l) => l.register(registry, token, interests),
+        }
+    }
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            ListenSocket::Tcp(l) => l.reregister(registry, token, interests),
+            ListenSocket::Unix(l) => l.reregister(registry, token, interests),
+        }
+    }
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            ListenSocket::Tcp(l) => l.deregister(registry),
+            ListenSocket::Unix(l) => l.deregister(registry),
+        }
+    }
+}
+
+/// An accepted client connection.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Stream {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(registry, token, interests),
+            Stream::Unix(s) => s.register(registry, token, interests),
+        }
+    }
+    fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(registry, token, interests),
+            Stream::Unix(s) => s.reregister(registry, token, interests),
+        }
+    }
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(registry),
+            Stream::Unix(s) => s.deregister(registry),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_unix_socket_is_replaced_but_a_live_one_or_a_plain_file_is_not() {
+        let dir = std::env::temp_dir().join(format!("nbnet-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        // Live: bound and listening here.
+        let live = ListenSocket::bind_unix(&path, Some(0o600)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let err = ListenSocket::bind_unix(&path, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // Stale: the listener is gone but its file remains.
+        drop(live);
+        assert!(path.exists());
+        ListenSocket::bind_unix(&path, None).unwrap();
+        // Not a socket: never removed.
+        let file = dir.join("plain");
+        std::fs::write(&file, "keep me").unwrap();
+        assert!(ListenSocket::bind_unix(&file, None).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn endpoints_print_as_written_in_the_config() {
+        assert_eq!(
+            Endpoint::Tcp("127.0.0.1:9000".parse().unwrap()).to_string(),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(
+            Endpoint::Unix("/run/nbnet.sock".into()).to_string(),
+            "unix:/run/nbnet.sock"
+        );
+    }
+}
