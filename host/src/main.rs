@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "nbnet", about, long_about, disable_version_flag = true)]
 struct Cli {
-    /// The config file to serve, check, reload or stop.
-    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH, global = true)]
+    /// The config file to serve or check.
+    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
 
     /// Print the version and the plugin ABI versions this nbnet loads.
@@ -56,10 +56,17 @@ enum Command {
     /// config's pid_file) with SIGHUP. It re-reads the config and plugins,
     /// starts new workers, and drains the old ones; an invalid config
     /// changes nothing.
-    Reload,
+    Reload {
+        /// The config file the server was started with.
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Stop the running server gracefully (SIGTERM to the master found
     /// through the config's pid_file) and wait until it has exited.
     Stop {
+        /// The config file the server was started with.
+        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
         /// Stop at once (SIGINT): close connections without draining.
         #[arg(long)]
         fast: bool,
@@ -124,8 +131,8 @@ fn main() {
         }) => client::send(&addr, payload.as_bytes(), timeout),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
-        Some(Command::Reload) => control::reload(&cli.config),
-        Some(Command::Stop { fast }) => control::stop(&cli.config, fast),
+        Some(Command::Reload { config }) => control::reload(&config),
+        Some(Command::Stop { config, fast }) => control::stop(&config, fast),
         None => serve_or_check(&cli.config, cli.check),
     };
     std::process::exit(code);
@@ -192,5 +199,19 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             report.errors.len()
         );
         exit_code::PLUGIN_LOAD_FAILED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap checks the whole command tree (e.g. two `--config` flags that
+    /// clash once one is global) only in debug builds, when the bad argument
+    /// is used; this checks every subcommand at once.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

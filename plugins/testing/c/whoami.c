@@ -1,0 +1,46 @@
+/*
+ * whoami.c -- test-only plugin: answers "<worker pid> <peer> <listener>",
+ * what the host says about the connection. The load-balancer test uses it to
+ * see which nbnet served a request and whether the PROXY protocol delivered
+ * the real client's address.
+ */
+#include <stdio.h>
+#include <unistd.h>
+
+#include "nbnet_plugin.h"
+
+static int whoami_init(const nbnet_init_ctx *ctx, void **state) {
+    (void)ctx;
+    *state = NULL;
+    return NBNET_OK;
+}
+
+static int whoami_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
+    (void)state;
+    (void)req;
+    (void)len;
+    char text[512];
+    int n = snprintf(text, sizeof text, "%ld %s %s", (long)getpid(), resp->conn->peer,
+                     resp->conn->listener);
+    if (n < 0 || (size_t)n >= sizeof text) {
+        static const char msg[] = "whoami: address too long";
+        return nbnet_error(resp, msg, sizeof msg - 1);
+    }
+    return nbnet_write(resp, text, (size_t)n);
+}
+
+static const nbnet_plugin whoami_plugin = {
+    .abi_major = NBNET_ABI_MAJOR,
+    .abi_minor = NBNET_ABI_MINOR,
+    .struct_size = sizeof(nbnet_plugin),
+    .name = "whoami",
+    .version = "0.1.0",
+    .init = whoami_init,
+    .process = whoami_process,
+    .destroy = NULL,
+    .on_open = NULL,
+    .on_close = NULL,
+    .on_shutdown = NULL,
+};
+
+NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &whoami_plugin; }
