@@ -69,7 +69,7 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     }
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        if kill(pid, None) == Err(Errno::ESRCH) {
+        if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
             println!("stopped (master {pid})");
             return exit_code::OK;
         }
@@ -131,4 +131,17 @@ fn send(pid: Pid, signal: Signal, file: &Path) -> Result<(), String> {
         ),
         e => format!("cannot signal process {pid} (from {}): {e}", file.display()),
     })
+}
+
+/// A process that has exited but not been reaped by its parent yet still
+/// answers `kill(pid, 0)`; `/proc/PID/stat` says `Z`.
+fn is_zombie(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses.
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }

@@ -60,8 +60,10 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the master looks at the scoreboard while replacing workers.
 const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
 
-/// The signals the master handles.
-const MASTER_SIGNALS: [Signal; 7] = [
+/// The signals the master handles. SIGUSR2 is internal: a worker that
+/// wants to be replaced (`max_requests_per_worker`) sends it to wake the
+/// master at once.
+const MASTER_SIGNALS: [Signal; 8] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -69,6 +71,7 @@ const MASTER_SIGNALS: [Signal; 7] = [
     Signal::SIGCHLD,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
+    Signal::SIGUSR2,
 ];
 
 /// Whether the master is serving or winding down.
@@ -411,8 +414,9 @@ impl Master {
                     Signal::SIGHUP => self.handle_hup(),
                     Signal::SIGTTIN => self.handle_ttin(),
                     Signal::SIGTTOU => self.handle_ttou(),
-                    // Reaping happens below, whatever woke us.
-                    Signal::SIGCHLD => {}
+                    // Reaping and retirement requests are handled below,
+                    // whatever woke us.
+                    Signal::SIGCHLD | Signal::SIGUSR2 => {}
                     other => tracing::debug!("ignoring {other}"),
                 }
             }

@@ -214,6 +214,8 @@ impl Reactor {
                 // the replacement is ready; until then keep serving.
                 tracing::info!("answered {} requests: asking to be replaced", self.served);
                 self.slot.request_retirement();
+                // Wake the master now rather than at its next periodic look.
+                let _ = nix::sys::signal::kill(nix::unistd::getppid(), Signal::SIGUSR2);
                 self.retire_after = None;
             }
             if let Some(deadline) = self.draining {
