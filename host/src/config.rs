@@ -61,6 +61,11 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Open client connections per worker; past it the worker stops accepting.
     pub max_connections: usize,
+    /// Response bytes one connection may have waiting (its client not
+    /// reading them) before the worker stops answering and reading its
+    /// further requests. Bounds memory per connection to about twice this
+    /// plus one `max_frame_bytes` response.
+    pub max_pending_output_bytes: usize,
     /// How long a graceful stop (SIGTERM) may take: connections still busy
     /// after it are cut.
     #[serde(deserialize_with = "duration")]
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             read_timeout: Duration::from_secs(30),
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
+            max_pending_output_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             max_requests_per_worker: 0,
             max_requests_jitter: 0,
@@ -295,6 +301,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         if value.is_zero() {
             problems.push((None, format!("[server] {key} must be above zero")));
         }
+    }
+    if server.max_pending_output_bytes == 0 {
+        problems.push((
+            None,
+            "[server] max_pending_output_bytes must be at least 1".to_string(),
+        ));
     }
     if server.max_connections == 0 {
         problems.push((

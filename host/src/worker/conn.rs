@@ -119,6 +119,9 @@ pub struct Context<'a> {
     pub plugin_index: usize,
     /// Requests this worker has answered (for `max_requests_per_worker`).
     pub served: &'a mut u64,
+    /// `max_pending_output_bytes`: answer no more frames of a read once this
+    /// many response bytes wait to be sent.
+    pub output_budget: usize,
 }
 
 /// One accepted client connection.
@@ -234,6 +237,16 @@ impl Connection {
         }
         let mut progress = false;
         loop {
+            // Frames already received but held back by the output budget
+            // come first, before reading more.
+            if self.holds_a_frame(ctx.decoder) {
+                self.answer_and_flush(ctx, 0)?;
+                progress = true;
+                if self.state != State::Reading {
+                    return Ok(true);
+                }
+                continue;
+            }
             let (read, want) = if self.input_len == 0 {
                 // At a frame boundary: read into the worker's shared buffer.
                 let read = self.stream.read(&mut ctx.scratch.input);
@@ -256,37 +269,19 @@ impl Connection {
                 }
                 Ok(n) => {
                     let frame_under_way = self.input_len > 0;
-                    let completed = match self.process_read(ctx, n) {
-                        Ok(completed) => completed,
-                        Err(close) => {
-                            // Deliver the answers to the requests before the bad
-                            // one (best effort: non-blocking), then close.
-                            let mut sent = 0;
-                            let _ = write_some(
-                                &mut self.stream,
-                                &ctx.scratch.output,
-                                &mut sent,
-                                &ctx.slot.stats,
-                            );
-                            ctx.scratch.output.clear();
-                            return Err(close);
-                        }
-                    };
+                    let completed = self.answer_and_flush(ctx, n)?;
                     if completed || !frame_under_way || self.input_len == 0 {
                         progress = true;
                     }
-                    // Answer this read's requests in one write before reading
-                    // more; if the client is not reading them, stop reading
-                    // from it too (WRITABLE resumes), so memory stays bounded.
-                    self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
                     if self.state != State::Reading {
                         return Ok(true);
                     }
                     // A short read means the socket's receive queue is empty:
                     // don't pay another `read` just to see WouldBlock. With
                     // edge-triggered polling new data brings a new event; only
-                    // a pending EOF (read_closed) must be read out now.
-                    if n < want && !read_closed {
+                    // a pending EOF (read_closed), or frames held back by the
+                    // output budget, need another turn now.
+                    if n < want && !read_closed && !self.holds_a_frame(ctx.decoder) {
                         return Ok(progress);
                     }
                 }
@@ -297,6 +292,42 @@ impl Connection {
                 Err(e) => return Err(Close::Io(e)),
             }
         }
+    }
+
+    /// Answers the frames among the `n` bytes just read (or held back), and
+    /// writes the answers in one go. If the client is not reading them, the
+    /// connection moves to Writing and stops reading (WRITABLE resumes it),
+    /// so its memory stays bounded. `Ok(true)` when a frame was answered.
+    fn answer_and_flush(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
+        match self.process_read(ctx, n) {
+            Ok(completed) => {
+                self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
+                Ok(completed)
+            }
+            Err(close) => {
+                // Deliver the answers to the requests before the bad one
+                // (best effort: non-blocking), then close.
+                let mut sent = 0;
+                let _ = write_some(
+                    &mut self.stream,
+                    &ctx.scratch.output,
+                    &mut sent,
+                    &ctx.slot.stats,
+                );
+                ctx.scratch.output.clear();
+                Err(close)
+            }
+        }
+    }
+
+    /// Whether the buffered input starts with something to act on: a whole
+    /// frame held back by the output budget (or a bad header to close on).
+    fn holds_a_frame(&self, decoder: FrameDecoder) -> bool {
+        self.input_len > 0
+            && !matches!(
+                decoder.decode(&self.input[..self.input_len]),
+                Ok(Decoded::Incomplete { .. })
+            )
     }
 
     /// Reads until the PROXY header is complete; then takes the real
@@ -384,6 +415,7 @@ impl Connection {
             conn: &conn,
             decoder: ctx.decoder,
             peer: &self.peer,
+            budget: ctx.output_budget,
         };
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
@@ -470,6 +502,9 @@ struct Answering<'a> {
     conn: &'a RawConnection,
     decoder: FrameDecoder,
     peer: &'a str,
+    /// Stop answering (keep the rest of the frames for later) once this many
+    /// response bytes are waiting: see `max_pending_output_bytes`.
+    budget: usize,
 }
 
 impl Answering<'_> {
@@ -480,6 +515,10 @@ impl Answering<'_> {
         let max = self.decoder.max_frame_bytes();
         let stats = self.slot.stats.plugin(self.plugin_index);
         while start < data.len() {
+            if out.len() >= self.budget {
+                // Enough answers waiting: the client must read them first.
+                break;
+            }
             match self.decoder.decode(&data[start..]) {
                 Ok(Decoded::Frame { len }) => {
                     let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];

@@ -101,6 +101,7 @@ pub fn run(
         max_connections: config.server.max_connections,
         shutdown_timeout: config.server.shutdown_timeout,
         retire_after: retire_after(config, getpid().as_raw() as u64),
+        max_pending_output_bytes: config.server.max_pending_output_bytes,
     };
     let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
         Ok(reactor) => reactor,

@@ -40,6 +40,9 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
     /// Requests after which the worker asks the master to replace it.
     pub retire_after: Option<u64>,
+    /// Response bytes a connection may have waiting before the worker stops
+    /// answering (and reading) its further requests.
+    pub max_pending_output_bytes: usize,
 }
 
 /// One inherited listening socket and the plugin that serves it.
@@ -181,6 +184,7 @@ impl Reactor {
                             slot: self.slot,
                             plugin_index: listener.plugin,
                             served: &mut self.served,
+                            output_budget: self.limits.max_pending_output_bytes,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
