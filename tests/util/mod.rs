@@ -58,10 +58,22 @@ pub struct Artifacts {
     pub newer_minor_so: PathBuf,
     /// C test plugin with `process = NULL`.
     pub missing_process_so: PathBuf,
-    /// C test plugin that fails, crashes or over-answers on request.
+    /// C test plugin that fails, crashes, hangs or over-answers on request
+    /// (`plugins/testing/c/misbehave.c`).
     pub misbehave_so: PathBuf,
+    /// Rust test plugin with the same requests, plus `panic`
+    /// (`plugins/testing/misbehave-rs`).
+    pub misbehave_rs_so: PathBuf,
     /// A shared library that exists but is no plugin (libm).
     pub system_lib: PathBuf,
+    /// Rust example `kv` (`plugins/kv`): `SET k v` / `GET k` / `DEL k`.
+    pub kv_so: PathBuf,
+    /// Rust example `sha256` (`plugins/sha256`): hex SHA-256 of the request.
+    pub sha256_so: PathBuf,
+    /// C example `echo-c` (`plugins/echo-c/echo.c`).
+    pub echo_c_so: PathBuf,
+    /// C example `counter-c` (`plugins/counter-c/counter.c`): 10, 11, ... with `start = 10`.
+    pub counter_c_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -158,6 +170,7 @@ fn build_now() -> Artifacts {
         upper_so: rust_plugin("upper"),
         echo_so: rust_plugin("echo"),
         fail_init_so: rust_plugin("fail_init"),
+        misbehave_rs_so: rust_plugin("misbehave_rs"),
         upper_c_so: c_plugin("plugins/upper-c/upper.c", "libupper_c.so"),
         bad_abi_so: c_plugin("plugins/testing/c/bad_abi.c", "libbad_abi.so"),
         newer_minor_so: c_plugin("plugins/testing/c/newer_minor.c", "libnewer_minor.so"),
@@ -167,6 +180,10 @@ fn build_now() -> Artifacts {
         ),
         misbehave_so: c_plugin("plugins/testing/c/misbehave.c", "libmisbehave.so"),
         system_lib: find_system_lib(),
+        kv_so: rust_plugin("kv"),
+        sha256_so: rust_plugin("sha256"),
+        echo_c_so: c_plugin("plugins/echo-c/echo.c", "libecho_c.so"),
+        counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
         nbnet,
     }
 }
@@ -367,6 +384,64 @@ pub fn send_signal(pid: i32, sig: i32) {
     );
 }
 
+/// Resident memory of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time `pid` has used (user + system), in clock ticks.
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The share of one core `pid` uses over `over` (1.0 = a whole core),
+/// sampled from `/proc/<pid>/stat`; panics if the process disappears.
+pub fn cpu_share(pid: i32, over: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let before = cpu_ticks(pid).unwrap_or_else(|| panic!("no process {pid}"));
+    let start = Instant::now();
+    thread::sleep(over);
+    let after = cpu_ticks(pid).unwrap_or_else(|| panic!("process {pid} disappeared"));
+    let elapsed = start.elapsed().as_secs_f64();
+    (after - before) as f64 / hz / elapsed
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (for tests
+/// that open many connections); returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+    let soft = limit.rlim_cur as u64;
+    soft
+}
+
 /// How a process ended, for messages: "exit code 3" or "signal 9".
 pub fn describe(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -392,12 +467,14 @@ pub struct Outcome {
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
 /// and kept for the sandbox's life), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
-/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{system_lib}`.
+/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{misbehave_rs}`,
+/// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     runs: u32,
     cwd: Option<PathBuf>,
+    fd_limit: Option<u64>,
 }
 
 impl Default for Sandbox {
@@ -419,6 +496,7 @@ impl Sandbox {
             ports: Vec::new(),
             runs: 0,
             cwd: None,
+            fd_limit: None,
         }
     }
 
@@ -485,7 +563,12 @@ impl Sandbox {
                 "newer_minor" => path(&a.newer_minor_so),
                 "missing_process" => path(&a.missing_process_so),
                 "misbehave" => path(&a.misbehave_so),
+                "misbehave_rs" => path(&a.misbehave_rs_so),
                 "system_lib" => path(&a.system_lib),
+                "kv" => path(&a.kv_so),
+                "sha256" => path(&a.sha256_so),
+                "echo_c" => path(&a.echo_c_so),
+                "counter_c" => path(&a.counter_c_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);
@@ -522,14 +605,38 @@ impl Sandbox {
         self.cwd = Some(dir.to_path_buf());
     }
 
+    /// Runs later `nbnet` commands with `RLIMIT_NOFILE` (soft and hard) set
+    /// to `limit` open files, to make a server run out of descriptors.
+    pub fn set_fd_limit(&mut self, limit: u64) {
+        self.fd_limit = Some(limit);
+    }
+
     /// A `nbnet` command run in the sandbox (or the directory given to
-    /// [`Sandbox::set_cwd`]), with a clean log environment.
+    /// [`Sandbox::set_cwd`]), with a clean log environment (and the fd limit
+    /// of [`Sandbox::set_fd_limit`], if any).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&build().nbnet);
         cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
             .env_remove("RUST_LOG")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
+        if let Some(limit) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe; `limit` is a plain copy.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd
     }
 
@@ -1006,5 +1113,155 @@ impl Client {
     /// Half-closes the sending side.
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+// ------------------------------------------------ the misbehave test plugins
+
+/// Requests the misbehave test plugins (`{misbehave}` in C, `{misbehave_rs}`
+/// in Rust) understand, beyond echo: see `plugins/testing/c/misbehave.c`.
+impl Client {
+    /// Which worker serves this connection: the plugins' `pid` request.
+    pub fn worker_pid(&mut self) -> i32 {
+        let answer = self.request(b"pid");
+        std::str::from_utf8(&answer)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("`pid` answered {}", show(&answer)))
+    }
+
+    /// The plugins' `ok` request: (the worker's pid, the instance's call count).
+    pub fn ok(&mut self) -> (i32, u64) {
+        let answer = self.request(b"ok");
+        let text = String::from_utf8_lossy(&answer);
+        let mut words = text.split(' ');
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("ok"), Some(pid), Some(calls), None) => match (pid.parse(), calls.parse()) {
+                (Ok(pid), Ok(calls)) => (pid, calls),
+                _ => panic!("`ok` answered {}", show(&answer)),
+            },
+            _ => panic!("`ok` answered {}", show(&answer)),
+        }
+    }
+}
+
+impl Server {
+    /// Opens connections until each of `n` distinct workers serves one (asked
+    /// with `pid`, so the listener must serve a misbehave plugin); returns one
+    /// (worker pid, client) per worker. Panics after 10 s.
+    pub fn clients_on_distinct_workers(&self, n: usize) -> Vec<(i32, Client)> {
+        let mut found: Vec<(i32, Client)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while found.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "could not get a connection on each of {n} workers within 10 s (got {:?})\n--- nbnet log ---\n{}",
+                found.iter().map(|(pid, _)| pid).collect::<Vec<_>>(),
+                self.log()
+            );
+            let mut client = self.client();
+            let pid = client.worker_pid();
+            if found.iter().all(|(p, _)| *p != pid) {
+                found.push((pid, client));
+            } else {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        found
+    }
+
+    /// Waits (at most 10 s) until a log line contains every one of `parts`;
+    /// returns that line.
+    pub fn wait_for_log_line(&self, parts: &[&str]) -> String {
+        self.wait_for(&format!("a log line with {parts:?}"), || {
+            self.log()
+                .lines()
+                .find(|line| parts.iter().all(|p| line.contains(p)))
+                .map(str::to_string)
+        })
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+// ------------------------------------------------ operations (reload, stop)
+
+impl Server {
+    /// The server's sandbox: to render and write a new config with the same
+    /// ports and directory (for a reload), or to run `nbnet reload|stop`
+    /// next to the running server.
+    pub fn sandbox_mut(&mut self) -> &mut Sandbox {
+        self.sandbox.as_mut().expect("server has its sandbox")
+    }
+}
+
+// ------------------------------------------- plugin authoring and examples
+
+impl Sandbox {
+    /// Runs `nbnet` with `args` and `input` as its stdin, and waits (at most
+    /// [`STARTUP_TIMEOUT`]) for it to exit; panics, after killing it, if it
+    /// does not. For `nbnet plugin run`.
+    pub fn run_with_input(&mut self, args: &[&str], input: &[u8]) -> Outcome {
+        let mut cmd = self.command();
+        cmd.args(args);
+        let what = format!("nbnet {}", args.join(" "));
+        let output = run_tool(cmd, &what, input, STARTUP_TIMEOUT);
+        Outcome {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `cmd` with its stdout and stderr captured, feeding it `input` on
+/// stdin, and waits at most `timeout`; on
+/// timeout it kills it and panics with what it printed. Returns its output,
+/// whatever its exit status.
+pub fn run_tool(
+    mut cmd: Command,
+    what: &str,
+    input: &[u8],
+    timeout: Duration,
+) -> std::process::Output {
+    // Files rather than pipes: nothing to drain while waiting.
+    let out_dir = tempfile::tempdir().expect("create tempdir");
+    let (out_path, err_path) = (out_dir.path().join("out"), out_dir.path().join("err"));
+    cmd.stdin(Stdio::piped())
+        .stdout(fs::File::create(&out_path).expect("create stdout file"))
+        .stderr(fs::File::create(&err_path).expect("create stderr file"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    // A child that exits without reading its input must not block us.
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                fs::read_to_string(&out_path).unwrap_or_default(),
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let _ = writer.join();
+    std::process::Output {
+        status,
+        stdout: fs::read(&out_path).unwrap_or_default(),
+        stderr: fs::read(&err_path).unwrap_or_default(),
     }
 }

@@ -10,16 +10,33 @@
  *   "crash"     -> abort(): the worker dies from SIGABRT
  *   "whoami"    -> answers "worker I/N" (its init context's index and count)
  *   "config"    -> answers its config table as the TOML text it received
+ *   "ok"        -> answers "ok <pid> <calls>": the worker's pid and how many
+ *                  requests this instance has seen (this one included)
+ *   "pid"       -> answers the worker's pid
+ *   "segfault"  -> writes through a null pointer: the worker dies from SIGSEGV
+ *   "abort"     -> abort(): the worker dies from SIGABRT
+ *   "hang"      -> spins forever (the host's watchdog must kill the worker)
+ *   "sleep:MS"  -> sleeps MS milliseconds, then answers "slept MS"
+ *   "error"     -> returns NBNET_ERR with "misbehave refuses on purpose"
+ *   "huge"      -> writes 1 MiB chunks until the host refuses one, then
+ *                  returns NBNET_ERR with "misbehave: response too big"
  *   anything else -> echoed back
+ *
+ * (The same requests, plus "panic", drive the Rust test plugin in
+ * plugins/testing/misbehave-rs.)
  *
  * init logs "misbehave init worker I/N" through the host's logger. With
  * `fail_init_worker = I` in its config table, init fails in worker I only
  * ("misbehave refuses to init worker I"), as a plugin that cannot start in
  * one worker (a port or file it cannot get, say) would.
  */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "nbnet_plugin.h"
 
@@ -28,7 +45,22 @@ typedef struct {
     uint32_t worker_count;
     char *config;
     size_t config_len;
+    unsigned long long calls;
 } misbehave_state;
+
+/* Volatile, so that the compiler cannot see that "segfault" writes through NULL. */
+static unsigned char *volatile null_target = NULL;
+
+static int is(const uint8_t *req, size_t len, const char *word) {
+    size_t n = strlen(word);
+    return len == n && memcmp(req, word, n) == 0;
+}
+
+static int write_text(nbnet_response *resp, const char *fmt, unsigned long long value) {
+    char out[64];
+    int n = snprintf(out, sizeof out, fmt, value);
+    return nbnet_write(resp, out, n > 0 ? (size_t)n : 0);
+}
 
 static int starts_with(const uint8_t *req, size_t len, const char *prefix) {
     size_t n = strlen(prefix);
@@ -81,6 +113,53 @@ static int misbehave_init(const nbnet_init_ctx *ctx, void **state) {
 
 static int misbehave_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
     misbehave_state *s = state;
+    s->calls++;
+    if (is(req, len, "ok")) {
+        char out[64];
+        int n = snprintf(out, sizeof out, "ok %ld %llu", (long)getpid(), s->calls);
+        return nbnet_write(resp, out, n > 0 ? (size_t)n : 0);
+    }
+    if (is(req, len, "pid")) {
+        return write_text(resp, "%llu", (unsigned long long)getpid());
+    }
+    if (is(req, len, "segfault")) {
+        *null_target = 1;
+        static const char msg[] = "misbehave: the null write did not crash";
+        return nbnet_error(resp, msg, sizeof msg - 1);
+    }
+    if (is(req, len, "abort")) {
+        abort();
+    }
+    if (is(req, len, "hang")) {
+        for (;;) {
+            __asm__ __volatile__("" ::: "memory");
+        }
+    }
+    if (is(req, len, "error")) {
+        static const char msg[] = "misbehave refuses on purpose";
+        return nbnet_error(resp, msg, sizeof msg - 1);
+    }
+    if (is(req, len, "huge")) {
+        static uint8_t chunk[1 << 20];
+        memset(chunk, 'h', sizeof chunk);
+        for (;;) {
+            if (nbnet_write(resp, chunk, sizeof chunk) != NBNET_OK) {
+                static const char msg[] = "misbehave: response too big";
+                return nbnet_error(resp, msg, sizeof msg - 1);
+            }
+        }
+    }
+    if (starts_with(req, len, "sleep:")) {
+        char digits[32];
+        size_t dlen = len - 6 < sizeof digits - 1 ? len - 6 : sizeof digits - 1;
+        memcpy(digits, req + 6, dlen);
+        digits[dlen] = '\0';
+        unsigned long long ms = strtoull(digits, NULL, 10);
+        struct timespec left = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+        while (nanosleep(&left, &left) != 0 && errno == EINTR) {
+        }
+        return write_text(resp, "slept %llu", ms);
+    }
     if (starts_with(req, len, "fail")) {
         char msg[256];
         size_t shown = len > 100 ? 100 : len;

@@ -1,0 +1,381 @@
+//! Tools for plugin authors, run as an author would: `nbnet plugin info` on
+//! plugins and non-plugins, `nbnet plugin run` on lines, frames and configs,
+//! and `nbnet plugin new` whose output builds, passes its tests and runs,
+//! outside nbnet's workspace (docs/plugins.md, "Tools").
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nbnet_tests::{
+    build, frame, run_tool, show, target_dir, workspace_root, Outcome, Sandbox, STARTUP_TIMEOUT,
+};
+
+/// How long building and testing a generated crate may take. With the
+/// workspace's dependencies already compiled it takes seconds; the bound is
+/// for a cold machine.
+const CARGO_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// `nbnet plugin info FILE`.
+fn info(file: &Path) -> Outcome {
+    Sandbox::new().run(&["plugin", "info", path_str(file)])
+}
+
+/// `nbnet plugin run FILE ARGS...` with `input` on stdin.
+fn plugin_run(file: &Path, args: &[&str], input: &[u8]) -> Outcome {
+    let mut all = vec!["plugin", "run", path_str(file)];
+    all.extend_from_slice(args);
+    Sandbox::new().run_with_input(&all, input)
+}
+
+/// The value of `key:` in `plugin info`'s output; panics if it is missing.
+fn field<'a>(outcome: &'a Outcome, key: &str) -> &'a str {
+    let prefix = format!("{key}:");
+    outcome
+        .stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no `{key}:` line in\n{}", outcome.stdout))
+}
+
+fn assert_exit(outcome: &Outcome, code: i32, what: &str) {
+    assert_eq!(
+        outcome.status.code(),
+        Some(code),
+        "{what}: expected exit code {code}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        outcome.stdout,
+        outcome.stderr
+    );
+}
+
+/// Runs a build tool, panicking with its output unless it succeeds.
+fn run_ok(cmd: Command, what: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let out = run_tool(cmd, what, b"", timeout);
+    assert!(
+        out.status.success(),
+        "{what} failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}
+
+fn cargo(dir: &Path, args: &[&str]) -> Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(dir)
+        // Reuse the workspace's build cache: the dependencies are compiled once.
+        .env("CARGO_TARGET_DIR", target_dir())
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+// ---------------------------------------------------------------- plugin info
+
+#[test]
+fn info_describes_a_rust_plugin_and_says_it_loads() {
+    let out = info(&build().upper_so);
+    assert_exit(&out, 0, "plugin info on the Rust upper plugin");
+    assert!(field(&out, "kind").starts_with("Rust"), "{}", out.stdout);
+    assert_eq!(field(&out, "name"), "upper");
+    assert!(field(&out, "abi").starts_with("1.0 "), "{}", out.stdout);
+    assert_eq!(field(&out, "loadable"), "yes");
+    assert!(
+        field(&out, "file").ends_with("libupper.so"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn info_describes_a_c_plugin_and_says_it_loads() {
+    let out = info(&build().upper_c_so);
+    assert_exit(&out, 0, "plugin info on the C upper plugin");
+    assert!(field(&out, "kind").starts_with("C "), "{}", out.stdout);
+    assert_eq!(field(&out, "name"), "upper-c");
+    assert!(field(&out, "abi").starts_with("1.0 "), "{}", out.stdout);
+    assert_eq!(field(&out, "loadable"), "yes");
+}
+
+#[test]
+fn info_on_a_library_that_is_no_plugin_exits_4() {
+    let out = info(&build().system_lib);
+    assert_exit(&out, 4, "plugin info on a system library");
+    let loadable = field(&out, "loadable");
+    assert!(
+        loadable.starts_with("no") && loadable.contains("not an nbnet plugin"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn info_on_a_plugin_of_another_abi_major_exits_4_and_names_it() {
+    let out = info(&build().bad_abi_so);
+    assert_exit(&out, 4, "plugin info on bad_abi");
+    assert!(field(&out, "kind").starts_with("C "), "{}", out.stdout);
+    assert!(field(&out, "abi").starts_with("99."), "{}", out.stdout);
+    let loadable = field(&out, "loadable");
+    assert!(
+        loadable.starts_with("no") && loadable.contains("99"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn info_on_a_missing_file_fails() {
+    let sandbox = Sandbox::new();
+    let missing = sandbox.path().join("libnothing.so");
+    let out = info(&missing);
+    assert!(
+        !out.status.success(),
+        "plugin info on a missing file succeeded\n{}",
+        out.stdout
+    );
+}
+
+// ----------------------------------------------------------------- plugin run
+
+#[test]
+fn run_answers_each_line_of_stdin() {
+    let out = plugin_run(
+        &build().upper_so,
+        &[],
+        b"hi\nHello, World 42\r\n\nlast line without newline",
+    );
+    assert_exit(&out, 0, "plugin run upper");
+    // The \r is dropped and the empty line skipped (no empty requests).
+    assert_eq!(
+        out.stdout,
+        "HI\nHELLO, WORLD 42\nLAST LINE WITHOUT NEWLINE\n"
+    );
+}
+
+#[test]
+fn run_with_frames_reads_and_writes_frames() {
+    // Payloads a line-based run could not carry: newlines, binary bytes.
+    let payloads: [&[u8]; 3] = [b"line one\nline two", b"hi", b"\x00\xffbin\r\n"];
+    let input: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    let upper = path_str(&build().upper_so);
+    let sandbox = Sandbox::new();
+    let mut cmd = sandbox.command();
+    cmd.args(["plugin", "run", upper, "--frames"]);
+    let out = run_tool(cmd, "nbnet plugin run --frames", &input, STARTUP_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "plugin run --frames\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<u8> = payloads
+        .iter()
+        .flat_map(|p| frame(&p.to_ascii_uppercase()))
+        .collect();
+    assert_eq!(out.stdout, want, "{}", show(&out.stdout));
+}
+
+#[test]
+fn run_passes_config_to_the_plugin_and_a_failing_init_exits_4() {
+    let out = plugin_run(
+        &build().fail_init_so,
+        &["--config", r#"reason = "no database at db.example""#],
+        b"hi\n",
+    );
+    assert_exit(&out, 4, "plugin run on a plugin whose init fails");
+    assert!(
+        out.stderr.contains("no database at db.example"),
+        "the plugin's message is missing:\n{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}
+
+#[test]
+fn run_gives_a_c_plugin_its_config() {
+    let out = plugin_run(
+        &build().counter_c_so,
+        &["--config", "start = 10"],
+        b"a\nb\nc\n",
+    );
+    assert_exit(&out, 0, "plugin run counter-c");
+    assert_eq!(out.stdout, "10\n11\n12\n");
+}
+
+#[test]
+fn a_failed_request_is_reported_and_the_run_goes_on_then_exits_1() {
+    let out = plugin_run(&build().misbehave_so, &[], b"hi\nfail now\nthere\n");
+    assert_exit(&out, 1, "plugin run with a failing request");
+    assert_eq!(out.stdout, "hi\nthere\n");
+    assert!(
+        out.stderr.contains("request 2") && out.stderr.contains("misbehave refuses: fail now"),
+        "{}",
+        out.stderr
+    );
+}
+
+// ----------------------------------------------------------------- plugin new
+
+#[test]
+fn a_new_rust_plugin_builds_passes_its_tests_and_runs_outside_the_workspace() {
+    let name = "authoring-check";
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.path().to_path_buf();
+    let out = sandbox.run(&[
+        "plugin",
+        "new",
+        name,
+        "--lang",
+        "rust",
+        "--dir",
+        path_str(&dir),
+    ]);
+    assert_exit(&out, 0, "plugin new --lang rust");
+    let root = dir.join(name);
+    assert!(root.join("Cargo.toml").is_file() && root.join("src/lib.rs").is_file());
+    assert!(out.stdout.contains("cargo test"), "{}", out.stdout);
+
+    // Pin the versions the workspace was built with, so that this build
+    // reuses its compiled dependencies (and needs no registry) instead of
+    // resolving and compiling whatever is newest.
+    fs::copy(workspace_root().join("Cargo.lock"), root.join("Cargo.lock"))
+        .expect("copy Cargo.lock");
+    let tested = run_ok(
+        cargo(&root, &["test"]),
+        "cargo test (new plugin)",
+        CARGO_TIMEOUT,
+    );
+    let built = run_ok(
+        cargo(&root, &["build"]),
+        "cargo build (new plugin)",
+        CARGO_TIMEOUT,
+    );
+    eprintln!("new Rust plugin: cargo test {tested:?}, cargo build {built:?}");
+
+    let so = target_dir().join("debug/libauthoring_check.so");
+    let info = sandbox.run(&["plugin", "info", path_str(&so)]);
+    assert_exit(&info, 0, "plugin info on the new plugin");
+    assert_eq!(field(&info, "name"), name);
+    assert_eq!(field(&info, "loadable"), "yes");
+
+    let out = plugin_run(&so, &[], b"hello\nworld\n");
+    assert_exit(&out, 0, "plugin run on the new plugin");
+    assert_eq!(out.stdout, "HELLO\nWORLD\n");
+    let out = plugin_run(&so, &["--config", r#"prefix = "> ""#], b"hi\n");
+    assert_exit(&out, 0, "plugin run on the new plugin with a prefix");
+    assert_eq!(out.stdout, "> HI\n");
+}
+
+#[test]
+fn a_new_c_plugin_builds_with_the_printed_line_and_runs() {
+    let name = "authoring-check-c";
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.path().join("plugins");
+    let out = sandbox.run(&[
+        "plugin",
+        "new",
+        name,
+        "--lang",
+        "c",
+        "--dir",
+        path_str(&dir),
+    ]);
+    assert_exit(&out, 0, "plugin new --lang c");
+    assert!(dir.join(format!("{name}.c")).is_file(), "{}", out.stdout);
+
+    // "build it:" then the command line, indented.
+    let mut lines = out.stdout.lines();
+    lines
+        .by_ref()
+        .find(|l| l.trim() == "build it:")
+        .unwrap_or_else(|| panic!("no `build it:` in\n{}", out.stdout));
+    let line = lines.next().expect("the build line").trim();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[0], "cc", "the build line: {line}");
+    let cc = std::env::var_os("CC").unwrap_or_else(|| OsString::from("cc"));
+    let mut cmd = Command::new(cc);
+    cmd.args(&words[1..]).current_dir(sandbox.path());
+    run_ok(cmd, line, Duration::from_secs(120));
+
+    let so = dir.join("libauthoring_check_c.so");
+    assert!(
+        line.contains(path_str(&so)),
+        "the build line does not write {}: {line}",
+        so.display()
+    );
+    let info = sandbox.run(&["plugin", "info", path_str(&so)]);
+    assert_exit(&info, 0, "plugin info on the new C plugin");
+    assert_eq!(field(&info, "name"), name);
+    let out = plugin_run(&so, &[], b"hello\nMixed Case 1\n");
+    assert_exit(&out, 0, "plugin run on the new C plugin");
+    assert_eq!(out.stdout, "HELLO\nMIXED CASE 1\n");
+}
+
+#[test]
+fn new_refuses_invalid_names_and_writes_nothing() {
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.mkdir("out");
+    for bad in [
+        "",
+        "Upper",
+        "9lives",
+        "has space",
+        "../escape",
+        "dots.in.name",
+        "é",
+    ] {
+        for lang in ["rust", "c"] {
+            let out = sandbox.run(&[
+                "plugin",
+                "new",
+                bad,
+                "--lang",
+                lang,
+                "--dir",
+                path_str(&dir),
+            ]);
+            assert!(
+                !out.status.success() && out.stderr.contains("not a valid name"),
+                "plugin new {bad:?} --lang {lang} was not refused\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+    let left: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "refused names left files: {left:?}");
+    assert!(!sandbox.path().join("escape").exists());
+}
+
+#[test]
+fn new_does_not_overwrite_an_existing_plugin() {
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.mkdir("out");
+    let args = [
+        "plugin",
+        "new",
+        "twice",
+        "--lang",
+        "c",
+        "--dir",
+        path_str(&dir),
+    ];
+    assert_exit(&sandbox.run(&args), 0, "first plugin new");
+    let file = dir.join("twice.c");
+    fs::write(&file, "/* mine */\n").unwrap();
+    let again = sandbox.run(&args);
+    assert!(!again.status.success(), "a second plugin new succeeded");
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    assert_eq!(fs::read_to_string(&file).unwrap(), "/* mine */\n");
+}
