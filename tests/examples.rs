@@ -282,7 +282,11 @@ fn serve_like_the_docs(so: &Path) {
     assert_exit(&out, 0, "plugin run with the docs' --config");
     assert_eq!(out.stdout, format!("{want}\n"));
 
-    let server = Server::start(&docs_config(&docs, so));
+    // "Check it, then (re)start nbnet".
+    let config = docs_config(&docs, so);
+    let checked = Sandbox::new().check(&config);
+    assert_exit(&checked, 0, "nbnet --check on the docs' config");
+    let server = Server::start(&config);
     let sent = nbnet_send(&server.addr().to_string(), "world");
     assert_exit(&sent, 0, "nbnet send ... world");
     assert_eq!(sent.stdout, format!("{want}\n"));
