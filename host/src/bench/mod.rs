@@ -1,6 +1,35 @@
 //! `nbnet bench`: a closed-loop load generator for the nbnet protocol.
+//!
+//! # Brief overview
+//!
+//! - [`payload`]: unique request payloads (connection id + sequence number)
+//!   and the check of each response against its own request. Pure.
+//! - [`driver`]: one thread's mio reactor over its share of the connections;
+//!   keeps `--pipeline` requests in flight per connection.
+//! - [`report`]: merging the threads' tallies, the human table and `--json`.
+//!
+//! Connections are opened (blocking, so an unreachable server is reported at
+//! once) before the clock starts, split round-robin across `--threads`
+//! threads, then driven for `--warmup` (checked, not counted) plus
+//! `--duration`, or until `--requests` responses came back (for tools that
+//! need a fixed amount of work, such as callgrind). `--idle` only opens
+//! connections and holds them, for memory-per-connection measurements.
+
+pub mod driver;
+pub mod payload;
+pub mod report;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use clap::Args;
+
+use crate::codec::{FrameReader, MAX_DECLARED};
+use crate::exit_code;
+use driver::{Job, Phases, Tally};
+use payload::{Expect, Payloads};
+use report::{Failures, RunSettings, Summary};
 
 /// Options of `nbnet bench`.
 #[derive(Args, Debug, Clone)]
@@ -8,10 +37,280 @@ pub struct BenchArgs {
     /// Server address, IP:PORT.
     #[arg(long, default_value = "127.0.0.1:9000")]
     pub addr: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 50)]
+    pub conns: usize,
+    /// Requests in flight per connection (1 = strict request/response).
+    #[arg(
+        long = "pipeline",
+        alias = "depth",
+        value_name = "DEPTH",
+        default_value_t = 1
+    )]
+    pub pipeline: usize,
+    /// Request payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Measured time (after the warm-up); with --requests, the time limit.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Load before measuring (responses are checked, not counted).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Load-generator threads (connections are split among them).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// What a correct response is: `upper` (the default config's plugin),
+    /// `echo`, or `none` (check the framing only).
+    #[arg(long, value_enum, default_value_t = Expect::Upper)]
+    pub expect: Expect,
+    /// Send exactly this many requests in all (no warm-up), then stop.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Open --conns connections, make one checked request on each, print
+    /// `ready N` and hold them open (no traffic) for --duration.
+    #[arg(long)]
+    pub idle: bool,
 }
 
 /// Runs the benchmark; returns the process exit code.
 pub fn run(args: &BenchArgs) -> i32 {
-    eprintln!("nbnet bench: not implemented yet ({})", args.addr);
-    crate::exit_code::FAILURE
+    match run_inner(args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("nbnet bench: {message}");
+            exit_code::FAILURE
+        }
+    }
+}
+
+fn run_inner(args: &BenchArgs) -> Result<i32, String> {
+    let addr: SocketAddr = args.addr.parse().map_err(|_| {
+        format!(
+            "{:?} is not IP:PORT (for example 127.0.0.1:9000)",
+            args.addr
+        )
+    })?;
+    if args.conns == 0 || args.pipeline == 0 || args.size == 0 || args.threads == 0 {
+        return Err("--conns, --pipeline, --size and --threads must be at least 1".into());
+    }
+    if args.size as u64 > MAX_DECLARED {
+        return Err(format!("--size must be at most {MAX_DECLARED}"));
+    }
+    raise_fd_limit(args.conns + 64);
+    let payloads = Payloads::new(args.size);
+    if args.idle {
+        return hold_idle(args, addr, &payloads);
+    }
+    let threads = args.threads.min(args.conns);
+    let mut groups: Vec<(Vec<mio::net::TcpStream>, Vec<u32>)> =
+        (0..threads).map(|_| (Vec::new(), Vec::new())).collect();
+    for i in 0..args.conns {
+        let stream = connect(addr, i)?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        let group = &mut groups[i % threads];
+        group.0.push(mio::net::TcpStream::from_std(stream));
+        group.1.push(i as u32);
+    }
+    let start = Instant::now();
+    let (warmup, limit) = match args.requests {
+        Some(_) => (Duration::ZERO, args.duration),
+        None => (args.warmup, args.warmup + args.duration),
+    };
+    let phases = Phases {
+        measure_from: start + warmup,
+        end: start + limit,
+    };
+    let handles: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(t, (streams, ids))| {
+            let quota = args.requests.map(|n| {
+                let t = t as u64;
+                n / threads as u64 + u64::from(t < n % threads as u64)
+            });
+            let job = Job {
+                depth: args.pipeline,
+                expect: args.expect,
+                payloads: payloads.clone(),
+                quota,
+                phases,
+            };
+            std::thread::Builder::new()
+                .name(format!("bench-{t}"))
+                .spawn(move || driver::drive(&job, streams, ids))
+                .expect("spawn a load-generator thread")
+        })
+        .collect();
+    // The client's own CPU over the measured window.
+    sleep_until(phases.measure_from);
+    let cpu_from = own_cpu_time();
+    let measured_from = Instant::now();
+    let tallies: Vec<Tally> = handles
+        .into_iter()
+        .map(|h| h.join().expect("a load-generator thread panicked"))
+        .collect();
+    let cpu = own_cpu_time().saturating_sub(cpu_from);
+    let elapsed = match args.requests {
+        Some(_) => measured_from.elapsed(),
+        None => args.duration,
+    };
+    let summary = merge(tallies, elapsed, cpu);
+    let settings = RunSettings {
+        addr: args.addr.clone(),
+        conns: args.conns,
+        depth: args.pipeline,
+        size: args.size,
+        threads,
+        expect: args.expect,
+        warmup,
+        requests: args.requests,
+    };
+    if args.json {
+        println!("{}", summary.json(&settings));
+    } else {
+        print!("{}", summary.table(&settings));
+    }
+    let f = &summary.failures;
+    if f.mismatches > 0 || f.errors() > 0 || summary.timed_out || summary.completed == 0 {
+        eprintln!(
+            "nbnet bench: FAILED: {} mismatched response(s), {} error(s){}{}",
+            f.mismatches,
+            f.errors(),
+            if summary.timed_out {
+                ", the requests did not all complete within --duration"
+            } else {
+                ""
+            },
+            if summary.completed == 0 {
+                ", no response in the measured window"
+            } else {
+                ""
+            }
+        );
+        for m in &f.messages {
+            eprintln!("nbnet bench: {m}");
+        }
+        return Ok(exit_code::FAILURE);
+    }
+    Ok(exit_code::OK)
+}
+
+fn merge(tallies: Vec<Tally>, elapsed: Duration, cpu: Duration) -> Summary {
+    let mut latency = driver::new_histogram();
+    let mut summary = Summary {
+        elapsed,
+        completed: 0,
+        bytes: 0,
+        latency: driver::new_histogram(),
+        per_conn: Vec::new(),
+        longest_stall: Duration::ZERO,
+        failures: Failures::default(),
+        cpu,
+        timed_out: false,
+    };
+    for t in tallies {
+        summary.completed += t.completed;
+        summary.bytes += t.bytes;
+        latency
+            .add(&t.latency)
+            .expect("histograms with the same bounds add");
+        summary.per_conn.extend(t.per_conn);
+        summary.longest_stall = summary.longest_stall.max(t.longest_stall);
+        summary.failures.merge(t.failures);
+        summary.timed_out |= t.timed_out;
+    }
+    summary.latency = latency;
+    summary
+}
+
+fn connect(addr: SocketAddr, i: usize) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
+        format!("cannot connect to {addr} (connection {i}): {e}; is the server running?")
+    })?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("connection {i}: {e}"))?;
+    Ok(stream)
+}
+
+/// `--idle`: open the connections, one checked round trip on each, hold them.
+fn hold_idle(args: &BenchArgs, addr: SocketAddr, payloads: &Payloads) -> Result<i32, String> {
+    let mut streams = Vec::with_capacity(args.conns);
+    let mut request = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    for i in 0..args.conns {
+        let mut stream = connect(addr, i)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        request.clear();
+        payloads.encode_request(i as u32, 0, &mut request);
+        stream
+            .write_all(&request)
+            .map_err(|e| format!("connection {i}: write: {e}"))?;
+        let mut reader = FrameReader::new(MAX_DECLARED as usize);
+        let response = loop {
+            if let Some(frame) = reader
+                .next_frame()
+                .map_err(|e| format!("connection {i}: bad response framing: {e}"))?
+            {
+                break frame;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(format!("connection {i}: closed by the server")),
+                Ok(n) => reader.push(&chunk[..n]),
+                Err(e) => return Err(format!("connection {i}: read: {e}")),
+            }
+        };
+        if !payloads.check(args.expect, i as u32, 0, &response) {
+            return Err(format!("connection {i}: response mismatch"));
+        }
+        streams.push(stream);
+    }
+    println!("ready {}", streams.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(args.duration);
+    drop(streams);
+    Ok(exit_code::OK)
+}
+
+fn sleep_until(when: Instant) {
+    let now = Instant::now();
+    if when > now {
+        std::thread::sleep(when - now);
+    }
+}
+
+/// This process's user + system CPU time (all threads).
+fn own_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Raises the soft open-files limit to at least `want` (up to the hard limit).
+fn raise_fd_limit(want: usize) {
+    // SAFETY: plain rlimit get/set on this process with valid pointers.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = want as libc::rlim_t;
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
