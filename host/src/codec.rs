@@ -94,6 +94,18 @@ impl FrameDecoder {
     /// yet); zero and over-limit lengths are rejected as soon as the header is complete,
     /// whatever follows.
     pub fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
+        // Fast path: a whole header of ten digits, parsed eight at a time.
+        if let Some(header) = buf.first_chunk::<HEADER_LEN>() {
+            if let Some(declared) = parse_digits(header) {
+                return self.judge(declared, buf.len());
+            }
+        }
+        self.decode_bytewise(buf)
+    }
+
+    /// The reference decoder: byte by byte, so that a bad byte is reported
+    /// with its position and a partial header is judged as far as it goes.
+    fn decode_bytewise(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
         let mut declared: u64 = 0;
         for (position, &byte) in buf.iter().take(HEADER_LEN).enumerate() {
             if !byte.is_ascii_digit() {
@@ -104,6 +116,13 @@ impl FrameDecoder {
         if buf.len() < HEADER_LEN {
             return Ok(Decoded::Incomplete { total: None });
         }
+        self.judge(declared, buf.len())
+    }
+
+    /// Given a complete header declaring `declared` bytes and `available`
+    /// bytes in the buffer: a frame, an incomplete one, or an error.
+    #[inline]
+    fn judge(&self, declared: u64, available: usize) -> Result<Decoded, FrameError> {
         let max = self.max_frame_bytes;
         let too_long = FrameError::TooLong { declared, max };
         if declared == 0 {
@@ -115,13 +134,52 @@ impl FrameDecoder {
         // declared <= max, so it fits in usize; only HEADER_LEN + len can overflow (32-bit).
         let len = usize::try_from(declared).map_err(|_| too_long.clone())?;
         let total = len.checked_add(HEADER_LEN).ok_or(too_long)?;
-        Ok(if buf.len() >= total {
+        Ok(if available >= total {
             Decoded::Frame { len }
         } else {
             Decoded::Incomplete { total: Some(total) }
         })
     }
 }
+
+/// Ten ASCII digits as a number, or `None` if any byte is not a digit.
+///
+/// The first eight are checked and combined at once inside a `u64` (the
+/// "SWAR" trick): this runs for every request, and a byte-at-a-time loop
+/// costs several times the instructions.
+#[inline]
+fn parse_digits(header: &[u8; HEADER_LEN]) -> Option<u64> {
+    let (first, last) = header.split_first_chunk::<8>()?;
+    let chunk = u64::from_le_bytes(*first);
+    let digits = chunk.wrapping_sub(0x3030_3030_3030_3030);
+    // Every byte must be 0..=9: no high bits after subtracting '0', and no
+    // carry into the high nibble when adding 6.
+    if (digits | digits.wrapping_add(0x0606_0606_0606_0606)) & 0xF0F0_F0F0_F0F0_F0F0 != 0 {
+        return None;
+    }
+    // Combine neighbours: 8 digits -> 4 pairs -> 2 quads -> 1 number. The
+    // first digit is the lowest byte (little-endian load), the most significant.
+    let pairs = (digits.wrapping_mul(10) + (digits >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let quads = (pairs.wrapping_mul(100) + (pairs >> 16)) & 0x0000_FFFF_0000_FFFF;
+    let high = (quads.wrapping_mul(10_000) + (quads >> 32)) & 0xFFFF_FFFF;
+    let (d8, d9) = (last[0].wrapping_sub(b'0'), last[1].wrapping_sub(b'0'));
+    if d8 > 9 || d9 > 9 {
+        return None;
+    }
+    Some(high * 100 + u64::from(d8) * 10 + u64::from(d9))
+}
+
+/// "00", "01", … "99": two digits per table lookup when writing headers.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut table = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        table[2 * i] = b'0' + (i / 10) as u8;
+        table[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    table
+};
 
 /// Appends one frame (header + payload) to `out`. The caller guarantees
 /// `payload.len() <= MAX_DECLARED` (debug-asserted); an empty payload encodes as `0000000000`.
@@ -140,10 +198,11 @@ pub fn write_header(len: usize, dst: &mut [u8; HEADER_LEN]) {
         len as u64 <= MAX_DECLARED,
         "frame length {len} exceeds MAX_DECLARED"
     );
-    let mut n = len;
-    for digit in dst.iter_mut().rev() {
-        *digit = b'0' + (n % 10) as u8;
-        n /= 10;
+    let mut n = len as u64;
+    for pair in dst.rchunks_exact_mut(2) {
+        let at = (n % 100) as usize * 2;
+        pair.copy_from_slice(&DIGIT_PAIRS[at..at + 2]);
+        n /= 100;
     }
 }
 
@@ -357,7 +416,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_length_writes_and_parses_back() {
+        for len in [
+            1usize,
+            9,
+            10,
+            99,
+            100,
+            12_345_678,
+            99_999_999,
+            100_000_000,
+            9_999_999_999,
+        ] {
+            let mut header = [0u8; HEADER_LEN];
+            write_header(len, &mut header);
+            assert_eq!(parse_digits(&header), Some(len as u64), "{len}");
+        }
+        assert_eq!(parse_digits(b"00000000x1"), None);
+        assert_eq!(parse_digits(b"0000000/01"), None);
+        assert_eq!(parse_digits(b"000000000:"), None);
+    }
+
     proptest! {
+        #[test]
+        fn the_fast_header_parser_agrees_with_the_bytewise_one(
+            header in prop::collection::vec(prop_oneof![3 => b'0'..=b'9', 1 => any::<u8>()], 10..=14),
+            max in prop_oneof![Just(usize::MAX), 1usize..100_000],
+        ) {
+            let decoder = FrameDecoder::new(max);
+            prop_assert_eq!(decoder.decode(&header), decoder.decode_bytewise(&header));
+        }
+
         #[test]
         fn random_payloads_cut_anywhere_come_back_in_order(
             payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 1..20),

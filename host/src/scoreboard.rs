@@ -101,9 +101,9 @@ pub struct PluginStats {
 }
 
 impl PluginStats {
-    /// Records one call that took `elapsed`.
+    /// Records one call, and how long it took if it was timed.
     #[inline]
-    pub fn record(&self, elapsed: std::time::Duration, outcome: Outcome) {
+    pub fn record(&self, elapsed: Option<std::time::Duration>, outcome: Outcome) {
         self.requests.add(1);
         match outcome {
             Outcome::Ok => {}
@@ -113,6 +113,9 @@ impl PluginStats {
                 self.panics.add(1);
             }
         }
+        let Some(elapsed) = elapsed else {
+            return;
+        };
         let ns = elapsed.as_nanos().min(u128::from(u64::MAX)) as u64;
         self.latency_ns.add(ns);
         let us = ns / 1_000;
@@ -407,10 +410,11 @@ mod tests {
         let board = Scoreboard::new(1).unwrap();
         let stats = &board.slot(0).stats;
         let plugin = stats.plugin(0).unwrap();
-        plugin.record(std::time::Duration::from_micros(7), Outcome::Ok);
-        plugin.record(std::time::Duration::from_millis(2), Outcome::Panic);
-        plugin.record(std::time::Duration::from_secs(5), Outcome::Error);
-        assert_eq!(plugin.requests.get(), 3);
+        plugin.record(Some(std::time::Duration::from_micros(7)), Outcome::Ok);
+        plugin.record(Some(std::time::Duration::from_millis(2)), Outcome::Panic);
+        plugin.record(Some(std::time::Duration::from_secs(5)), Outcome::Error);
+        plugin.record(None, Outcome::Ok);
+        assert_eq!(plugin.requests.get(), 4, "untimed calls are counted too");
         assert_eq!(plugin.errors.get(), 2);
         assert_eq!(plugin.panics.get(), 1);
         assert_eq!(plugin.buckets[1].get(), 1, "7 µs is under the 10 µs bound");
@@ -426,7 +430,7 @@ mod tests {
         totals.add(stats, &["upper".to_string()], true);
         let mut twice = totals.clone();
         twice.merge(&totals);
-        assert_eq!(twice.plugins["upper"].requests, 6);
+        assert_eq!(twice.plugins["upper"].requests, 8);
         assert_eq!(twice.connections_open, 2);
         board.slot(0).reset();
         assert_eq!(plugin.requests.get(), 0);

@@ -83,6 +83,12 @@ typedef struct nbnet_response {
     /* Say why process returns NBNET_ERR; the host copies and logs it. */
     void (*set_error)(struct nbnet_response *resp, const char *msg, size_t len);
     const nbnet_conn *conn; /* the connection this request came on */
+    /* Room for up to len more bytes, written in place (no copy): returns
+     * where to write (host memory, uninitialized, valid until commit or the
+     * end of the call), or NULL if that would exceed max_frame_bytes. */
+    uint8_t *(*reserve)(struct nbnet_response *resp, size_t len);
+    /* Append the first len bytes written at the last reserved pointer. */
+    int (*commit)(struct nbnet_response *resp, size_t len);
 } nbnet_response;
 
 /* ----------------------------------------------------- init context (host) */
@@ -138,6 +144,14 @@ NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void);
 
 static inline int nbnet_write(nbnet_response *resp, const void *data, size_t len) {
     return resp->write(resp, (const uint8_t *)data, len);
+}
+
+static inline uint8_t *nbnet_reserve(nbnet_response *resp, size_t len) {
+    return resp->reserve(resp, len);
+}
+
+static inline int nbnet_commit(nbnet_response *resp, size_t len) {
+    return resp->commit(resp, len);
 }
 
 static inline int nbnet_error(nbnet_response *resp, const char *msg, size_t len) {

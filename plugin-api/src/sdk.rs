@@ -148,9 +148,70 @@ impl Response {
         if rc == NBNET_OK {
             Ok(())
         } else {
-            Err(Error::new(
-                "response refused by the host: it would exceed max_frame_bytes",
-            ))
+            Err(too_large())
+        }
+    }
+
+    /// Appends `input` transformed byte by byte with `map`, computed straight
+    /// into the host's buffer: no intermediate copy (e.g. upper-casing:
+    /// `response.write_mapped(request, |b| b.to_ascii_uppercase())`).
+    #[inline]
+    pub fn write_mapped(
+        &mut self,
+        input: &[u8],
+        mut map: impl FnMut(u8) -> u8,
+    ) -> Result<(), Error> {
+        if input.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `reserve` returns room for `input.len()` bytes (or NULL),
+        // viewed here as uninitialized bytes; every one of them is written
+        // before `commit` makes them part of the response.
+        unsafe {
+            let out = (self.raw.reserve)(&mut self.raw, input.len());
+            if out.is_null() {
+                return Err(too_large());
+            }
+            let out = std::slice::from_raw_parts_mut(
+                out.cast::<std::mem::MaybeUninit<u8>>(),
+                input.len(),
+            );
+            // A zip over two slices: the compiler can vectorize it.
+            for (slot, &byte) in out.iter_mut().zip(input) {
+                slot.write(map(byte));
+            }
+            self.commit(input.len())
+        }
+    }
+
+    /// Appends up to `len` bytes that `fill` writes into a zeroed buffer in
+    /// the host's memory; `fill` returns how many it wrote (at most `len`).
+    pub fn write_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<(), Error> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `reserve` returns room for `len` bytes (or NULL), zeroed
+        // here before a slice is made of them; `commit` takes at most `len`.
+        unsafe {
+            let out = (self.raw.reserve)(&mut self.raw, len);
+            if out.is_null() {
+                return Err(too_large());
+            }
+            out.write_bytes(0, len);
+            let written = fill(std::slice::from_raw_parts_mut(out, len)).min(len);
+            self.commit(written)
+        }
+    }
+
+    fn commit(&mut self, len: usize) -> Result<(), Error> {
+        // SAFETY: the host's sink for this call; `len` bytes were written.
+        match unsafe { (self.raw.commit)(&mut self.raw, len) } {
+            NBNET_OK => Ok(()),
+            _ => Err(too_large()),
         }
     }
 
@@ -164,6 +225,10 @@ impl Response {
         // SAFETY: as in `write`; the host copies the message.
         unsafe { (self.raw.set_error)(&mut self.raw, message.as_ptr(), message.len()) }
     }
+}
+
+fn too_large() -> Error {
+    Error::new("response refused by the host: it would exceed max_frame_bytes")
 }
 
 /// What the host tells a plugin when creating its instance.

@@ -46,6 +46,7 @@ struct Sink {
     out: Vec<u8>,
     max: usize,
     error: Option<String>,
+    reserved: usize,
 }
 
 impl<P: Plugin> TestHost<P> {
@@ -99,12 +100,15 @@ impl<P: Plugin> TestHost<P> {
             out: Vec::new(),
             max: self.max_response_bytes,
             error: None,
+            reserved: 0,
         };
         let mut response = RawResponse {
             host: (&mut sink as *mut Sink).cast(),
             write: sink_write,
             set_error: sink_set_error,
             conn: &conn,
+            reserve: sink_reserve,
+            commit: sink_commit,
         };
         // SAFETY: `state` is this plugin's instance; the rest is valid for the call.
         let rc = unsafe {
@@ -168,6 +172,30 @@ unsafe extern "C" fn sink_write(resp: *mut RawResponse, data: *const u8, len: us
         sink.out
             .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
     }
+    NBNET_OK
+}
+
+unsafe extern "C" fn sink_reserve(resp: *mut RawResponse, len: usize) -> *mut u8 {
+    // SAFETY: `host` is the `Sink` of the running `process`.
+    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
+    if sink.out.len() + len > sink.max {
+        return std::ptr::null_mut();
+    }
+    sink.out.reserve(len);
+    sink.reserved = len;
+    // SAFETY: `reserve` made room for `len` bytes after the current length.
+    unsafe { sink.out.as_mut_ptr().add(sink.out.len()) }
+}
+
+unsafe extern "C" fn sink_commit(resp: *mut RawResponse, len: usize) -> i32 {
+    // SAFETY: `host` is the `Sink` of the running `process`.
+    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
+    if len > sink.reserved {
+        return NBNET_ERR;
+    }
+    sink.reserved = 0;
+    // SAFETY: the plugin wrote `len` bytes into the reserved room.
+    unsafe { sink.out.set_len(sink.out.len() + len) };
     NBNET_OK
 }
 

@@ -288,12 +288,15 @@ impl Plugin {
             max: max_frame_bytes,
             refused: false,
             error: None,
+            reserved: 0,
         };
         let mut response = RawResponse {
             host: (&mut sink as *mut Sink).cast(),
             write: sink_write,
             set_error: sink_set_error,
             conn,
+            reserve: sink_reserve,
+            commit: sink_commit,
         };
         // SAFETY: `state` came from this library's `init`; `request` and
         // `response` are valid for the call; instances are used by one thread.
@@ -454,6 +457,8 @@ struct Sink<'a> {
     max: usize,
     refused: bool,
     error: Option<String>,
+    /// Bytes made room for by the last `reserve`, not yet committed.
+    reserved: usize,
 }
 
 unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len: usize) -> i32 {
@@ -470,6 +475,36 @@ unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len
         sink.out
             .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
     }
+    NBNET_OK
+}
+
+unsafe extern "C" fn sink_reserve(response: *mut RawResponse, len: usize) -> *mut u8 {
+    // SAFETY: as in `sink_write`.
+    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
+    let written = sink.out.len() - sink.payload_start;
+    if len > sink.max - written {
+        sink.refused = true;
+        return std::ptr::null_mut();
+    }
+    sink.out.reserve(len);
+    sink.reserved = len;
+    // SAFETY: `reserve` made room for `len` bytes after the current length;
+    // the pointer stays valid until the Vec is touched again (commit or the
+    // end of the call).
+    unsafe { sink.out.as_mut_ptr().add(sink.out.len()) }
+}
+
+unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 {
+    // SAFETY: as in `sink_write`.
+    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
+    if len > sink.reserved {
+        sink.refused = true;
+        return NBNET_ERR;
+    }
+    sink.reserved = 0;
+    // SAFETY: the plugin initialized `len` bytes of the reserved room
+    // (the contract of `commit`), and `len` is within it.
+    unsafe { sink.out.set_len(sink.out.len() + len) };
     NBNET_OK
 }
 

@@ -43,6 +43,8 @@ pub struct Limits {
     /// Response bytes a connection may have waiting before the worker stops
     /// answering (and reading) its further requests.
     pub max_pending_output_bytes: usize,
+    /// Time every plugin call (only worth it when `/metrics` can show it).
+    pub time_plugin_calls: bool,
 }
 
 /// One inherited listening socket and the plugin that serves it.
@@ -185,6 +187,7 @@ impl Reactor {
                             plugin_index: listener.plugin,
                             served: &mut self.served,
                             output_budget: self.limits.max_pending_output_bytes,
+                            time_plugin_calls: self.limits.time_plugin_calls,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -203,8 +206,15 @@ impl Reactor {
                                 self.close(key, Close::Shutdown)
                             }
                             Ok(true) => {
+                                // Re-link only when the deadline moves by more
+                                // than 1/64 of the timeout: exact enough, and
+                                // most events then cost no list update.
                                 let deadline = now + self.limits.read_timeout;
-                                self.deadlines.touch(&mut self.connections, key, deadline);
+                                if deadline.saturating_duration_since(conn.deadline())
+                                    > self.limits.read_timeout / 64
+                                {
+                                    self.deadlines.touch(&mut self.connections, key, deadline);
+                                }
                             }
                             Ok(false) => {}
                             Err(reason) => self.close(key, reason),

@@ -1,28 +1,52 @@
 //! `upper`: answers with the request in ASCII upper case (`hi` → `HI`), the
 //! nbNet demo logic. Non-ASCII bytes pass through unchanged.
+//!
+//! The answer is computed straight into the host's response buffer
+//! (`write_mapped`): no allocation, no intermediate copy.
 
 use nbnet_plugin_api::{export_plugin, Error, InitContext, NoConfig, Plugin, Response};
 
-/// The upper-case plugin. It keeps one scratch buffer per worker so that a
-/// request costs no allocation once the buffer has grown to the largest size seen.
+/// The upper-case plugin; it keeps no state.
 #[derive(Default)]
-pub struct Upper {
-    scratch: Vec<u8>,
-}
+pub struct Upper;
 
 impl Plugin for Upper {
     type Config = NoConfig;
 
     fn new(_config: NoConfig, _ctx: &InitContext) -> Result<Self, Error> {
-        Ok(Upper::default())
+        Ok(Upper)
     }
 
     fn process(&mut self, request: &[u8], response: &mut Response) -> Result<(), Error> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(request);
-        self.scratch.make_ascii_uppercase();
-        response.write(&self.scratch)
+        response.write_mapped(request, |byte| byte.to_ascii_uppercase())
     }
 }
 
 export_plugin!(Upper);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbnet_plugin_api::testing::TestHost;
+
+    #[test]
+    fn answers_in_ascii_upper_case_and_leaves_other_bytes_alone() {
+        let mut host = TestHost::<Upper>::new("").unwrap();
+        assert_eq!(host.process(b"hi").unwrap(), b"HI");
+        assert_eq!(
+            host.process("héllo 1!".as_bytes()).unwrap(),
+            "HéLLO 1!".as_bytes()
+        );
+    }
+
+    #[test]
+    fn a_response_over_the_limit_is_refused() {
+        let mut host = TestHost::<Upper>::new("").unwrap();
+        host.max_response_bytes = 3;
+        assert!(host
+            .process(b"four")
+            .unwrap_err()
+            .contains("max_frame_bytes"));
+        assert_eq!(host.process(b"ok").unwrap(), b"OK");
+    }
+}
