@@ -90,10 +90,21 @@ impl ListenSocket {
                 }
             }
         }
-        let listener = UnixListener::bind(path)?;
-        if let Some(mode) = mode {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        }
+        // Bind under a umask that leaves the socket to its owner, so that no
+        // client can connect before the configured mode is applied. (The
+        // master is single-threaded here: changing the umask is safe.)
+        let listener = match mode {
+            Some(mode) => {
+                use nix::sys::stat::{umask, Mode};
+                let previous = umask(Mode::from_bits_truncate(0o177));
+                let bound = UnixListener::bind(path);
+                umask(previous);
+                let listener = bound?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                listener
+            }
+            None => UnixListener::bind(path)?,
+        };
         Ok(ListenSocket::Unix(listener))
     }
 

@@ -301,9 +301,18 @@ fn check_and_report(config: &Config) -> Result<(), usize> {
 
 /// Binds every listener of `config` (at startup; reloads bind only new ones).
 fn bind_listeners(config: &Config) -> Result<Vec<Bound>, String> {
-    let mut bound = Vec::with_capacity(config.listeners.len());
+    let mut bound: Vec<Bound> = Vec::with_capacity(config.listeners.len());
     for spec in &config.listeners {
-        bound.push(Bound::bind(spec, config)?);
+        match Bound::bind(spec, config) {
+            Ok(listener) => bound.push(listener),
+            Err(message) => {
+                // Do not leave the socket files of the ones already bound.
+                for listener in bound {
+                    listener.close();
+                }
+                return Err(message);
+            }
+        }
         let plugin = &config.plugins[spec.plugin].name;
         tracing::info!("listening on {} (plugin {plugin:?})", spec.addr);
     }

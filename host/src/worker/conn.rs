@@ -150,6 +150,9 @@ pub struct Connection {
     written: usize,
     /// Its place in the worker's read-timeout list.
     links: Links,
+    /// Nothing received yet: a client that has just connected and is about
+    /// to send its first request (a graceful stop gives it a moment).
+    fresh: bool,
 }
 
 impl Linked for Connection {
@@ -184,6 +187,7 @@ impl Connection {
             output: Vec::new(),
             written: 0,
             links: Links::new(deadline),
+            fresh: true,
         }
     }
 
@@ -202,6 +206,7 @@ impl Connection {
     }
 
     /// When this connection times out unless it makes progress.
+    #[inline]
     pub fn deadline(&self) -> Instant {
         self.links.deadline
     }
@@ -209,6 +214,11 @@ impl Connection {
     /// At a frame boundary with every answer sent: nothing is owed either way.
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Reading | State::ProxyHeader) && self.input_len == 0
+    }
+
+    /// Whether nothing has been received on it yet.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Whether responses wait for the client to read them.
@@ -270,6 +280,7 @@ impl Connection {
                     })
                 }
                 Ok(n) => {
+                    self.fresh = false;
                     let frame_under_way = self.input_len > 0;
                     let completed = self.answer_and_flush(ctx, n)?;
                     if completed || !frame_under_way || self.input_len == 0 {
@@ -340,6 +351,9 @@ impl Connection {
         loop {
             self.reserve_input(MIN_OWN_READ);
             match self.stream.read(&mut self.input[self.input_len..]) {
+                // Closed before sending anything (a plain TCP health
+                // check does this): an ordinary close, not a cut frame.
+                Ok(0) if self.input_len == 0 => return Err(Close::PeerClosed),
                 Ok(0) => {
                     return Err(Close::PeerClosedMidFrame {
                         received: self.input_len,
@@ -348,6 +362,7 @@ impl Connection {
                 Ok(n) => {
                     ctx.slot.stats.bytes_in.add(n as u64);
                     self.input_len += n;
+                    self.fresh = false;
                 }
                 Err(e) if would_block(&e) => return Ok(false),
                 Err(e) if interrupted(&e) => continue,
@@ -379,6 +394,7 @@ impl Connection {
 
     /// Handles WRITABLE: sends queued responses; once all are sent, resumes
     /// reading (data may have arrived while reads were paused).
+    #[inline]
     pub fn on_writable(&mut self, ctx: &mut Context<'_>) -> Result<bool, Close> {
         if self.state != State::Writing {
             return Ok(false);

@@ -24,6 +24,9 @@ use crate::signals::Signals;
 const SIGNALS: Token = Token(0);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
 const FIRST_LISTENER: usize = 1;
+/// How long a graceful stop waits for a just-accepted connection's first
+/// request before closing it as idle.
+const FRESH_GRACE: Duration = Duration::from_millis(200);
 /// How long accepting pauses when the process runs out of file descriptors.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
@@ -94,6 +97,9 @@ pub struct Reactor {
     slot: &'static Slot,
     /// Rate limit for "cannot accept" warnings.
     overload_log: OverloadLog,
+    /// While draining: when connections that never sent anything are
+    /// closed too.
+    fresh_until: Option<Instant>,
     /// Requests answered so far.
     served: u64,
     /// Ask to be replaced after this many requests (max_requests_per_worker
@@ -133,6 +139,7 @@ impl Reactor {
             slot,
             overload_log: OverloadLog::default(),
             draining: None,
+            fresh_until: None,
             served: 0,
             retire_after: limits.retire_after,
             next_connection_id: u64::from(std::process::id()) << 32,
@@ -155,6 +162,9 @@ impl Reactor {
                 return Err(e);
             }
             let now = Instant::now();
+            // Deadline arithmetic once per turn, not once per event.
+            let fresh_deadline = now + self.limits.read_timeout;
+            let relink_before = fresh_deadline - self.limits.read_timeout / 64;
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => {
@@ -208,12 +218,13 @@ impl Reactor {
                             Ok(true) => {
                                 // Re-link only when the deadline moves by more
                                 // than 1/64 of the timeout: exact enough, and
-                                // most events then cost no list update.
-                                let deadline = now + self.limits.read_timeout;
-                                if deadline.saturating_duration_since(conn.deadline())
-                                    > self.limits.read_timeout / 64
-                                {
-                                    self.deadlines.touch(&mut self.connections, key, deadline);
+                                // most events then cost one comparison.
+                                if relink_before > conn.deadline() {
+                                    self.deadlines.touch(
+                                        &mut self.connections,
+                                        key,
+                                        fresh_deadline,
+                                    );
                                 }
                             }
                             Ok(false) => {}
@@ -231,6 +242,10 @@ impl Reactor {
                 // Wake the master now rather than at its next periodic look.
                 let _ = nix::sys::signal::kill(nix::unistd::getppid(), Signal::SIGUSR2);
                 self.retire_after = None;
+            }
+            if self.fresh_until.is_some_and(|until| now >= until) {
+                self.fresh_until = None;
+                self.close_idle(true);
             }
             if let Some(deadline) = self.draining {
                 if self.connections.is_empty() {
@@ -390,21 +405,31 @@ impl Reactor {
         }
         self.draining = Some(now + self.limits.shutdown_timeout);
         self.pause_accepting(Accepting::Closed);
+        // Connections accepted a moment ago have not sent their first
+        // request yet: they get FRESH_GRACE to send it (and are answered)
+        // before being closed as idle.
+        self.fresh_until = Some(now + FRESH_GRACE);
+        let closed = self.close_idle(false);
+        tracing::info!(
+            "{signal} received: draining (not accepting; {closed} idle connection(s) closed, {} finishing their frames, shutdown_timeout = {:?})",
+            self.connections.len(),
+            self.limits.shutdown_timeout
+        );
+    }
+
+    /// Closes idle connections (with `fresh`: also those that never sent
+    /// anything); returns how many.
+    fn close_idle(&mut self, fresh: bool) -> usize {
         let idle: Vec<usize> = self
             .connections
             .iter()
-            .filter(|(_, conn)| conn.is_idle())
+            .filter(|(_, conn)| conn.is_idle() && (fresh || !conn.is_fresh()))
             .map(|(key, _)| key)
             .collect();
-        let busy = self.connections.len() - idle.len();
-        for key in idle.iter().copied() {
+        for &key in &idle {
             self.close(key, Close::Shutdown);
         }
-        tracing::info!(
-            "{signal} received: draining (not accepting; {} idle connection(s) closed, {busy} finishing their frames, shutdown_timeout = {:?})",
-            idle.len(),
-            self.limits.shutdown_timeout
-        );
+        idle.len()
     }
 
     /// `shutdown_timeout` ran out while draining: cut what is left, saying how much.
@@ -462,7 +487,7 @@ impl Reactor {
             Accepting::Backoff(until) => Some(until),
             _ => None,
         };
-        let wake = [deadline, backoff, self.draining]
+        let wake = [deadline, backoff, self.draining, self.fresh_until]
             .into_iter()
             .flatten()
             .min();
