@@ -181,7 +181,12 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     for line in &report.loaded {
         println!("ok: {line}");
     }
-    if report.errors.is_empty() {
+    let addresses = supervisor::check::probe_listeners(&config);
+    for warning in &addresses.warnings {
+        eprintln!("nbnet: warning: {warning}");
+    }
+    let errors: Vec<&String> = report.errors.iter().chain(&addresses.errors).collect();
+    if errors.is_empty() {
         println!(
             "{}: config OK ({} plugin(s), {} listener(s))",
             config.file.display(),
@@ -190,15 +195,21 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         );
         exit_code::OK
     } else {
-        for error in &report.errors {
+        for error in &errors {
             eprintln!("nbnet: {error}");
         }
         eprintln!(
             "nbnet: {}: {} problem(s) found",
             config.file.display(),
-            report.errors.len()
+            errors.len()
         );
-        exit_code::PLUGIN_LOAD_FAILED
+        if report.errors.is_empty() {
+            // Only addresses are wrong: the same status as a start that
+            // cannot listen.
+            exit_code::FAILURE
+        } else {
+            exit_code::PLUGIN_LOAD_FAILED
+        }
     }
 }
 

@@ -107,3 +107,56 @@ fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
 fn one_line(text: &str) -> String {
     text.replace(['\n', '\t'], " ")
 }
+
+/// What `--check` finds out by trying each listener's address (without
+/// keeping it): problems that would stop the server, and warnings.
+#[derive(Debug, Default)]
+pub struct AddressReport {
+    /// Addresses the server could not listen on.
+    pub errors: Vec<String>,
+    /// Addresses in use (fine if that is this nbnet, already running).
+    pub warnings: Vec<String>,
+}
+
+/// Tries to bind every TCP listener (and checks every Unix listener's path)
+/// of `config`, releasing each at once. An address in use is only a warning:
+/// `--check` is often run while the server is up.
+pub fn probe_listeners(config: &Config) -> AddressReport {
+    use crate::listener::{Endpoint, ListenSocket};
+    let mut report = AddressReport::default();
+    for spec in &config.listeners {
+        let place = format!("{}:{}", config.file.display(), spec.line);
+        match &spec.addr {
+            Endpoint::Tcp(addr) => match ListenSocket::bind_tcp(*addr, spec.reuseport) {
+                Ok(socket) => drop(socket),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => report.warnings.push(format!(
+                    "listener {addr} ({place}): address in use (expected if this nbnet is already running)"
+                )),
+                Err(e) => report
+                    .errors
+                    .push(format!("listener {addr} ({place}): cannot listen: {e}")),
+            },
+            Endpoint::Unix(path) => {
+                let folder = path.parent().unwrap_or(std::path::Path::new("/"));
+                if !folder.is_dir() {
+                    report.errors.push(format!(
+                        "listener {} ({place}): folder {} does not exist",
+                        spec.addr,
+                        folder.display()
+                    ));
+                } else if path.exists() && !is_socket(path) {
+                    report.errors.push(format!(
+                        "listener {} ({place}): the path exists and is not a socket",
+                        spec.addr
+                    ));
+                }
+            }
+        }
+    }
+    report
+}
+
+fn is_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
