@@ -126,36 +126,45 @@ impl ListenSocket {
     }
 }
 
-impl Source for ListenSocket {
-    fn register(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        match self {
-            ListenSocket::Tcp(l) => l.register(registry, token, interests),
-            ListenSocket::Unix(l) => l.register(registry, token, interests),
+/// `mio::event::Source` for an enum of sources: every method forwards to
+/// the variant's own socket.
+macro_rules! forward_source {
+    ($type:ident) => {
+        impl Source for $type {
+            fn register(
+                &mut self,
+                registry: &Registry,
+                token: Token,
+                interests: Interest,
+            ) -> io::Result<()> {
+                match self {
+                    $type::Tcp(s) => s.register(registry, token, interests),
+                    $type::Unix(s) => s.register(registry, token, interests),
+                }
+            }
+            fn reregister(
+                &mut self,
+                registry: &Registry,
+                token: Token,
+                interests: Interest,
+            ) -> io::Result<()> {
+                match self {
+                    $type::Tcp(s) => s.reregister(registry, token, interests),
+                    $type::Unix(s) => s.reregister(registry, token, interests),
+                }
+            }
+            fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+                match self {
+                    $type::Tcp(s) => s.deregister(registry),
+                    $type::Unix(s) => s.deregister(registry),
+                }
+            }
         }
-    }
-    fn reregister(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        match self {
-            ListenSocket::Tcp(l) => l.reregister(registry, token, interests),
-            ListenSocket::Unix(l) => l.reregister(registry, token, interests),
-        }
-    }
-    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        match self {
-            ListenSocket::Tcp(l) => l.deregister(registry),
-            ListenSocket::Unix(l) => l.deregister(registry),
-        }
-    }
+    };
 }
+
+forward_source!(ListenSocket);
+forward_source!(Stream);
 
 /// An accepted client connection.
 #[derive(Debug)]
@@ -186,37 +195,6 @@ impl Write for Stream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-impl Source for Stream {
-    fn register(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.register(registry, token, interests),
-            Stream::Unix(s) => s.register(registry, token, interests),
-        }
-    }
-    fn reregister(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        interests: Interest,
-    ) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.reregister(registry, token, interests),
-            Stream::Unix(s) => s.reregister(registry, token, interests),
-        }
-    }
-    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.deregister(registry),
-            Stream::Unix(s) => s.deregister(registry),
-        }
     }
 }
 
