@@ -93,6 +93,7 @@ impl FrameDecoder {
     /// A non-digit is rejected as soon as it is seen (even if the header is not complete
     /// yet); zero and over-limit lengths are rejected as soon as the header is complete,
     /// whatever follows.
+    #[inline]
     pub fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
         // Fast path: a whole header of ten digits, parsed eight at a time.
         if let Some(header) = buf.first_chunk::<HEADER_LEN>() {
@@ -124,18 +125,22 @@ impl FrameDecoder {
     #[inline]
     fn judge(&self, declared: u64, available: usize) -> Result<Decoded, FrameError> {
         let max = self.max_frame_bytes;
-        let too_long = FrameError::TooLong { declared, max };
         if declared == 0 {
             return Err(FrameError::ZeroLength);
         }
-        if declared > u64::try_from(max).unwrap_or(u64::MAX) {
-            return Err(too_long);
-        }
-        // declared <= max, so it fits in usize; only HEADER_LEN + len can overflow (32-bit).
-        let len = usize::try_from(declared).map_err(|_| too_long.clone())?;
-        let total = len.checked_add(HEADER_LEN).ok_or(too_long)?;
+        // `declared <= max` means it fits in usize; only HEADER_LEN + len can
+        // still overflow (on 32-bit).
+        let total = match usize::try_from(declared) {
+            Ok(len) if len <= max => len.checked_add(HEADER_LEN),
+            _ => None,
+        };
+        let Some(total) = total else {
+            return Err(FrameError::TooLong { declared, max });
+        };
         Ok(if available >= total {
-            Decoded::Frame { len }
+            Decoded::Frame {
+                len: total - HEADER_LEN,
+            }
         } else {
             Decoded::Incomplete { total: Some(total) }
         })
