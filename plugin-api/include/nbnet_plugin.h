@@ -84,10 +84,13 @@ typedef struct nbnet_response {
     void (*set_error)(struct nbnet_response *resp, const char *msg, size_t len);
     const nbnet_conn *conn; /* the connection this request came on */
     /* Room for up to len more bytes, written in place (no copy): returns
-     * where to write (host memory, uninitialized, valid until commit or the
-     * end of the call), or NULL if that would exceed max_frame_bytes. */
+     * where to write (host memory, uninitialized), or NULL if that would
+     * exceed max_frame_bytes. Valid only until the next call on resp:
+     * fill it, then commit. */
     uint8_t *(*reserve)(struct nbnet_response *resp, size_t len);
-    /* Append the first len bytes written at the last reserved pointer. */
+    /* Append the first len (<= reserved) bytes written at the pointer the
+     * last reserve returned, with no write/reserve in between; otherwise
+     * NBNET_ERR and the request fails. */
     int (*commit)(struct nbnet_response *resp, size_t len);
 } nbnet_response;
 

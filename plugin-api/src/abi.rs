@@ -66,13 +66,15 @@ pub struct RawResponse {
     /// The connection this request came on; valid during the call.
     pub conn: *const RawConnection,
     /// Makes room for up to `len` more bytes and returns where to write
-    /// them: host memory, not initialized, valid until `commit` or the end
-    /// of the call. NULL (nothing reserved) when the response would exceed
-    /// `max_frame_bytes`. Lets a plugin compute its answer straight into the
-    /// response instead of into its own buffer first.
+    /// them: host memory, not initialized. The pointer is valid only until
+    /// the next call on this response (`write`, `reserve` or `commit`):
+    /// write into it, then `commit`. NULL (nothing reserved) when the
+    /// response would exceed `max_frame_bytes`. Lets a plugin compute its
+    /// answer straight into the response instead of its own buffer first.
     pub reserve: unsafe extern "C" fn(resp: *mut RawResponse, len: usize) -> *mut u8,
     /// Appends the first `len` bytes written at the last `reserve`d pointer
-    /// (`len` at most what was reserved). [`NBNET_OK`] or [`NBNET_ERR`].
+    /// (`len` at most what was reserved, with no other call in between).
+    /// [`NBNET_OK`]; otherwise [`NBNET_ERR`] and the request fails.
     pub commit: unsafe extern "C" fn(resp: *mut RawResponse, len: usize) -> i32,
 }
 

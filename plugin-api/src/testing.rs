@@ -46,7 +46,11 @@ struct Sink {
     out: Vec<u8>,
     max: usize,
     error: Option<String>,
-    reserved: usize,
+    /// Like the host: (start, size) of the last reserve, voided by writes.
+    reserved: Option<(usize, usize)>,
+    /// Like the host: a refused write or reserve fails the request even if
+    /// the plugin then returns success.
+    refused: bool,
 }
 
 impl<P: Plugin> TestHost<P> {
@@ -100,7 +104,8 @@ impl<P: Plugin> TestHost<P> {
             out: Vec::new(),
             max: self.max_response_bytes,
             error: None,
-            reserved: 0,
+            reserved: None,
+            refused: false,
         };
         let mut response = RawResponse {
             host: (&mut sink as *mut Sink).cast(),
@@ -114,8 +119,10 @@ impl<P: Plugin> TestHost<P> {
         let rc = unsafe {
             process_trampoline::<P>(self.state, request.as_ptr(), request.len(), &mut response)
         };
-        if rc == NBNET_OK {
+        if rc == NBNET_OK && !sink.refused {
             Ok(sink.out)
+        } else if sink.refused && sink.error.is_none() {
+            Err("the response would exceed max_frame_bytes; the host refused it".into())
         } else {
             Err(sink
                 .error
@@ -164,7 +171,9 @@ impl<P: Plugin> Drop for TestHost<P> {
 unsafe extern "C" fn sink_write(resp: *mut RawResponse, data: *const u8, len: usize) -> i32 {
     // SAFETY: `host` is the `Sink` of the running `process`.
     let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
+    sink.reserved = None;
     if sink.out.len() + len > sink.max {
+        sink.refused = true;
         return NBNET_ERR;
     }
     if len > 0 {
@@ -179,24 +188,34 @@ unsafe extern "C" fn sink_reserve(resp: *mut RawResponse, len: usize) -> *mut u8
     // SAFETY: `host` is the `Sink` of the running `process`.
     let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
     if sink.out.len() + len > sink.max {
+        sink.refused = true;
+        sink.reserved = None;
         return std::ptr::null_mut();
     }
     sink.out.reserve(len);
-    sink.reserved = len;
+    let at = sink.out.len();
+    sink.reserved = Some((at, len));
     // SAFETY: `reserve` made room for `len` bytes after the current length.
-    unsafe { sink.out.as_mut_ptr().add(sink.out.len()) }
+    unsafe { sink.out.as_mut_ptr().add(at) }
 }
 
 unsafe extern "C" fn sink_commit(resp: *mut RawResponse, len: usize) -> i32 {
     // SAFETY: `host` is the `Sink` of the running `process`.
     let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
-    if len > sink.reserved {
-        return NBNET_ERR;
+    match sink.reserved.take() {
+        Some((at, room)) if at == sink.out.len() && len <= room => {
+            // SAFETY: within the room reserved at `at`, written by the plugin.
+            unsafe { sink.out.set_len(at + len) };
+            NBNET_OK
+        }
+        _ => {
+            sink.refused = true;
+            sink.error.get_or_insert_with(|| {
+                format!("commit({len}) without a matching reserve of at least that size (or after a write)")
+            });
+            NBNET_ERR
+        }
     }
-    sink.reserved = 0;
-    // SAFETY: the plugin wrote `len` bytes into the reserved room.
-    unsafe { sink.out.set_len(sink.out.len() + len) };
-    NBNET_OK
 }
 
 unsafe extern "C" fn sink_set_error(resp: *mut RawResponse, msg: *const u8, len: usize) {

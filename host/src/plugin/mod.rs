@@ -288,7 +288,7 @@ impl Plugin {
             max: max_frame_bytes,
             refused: false,
             error: None,
-            reserved: 0,
+            reserved: None,
         };
         let mut response = RawResponse {
             host: (&mut sink as *mut Sink).cast(),
@@ -310,7 +310,10 @@ impl Plugin {
         } = sink;
         if rc != NBNET_OK || refused {
             out.truncate(frame_start);
-            return Err(if refused {
+            return Err(if refused && rc == NBNET_OK && error.is_some() {
+                // A misuse of reserve/commit, not a size problem.
+                ProcessError::Plugin(error.unwrap_or_default())
+            } else if refused {
                 ProcessError::ResponseTooLarge {
                     max: max_frame_bytes,
                     plugin_message: error,
@@ -457,14 +460,19 @@ struct Sink<'a> {
     max: usize,
     refused: bool,
     error: Option<String>,
-    /// Bytes made room for by the last `reserve`, not yet committed.
-    reserved: usize,
+    /// The last `reserve`: where its room starts (the buffer's length then)
+    /// and how many bytes; cleared by `commit` and by any `write`, which
+    /// may move the buffer and invalidate the pointer.
+    reserved: Option<(usize, usize)>,
 }
 
 unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len: usize) -> i32 {
     // SAFETY: `response` is the struct built in `Plugin::process`, whose `host`
     // points to the live `Sink` of this call.
     let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
+    // A write moves the end of the response (and may move the buffer):
+    // an outstanding reservation is void.
+    sink.reserved = None;
     let written = sink.out.len() - sink.payload_start;
     if len > sink.max - written {
         sink.refused = true;
@@ -484,28 +492,39 @@ unsafe extern "C" fn sink_reserve(response: *mut RawResponse, len: usize) -> *mu
     let written = sink.out.len() - sink.payload_start;
     if len > sink.max - written {
         sink.refused = true;
+        sink.reserved = None;
         return std::ptr::null_mut();
     }
     sink.out.reserve(len);
-    sink.reserved = len;
-    // SAFETY: `reserve` made room for `len` bytes after the current length;
-    // the pointer stays valid until the Vec is touched again (commit or the
-    // end of the call).
-    unsafe { sink.out.as_mut_ptr().add(sink.out.len()) }
+    let at = sink.out.len();
+    sink.reserved = Some((at, len));
+    // SAFETY: `reserve` made room for `len` bytes after the current length.
+    // The pointer stays valid while the Vec is not touched; `write`, another
+    // `reserve` and `commit` are the only ways the plugin can touch it, and
+    // each voids this reservation (checked in `sink_commit`).
+    unsafe { sink.out.as_mut_ptr().add(at) }
 }
 
 unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 {
     // SAFETY: as in `sink_write`.
     let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
-    if len > sink.reserved {
-        sink.refused = true;
-        return NBNET_ERR;
+    match sink.reserved.take() {
+        // Only the current reservation, unmoved, and at most its size.
+        Some((at, room)) if at == sink.out.len() && len <= room => {
+            // SAFETY: `at + len` is within the capacity reserved at `at`
+            // (the buffer has not changed since), and the plugin initialized
+            // those `len` bytes (the contract of `commit`).
+            unsafe { sink.out.set_len(at + len) };
+            NBNET_OK
+        }
+        _ => {
+            sink.refused = true;
+            sink.error.get_or_insert_with(|| {
+                format!("commit({len}) without a matching reserve of at least that size (or after a write)")
+            });
+            NBNET_ERR
+        }
     }
-    sink.reserved = 0;
-    // SAFETY: the plugin initialized `len` bytes of the reserved room
-    // (the contract of `commit`), and `len` is within it.
-    unsafe { sink.out.set_len(sink.out.len() + len) };
-    NBNET_OK
 }
 
 unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, len: usize) {
@@ -568,4 +587,79 @@ fn lossy(msg: *const u8, len: usize) -> String {
     }
     // SAFETY: callers pass `len` readable bytes at `msg` (checked non-null).
     String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `steps` against a fresh sink (max 16 payload bytes) as a plugin
+    /// would, through the same callbacks; returns the buffer and the sink's verdict.
+    fn with_sink(steps: impl FnOnce(*mut RawResponse)) -> (Vec<u8>, bool, Option<String>) {
+        let mut out = b"HEADER....".to_vec();
+        let conn = RawConnection {
+            id: 1,
+            peer: c"p".as_ptr(),
+            listener: c"l".as_ptr(),
+        };
+        let mut sink = Sink {
+            out: &mut out,
+            payload_start: HEADER_LEN,
+            max: 16,
+            refused: false,
+            error: None,
+            reserved: None,
+        };
+        let mut response = RawResponse {
+            host: (&mut sink as *mut Sink).cast(),
+            write: sink_write,
+            set_error: sink_set_error,
+            conn: &conn,
+            reserve: sink_reserve,
+            commit: sink_commit,
+        };
+        steps(&mut response);
+        let (refused, error) = (sink.refused, sink.error.take());
+        (out, refused, error)
+    }
+
+    #[test]
+    fn reserve_then_commit_appends_exactly_what_was_written() {
+        // SAFETY (all three tests): `r` is a live response for the closure;
+        // pointers from `reserve` are used within the room it returned.
+        let (out, refused, _) = with_sink(|r| unsafe {
+            let p = ((*r).reserve)(r, 8);
+            p.copy_from_nonoverlapping(b"abc".as_ptr(), 3);
+            assert_eq!(((*r).commit)(r, 3), NBNET_OK);
+        });
+        assert!(!refused);
+        assert_eq!(&out[HEADER_LEN..], b"abc");
+    }
+
+    #[test]
+    fn a_write_between_reserve_and_commit_voids_the_reservation() {
+        let (out, refused, error) = with_sink(|r| unsafe {
+            let _ = ((*r).reserve)(r, 8);
+            assert_eq!(((*r).write)(r, b"x".as_ptr(), 1), NBNET_OK);
+            assert_eq!(((*r).commit)(r, 8), NBNET_ERR);
+        });
+        assert!(refused);
+        assert_eq!(&out[HEADER_LEN..], b"x", "no uninitialized bytes exposed");
+        assert!(error.unwrap().contains("without a matching reserve"));
+    }
+
+    #[test]
+    fn commit_beyond_the_reservation_or_twice_is_refused_and_the_limit_holds() {
+        // SAFETY (all three tests): `r` is a live response for the closure;
+        // pointers from `reserve` are used within the room it returned.
+        let (out, refused, _) = with_sink(|r| unsafe {
+            let p = ((*r).reserve)(r, 4);
+            p.write_bytes(b'y', 4);
+            assert_eq!(((*r).commit)(r, 5), NBNET_ERR);
+            assert_eq!(((*r).commit)(r, 4), NBNET_ERR, "the reservation is gone");
+            assert!(((*r).reserve)(r, 17).is_null(), "over max_frame_bytes");
+        });
+        assert!(refused);
+        assert_eq!(out.len(), HEADER_LEN);
+    }
 }

@@ -153,6 +153,10 @@ pub struct Connection {
     /// Nothing received yet: a client that has just connected and is about
     /// to send its first request (a graceful stop gives it a moment).
     fresh: bool,
+    /// An event said the peer shut its sending side (read-closed) while we
+    /// were not reading: the EOF must be read out when reading resumes, as
+    /// edge-triggered polling will not report it again.
+    peer_shut: bool,
 }
 
 impl Linked for Connection {
@@ -188,6 +192,7 @@ impl Connection {
             written: 0,
             links: Links::new(deadline),
             fresh: true,
+            peer_shut: false,
         }
     }
 
@@ -239,6 +244,8 @@ impl Connection {
     /// idle time between frames and the time to receive one frame, and a
     /// client sending one byte a second (slowloris) is closed.
     pub fn on_readable(&mut self, ctx: &mut Context<'_>, read_closed: bool) -> Result<bool, Close> {
+        self.peer_shut |= read_closed;
+        let read_closed = self.peer_shut;
         if self.state == State::ProxyHeader && !self.read_proxy_header(ctx)? {
             return Ok(false);
         }
@@ -382,9 +389,9 @@ impl Connection {
             self.input_len -= consumed;
             self.transition(State::Reading);
             if self.input_len > 0 {
-                // Frames sent right behind the header.
-                self.process_read(ctx, 0)?;
-                self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
+                // Frames sent right behind the header (answered, or their
+                // error handled, exactly like frames from a read).
+                self.answer_and_flush(ctx, 0)?;
             } else {
                 self.input = Vec::new();
             }
@@ -423,6 +430,10 @@ impl Connection {
     /// keeps any trailing partial frame in the connection's own buffer.
     /// `Ok(true)` when at least one frame was answered.
     fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
+        // The shared response buffer is empty between connections' turns;
+        // anything left in it would be sent to the wrong client.
+        debug_assert!(ctx.scratch.output.is_empty(), "scratch output leaked");
+        ctx.scratch.output.clear();
         let conn = self.describe(ctx.listener_addr);
         ctx.slot.stats.bytes_in.add(n as u64);
         let mut answering = Answering {
