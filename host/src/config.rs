@@ -17,6 +17,10 @@ use toml::Spanned;
 use crate::codec::MAX_DECLARED;
 pub use crate::listener::Endpoint;
 
+/// Most workers a config may ask for: the master's scoreboard holds twice
+/// as many, so that a reload can run both generations side by side.
+pub const MAX_WORKERS: usize = 512;
+
 /// Default config file, relative to the current directory.
 pub const DEFAULT_PATH: &str = "config/nbnet.toml";
 
@@ -301,6 +305,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         if value.is_zero() {
             problems.push((None, format!("[server] {key} must be above zero")));
         }
+    }
+    if server.workers > MAX_WORKERS {
+        problems.push((
+            None,
+            format!(
+                "[server] workers = {} is more than nbnet supports ({MAX_WORKERS})",
+                server.workers
+            ),
+        ));
     }
     if server.max_pending_output_bytes == 0 {
         problems.push((

@@ -120,6 +120,13 @@ fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
             text.trim()
         )
     })?;
+    // 0 and -1 would signal a whole process group or every process.
+    if pid <= 1 {
+        return Err(format!(
+            "the PID file {} holds {pid}, which is not a server's process id",
+            file.display()
+        ));
+    }
     Ok((Pid::from_raw(pid), file))
 }
 

@@ -40,7 +40,7 @@ impl fmt::Display for Endpoint {
 pub enum ListenSocket {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix domain; the path is removed when the master drops it.
+    /// Unix domain; the master removes the path when it closes the listener.
     Unix(UnixListener),
 }
 
@@ -78,15 +78,23 @@ impl ListenSocket {
                 ));
             }
             match std::os::unix::net::UnixStream::connect(path) {
+                // Only "connection refused" proves nobody listens: a
+                // permission error or a full backlog may hide a live server.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!("removing stale socket file {}", path.display());
+                    std::fs::remove_file(path)?;
+                }
                 Ok(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
                         "another server is listening on this socket",
                     ))
                 }
-                Err(_) => {
-                    tracing::info!("removing stale socket file {}", path.display());
-                    std::fs::remove_file(path)?;
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot tell whether the existing socket file is in use ({e}); remove it if it is stale"),
+                    ))
                 }
             }
         }

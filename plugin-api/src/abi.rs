@@ -6,11 +6,14 @@
 //!
 //! The ABI has a major and a minor number ([`ABI_MAJOR`], [`ABI_MINOR`]).
 //!
-//! - A **minor** bump only *appends* fields to the end of a struct. Every
-//!   struct that can grow starts with (or carries) its own size, so each side
-//!   reads only the fields both know. A plugin built for an older minor loads in
-//!   a newer host; a plugin built for a newer minor than the host is refused
-//!   (it may rely on host features the host lacks).
+//! - A **minor** bump only *appends* fields to the end of a struct. The
+//!   plugin's own table (`nbnet_plugin`) carries its size, and the host reads
+//!   an appended field only when that size covers it. The structs the host
+//!   hands out (`nbnet_response`, `nbnet_init_ctx`, `nbnet_conn`) only grow,
+//!   so a plugin built for an older minor never reads past what it knows. A
+//!   plugin built for an older minor loads in a newer host; a plugin built for
+//!   a newer minor than the host is refused (it may rely on host features the
+//!   host lacks).
 //! - A **major** bump changes meaning or layout; the host refuses every plugin
 //!   built for another major.
 //!

@@ -7,8 +7,15 @@ use nbnet_plugin_api::abi::{CPlugin, C_ENTRY_SYMBOL};
 
 use super::{check_abi, Entry, Hooks, Kind};
 
-/// The smallest table this host can read: every field up to `destroy`.
-const MIN_STRUCT_SIZE: usize = std::mem::size_of::<CPlugin>();
+/// The smallest table this host accepts: every field through `destroy`
+/// (ABI 1.0's required part). Later fields are read only when the plugin's
+/// `struct_size` says it has them.
+const MIN_STRUCT_SIZE: usize = std::mem::offset_of!(CPlugin, on_open);
+
+/// Whether a table of `size` bytes includes the field at `offset`.
+fn has_field(size: usize, offset: usize) -> bool {
+    size >= offset + std::mem::size_of::<usize>()
+}
 
 type EntryFn = unsafe extern "C" fn() -> *const CPlugin;
 
@@ -49,24 +56,43 @@ pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, Strin
             "its nbnet_plugin table is {size} bytes, smaller than the {MIN_STRUCT_SIZE} this ABI requires; was it built with nbnet_plugin.h?"
         ));
     }
-    // SAFETY: version and size checked: the table has every field of `CPlugin`.
-    let table = unsafe { &*table };
-    let (Some(init), Some(process)) = (table.init, table.process) else {
+    // SAFETY: version and size checked: the table has every required field
+    // (through `destroy`), read here one by one through the pointer.
+    let (name, version, init, process, destroy) = unsafe {
+        (
+            (*table).name,
+            (*table).version,
+            (*table).init,
+            (*table).process,
+            (*table).destroy,
+        )
+    };
+    let (Some(init), Some(process)) = (init, process) else {
         return Err("its nbnet_plugin table has a NULL init or process".into());
+    };
+    let size = size as usize;
+    // SAFETY (each hook): read only when `struct_size` says the plugin's
+    // table has that field; a shorter table's memory is never touched.
+    let hooks = Hooks {
+        on_open: has_field(size, std::mem::offset_of!(CPlugin, on_open))
+            .then(|| unsafe { (*table).on_open })
+            .flatten(),
+        on_close: has_field(size, std::mem::offset_of!(CPlugin, on_close))
+            .then(|| unsafe { (*table).on_close })
+            .flatten(),
+        on_shutdown: has_field(size, std::mem::offset_of!(CPlugin, on_shutdown))
+            .then(|| unsafe { (*table).on_shutdown })
+            .flatten(),
     };
     Ok(Some(Entry {
         kind: Kind::C,
-        own_name: static_str(table.name),
-        own_version: static_str(table.version),
+        own_name: static_str(name),
+        own_version: static_str(version),
         abi: (major, minor),
         init,
         process,
-        destroy: table.destroy,
-        hooks: Hooks {
-            on_open: table.on_open,
-            on_close: table.on_close,
-            on_shutdown: table.on_shutdown,
-        },
+        destroy,
+        hooks,
         library: None,
     }))
 }

@@ -53,8 +53,14 @@ pub fn check_plugins(config: &Config) -> Report {
         }
         Ok(ForkResult::Parent { child }) => {
             drop(writer);
-            let mut text = String::new();
-            let _ = reader.read_to_string(&mut text);
+            // Bounded: a plugin whose init blocks must not freeze the master
+            // (during a reload it would stop reaping, the watchdog, admin
+            // and signals).
+            let limit = config.server.plugin_timeout.max(CHECK_TIMEOUT);
+            let (text, timed_out) = read_until_eof(&mut reader, limit);
+            if timed_out {
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            }
             let status = waitpid(child, None).ok().and_then(Exit::from_wait);
             let mut loading: Option<&str> = None;
             for line in text.lines() {
@@ -72,6 +78,9 @@ pub fn check_plugins(config: &Config) -> Report {
                 }
             }
             match (status, loading) {
+                (_, Some(what)) if timed_out => report.errors.push(format!(
+                    "{what}: did not finish loading within {limit:?} (does its init block?)"
+                )),
                 (Some(Exit::Code(0)), None) => {}
                 (status, Some(what)) => report.errors.push(format!(
                     "{what}: the plugin crashed the process while loading ({})",
@@ -83,6 +92,36 @@ pub fn check_plugins(config: &Config) -> Report {
                 )),
             }
             report
+        }
+    }
+}
+
+/// The least time the plugin check may take before it is given up on.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the checker's report until it closes the pipe or `limit` passes;
+/// `(text, timed_out)`.
+fn read_until_eof(reader: &mut std::io::PipeReader, limit: std::time::Duration) -> (String, bool) {
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + limit;
+    let nonblocking = nix::fcntl::fcntl(
+        reader.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => return (String::from_utf8_lossy(&bytes).into_owned(), false),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && nonblocking.is_ok() => {
+                if std::time::Instant::now() >= deadline {
+                    return (String::from_utf8_lossy(&bytes).into_owned(), true);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return (String::from_utf8_lossy(&bytes).into_owned(), false),
         }
     }
 }

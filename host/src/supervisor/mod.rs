@@ -110,6 +110,8 @@ enum Role {
 struct Worker {
     /// Its pool slot (plugins see it as the worker index).
     index: usize,
+    /// The config generation it was started with (a reload starts the next).
+    generation: u64,
     /// Its scoreboard entry.
     board: usize,
     role: Role,
@@ -148,6 +150,8 @@ impl Slot {
 
 /// A reload whose new workers are not all ready yet: what to go back to.
 struct PendingReload {
+    /// The generation the reload started; its workers are the new ones.
+    generation: u64,
     previous: Config,
     previous_listeners: Vec<Bound>,
     previous_slots: usize,
@@ -170,6 +174,8 @@ pub struct Master {
     /// When recent restarts happened (pruned to `restart_window`).
     restarts: VecDeque<Instant>,
     reload: Option<PendingReload>,
+    /// The config generation new workers are started with.
+    generation: u64,
     pid_file: Option<PathBuf>,
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
@@ -263,6 +269,7 @@ pub fn serve(config: Config) -> i32 {
         workers: HashMap::new(),
         restarts: VecDeque::new(),
         reload: None,
+        generation: 0,
         pid_file,
         phase: Phase::Serving,
         admin,
@@ -656,7 +663,9 @@ impl Master {
         listeners.extend(fresh);
         let previous = std::mem::replace(&mut self.config, config);
         self.plugin_names = plugin_names(&self.config);
+        self.generation += 1;
         self.reload = Some(PendingReload {
+            generation: self.generation,
             previous,
             previous_listeners: removed,
             previous_slots: self.slots.len(),
@@ -699,10 +708,7 @@ impl Master {
                 self.drain(pid);
             }
         }
-        let slots = self.slots.len();
-        for bound in &mut self.listeners {
-            bound.truncate(slots);
-        }
+        self.truncate_reuseport_sockets();
         tracing::info!("SIGTTOU received: {} worker(s) now", self.slots.len());
     }
 
@@ -797,7 +803,11 @@ impl Master {
             }
             return;
         }
-        if self.reload.is_some() && exit == Exit::Code(exit_code::PLUGIN_LOAD_FAILED) {
+        let of_pending_reload = self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == worker.generation);
+        if of_pending_reload && exit == Exit::Code(exit_code::PLUGIN_LOAD_FAILED) {
             tracing::error!(
                 "new worker {index} (pid {pid}) could not load its plugins (see above)"
             );
@@ -880,17 +890,21 @@ impl Master {
             return;
         };
         tracing::error!("reload rolled back: still serving the previous config");
-        let new_workers: Vec<Pid> = self
+        // The new generation goes: ready workers may be serving clients, so
+        // they drain (no answer is cut); the others never served and are killed.
+        let new_workers: Vec<(Pid, usize)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.role == Role::Serving)
-            .map(|(pid, _)| *pid)
+            .filter(|(_, w)| w.generation == reload.generation)
+            .map(|(pid, w)| (*pid, w.board))
             .collect();
-        for pid in new_workers {
-            if let Some(worker) = self.workers.get_mut(&pid) {
+        for (pid, board) in new_workers {
+            if self.scoreboard.slot(board).is_ready() {
+                self.drain(pid);
+            } else if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.role = Role::Draining;
+                let _ = kill(pid, Signal::SIGKILL);
             }
-            let _ = kill(pid, Signal::SIGKILL);
         }
         // Sockets bound only for the new config are dropped; unchanged ones
         // are shared and stay.
@@ -904,17 +918,38 @@ impl Master {
         self.listeners = listeners;
         self.config = reload.previous;
         self.plugin_names = plugin_names(&self.config);
+        self.generation += 1;
         let now = Instant::now();
         self.slots = (0..reload.previous_slots)
             .map(|_| Slot::empty(now))
             .collect();
-        for (pid, worker) in self.workers.iter_mut() {
-            if worker.role == Role::Outgoing {
-                worker.role = Role::Serving;
-                if let Some(slot) = self.slots.get_mut(worker.index) {
-                    slot.pid = Some(*pid);
+        // Outgoing workers serve again, one per slot; any extra drains.
+        let outgoing: Vec<(Pid, usize)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.role == Role::Outgoing)
+            .map(|(pid, w)| (*pid, w.index))
+            .collect();
+        for (pid, index) in outgoing {
+            match self.slots.get_mut(index) {
+                Some(slot) if slot.pid.is_none() => {
+                    slot.pid = Some(pid);
+                    if let Some(worker) = self.workers.get_mut(&pid) {
+                        worker.role = Role::Serving;
+                    }
                 }
+                _ => self.drain(pid),
             }
+        }
+        self.truncate_reuseport_sockets();
+    }
+
+    /// With `reuseport`, a socket per slot: a slot that no longer exists
+    /// must not keep a listening socket nobody accepts from.
+    fn truncate_reuseport_sockets(&mut self) {
+        let slots = self.slots.len();
+        for bound in &mut self.listeners {
+            bound.truncate(slots);
         }
     }
 
@@ -973,14 +1008,16 @@ impl Master {
             }
         }
 
-        // Hand-over: once every slot has a ready worker, outgoing ones drain.
+        // Hand-over: once every slot has a ready worker, outgoing ones drain
+        // and a pending reload is complete (whether or not old workers are
+        // still around: they may have died meanwhile).
         let outgoing: Vec<Pid> = self
             .workers
             .iter()
             .filter(|(_, w)| w.role == Role::Outgoing)
             .map(|(pid, _)| *pid)
             .collect();
-        if outgoing.is_empty() {
+        if outgoing.is_empty() && self.reload.is_none() {
             return;
         }
         let all_ready = self.slots.iter().all(|slot| {
@@ -1003,6 +1040,7 @@ impl Master {
             for pid in outgoing {
                 self.drain(pid);
             }
+            self.truncate_reuseport_sockets();
         } else if self
             .reload
             .as_ref()
@@ -1034,9 +1072,16 @@ impl Master {
                         continue;
                     }
                     if let Err(e) = self.spawn_worker(index) {
-                        tracing::error!("cannot fork worker {index}: {e}");
-                        self.halt(exit_code::FAILURE, Stop::Fast);
-                        break;
+                        // The other workers keep serving; try again later
+                        // (fork fails with EAGAIN/ENOMEM right after an OOM
+                        // kill, say), backing off like a crash loop.
+                        let slot = &mut self.slots[index];
+                        slot.crash_streak += 1;
+                        let delay = decision::restart_delay(slot.crash_streak.max(2));
+                        slot.restart_at = now + delay;
+                        tracing::error!(
+                            "cannot start worker {index}: {e}; trying again in {delay:?}"
+                        );
                     }
                 }
                 None
@@ -1099,6 +1144,7 @@ impl Master {
                     child,
                     Worker {
                         index,
+                        generation: self.generation,
                         board,
                         role: Role::Serving,
                         started: now,
