@@ -287,9 +287,19 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let mut problems = Vec::new();
     let server = &raw.server;
+    // The line of a `[server]` key, so that its problems name it too.
+    let key_line = |key: &str| {
+        text.lines()
+            .position(|line| {
+                line.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map(|index| index + 1)
+    };
     if server.max_frame_bytes == 0 || server.max_frame_bytes as u64 > MAX_DECLARED {
         problems.push((
-            None,
+            key_line("max_frame_bytes"),
             format!(
                 "[server] max_frame_bytes = {} is out of range: use 1 ..= {MAX_DECLARED}",
                 server.max_frame_bytes
@@ -303,12 +313,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         ("shutdown_timeout", server.shutdown_timeout),
     ] {
         if value.is_zero() {
-            problems.push((None, format!("[server] {key} must be above zero")));
+            problems.push((key_line(key), format!("[server] {key} must be above zero")));
         }
     }
     if server.workers > MAX_WORKERS {
         problems.push((
-            None,
+            key_line("workers"),
             format!(
                 "[server] workers = {} is more than nbnet supports ({MAX_WORKERS})",
                 server.workers
@@ -317,13 +327,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     if server.max_pending_output_bytes == 0 {
         problems.push((
-            None,
+            key_line("max_pending_output_bytes"),
             "[server] max_pending_output_bytes must be at least 1".to_string(),
         ));
     }
     if server.max_connections == 0 {
         problems.push((
-            None,
+            key_line("max_connections"),
             "[server] max_connections must be at least 1".to_string(),
         ));
     }
@@ -637,7 +647,7 @@ plugin = "nope"
         let err = parse_str(text).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.problems.len(), 4, "{text}");
-        assert!(text.contains("max_frame_bytes = 0"), "{text}");
+        assert!(text.contains(":2: [server] max_frame_bytes = 0"), "{text}");
         assert!(
             text.contains(":9: duplicate plugin name \"a\" (first defined on line 4)"),
             "{text}"
