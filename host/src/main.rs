@@ -15,7 +15,13 @@ use clap::{Parser, Subcommand};
 /// With no subcommand, nbnet serves the config file: the master binds the
 /// listeners, forks the workers, and each worker loads the plugins.
 #[derive(Parser, Debug)]
-#[command(name = "nbnet", about, long_about, disable_version_flag = true)]
+#[command(
+    name = "nbnet",
+    about,
+    long_about,
+    disable_version_flag = true,
+    after_long_help = AFTER_HELP
+)]
 struct Cli {
     /// The config file to serve or check.
     #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
@@ -34,12 +40,29 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// The end of `nbnet --help`: what the master does with signals, and what
+/// the exit status means.
+const AFTER_HELP: &str = "\
+Signals to the master:
+  SIGTERM, SIGQUIT   graceful stop: finish the frames in progress, answer them, exit 0
+  SIGINT             fast stop: close every connection now, exit 0
+  SIGHUP             reload config and plugins without refusing a connection
+  SIGTTIN / SIGTTOU  one worker more / fewer
+
+Exit status: 0 stopped cleanly or check passed, 1 other failure (e.g. cannot
+listen), 2 bad command line, 3 invalid config, 4 a plugin failed to load or
+init, 5 too many worker restarts.
+
+Logs go to stderr; [log] level in the config sets the level, RUST_LOG
+overrides it. The README and docs/plugins.md explain the rest.";
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Send one request and print the response payload.
     ///
-    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR,
-    /// reads one response frame and prints its payload followed by a newline.
+    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR
+    /// (TCP only: IP:PORT), reads one response frame and prints its payload
+    /// followed by a newline.
     Send {
         /// Server address, IP:PORT (e.g. 127.0.0.1:9000).
         addr: String,

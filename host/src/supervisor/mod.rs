@@ -648,11 +648,26 @@ impl Master {
         let (mut listeners, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut self.listeners)
             .into_iter()
             .partition(|b| config.listeners.iter().any(|l| l.addr == b.addr));
+        let plugin_of = |addr: &Endpoint| {
+            config
+                .listeners
+                .iter()
+                .find(|l| l.addr == *addr)
+                .map_or("?", |l| config.plugins[l.plugin].name.as_str())
+        };
         for bound in &listeners {
-            tracing::info!("listener {}: socket kept", bound.addr);
+            tracing::info!(
+                "listener {}: socket kept (plugin {:?})",
+                bound.addr,
+                plugin_of(&bound.addr)
+            );
         }
         for bound in &fresh {
-            tracing::info!("listener {}: added by the new config", bound.addr);
+            tracing::info!(
+                "listener {}: added by the new config (plugin {:?})",
+                bound.addr,
+                plugin_of(&bound.addr)
+            );
         }
         for bound in &removed {
             tracing::info!(
