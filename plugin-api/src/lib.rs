@@ -10,6 +10,8 @@
 //!   ([`abi::RawResponse`]), the init context ([`abi::RawInitContext`]), the C
 //!   plugin table ([`abi::CPlugin`], mirrored in `include/nbnet_plugin.h`) and the
 //!   Rust root module ([`abi::RustPlugin`], layout-checked by `abi_stable` at load).
+//! - [`sink`]: the host side of a response (one implementation shared by the
+//!   nbnet host and the test helper, so both enforce the same rules).
 //! - [`sdk`] (feature `sdk`, on by default): what a Rust plugin author uses — the
 //!   [`Plugin`] trait and the [`export_plugin!`] macro. The host builds without it.
 //!
@@ -56,6 +58,7 @@
 pub mod abi;
 #[cfg(feature = "sdk")]
 pub mod sdk;
+pub mod sink;
 
 #[cfg(feature = "sdk")]
 pub use sdk::{Connection, Error, InitContext, Logger, NoConfig, Plugin, Response};

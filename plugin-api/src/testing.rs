@@ -24,11 +24,12 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::marker::PhantomData;
 
-use crate::abi::{RawConnection, RawInitContext, RawResponse, NBNET_ERR, NBNET_OK};
+use crate::abi::{RawConnection, RawInitContext, NBNET_OK};
 use crate::sdk::{
     close_trampoline, destroy_trampoline, init_trampoline, open_trampoline, process_trampoline,
     shutdown_trampoline,
 };
+use crate::sink::ResponseSink;
 use crate::Plugin;
 
 /// A plugin instance hosted in-process for tests.
@@ -40,17 +41,6 @@ pub struct TestHost<P: Plugin> {
     /// Largest response `process` may write (like `max_frame_bytes`).
     pub max_response_bytes: usize,
     _plugin: PhantomData<P>,
-}
-
-struct Sink {
-    out: Vec<u8>,
-    max: usize,
-    error: Option<String>,
-    /// Like the host: (start, size) of the last reserve, voided by writes.
-    reserved: Option<(usize, usize)>,
-    /// Like the host: a refused write or reserve fails the request even if
-    /// the plugin then returns success.
-    refused: bool,
 }
 
 impl<P: Plugin> TestHost<P> {
@@ -100,33 +90,20 @@ impl<P: Plugin> TestHost<P> {
     /// caught panic included).
     pub fn process(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
         let conn = self.connection(1);
-        let mut sink = Sink {
-            out: Vec::new(),
-            max: self.max_response_bytes,
-            error: None,
-            reserved: None,
-            refused: false,
-        };
-        let mut response = RawResponse {
-            host: (&mut sink as *mut Sink).cast(),
-            write: sink_write,
-            set_error: sink_set_error,
-            conn: &conn,
-            reserve: sink_reserve,
-            commit: sink_commit,
-        };
-        // SAFETY: `state` is this plugin's instance; the rest is valid for the call.
+        let mut out = Vec::new();
+        let mut sink = ResponseSink::new(&mut out, self.max_response_bytes);
+        let mut response = sink.raw(&conn);
+        // SAFETY: `state` is this plugin's instance; the rest (and the sink
+        // behind `response`, which stays put) is valid for the call.
         let rc = unsafe {
             process_trampoline::<P>(self.state, request.as_ptr(), request.len(), &mut response)
         };
-        if rc == NBNET_OK && !sink.refused {
-            Ok(sink.out)
-        } else if sink.refused && sink.error.is_none() {
-            Err("the response would exceed max_frame_bytes; the host refused it".into())
-        } else {
-            Err(sink
-                .error
-                .unwrap_or_else(|| "process failed without a message".into()))
+        match sink.finish() {
+            (false, _) if rc == NBNET_OK => Ok(out),
+            (true, None) => {
+                Err("the response would exceed max_frame_bytes; the host refused it".into())
+            }
+            (_, error) => Err(error.unwrap_or_else(|| "process failed without a message".into())),
         }
     }
 
@@ -166,62 +143,6 @@ impl<P: Plugin> Drop for TestHost<P> {
             destroy_trampoline::<P>(self.state);
         }
     }
-}
-
-unsafe extern "C" fn sink_write(resp: *mut RawResponse, data: *const u8, len: usize) -> i32 {
-    // SAFETY: `host` is the `Sink` of the running `process`.
-    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
-    sink.reserved = None;
-    if sink.out.len() + len > sink.max {
-        sink.refused = true;
-        return NBNET_ERR;
-    }
-    if len > 0 {
-        // SAFETY: the plugin passes `len` readable bytes.
-        sink.out
-            .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
-    }
-    NBNET_OK
-}
-
-unsafe extern "C" fn sink_reserve(resp: *mut RawResponse, len: usize) -> *mut u8 {
-    // SAFETY: `host` is the `Sink` of the running `process`.
-    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
-    if sink.out.len() + len > sink.max {
-        sink.refused = true;
-        sink.reserved = None;
-        return std::ptr::null_mut();
-    }
-    sink.out.reserve(len);
-    let at = sink.out.len();
-    sink.reserved = Some((at, len));
-    // SAFETY: `reserve` made room for `len` bytes after the current length.
-    unsafe { sink.out.as_mut_ptr().add(at) }
-}
-
-unsafe extern "C" fn sink_commit(resp: *mut RawResponse, len: usize) -> i32 {
-    // SAFETY: `host` is the `Sink` of the running `process`.
-    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
-    match sink.reserved.take() {
-        Some((at, room)) if at == sink.out.len() && len <= room => {
-            // SAFETY: within the room reserved at `at`, written by the plugin.
-            unsafe { sink.out.set_len(at + len) };
-            NBNET_OK
-        }
-        _ => {
-            sink.refused = true;
-            sink.error.get_or_insert_with(|| {
-                format!("commit({len}) without a matching reserve of at least that size (or after a write)")
-            });
-            NBNET_ERR
-        }
-    }
-}
-
-unsafe extern "C" fn sink_set_error(resp: *mut RawResponse, msg: *const u8, len: usize) {
-    // SAFETY: as in `sink_write`.
-    let sink = unsafe { &mut *(*resp).host.cast::<Sink>() };
-    sink.error = Some(text(msg, len));
 }
 
 unsafe extern "C" fn init_set_error(ctx: *const RawInitContext, msg: *const u8, len: usize) {

@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 
 pub use nbnet_plugin_api::abi::RawConnection;
 use nbnet_plugin_api::abi::{
-    ConnectionFn, DestroyFn, InitFn, ProcessFn, RawInitContext, RawResponse, ShutdownFn, ABI_MAJOR,
-    ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN,
-    NBNET_OK,
+    ConnectionFn, DestroyFn, InitFn, ProcessFn, RawInitContext, ShutdownFn, ABI_MAJOR, ABI_MINOR,
+    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
 };
+use nbnet_plugin_api::sink::ResponseSink;
 
 use crate::codec::{write_header, HEADER_LEN};
 use crate::config::PluginSpec;
@@ -282,32 +282,14 @@ impl Plugin {
     ) -> Result<(), ProcessError> {
         let frame_start = out.len();
         out.extend_from_slice(&[0u8; HEADER_LEN]);
-        let mut sink = Sink {
-            out,
-            payload_start: frame_start + HEADER_LEN,
-            max: max_frame_bytes,
-            refused: false,
-            error: None,
-            reserved: None,
-        };
-        let mut response = RawResponse {
-            host: (&mut sink as *mut Sink).cast(),
-            write: sink_write,
-            set_error: sink_set_error,
-            conn,
-            reserve: sink_reserve,
-            commit: sink_commit,
-        };
+        let mut sink = ResponseSink::new(out, max_frame_bytes);
+        let mut response = sink.raw(conn);
         // SAFETY: `state` came from this library's `init`; `request` and
-        // `response` are valid for the call; instances are used by one thread.
+        // `response` (and the sink behind it, which stays put) are valid for
+        // the call; instances are used by one thread.
         let rc =
             unsafe { (self.process)(self.state, request.as_ptr(), request.len(), &mut response) };
-        let Sink {
-            out,
-            refused,
-            error,
-            ..
-        } = sink;
+        let (refused, error) = sink.finish();
         if rc != NBNET_OK || refused {
             out.truncate(frame_start);
             return Err(if refused && rc == NBNET_OK && error.is_some() {
@@ -453,86 +435,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The host side of [`RawResponse`]: the output buffer of one call.
-struct Sink<'a> {
-    out: &'a mut Vec<u8>,
-    payload_start: usize,
-    max: usize,
-    refused: bool,
-    error: Option<String>,
-    /// The last `reserve`: where its room starts (the buffer's length then)
-    /// and how many bytes; cleared by `commit` and by any `write`, which
-    /// may move the buffer and invalidate the pointer.
-    reserved: Option<(usize, usize)>,
-}
-
-unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len: usize) -> i32 {
-    // SAFETY: `response` is the struct built in `Plugin::process`, whose `host`
-    // points to the live `Sink` of this call.
-    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
-    // A write moves the end of the response (and may move the buffer):
-    // an outstanding reservation is void.
-    sink.reserved = None;
-    let written = sink.out.len() - sink.payload_start;
-    if len > sink.max - written {
-        sink.refused = true;
-        return NBNET_ERR;
-    }
-    if len > 0 {
-        // SAFETY: the plugin passes `len` readable bytes at `data`.
-        sink.out
-            .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
-    }
-    NBNET_OK
-}
-
-unsafe extern "C" fn sink_reserve(response: *mut RawResponse, len: usize) -> *mut u8 {
-    // SAFETY: as in `sink_write`.
-    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
-    let written = sink.out.len() - sink.payload_start;
-    if len > sink.max - written {
-        sink.refused = true;
-        sink.reserved = None;
-        return std::ptr::null_mut();
-    }
-    sink.out.reserve(len);
-    let at = sink.out.len();
-    sink.reserved = Some((at, len));
-    // SAFETY: `reserve` made room for `len` bytes after the current length.
-    // The pointer stays valid while the Vec is not touched; `write`, another
-    // `reserve` and `commit` are the only ways the plugin can touch it, and
-    // each voids this reservation (checked in `sink_commit`).
-    unsafe { sink.out.as_mut_ptr().add(at) }
-}
-
-unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 {
-    // SAFETY: as in `sink_write`.
-    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
-    match sink.reserved.take() {
-        // Only the current reservation, unmoved, and at most its size.
-        Some((at, room)) if at == sink.out.len() && len <= room => {
-            // SAFETY: `at + len` is within the capacity reserved at `at`
-            // (the buffer has not changed since), and the plugin initialized
-            // those `len` bytes (the contract of `commit`).
-            unsafe { sink.out.set_len(at + len) };
-            NBNET_OK
-        }
-        _ => {
-            sink.refused = true;
-            sink.error.get_or_insert_with(|| {
-                format!("commit({len}) without a matching reserve of at least that size (or after a write)")
-            });
-            NBNET_ERR
-        }
-    }
-}
-
-unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, len: usize) {
-    // SAFETY: as in `sink_write`; the plugin passes `len` readable bytes.
-    let sink = unsafe { &mut *(*response).host.cast::<Sink>() };
-    sink.error = Some(lossy(msg, len));
-}
-
 unsafe extern "C" fn init_set_error(ctx: *const RawInitContext, msg: *const u8, len: usize) {
     // SAFETY: `ctx.host` points to the `InitState` of the running `load`.
     let init = unsafe { &mut *(*ctx).host.cast::<InitState>() };
@@ -587,79 +489,4 @@ fn lossy(msg: *const u8, len: usize) -> String {
     }
     // SAFETY: callers pass `len` readable bytes at `msg` (checked non-null).
     String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Runs `steps` against a fresh sink (max 16 payload bytes) as a plugin
-    /// would, through the same callbacks; returns the buffer and the sink's verdict.
-    fn with_sink(steps: impl FnOnce(*mut RawResponse)) -> (Vec<u8>, bool, Option<String>) {
-        let mut out = b"HEADER....".to_vec();
-        let conn = RawConnection {
-            id: 1,
-            peer: c"p".as_ptr(),
-            listener: c"l".as_ptr(),
-        };
-        let mut sink = Sink {
-            out: &mut out,
-            payload_start: HEADER_LEN,
-            max: 16,
-            refused: false,
-            error: None,
-            reserved: None,
-        };
-        let mut response = RawResponse {
-            host: (&mut sink as *mut Sink).cast(),
-            write: sink_write,
-            set_error: sink_set_error,
-            conn: &conn,
-            reserve: sink_reserve,
-            commit: sink_commit,
-        };
-        steps(&mut response);
-        let (refused, error) = (sink.refused, sink.error.take());
-        (out, refused, error)
-    }
-
-    #[test]
-    fn reserve_then_commit_appends_exactly_what_was_written() {
-        // SAFETY (all three tests): `r` is a live response for the closure;
-        // pointers from `reserve` are used within the room it returned.
-        let (out, refused, _) = with_sink(|r| unsafe {
-            let p = ((*r).reserve)(r, 8);
-            p.copy_from_nonoverlapping(b"abc".as_ptr(), 3);
-            assert_eq!(((*r).commit)(r, 3), NBNET_OK);
-        });
-        assert!(!refused);
-        assert_eq!(&out[HEADER_LEN..], b"abc");
-    }
-
-    #[test]
-    fn a_write_between_reserve_and_commit_voids_the_reservation() {
-        let (out, refused, error) = with_sink(|r| unsafe {
-            let _ = ((*r).reserve)(r, 8);
-            assert_eq!(((*r).write)(r, b"x".as_ptr(), 1), NBNET_OK);
-            assert_eq!(((*r).commit)(r, 8), NBNET_ERR);
-        });
-        assert!(refused);
-        assert_eq!(&out[HEADER_LEN..], b"x", "no uninitialized bytes exposed");
-        assert!(error.unwrap().contains("without a matching reserve"));
-    }
-
-    #[test]
-    fn commit_beyond_the_reservation_or_twice_is_refused_and_the_limit_holds() {
-        // SAFETY (all three tests): `r` is a live response for the closure;
-        // pointers from `reserve` are used within the room it returned.
-        let (out, refused, _) = with_sink(|r| unsafe {
-            let p = ((*r).reserve)(r, 4);
-            p.write_bytes(b'y', 4);
-            assert_eq!(((*r).commit)(r, 5), NBNET_ERR);
-            assert_eq!(((*r).commit)(r, 4), NBNET_ERR, "the reservation is gone");
-            assert!(((*r).reserve)(r, 17).is_null(), "over max_frame_bytes");
-        });
-        assert!(refused);
-        assert_eq!(out.len(), HEADER_LEN);
-    }
 }
