@@ -129,15 +129,13 @@ pub struct Context<'a> {
 /// One accepted client connection.
 pub struct Connection {
     stream: Stream,
-    /// The client's address, for logs: the real client's once a PROXY
-    /// header named it.
-    pub peer: String,
+    /// The client's address as text (the real client's once a PROXY header
+    /// named it): made once, for logs and for the plugin's context.
+    peer: CString,
     /// Index of the listener (and so of the plugin) that accepted it.
     pub listener: usize,
     /// Unique id within the server, shown to plugins.
     id: u64,
-    /// `peer` as text, made once for the plugin's context.
-    peer_text: CString,
     state: State,
     /// A partial frame carried over between reads: `input[..input_len]`.
     /// Empty (no allocation) whenever the connection is at a frame boundary.
@@ -177,8 +175,7 @@ impl Connection {
     ) -> Self {
         Connection {
             stream,
-            peer_text: CString::new(peer.as_str()).unwrap_or_default(),
-            peer,
+            peer: CString::new(peer).unwrap_or_default(),
             listener,
             id,
             state: if proxy_protocol {
@@ -200,9 +197,14 @@ impl Connection {
     pub fn describe<'a>(&'a self, listener_addr: &'a CStr) -> RawConnection {
         RawConnection {
             id: self.id,
-            peer: self.peer_text.as_ptr(),
+            peer: self.peer.as_ptr(),
             listener: listener_addr.as_ptr(),
         }
+    }
+
+    /// The client's address, for logs.
+    pub fn peer(&self) -> &str {
+        self.peer.to_str().unwrap_or("?")
     }
 
     /// The socket, for (de)registration.
@@ -381,9 +383,8 @@ impl Connection {
                 Err(e) => return Err(Close::Proxy(e)),
             };
             if let Proxied::Tcp { source, .. } = proxied {
-                tracing::debug!(proxy = %self.peer, client = %source, "PROXY header");
-                self.peer = source.to_string();
-                self.peer_text = CString::new(self.peer.as_str()).unwrap_or_default();
+                tracing::debug!(proxy = self.peer(), client = %source, "PROXY header");
+                self.peer = CString::new(source.to_string()).unwrap_or_default();
             }
             self.input.copy_within(consumed..self.input_len, 0);
             self.input_len -= consumed;
@@ -443,7 +444,7 @@ impl Connection {
             served: &mut *ctx.served,
             conn: &conn,
             decoder: ctx.decoder,
-            peer: &self.peer,
+            peer: self.peer.to_str().unwrap_or("?"),
             budget: ctx.output_budget,
             timed: ctx.time_plugin_calls,
         };
@@ -517,7 +518,7 @@ impl Connection {
     }
 
     fn transition(&mut self, to: State) {
-        tracing::debug!(peer = %self.peer, from = ?self.state, ?to, "connection state");
+        tracing::debug!(peer = self.peer(), from = ?self.state, ?to, "connection state");
         self.state = to;
     }
 }
@@ -567,7 +568,7 @@ impl Answering<'_> {
                     }
                     result.map_err(Close::Plugin)?;
                     tracing::debug!(
-                        peer = %self.peer,
+                        peer = self.peer,
                         request = len,
                         response = out.len() - queued - HEADER_LEN,
                         "frame processed"

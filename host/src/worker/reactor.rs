@@ -303,9 +303,10 @@ impl Reactor {
                     let deadline = now + self.limits.read_timeout;
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
+                    tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
                     let conn = entry.insert(Connection::new(
                         stream,
-                        peer.clone(),
+                        peer,
                         index,
                         id,
                         deadline,
@@ -316,7 +317,6 @@ impl Reactor {
                     self.slot
                         .track(listener.plugin, || plugin.connection_opened(&described));
                     self.deadlines.push(&mut self.connections, key, deadline);
-                    tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
                 }
                 // The backlog is empty: wait for the next readiness event.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -350,7 +350,7 @@ impl Reactor {
             self.slot.stats.protocol_errors.add(1);
         }
         let _ = self.poll.registry().deregister(conn.stream_mut());
-        let peer = conn.peer.clone();
+        let peer = conn.peer().to_string();
         let listener = &self.listeners[conn.listener];
         let plugin = &mut self.plugins[listener.plugin];
         let described = conn.describe(&listener.addr_text);
