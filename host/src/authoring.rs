@@ -283,9 +283,7 @@ fn new_c(name: &str, dir: &Path, api: &Path) -> Result<(), String> {
         so.display(),
         file.display()
     );
-    let source = C_TEMPLATE
-        .replace("{name}", name)
-        .replace("{build}", &build);
+    let source = c_template(name, &build);
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&file, source))
         .map_err(|e| format!("writing {}: {e}", file.display()))?;
@@ -358,65 +356,21 @@ mod tests {
 }
 "#;
 
-const C_TEMPLATE: &str = r#"/*
- * {name}.c -- an nbnet plugin in C: answers each request upper-cased.
- * Build:
+/// The C template: nbnet's own `upper-c` example (so the template is always
+/// a plugin that builds and is tested), under a header for the new plugin.
+const C_TEMPLATE_HEADER: &str = "/*
+ * {name}.c -- an nbnet plugin in C, started from nbnet's upper-c example:
+ * it answers each request upper-cased. Build:
  *   {build}
  */
-#include <stdlib.h>
+";
+const UPPER_C: &str = include_str!("../../plugins/upper-c/upper.c");
 
-#include "nbnet_plugin.h"
-
-typedef struct {
-    uint8_t *buf; /* scratch buffer, grown to the largest request seen */
-    size_t cap;
-} state_t;
-
-static int plugin_init(const nbnet_init_ctx *ctx, void **state) {
-    state_t *s = calloc(1, sizeof *s);
-    if (s == NULL) {
-        static const char msg[] = "out of memory";
-        ctx->set_error(ctx, msg, sizeof msg - 1);
-        return NBNET_ERR;
-    }
-    *state = s;
-    return NBNET_OK;
+/// The source of a new C plugin called `name`, built with `build`.
+fn c_template(name: &str, build: &str) -> String {
+    let body = &UPPER_C[UPPER_C.find("#include").unwrap_or(0)..];
+    C_TEMPLATE_HEADER
+        .replace("{name}", name)
+        .replace("{build}", build)
+        + &body.replace("\"upper-c\"", &format!("{name:?}"))
 }
-
-static int plugin_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
-    state_t *s = state;
-    if (len > s->cap) {
-        uint8_t *grown = realloc(s->buf, len);
-        if (grown == NULL) {
-            static const char msg[] = "out of memory";
-            return nbnet_error(resp, msg, sizeof msg - 1);
-        }
-        s->buf = grown;
-        s->cap = len;
-    }
-    for (size_t i = 0; i < len; i++) {
-        uint8_t c = req[i];
-        s->buf[i] = (c >= 'a' && c <= 'z') ? (uint8_t)(c - 'a' + 'A') : c;
-    }
-    return nbnet_write(resp, s->buf, len);
-}
-
-static void plugin_destroy(void *state) {
-    state_t *s = state;
-    free(s->buf);
-    free(s);
-}
-
-static const nbnet_plugin plugin = {
-    .abi_major = NBNET_ABI_MAJOR,
-    .abi_minor = NBNET_ABI_MINOR,
-    .struct_size = sizeof(nbnet_plugin),
-    .name = "{name}",
-    .version = "0.1.0",
-    .init = plugin_init,
-    .process = plugin_process,
-    .destroy = plugin_destroy,
-};
-
-NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &plugin; }
-"#;
