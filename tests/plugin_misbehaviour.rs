@@ -82,6 +82,48 @@ fn a_response_over_max_frame_bytes_closes_the_connection_and_is_logged() {
 }
 
 #[test]
+fn a_response_len_past_its_cap_closes_the_connection_and_sends_nothing() {
+    let server = Server::start(MISBEHAVE);
+    let mut client = server.client();
+    let mut bytes = frame(b"first");
+    bytes.extend_from_slice(&frame(b"overrun"));
+    client.send_raw(&bytes).unwrap();
+    assert_eq!(client.read_frame().unwrap(), b"first");
+    // Nothing of the broken response (its "secret", or memory past it).
+    client.expect_closed();
+    server.wait_for("the buffer-protocol error in the log", || {
+        server.log().contains("past its cap").then_some(())
+    });
+    let log = server.log();
+    assert!(log.contains("plugin failed a request"), "{log}");
+    assert_eq!(server.client().request(b"small"), b"small");
+}
+
+/// A C plugin built against ABI 1.0 (no in-place response fields; callbacks
+/// only) still loads and answers in this ABI 1.1 host.
+#[test]
+fn a_plugin_built_for_abi_1_0_still_works() {
+    let server = Server::start(&MISBEHAVE.replace("{misbehave}", "{abi_1_0}"));
+    let mut client = server.client();
+    let mut bytes = frame(b"abc");
+    bytes.extend_from_slice(&frame(b"hello"));
+    client.send_raw(&bytes).unwrap();
+    assert_eq!(client.read_frame().unwrap(), b"v1.0:cba!");
+    assert_eq!(client.read_frame().unwrap(), b"v1.0:olleh!");
+    assert_eq!(client.request(&[b'y'; 1000]), {
+        let mut expected = b"v1.0:".to_vec();
+        expected.extend_from_slice(&[b'y'; 1000]);
+        expected.push(b'!');
+        expected
+    });
+    let _ = client.send_frame(b"fail");
+    client.expect_closed();
+    server.wait_for("the plugin's error in the log", || {
+        server.log().contains("abi_1_0 refuses").then_some(())
+    });
+}
+
+#[test]
 fn a_plugin_crash_costs_a_worker_restart_not_the_service() {
     let server = Server::start(MISBEHAVE);
     let before = server.wait_for_workers(1)[0];

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::codec::FrameReader;
 use crate::config::PluginSpec;
 use crate::exit_code;
-use crate::plugin::{self, Plugin, RawConnection};
+use crate::plugin::{self, Plugin, RawConnection, ResponseSink};
 use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
 
 /// `nbnet plugin info FILE`: kind, own name and version, ABI, and whether
@@ -103,11 +103,12 @@ pub fn run(options: &RunOptions) -> i32 {
     let mut frame = Vec::new();
     for (number, request) in requests.iter().enumerate() {
         frame.clear();
-        match plugin.process(request, &conn, &mut frame, options.max_frame_bytes) {
-            Ok(()) if options.frames => {
+        let mut sink = ResponseSink::new(&mut frame, options.max_frame_bytes, &conn);
+        match plugin.process(request, &mut sink) {
+            Ok(_) if options.frames => {
                 let _ = stdout.write_all(&frame);
             }
-            Ok(()) => {
+            Ok(_) => {
                 let _ = stdout.write_all(&frame[crate::codec::HEADER_LEN..]);
                 let _ = stdout.write_all(b"\n");
             }

@@ -101,21 +101,29 @@ pub struct PluginStats {
 }
 
 impl PluginStats {
-    /// Records one call, and how long it took if it was timed.
+    /// Records `n` requests answered (counted once per read, not per call).
     #[inline]
-    pub fn record(&self, elapsed: Option<std::time::Duration>, outcome: Outcome) {
+    pub fn record_answered(&self, n: u64) {
+        if n > 0 {
+            self.requests.add(n);
+        }
+    }
+
+    /// Records one failed call (the request counts as handled).
+    #[cold]
+    pub fn record_failure(&self, outcome: Outcome) {
         self.requests.add(1);
         match outcome {
-            Outcome::Ok => {}
             Outcome::Error => self.errors.add(1),
             Outcome::Panic => {
                 self.errors.add(1);
                 self.panics.add(1);
             }
         }
-        let Some(elapsed) = elapsed else {
-            return;
-        };
+    }
+
+    /// Records how long one call took, answered or failed.
+    pub fn record_latency(&self, elapsed: std::time::Duration) {
         let ns = elapsed.as_nanos().min(u128::from(u64::MAX)) as u64;
         self.latency_ns.add(ns);
         let us = ns / 1_000;
@@ -127,11 +135,9 @@ impl PluginStats {
     }
 }
 
-/// How a plugin call ended, for the statistics.
+/// How a failed plugin call failed, for the statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// It answered.
-    Ok,
     /// It reported an error.
     Error,
     /// It panicked (caught by the Rust SDK).
@@ -410,11 +416,19 @@ mod tests {
         let board = Scoreboard::new(1).unwrap();
         let stats = &board.slot(0).stats;
         let plugin = stats.plugin(0).unwrap();
-        plugin.record(Some(std::time::Duration::from_micros(7)), Outcome::Ok);
-        plugin.record(Some(std::time::Duration::from_millis(2)), Outcome::Panic);
-        plugin.record(Some(std::time::Duration::from_secs(5)), Outcome::Error);
-        plugin.record(None, Outcome::Ok);
-        assert_eq!(plugin.requests.get(), 4, "untimed calls are counted too");
+        plugin.record_latency(std::time::Duration::from_micros(7));
+        plugin.record_latency(std::time::Duration::from_millis(2));
+        plugin.record_failure(Outcome::Panic);
+        plugin.record_latency(std::time::Duration::from_secs(5));
+        plugin.record_failure(Outcome::Error);
+        plugin.record_answered(1);
+        plugin.record_answered(0);
+        plugin.record_answered(1);
+        assert_eq!(
+            plugin.requests.get(),
+            4,
+            "answered and failed requests both count, timed or not"
+        );
         assert_eq!(plugin.errors.get(), 2);
         assert_eq!(plugin.panics.get(), 1);
         assert_eq!(plugin.buckets[1].get(), 1, "7 µs is under the 10 µs bound");

@@ -32,6 +32,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,7 +41,7 @@ extern "C" {
 /* ---------------------------------------------------------------- versions */
 
 #define NBNET_ABI_MAJOR 1
-#define NBNET_ABI_MINOR 0
+#define NBNET_ABI_MINOR 1 /* 1.1: nbnet_response gains data/len/cap/grow */
 
 /* ------------------------------------------------------------ return codes */
 
@@ -74,7 +75,16 @@ typedef struct nbnet_conn {
 /* ------------------------------------------------------- response (host) */
 
 /* Where process writes its answer. Built by the host for one process call and
- * valid only during it. Use the two helpers below rather than the fields. */
+ * valid only during it. Use the helpers at the end of this file.
+ *
+ * The answer lives in host memory: data[0..len) is what is written so far,
+ * data[len..cap) is room you may write into directly, advancing len (ABI
+ * 1.1). That is the fast path: no call into the host per write. For more
+ * room call grow(resp, n): afterwards cap - len >= n (data may have moved,
+ * the bytes written move with it), or NBNET_ERR past max_frame_bytes. cap
+ * never exceeds max_frame_bytes. len > cap when process returns fails the
+ * request. The older callbacks (write, reserve/commit) keep data, len and
+ * cap up to date, so both styles mix. */
 typedef struct nbnet_response {
     void *host; /* host-private: pass the response back untouched */
     /* Append len bytes. NBNET_ERR (and nothing appended) when the response
@@ -84,14 +94,21 @@ typedef struct nbnet_response {
     void (*set_error)(struct nbnet_response *resp, const char *msg, size_t len);
     const nbnet_conn *conn; /* the connection this request came on */
     /* Room for up to len more bytes, written in place (no copy): returns
-     * where to write (host memory, uninitialized), or NULL if that would
-     * exceed max_frame_bytes. Valid only until the next call on resp:
+     * data + len after growing (host memory, uninitialized), or NULL if that
+     * would exceed max_frame_bytes. Valid only until the next call on resp:
      * fill it, then commit. */
     uint8_t *(*reserve)(struct nbnet_response *resp, size_t len);
     /* Append the first len (<= reserved) bytes written at the pointer the
-     * last reserve returned, with no write/reserve in between; otherwise
-     * NBNET_ERR and the request fails. */
+     * last reserve returned, with no other call (or change of len) in
+     * between; otherwise NBNET_ERR and the request fails. */
     int (*commit)(struct nbnet_response *resp, size_t len);
+    /* ABI 1.1: the answer in place (see above). */
+    uint8_t *data; /* data[0..len) written, data[len..cap) writable room */
+    size_t len;    /* bytes written; advance it after writing in place */
+    size_t cap;    /* end of the room (never above max_frame_bytes) */
+    /* Make cap - len >= additional (data may move). NBNET_ERR, and nothing
+     * changes, if len + additional would exceed max_frame_bytes. */
+    int (*grow)(struct nbnet_response *resp, size_t additional);
 } nbnet_response;
 
 /* ----------------------------------------------------- init context (host) */
@@ -145,18 +162,41 @@ NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void);
 
 /* ---------------------------------------------------------------- helpers */
 
+/* Room for n more bytes at resp->data + resp->len: free when the host already
+ * gave enough, one call otherwise. NBNET_OK, or NBNET_ERR past
+ * max_frame_bytes (return an error from process then). */
+static inline int nbnet_ensure(nbnet_response *resp, size_t n) {
+    return n <= resp->cap - resp->len ? NBNET_OK : resp->grow(resp, n);
+}
+
+/* Append len bytes (a memcpy into the host's buffer). */
 static inline int nbnet_write(nbnet_response *resp, const void *data, size_t len) {
-    return resp->write(resp, (const uint8_t *)data, len);
+    if (nbnet_ensure(resp, len) != NBNET_OK) {
+        return NBNET_ERR;
+    }
+    if (len > 0) {
+        memcpy(resp->data + resp->len, data, len);
+        resp->len += len;
+    }
+    return NBNET_OK;
 }
 
+/* Where to compute up to len bytes in place, or NULL past max_frame_bytes;
+ * then nbnet_commit the number written. */
 static inline uint8_t *nbnet_reserve(nbnet_response *resp, size_t len) {
-    return resp->reserve(resp, len);
+    return nbnet_ensure(resp, len) == NBNET_OK ? resp->data + resp->len : NULL;
 }
 
+/* Append the first len bytes written at the last nbnet_reserve. */
 static inline int nbnet_commit(nbnet_response *resp, size_t len) {
-    return resp->commit(resp, len);
+    if (len > resp->cap - resp->len) {
+        return NBNET_ERR;
+    }
+    resp->len += len;
+    return NBNET_OK;
 }
 
+/* Record why process fails; returns NBNET_ERR for `return nbnet_error(...)`. */
 static inline int nbnet_error(nbnet_response *resp, const char *msg, size_t len) {
     resp->set_error(resp, msg, len);
     return NBNET_ERR;

@@ -21,6 +21,7 @@
 //! refuses a plugin built against another 0.x version of this crate.
 
 use std::ffi::{c_char, c_void};
+use std::fmt;
 
 use abi_stable::{
     declare_root_module_statics, library::RootModule, package_version_strings,
@@ -30,7 +31,12 @@ use abi_stable::{
 /// Major ABI version: plugins built for another major are refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor ABI version: plugins built for this minor or an older one load.
-pub const ABI_MINOR: u32 = 0;
+///
+/// - 1.0: the first ABI.
+/// - 1.1: [`RawResponse`] gains `data`, `len`, `cap` and `grow`: a plugin
+///   writes its answer straight into the host's buffer with no call back
+///   into the host (unless it needs more room than it was given).
+pub const ABI_MINOR: u32 = 1;
 
 /// Success return code of `init`, `process` and `write`.
 pub const NBNET_OK: i32 = 0;
@@ -52,8 +58,22 @@ pub const C_ENTRY_SYMBOL: &str = "nbnet_plugin_entry";
 /// The sink a plugin writes its response into (`nbnet_response` in C).
 ///
 /// The host builds one for each call of `process`; it is valid only during
-/// that call. The plugin never sees the buffer itself, only these callbacks,
-/// so the host can enforce `max_frame_bytes` and nothing crosses allocators.
+/// that call. The plugin never frees or reallocates the host's memory, and
+/// the host enforces `max_frame_bytes`, so nothing crosses allocators.
+///
+/// # Two ways to write (both keep the other consistent)
+///
+/// - **In place (ABI 1.1)**: `data[..len]` is the answer so far and
+///   `data[len..cap]` is room the plugin may write into directly, then
+///   advance `len`. This is the fast path: no call into the host per write.
+///   When more room is needed, `grow(resp, n)` makes `cap - len >= n` (and
+///   may move `data`), or refuses past `max_frame_bytes`. The host never
+///   offers room beyond `max_frame_bytes`, so `cap` is also the limit.
+/// - **Through callbacks (ABI 1.0)**: `write`, or `reserve` + `commit`. They
+///   update `data`, `len` and `cap` as they go.
+///
+/// After `process` returns, the host takes `data[..len]` as the response;
+/// `len > cap` fails the request (a plugin bug) and nothing is sent.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct RawResponse {
@@ -69,16 +89,38 @@ pub struct RawResponse {
     /// The connection this request came on; valid during the call.
     pub conn: *const RawConnection,
     /// Makes room for up to `len` more bytes and returns where to write
-    /// them: host memory, not initialized. The pointer is valid only until
-    /// the next call on this response (`write`, `reserve` or `commit`):
-    /// write into it, then `commit`. NULL (nothing reserved) when the
-    /// response would exceed `max_frame_bytes`. Lets a plugin compute its
-    /// answer straight into the response instead of its own buffer first.
+    /// them (`data + len` after growing): host memory, not initialized. The
+    /// pointer is valid only until the next call on this response (`write`,
+    /// `reserve`, `grow` or `commit`): write into it, then `commit`. NULL
+    /// (nothing reserved) when the response would exceed `max_frame_bytes`.
     pub reserve: unsafe extern "C" fn(resp: *mut RawResponse, len: usize) -> *mut u8,
     /// Appends the first `len` bytes written at the last `reserve`d pointer
-    /// (`len` at most what was reserved, with no other call in between).
-    /// [`NBNET_OK`]; otherwise [`NBNET_ERR`] and the request fails.
+    /// (`len` at most what was reserved, with no other call or change of
+    /// `len` in between). [`NBNET_OK`]; otherwise [`NBNET_ERR`] and the
+    /// request fails.
     pub commit: unsafe extern "C" fn(resp: *mut RawResponse, len: usize) -> i32,
+    /// ABI 1.1. The response's bytes: `data[..len]` written, `data[len..cap]`
+    /// room to write into. Moves only in a call on this response.
+    pub data: *mut u8,
+    /// ABI 1.1. Bytes of the response written so far; the plugin advances it
+    /// after writing in place (never past `cap`).
+    pub len: usize,
+    /// ABI 1.1. End of the room at `data` (never more than `max_frame_bytes`).
+    pub cap: usize,
+    /// ABI 1.1. Makes `cap - len >= additional` (possibly moving `data`;
+    /// bytes already written move with it). [`NBNET_OK`], or [`NBNET_ERR`]
+    /// when `len + additional` would exceed `max_frame_bytes` (nothing
+    /// changes then; the request fails).
+    pub grow: unsafe extern "C" fn(resp: *mut RawResponse, additional: usize) -> i32,
+}
+
+impl fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A client connection as a plugin sees it (`nbnet_conn` in C). Passed to

@@ -138,18 +138,66 @@ pub struct Response {
 }
 
 impl Response {
+    /// Room left before the host must be asked for more.
+    #[inline]
+    fn room(&self) -> usize {
+        self.raw.cap - self.raw.len
+    }
+
+    /// Makes room for `additional` more bytes: free when the host already
+    /// gave enough (the usual case), one call into the host otherwise.
+    #[inline]
+    fn ensure_room(&mut self, additional: usize) -> Result<(), Error> {
+        if additional <= self.room() {
+            return Ok(());
+        }
+        self.grow(additional)
+    }
+
+    #[cold]
+    fn grow(&mut self, additional: usize) -> Result<(), Error> {
+        // SAFETY: `raw` was built by the host for this call.
+        match unsafe { (self.raw.grow)(&mut self.raw, additional) } {
+            NBNET_OK => Ok(()),
+            _ => Err(too_large()),
+        }
+    }
+
+    /// The room after what is written: `n` bytes the caller must initialize
+    /// before [`advance`](Self::advance)-ing over them.
+    ///
+    /// # Safety
+    /// `ensure_room(n)` must have succeeded, with no call on the response since.
+    #[inline]
+    unsafe fn spare(&mut self, n: usize) -> &mut [std::mem::MaybeUninit<u8>] {
+        // SAFETY: `data[len..cap]` is host memory lent for this call and
+        // `n <= cap - len` (the caller's guarantee).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.raw
+                    .data
+                    .add(self.raw.len)
+                    .cast::<std::mem::MaybeUninit<u8>>(),
+                n,
+            )
+        }
+    }
+
     /// Appends `bytes` to the response payload. Fails when the response would
     /// exceed the host's `max_frame_bytes`; return that error from `process`.
     #[inline]
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        // SAFETY: `raw` was built by the host for this call; `write` copies
-        // `bytes.len()` bytes from a live slice.
-        let rc = unsafe { (self.raw.write)(&mut self.raw, bytes.as_ptr(), bytes.len()) };
-        if rc == NBNET_OK {
-            Ok(())
-        } else {
-            Err(too_large())
+        self.ensure_room(bytes.len())?;
+        // SAFETY: room for `bytes.len()` was just ensured; the bytes are
+        // written before `len` covers them.
+        unsafe {
+            self.raw
+                .data
+                .add(self.raw.len)
+                .copy_from_nonoverlapping(bytes.as_ptr(), bytes.len());
         }
+        self.raw.len += bytes.len();
+        Ok(())
     }
 
     /// Appends `input` transformed byte by byte with `map`, computed straight
@@ -161,27 +209,16 @@ impl Response {
         input: &[u8],
         mut map: impl FnMut(u8) -> u8,
     ) -> Result<(), Error> {
-        if input.is_empty() {
-            return Ok(());
+        self.ensure_room(input.len())?;
+        // SAFETY: room for `input.len()` was just ensured.
+        let out = unsafe { self.spare(input.len()) };
+        // A zip over two slices: the compiler can vectorize it.
+        for (slot, &byte) in out.iter_mut().zip(input) {
+            slot.write(map(byte));
         }
-        // SAFETY: `reserve` returns room for `input.len()` bytes (or NULL),
-        // viewed here as uninitialized bytes; every one of them is written
-        // before `commit` makes them part of the response.
-        unsafe {
-            let out = (self.raw.reserve)(&mut self.raw, input.len());
-            if out.is_null() {
-                return Err(too_large());
-            }
-            let out = std::slice::from_raw_parts_mut(
-                out.cast::<std::mem::MaybeUninit<u8>>(),
-                input.len(),
-            );
-            // A zip over two slices: the compiler can vectorize it.
-            for (slot, &byte) in out.iter_mut().zip(input) {
-                slot.write(map(byte));
-            }
-            self.commit(input.len())
-        }
+        // Every byte of the room was written just above.
+        self.raw.len += input.len();
+        Ok(())
     }
 
     /// Appends up to `len` bytes that `fill` writes into a zeroed buffer in
@@ -191,28 +228,17 @@ impl Response {
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<(), Error> {
-        if len == 0 {
-            return Ok(());
-        }
-        // SAFETY: `reserve` returns room for `len` bytes (or NULL), zeroed
-        // here before a slice is made of them; `commit` takes at most `len`.
-        unsafe {
-            let out = (self.raw.reserve)(&mut self.raw, len);
-            if out.is_null() {
-                return Err(too_large());
-            }
-            out.write_bytes(0, len);
-            let written = fill(std::slice::from_raw_parts_mut(out, len)).min(len);
-            self.commit(written)
-        }
-    }
-
-    fn commit(&mut self, len: usize) -> Result<(), Error> {
-        // SAFETY: the host's sink for this call; `len` bytes were written.
-        match unsafe { (self.raw.commit)(&mut self.raw, len) } {
-            NBNET_OK => Ok(()),
-            _ => Err(too_large()),
-        }
+        self.ensure_room(len)?;
+        // SAFETY: room for `len` was just ensured; zeroed before it is
+        // viewed as initialized bytes.
+        let room = unsafe {
+            let room = self.spare(len);
+            room.fill(std::mem::MaybeUninit::new(0));
+            &mut *(std::ptr::from_mut(room) as *mut [u8])
+        };
+        let written = fill(room).min(len);
+        self.raw.len += written;
+        Ok(())
     }
 
     /// The connection this request arrived on.

@@ -1,136 +1,301 @@
 //! The host side of a response: the one implementation of the
-//! [`RawResponse`] callbacks (`write`, `reserve`, `commit`, `set_error`).
+//! [`RawResponse`] protocol (the in-place `data`/`len`/`cap` fields and the
+//! `grow`, `write`, `reserve`, `commit` and `set_error` callbacks).
 //!
 //! The nbnet host and [`crate::testing::TestHost`] both use it, so a plugin's
 //! unit tests see exactly the rules the server enforces: the size limit, a
 //! refused write failing the request even if the plugin then returns
-//! success, and `reserve`/`commit` accepted only as a matched, uninterrupted
-//! pair.
+//! success, `reserve`/`commit` accepted only as a matched, uninterrupted
+//! pair, and `len` never past `cap`.
+//!
+//! # How the in-place fields map onto the buffer
+//!
+//! Responses are appended to one `Vec<u8>` (the host's output for a whole
+//! read). While a plugin runs, the Vec's length stays at the start of the
+//! response's payload; `data` points there, `cap` is the Vec's spare
+//! capacity (clamped to the limit), and the plugin's `len` bytes live in that
+//! spare capacity. Every callback first *absorbs* them (extends the Vec's
+//! length over them, so a reallocation carries them along), does its work
+//! with ordinary `Vec` calls, then *releases* them again. [`ResponseSink::finish`]
+//! absorbs for good.
 
 use std::ffi::c_void;
 
 use crate::abi::{RawConnection, RawResponse, NBNET_ERR, NBNET_OK};
 
-/// Collects one response into a caller's buffer, after what is already in it.
+/// Why a response failed; see [`ResponseSink::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkError {
+    /// `process` returned an error; the plugin's message if it set one.
+    Plugin(Option<String>),
+    /// The plugin tried to go past the size limit (a refused `write`,
+    /// `reserve` or `grow`); the plugin's message if it set one.
+    TooLarge(Option<String>),
+    /// The plugin broke the buffer protocol (a `commit` without its
+    /// `reserve`, `len` past `cap`): what it did.
+    Misuse(String),
+}
+
+/// Collects responses into a caller's buffer, one after the other, after
+/// what is already in it. One sink serves any number of `process` calls
+/// (each between [`begin`](Self::begin) and [`finish`](Self::finish)), so
+/// its set-up is paid once per batch of requests, not once per request.
+///
+/// `#[repr(C)]` with the [`RawResponse`] first: the callbacks find the sink
+/// from the response pointer they are given.
+#[repr(C)]
 #[derive(Debug)]
 pub struct ResponseSink<'a> {
+    raw: RawResponse,
     out: &'a mut Vec<u8>,
-    /// Where this response's payload starts in `out`.
+    /// Where the current response's payload starts in `out` (its length
+    /// while the plugin runs).
     payload_start: usize,
     /// Largest payload accepted.
     max: usize,
-    /// A write, reserve or commit was refused: the request fails.
+    /// A write, reserve or grow was refused: the request fails.
     refused: bool,
-    /// The plugin's (or the sink's) explanation.
+    /// The buffer protocol was broken: the request fails with this.
+    misuse: Option<String>,
+    /// The plugin's explanation (`set_error`).
     error: Option<String>,
-    /// The last `reserve`: where its room starts (the buffer's length then)
-    /// and how many bytes; cleared by `commit` and by any `write` or
-    /// `reserve`, which may move the buffer and invalidate the pointer.
+    /// The last `reserve`: `len` when it was made and the room it gave;
+    /// cleared by `commit` and by every other call, which may move `data`.
     reserved: Option<(usize, usize)>,
 }
 
 impl<'a> ResponseSink<'a> {
-    /// A sink appending at the end of `out`, accepting up to `max` bytes.
+    /// A sink appending to `out`, each response at most `max` bytes, for
+    /// requests that arrive on `conn` (which must outlive the sink's use).
     #[inline]
-    pub fn new(out: &'a mut Vec<u8>, max: usize) -> Self {
+    pub fn new(out: &'a mut Vec<u8>, max: usize, conn: *const RawConnection) -> Self {
         ResponseSink {
+            raw: RawResponse {
+                host: std::ptr::null_mut(),
+                write: sink_write,
+                set_error: sink_set_error,
+                conn,
+                reserve: sink_reserve,
+                commit: sink_commit,
+                data: std::ptr::null_mut(),
+                len: 0,
+                cap: 0,
+                grow: sink_grow,
+            },
             payload_start: out.len(),
             out,
             max,
             refused: false,
+            misuse: None,
             error: None,
             reserved: None,
         }
     }
 
-    /// The [`RawResponse`] to hand to a plugin's `process`. It points to this
-    /// sink: keep the sink where it is (don't move it) until the call returns.
+    /// Largest payload accepted per response.
     #[inline]
-    pub fn raw(&mut self, conn: *const RawConnection) -> RawResponse {
-        RawResponse {
-            host: (self as *mut ResponseSink<'a>).cast::<c_void>(),
-            write: sink_write,
-            set_error: sink_set_error,
-            conn,
-            reserve: sink_reserve,
-            commit: sink_commit,
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes in the buffer (complete responses and prefixes), outside a call.
+    #[inline]
+    pub fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Starts a response: appends `prefix` (the host's frame header, filled
+    /// in later with [`finish`](Self::finish)'s result), makes room for about
+    /// `size_hint` payload bytes, and returns the [`RawResponse`] to pass to
+    /// `process`. Keep the sink where it is (don't move it) until `finish`.
+    #[inline]
+    pub fn begin(&mut self, prefix: &[u8], size_hint: usize) -> *mut RawResponse {
+        self.out.reserve(prefix.len() + size_hint);
+        self.out.extend_from_slice(prefix);
+        self.payload_start = self.out.len();
+        self.raw.host = (self as *mut ResponseSink<'a>).cast::<c_void>();
+        self.raw.len = 0;
+        self.refresh();
+        &mut self.raw
+    }
+
+    /// Ends the response begun by [`begin`](Self::begin), given what
+    /// `process` returned: `Ok` with the payload length (the response is
+    /// then in the buffer, its prefix at `buffered() - len - prefix.len()`),
+    /// or why it failed (the response and its prefix are removed).
+    #[inline]
+    pub fn finish(&mut self, rc: i32, prefix_len: usize) -> Result<usize, SinkError> {
+        let len = self.raw.len;
+        if rc == NBNET_OK && len <= self.raw.cap && !self.refused && self.misuse.is_none() {
+            // SAFETY: `len <= cap` bytes after `payload_start` are within the
+            // Vec's capacity, and the plugin initialized them (the contract
+            // of the in-place fields, of `commit`, and of `write`).
+            unsafe { self.out.set_len(self.payload_start + len) };
+            self.error = None;
+            return Ok(len);
         }
+        Err(self.fail(rc, prefix_len))
     }
 
-    /// Ends the response: whether anything was refused, and the error text.
+    #[cold]
+    fn fail(&mut self, rc: i32, prefix_len: usize) -> SinkError {
+        if self.raw.len > self.raw.cap {
+            self.overrun();
+        }
+        self.out.truncate(self.payload_start - prefix_len);
+        self.reserved = None;
+        let error = self.error.take();
+        if let Some(misuse) = self.misuse.take() {
+            self.refused = false;
+            return SinkError::Misuse(misuse);
+        }
+        if std::mem::take(&mut self.refused) {
+            return SinkError::TooLarge(error);
+        }
+        debug_assert_ne!(rc, NBNET_OK);
+        SinkError::Plugin(error)
+    }
+
+    /// `len` went past `cap`: a plugin bug. What was written is dropped.
+    #[cold]
+    fn overrun(&mut self) {
+        self.misuse.get_or_insert_with(|| {
+            format!(
+                "set the response's len to {} past its cap of {} (write only into data[len..cap]; call grow for more room)",
+                self.raw.len, self.raw.cap
+            )
+        });
+        self.raw.len = 0;
+    }
+
+    /// The prefix of the response just finished (`Ok` from
+    /// [`finish`](Self::finish)), to fill in now that the length is known.
     #[inline]
-    pub fn finish(self) -> (bool, Option<String>) {
-        (self.refused, self.error)
+    pub fn prefix_mut(&mut self, prefix_len: usize) -> &mut [u8] {
+        &mut self.out[self.payload_start - prefix_len..self.payload_start]
     }
 
+    /// Payload bytes written so far (after [`absorb`](Self::absorb)).
     #[inline]
     fn written(&self) -> usize {
         self.out.len() - self.payload_start
+    }
+
+    /// Makes the plugin's in-place bytes part of the Vec (see the module doc).
+    fn absorb(&mut self) {
+        if self.raw.len > self.raw.cap {
+            self.overrun();
+        }
+        // SAFETY: as in `finish`: `len <= cap`, within capacity, initialized.
+        unsafe { self.out.set_len(self.payload_start + self.raw.len) };
+    }
+
+    /// Hands the bytes back to the in-place fields (see the module doc).
+    fn release(&mut self) {
+        self.raw.len = self.written();
+        // SAFETY: shrinking the length over initialized bytes.
+        unsafe { self.out.set_len(self.payload_start) };
+        self.refresh();
+    }
+
+    /// Points `data`/`cap` at the Vec's spare capacity, clamped to the limit.
+    #[inline]
+    fn refresh(&mut self) {
+        let room = self.out.capacity() - self.payload_start;
+        // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
+        self.raw.data = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
+        self.raw.cap = room.min(self.max);
+    }
+
+    /// Room for `additional` more payload bytes, within the limit.
+    fn make_room(&mut self, additional: usize) -> bool {
+        if additional > self.max - self.written() {
+            self.refused = true;
+            return false;
+        }
+        self.out.reserve(additional);
+        true
     }
 }
 
 /// The sink behind a response.
 ///
 /// # Safety
-/// `response` must be a [`RawResponse`] made by [`ResponseSink::raw`] whose
-/// sink is alive and has not moved.
+/// `response` must be a [`RawResponse`] returned by [`ResponseSink::begin`]
+/// whose sink is alive and has not moved.
 unsafe fn sink<'s>(response: *mut RawResponse) -> &'s mut ResponseSink<'s> {
     // SAFETY: guaranteed by the caller.
     unsafe { &mut *(*response).host.cast::<ResponseSink<'s>>() }
 }
 
+unsafe extern "C" fn sink_grow(response: *mut RawResponse, additional: usize) -> i32 {
+    // SAFETY: plugins get responses made by `ResponseSink::begin` for the call.
+    let sink = unsafe { sink(response) };
+    sink.reserved = None;
+    sink.absorb();
+    let ok = sink.make_room(additional);
+    sink.release();
+    if ok {
+        NBNET_OK
+    } else {
+        NBNET_ERR
+    }
+}
+
 unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len: usize) -> i32 {
-    // SAFETY: plugins get responses made by `ResponseSink::raw` for the call.
+    // SAFETY: as in `sink_grow`.
     let sink = unsafe { sink(response) };
     // A write moves the end of the response (and may move the buffer): an
     // outstanding reservation is void.
     sink.reserved = None;
-    if len > sink.max - sink.written() {
-        sink.refused = true;
-        return NBNET_ERR;
-    }
-    if len > 0 {
+    sink.absorb();
+    let ok = sink.make_room(len);
+    if ok && len > 0 {
         // SAFETY: the plugin passes `len` readable bytes at `data`.
         sink.out
             .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
     }
-    NBNET_OK
+    sink.release();
+    if ok {
+        NBNET_OK
+    } else {
+        NBNET_ERR
+    }
 }
 
 unsafe extern "C" fn sink_reserve(response: *mut RawResponse, len: usize) -> *mut u8 {
-    // SAFETY: as in `sink_write`.
+    // SAFETY: as in `sink_grow`.
     let sink = unsafe { sink(response) };
     sink.reserved = None;
-    if len > sink.max - sink.written() {
-        sink.refused = true;
+    sink.absorb();
+    let ok = sink.make_room(len);
+    sink.release();
+    if !ok {
         return std::ptr::null_mut();
     }
-    sink.out.reserve(len);
-    let at = sink.out.len();
+    let at = sink.raw.len;
     sink.reserved = Some((at, len));
-    // SAFETY: `reserve` made room for `len` bytes after the current length.
-    // The pointer stays valid while the Vec is not touched; `write`, another
-    // `reserve` and `commit` are the only ways the plugin can touch it, and
-    // each voids this reservation (checked in `sink_commit`).
-    unsafe { sink.out.as_mut_ptr().add(at) }
+    // SAFETY: `make_room` left room for `len` bytes after `len`, so
+    // `data + at` is within the allocation. It stays valid while the Vec is
+    // not touched; only calls on this response touch it, and each voids the
+    // reservation (checked in `sink_commit`).
+    unsafe { sink.raw.data.add(at) }
 }
 
 unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 {
-    // SAFETY: as in `sink_write`.
+    // SAFETY: as in `sink_grow`.
     let sink = unsafe { sink(response) };
     match sink.reserved.take() {
-        // Only the current reservation, unmoved, and at most its size.
-        Some((at, room)) if at == sink.out.len() && len <= room => {
-            // SAFETY: `at + len` is within the capacity reserved at `at` (the
-            // buffer has not changed since), and the plugin initialized those
-            // `len` bytes (the contract of `commit`).
-            unsafe { sink.out.set_len(at + len) };
+        // Only the current reservation, with `len` unchanged since, and at
+        // most its size.
+        Some((at, room)) if at == sink.raw.len && len <= room => {
+            // `at + len <= cap`: `reserve` made that room and nothing moved.
+            sink.raw.len = at + len;
             NBNET_OK
         }
         _ => {
-            sink.refused = true;
-            sink.error.get_or_insert_with(|| {
-                format!("commit({len}) without a matching reserve of at least that size (or after a write)")
+            sink.misuse.get_or_insert_with(|| {
+                format!("commit({len}) without a matching reserve of at least that size (or after another call)")
             });
             NBNET_ERR
         }
@@ -138,7 +303,7 @@ unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 
 }
 
 unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, len: usize) {
-    // SAFETY: as in `sink_write`.
+    // SAFETY: as in `sink_grow`.
     let sink = unsafe { sink(response) };
     sink.error = Some(if msg.is_null() || len == 0 {
         String::new()
@@ -152,68 +317,162 @@ unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, 
 mod tests {
     use super::*;
 
-    /// Runs `steps` against a sink (max 16 payload bytes, after 10 bytes
-    /// already in the buffer) through the same callbacks a plugin uses.
-    fn with_sink(steps: impl FnOnce(*mut RawResponse)) -> (Vec<u8>, bool, Option<String>) {
-        let mut out = b"HEADER....".to_vec();
+    const HEADER: &[u8] = b"HEADER....";
+
+    /// Runs `steps` against one response (max 16 payload bytes, after
+    /// "earlier" already in the buffer and a 10-byte prefix) through the same
+    /// fields and callbacks a plugin uses. Returns the buffer and the outcome.
+    fn with_sink(
+        rc: i32,
+        steps: impl FnOnce(*mut RawResponse),
+    ) -> (Vec<u8>, Result<usize, SinkError>) {
+        let mut out = b"earlier".to_vec();
         let conn = RawConnection {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
         };
-        let mut sink = ResponseSink::new(&mut out, 16);
-        let mut response = sink.raw(&conn);
-        steps(&mut response);
-        let (refused, error) = sink.finish();
-        (out, refused, error)
+        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let response = sink.begin(HEADER, 4);
+        steps(response);
+        let result = sink.finish(rc, HEADER.len());
+        (out, result)
     }
 
-    // SAFETY (the three tests below): `r` is a live response for the
-    // closure; pointers from `reserve` are used within the room it returned.
+    // SAFETY (the tests below): `r` is a live response for the closure;
+    // pointers from `reserve` and `data` are used within the room given.
+
+    #[test]
+    fn in_place_writes_within_cap_need_no_call() {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
+            assert!((*r).cap >= 4, "the size hint is honoured");
+            (*r).data.copy_from_nonoverlapping(b"abcd".as_ptr(), 4);
+            (*r).len = 4;
+        });
+        assert_eq!(result, Ok(4));
+        assert_eq!(out, b"earlierHEADER....abcd");
+    }
+
+    #[test]
+    fn grow_keeps_what_was_written_and_stops_at_the_limit() {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
+            (*r).data.copy_from_nonoverlapping(b"ab".as_ptr(), 2);
+            (*r).len = 2;
+            assert_eq!(((*r).grow)(r, 14), NBNET_OK);
+            assert!((*r).cap - (*r).len >= 14);
+            assert!((*r).cap <= 16, "cap never exceeds the limit");
+            (*r).data.add(2).write_bytes(b'z', 14);
+            (*r).len = 16;
+        });
+        assert_eq!(result, Ok(16));
+        assert_eq!(&out[17..], b"abzzzzzzzzzzzzzz");
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
+            assert_eq!(((*r).grow)(r, 17), NBNET_ERR);
+        });
+        assert_eq!(result, Err(SinkError::TooLarge(None)));
+        assert_eq!(
+            out, b"earlier",
+            "the failed response and its prefix are gone"
+        );
+    }
+
+    #[test]
+    fn len_past_cap_fails_the_request_and_exposes_nothing() {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
+            (*r).len = (*r).cap + 1;
+        });
+        assert!(matches!(result, Err(SinkError::Misuse(m)) if m.contains("past its cap")));
+        assert_eq!(out, b"earlier");
+    }
+
+    #[test]
+    fn callbacks_and_in_place_writes_mix() {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
+            (*r).data.write(b'a');
+            (*r).len += 1;
+            assert_eq!(((*r).write)(r, b"bc".as_ptr(), 2), NBNET_OK);
+            assert_eq!((*r).len, 3);
+            (*r).data.add(3).write(b'd');
+            (*r).len += 1;
+        });
+        assert_eq!(result, Ok(4));
+        assert_eq!(&out[17..], b"abcd");
+    }
 
     #[test]
     fn reserve_then_commit_appends_exactly_what_was_written() {
-        let (out, refused, _) = with_sink(|r| unsafe {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
             let p = ((*r).reserve)(r, 8);
             p.copy_from_nonoverlapping(b"abc".as_ptr(), 3);
             assert_eq!(((*r).commit)(r, 3), NBNET_OK);
         });
-        assert!(!refused);
-        assert_eq!(&out[10..], b"abc");
+        assert_eq!(result, Ok(3));
+        assert_eq!(&out[17..], b"abc");
     }
 
     #[test]
     fn a_write_between_reserve_and_commit_voids_the_reservation() {
-        let (out, refused, error) = with_sink(|r| unsafe {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
             let _ = ((*r).reserve)(r, 8);
             assert_eq!(((*r).write)(r, b"x".as_ptr(), 1), NBNET_OK);
             assert_eq!(((*r).commit)(r, 8), NBNET_ERR);
         });
-        assert!(refused);
-        assert_eq!(&out[10..], b"x", "no uninitialized bytes exposed");
-        assert!(error.unwrap().contains("without a matching reserve"));
+        assert!(
+            matches!(result, Err(SinkError::Misuse(m)) if m.contains("without a matching reserve"))
+        );
+        assert_eq!(out, b"earlier", "no uninitialized bytes exposed");
     }
 
     #[test]
     fn commit_beyond_the_reservation_or_twice_is_refused_and_the_limit_holds() {
-        let (out, refused, _) = with_sink(|r| unsafe {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
             let p = ((*r).reserve)(r, 4);
             p.write_bytes(b'y', 4);
             assert_eq!(((*r).commit)(r, 5), NBNET_ERR);
             assert_eq!(((*r).commit)(r, 4), NBNET_ERR, "the reservation is gone");
             assert!(((*r).reserve)(r, 17).is_null(), "over the limit");
         });
-        assert!(refused);
-        assert_eq!(out.len(), 10);
+        assert!(matches!(result, Err(SinkError::Misuse(_))));
+        assert_eq!(out, b"earlier");
     }
 
     #[test]
     fn a_refused_write_is_remembered() {
-        let (out, refused, _) = with_sink(|r| unsafe {
+        let (out, result) = with_sink(NBNET_OK, |r| unsafe {
             assert_eq!(((*r).write)(r, [0u8; 17].as_ptr(), 17), NBNET_ERR);
             assert_eq!(((*r).write)(r, b"ok".as_ptr(), 2), NBNET_OK);
         });
-        assert!(refused, "the request fails even though a later write fit");
-        assert_eq!(&out[10..], b"ok");
+        assert_eq!(
+            result,
+            Err(SinkError::TooLarge(None)),
+            "the request fails even though a later write fit"
+        );
+        assert_eq!(out, b"earlier");
+    }
+
+    #[test]
+    fn a_plugin_error_carries_its_message_and_the_sink_serves_the_next_response() {
+        let mut out = Vec::new();
+        let conn = RawConnection {
+            id: 1,
+            peer: c"p".as_ptr(),
+            listener: c"l".as_ptr(),
+        };
+        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let r = sink.begin(b"H", 0);
+        // SAFETY: `r` is live until `finish`.
+        unsafe {
+            assert_eq!(((*r).write)(r, b"partial".as_ptr(), 7), NBNET_OK);
+            ((*r).set_error)(r, b"nope".as_ptr(), 4);
+        }
+        assert_eq!(
+            sink.finish(NBNET_ERR, 1),
+            Err(SinkError::Plugin(Some("nope".into())))
+        );
+        let r = sink.begin(b"H", 0);
+        // SAFETY: as above.
+        unsafe { assert_eq!(((*r).write)(r, b"ok".as_ptr(), 2), NBNET_OK) };
+        assert_eq!(sink.finish(NBNET_OK, 1), Ok(2));
+        assert_eq!(out, b"Hok");
     }
 }

@@ -29,7 +29,7 @@ use crate::sdk::{
     close_trampoline, destroy_trampoline, init_trampoline, open_trampoline, process_trampoline,
     shutdown_trampoline,
 };
-use crate::sink::ResponseSink;
+use crate::sink::{ResponseSink, SinkError};
 use crate::Plugin;
 
 /// A plugin instance hosted in-process for tests.
@@ -91,19 +91,23 @@ impl<P: Plugin> TestHost<P> {
     pub fn process(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
         let conn = self.connection(1);
         let mut out = Vec::new();
-        let mut sink = ResponseSink::new(&mut out, self.max_response_bytes);
-        let mut response = sink.raw(&conn);
+        let mut sink = ResponseSink::new(&mut out, self.max_response_bytes, &conn);
+        let response = sink.begin(&[], 0);
         // SAFETY: `state` is this plugin's instance; the rest (and the sink
         // behind `response`, which stays put) is valid for the call.
         let rc = unsafe {
-            process_trampoline::<P>(self.state, request.as_ptr(), request.len(), &mut response)
+            process_trampoline::<P>(self.state, request.as_ptr(), request.len(), response)
         };
-        match sink.finish() {
-            (false, _) if rc == NBNET_OK => Ok(out),
-            (true, None) => {
+        match sink.finish(rc, 0) {
+            Ok(_) => Ok(out),
+            Err(SinkError::TooLarge(None)) => {
                 Err("the response would exceed max_frame_bytes; the host refused it".into())
             }
-            (_, error) => Err(error.unwrap_or_else(|| "process failed without a message".into())),
+            Err(SinkError::TooLarge(Some(message)) | SinkError::Plugin(Some(message))) => {
+                Err(message)
+            }
+            Err(SinkError::Plugin(None)) => Err("process failed without a message".into()),
+            Err(SinkError::Misuse(what)) => Err(what),
         }
     }
 

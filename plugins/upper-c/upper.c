@@ -5,52 +5,30 @@
  *   cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden \
  *      -I plugin-api/include -o target/libupper_c.so plugins/upper-c/upper.c
  *
- * Each worker gets its own instance holding a scratch buffer that grows to the
- * largest request seen, so a request costs no allocation after warm-up.
+ * The answer is computed straight into the host's buffer (nbnet_reserve /
+ * nbnet_commit): no copy, no allocation, and -- since the host offers room
+ * for a response the size of the request -- no call into the host.
  */
-#include <stdlib.h>
-#include <string.h>
-
 #include "nbnet_plugin.h"
 
-typedef struct {
-    uint8_t *buf;
-    size_t cap;
-} upper_state;
-
 static int upper_init(const nbnet_init_ctx *ctx, void **state) {
-    upper_state *s = (upper_state *)calloc(1, sizeof *s);
-    if (s == NULL) {
-        static const char msg[] = "out of memory";
-        ctx->set_error(ctx, msg, sizeof msg - 1);
-        return NBNET_ERR;
-    }
-    *state = s;
+    (void)ctx;
+    *state = NULL; /* no per-worker state */
     return NBNET_OK;
 }
 
 static int upper_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
-    upper_state *s = (upper_state *)state;
-    if (len > s->cap) {
-        uint8_t *grown = (uint8_t *)realloc(s->buf, len);
-        if (grown == NULL) {
-            static const char msg[] = "out of memory";
-            return nbnet_error(resp, msg, sizeof msg - 1);
-        }
-        s->buf = grown;
-        s->cap = len;
+    (void)state;
+    uint8_t *out = nbnet_reserve(resp, len);
+    if (out == NULL) {
+        static const char msg[] = "response refused: over max_frame_bytes";
+        return nbnet_error(resp, msg, sizeof msg - 1);
     }
     for (size_t i = 0; i < len; i++) {
         uint8_t c = req[i];
-        s->buf[i] = (c >= 'a' && c <= 'z') ? (uint8_t)(c - 'a' + 'A') : c;
+        out[i] = (c >= 'a' && c <= 'z') ? (uint8_t)(c - 'a' + 'A') : c;
     }
-    return nbnet_write(resp, s->buf, len);
-}
-
-static void upper_destroy(void *state) {
-    upper_state *s = (upper_state *)state;
-    free(s->buf);
-    free(s);
+    return nbnet_commit(resp, len);
 }
 
 static const nbnet_plugin upper_plugin = {
@@ -61,7 +39,7 @@ static const nbnet_plugin upper_plugin = {
     .version = "0.1.0",
     .init = upper_init,
     .process = upper_process,
-    .destroy = upper_destroy,
+    .destroy = NULL,
     .on_open = NULL,
     .on_close = NULL,
     .on_shutdown = NULL,

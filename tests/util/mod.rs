@@ -58,6 +58,9 @@ pub struct Artifacts {
     pub newer_minor_so: PathBuf,
     /// C test plugin with `process = NULL`.
     pub missing_process_so: PathBuf,
+    /// C test plugin built as for ABI 1.0: callbacks only
+    /// (`plugins/testing/c/abi_1_0.c`).
+    pub abi_1_0_so: PathBuf,
     /// C test plugin that fails, crashes, hangs or over-answers on request
     /// (`plugins/testing/c/misbehave.c`).
     pub misbehave_so: PathBuf,
@@ -179,6 +182,7 @@ fn build_now() -> Artifacts {
             "libmissing_process.so",
         ),
         misbehave_so: c_plugin("plugins/testing/c/misbehave.c", "libmisbehave.so"),
+        abi_1_0_so: c_plugin("plugins/testing/c/abi_1_0.c", "libabi_1_0.so"),
         system_lib: find_system_lib(),
         kv_so: rust_plugin("kv"),
         sha256_so: rust_plugin("sha256"),
@@ -467,7 +471,7 @@ pub struct Outcome {
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
 /// and kept for the sandbox's life), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
-/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{misbehave_rs}`,
+/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{misbehave_rs}`,
 /// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
@@ -563,6 +567,7 @@ impl Sandbox {
                 "newer_minor" => path(&a.newer_minor_so),
                 "missing_process" => path(&a.missing_process_so),
                 "misbehave" => path(&a.misbehave_so),
+                "abi_1_0" => path(&a.abi_1_0_so),
                 "misbehave_rs" => path(&a.misbehave_rs_so),
                 "system_lib" => path(&a.system_lib),
                 "kv" => path(&a.kv_so),

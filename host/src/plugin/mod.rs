@@ -26,7 +26,8 @@ use nbnet_plugin_api::abi::{
     ConnectionFn, DestroyFn, InitFn, ProcessFn, RawInitContext, ShutdownFn, ABI_MAJOR, ABI_MINOR,
     NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
 };
-use nbnet_plugin_api::sink::ResponseSink;
+pub use nbnet_plugin_api::sink::ResponseSink;
+use nbnet_plugin_api::sink::SinkError;
 
 use crate::codec::{write_header, HEADER_LEN};
 use crate::config::PluginSpec;
@@ -268,52 +269,54 @@ impl Plugin {
     }
 
     /// Answers one request: appends a complete response frame (header and
-    /// payload) to `out`, or leaves `out` as it was and returns the error.
+    /// payload) to `sink`'s buffer and returns the payload length, or leaves
+    /// the buffer as it was and returns the error.
     ///
-    /// The plugin writes straight into `out` after a reserved header, which is
-    /// filled in once the payload length is known: no intermediate buffer.
-    #[inline]
+    /// The plugin writes straight into the buffer after a placeholder
+    /// header, which is filled in once the payload length is known: no
+    /// intermediate buffer, and no call back into the host unless the
+    /// plugin needs more room than the request's size.
+    #[inline(always)]
     pub fn process(
         &mut self,
         request: &[u8],
-        conn: &RawConnection,
-        out: &mut Vec<u8>,
-        max_frame_bytes: usize,
-    ) -> Result<(), ProcessError> {
-        let frame_start = out.len();
-        out.extend_from_slice(&[0u8; HEADER_LEN]);
-        let mut sink = ResponseSink::new(out, max_frame_bytes);
-        let mut response = sink.raw(conn);
+        sink: &mut ResponseSink<'_>,
+    ) -> Result<usize, ProcessError> {
+        let response = sink.begin(&HEADER_PLACEHOLDER, request.len());
         // SAFETY: `state` came from this library's `init`; `request` and
         // `response` (and the sink behind it, which stays put) are valid for
         // the call; instances are used by one thread.
-        let rc =
-            unsafe { (self.process)(self.state, request.as_ptr(), request.len(), &mut response) };
-        let (refused, error) = sink.finish();
-        if rc != NBNET_OK || refused {
-            out.truncate(frame_start);
-            return Err(if refused && rc == NBNET_OK && error.is_some() {
-                // A misuse of reserve/commit, not a size problem.
-                ProcessError::Plugin(error.unwrap_or_default())
-            } else if refused {
-                ProcessError::ResponseTooLarge {
-                    max: max_frame_bytes,
-                    plugin_message: error,
-                }
-            } else {
-                ProcessError::Plugin(
-                    error.unwrap_or_else(|| format!("process returned {rc} without a message")),
-                )
-            });
+        let rc = unsafe { (self.process)(self.state, request.as_ptr(), request.len(), response) };
+        match sink.finish(rc, HEADER_LEN) {
+            Ok(len) => {
+                let header: &mut [u8; HEADER_LEN] = sink
+                    .prefix_mut(HEADER_LEN)
+                    .try_into()
+                    .expect("the prefix is HEADER_LEN long");
+                write_header(len, header);
+                Ok(len)
+            }
+            Err(error) => Err(self.process_error(error, rc, sink.max())),
         }
-        let len = out.len() - frame_start - HEADER_LEN;
-        let header: &mut [u8; HEADER_LEN] = (&mut out[frame_start..frame_start + HEADER_LEN])
-            .try_into()
-            .expect("header slice is HEADER_LEN long");
-        write_header(len, header);
-        Ok(())
+    }
+
+    #[cold]
+    fn process_error(&self, error: SinkError, rc: i32, max: usize) -> ProcessError {
+        match error {
+            SinkError::Plugin(message) => ProcessError::Plugin(
+                message.unwrap_or_else(|| format!("process returned {rc} without a message")),
+            ),
+            SinkError::TooLarge(plugin_message) => ProcessError::ResponseTooLarge {
+                max,
+                plugin_message,
+            },
+            SinkError::Misuse(what) => ProcessError::Plugin(what),
+        }
     }
 }
+
+/// What a response's header holds until its length is known.
+const HEADER_PLACEHOLDER: [u8; HEADER_LEN] = [b'0'; HEADER_LEN];
 
 impl Drop for Plugin {
     fn drop(&mut self) {

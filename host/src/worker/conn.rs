@@ -29,7 +29,7 @@ use std::time::Instant;
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::listener::Stream;
-use crate::plugin::{Plugin, ProcessError, RawConnection};
+use crate::plugin::{Plugin, ProcessError, RawConnection, ResponseSink};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::scoreboard::{Outcome, Slot, Stats};
 
@@ -320,30 +320,36 @@ impl Connection {
     /// writes the answers in one go. If the client is not reading them, the
     /// connection moves to Writing and stops reading (WRITABLE resumes it),
     /// so its memory stays bounded. `Ok(true)` when a frame was answered.
+    #[inline]
     fn answer_and_flush(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
         match self.process_read(ctx, n) {
             Ok(completed) => {
                 self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
                 Ok(completed)
             }
-            Err(close) => {
-                // Deliver the answers to the requests before the bad one
-                // (best effort: non-blocking), then close.
-                let mut sent = 0;
-                let _ = write_some(
-                    &mut self.stream,
-                    &ctx.scratch.output,
-                    &mut sent,
-                    &ctx.slot.stats,
-                );
-                ctx.scratch.output.clear();
-                Err(close)
-            }
+            Err(close) => Err(self.flush_before_closing(ctx, close)),
         }
+    }
+
+    /// Delivers the answers to the requests before a bad one (best effort:
+    /// non-blocking), before the connection closes for `close`.
+    #[cold]
+    #[inline(never)]
+    fn flush_before_closing(&mut self, ctx: &mut Context<'_>, close: Close) -> Close {
+        let mut sent = 0;
+        let _ = write_some(
+            &mut self.stream,
+            &ctx.scratch.output,
+            &mut sent,
+            &ctx.slot.stats,
+        );
+        ctx.scratch.output.clear();
+        close
     }
 
     /// Whether the buffered input starts with something to act on: a whole
     /// frame held back by the output budget (or a bad header to close on).
+    #[inline]
     fn holds_a_frame(&self, decoder: FrameDecoder) -> bool {
         self.input_len > 0
             && !matches!(
@@ -430,6 +436,7 @@ impl Connection {
     /// shared buffer, or appended to this connection's partial frame), and
     /// keeps any trailing partial frame in the connection's own buffer.
     /// `Ok(true)` when at least one frame was answered.
+    #[inline]
     fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
         // The shared response buffer is empty between connections' turns;
         // anything left in it would be sent to the wrong client.
@@ -444,7 +451,7 @@ impl Connection {
             served: &mut *ctx.served,
             conn: &conn,
             decoder: ctx.decoder,
-            peer: self.peer.to_str().unwrap_or("?"),
+            peer: &self.peer,
             budget: ctx.output_budget,
             timed: ctx.time_plugin_calls,
         };
@@ -505,6 +512,7 @@ impl Connection {
     /// `write` calls as the kernel allows. What the kernel cannot take yet
     /// moves to the connection's own buffer, and the connection waits for
     /// WRITABLE.
+    #[inline]
     fn flush_scratch(&mut self, scratch: &mut Scratch, stats: &Stats) -> Result<(), Close> {
         let mut written = 0;
         let result = write_some(&mut self.stream, &scratch.output, &mut written, stats);
@@ -532,7 +540,8 @@ struct Answering<'a> {
     served: &'a mut u64,
     conn: &'a RawConnection,
     decoder: FrameDecoder,
-    peer: &'a str,
+    /// For the debug log only: converted to text only if that is enabled.
+    peer: &'a CStr,
     /// Stop answering (keep the rest of the frames for later) once this many
     /// response bytes are waiting: see `max_pending_output_bytes`.
     budget: usize,
@@ -543,59 +552,76 @@ struct Answering<'a> {
 impl Answering<'_> {
     /// Decodes and answers the complete frames at the front of `data`,
     /// appending each response frame to `out`. Returns the bytes consumed.
+    ///
+    /// This loop runs once per request: it is kept to decoding, the plugin
+    /// call and its scoreboard marks. Counting is done once per read.
+    #[inline]
     fn frames(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, Close> {
-        let mut start = 0;
-        let max = self.decoder.max_frame_bytes();
         let stats = self.slot.stats.plugin(self.plugin_index);
-        while start < data.len() {
-            if out.len() >= self.budget {
-                // Enough answers waiting: the client must read them first.
-                break;
+        // One sink for every response of this read.
+        let mut sink = ResponseSink::new(out, self.decoder.max_frame_bytes(), self.conn);
+        let mut start = 0;
+        let mut answered = 0;
+        let ended = loop {
+            let rest = &data[start..];
+            if rest.is_empty() || sink.buffered() >= self.budget {
+                // All answered, or enough answers waiting: the client must
+                // read those before the rest are answered.
+                break Ok(());
             }
-            match self.decoder.decode(&data[start..]) {
-                Ok(Decoded::Frame { len }) => {
-                    let payload = &data[start + HEADER_LEN..start + HEADER_LEN + len];
-                    let queued = out.len();
-                    // Reading the clock twice costs about as much as the rest
-                    // of a small request: only when an admin listener can
-                    // show the latency histogram.
-                    let began = self.timed.then(Instant::now);
-                    let result = self.slot.track(self.plugin_index, || {
-                        self.plugin.process(payload, self.conn, out, max)
-                    });
+            let len = match self.decoder.decode(rest) {
+                Ok(Decoded::Frame { len }) => len,
+                Ok(Decoded::Incomplete { .. }) => break Ok(()),
+                Err(e) => break Err(Close::Protocol(e)),
+            };
+            let payload = &rest[HEADER_LEN..HEADER_LEN + len];
+            // Reading the clock twice costs about as much as the rest of a
+            // small request: only when an admin listener can show the
+            // latency histogram.
+            let began = self.timed.then(Instant::now);
+            self.slot.enter(self.plugin_index);
+            let result = self.plugin.process(payload, &mut sink);
+            self.slot.leave();
+            if let (Some(began), Some(stats)) = (began, stats) {
+                stats.record_latency(began.elapsed());
+            }
+            match result {
+                Ok(response) => tracing::debug!(
+                    peer = ?self.peer,
+                    request = len,
+                    response,
+                    "frame processed"
+                ),
+                Err(e) => {
                     if let Some(stats) = stats {
-                        stats.record(began.map(|t| t.elapsed()), outcome(&result));
+                        stats.record_failure(outcome(&e));
                     }
-                    result.map_err(Close::Plugin)?;
-                    tracing::debug!(
-                        peer = self.peer,
-                        request = len,
-                        response = out.len() - queued - HEADER_LEN,
-                        "frame processed"
-                    );
-                    *self.served += 1;
-                    start += HEADER_LEN + len;
+                    break Err(Close::Plugin(e));
                 }
-                Ok(Decoded::Incomplete { .. }) => break,
-                Err(e) => return Err(Close::Protocol(e)),
             }
+            answered += 1;
+            start += HEADER_LEN + len;
+        };
+        *self.served += answered;
+        if let Some(stats) = stats {
+            stats.record_answered(answered);
         }
-        Ok(start)
+        ended.map(|()| start)
     }
 }
 
 /// Classifies a plugin call for the statistics. The Rust SDK reports a
 /// caught panic as an error whose message starts with "panicked".
-fn outcome(result: &Result<(), ProcessError>) -> Outcome {
-    match result {
-        Ok(()) => Outcome::Ok,
-        Err(ProcessError::Plugin(message)) if message.starts_with("panicked") => Outcome::Panic,
-        Err(_) => Outcome::Error,
+fn outcome(error: &ProcessError) -> Outcome {
+    match error {
+        ProcessError::Plugin(message) if message.starts_with("panicked") => Outcome::Panic,
+        _ => Outcome::Error,
     }
 }
 
 /// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
 /// buffer is full (`Ok(false)`), advancing `*written`.
+#[inline]
 fn write_some(
     stream: &mut Stream,
     buf: &[u8],

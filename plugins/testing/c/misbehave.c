@@ -20,6 +20,8 @@
  *   "error"     -> returns NBNET_ERR with "misbehave refuses on purpose"
  *   "huge"      -> writes 1 MiB chunks until the host refuses one, then
  *                  returns NBNET_ERR with "misbehave: response too big"
+ *   "overrun"   -> writes "secret" in place, then sets resp->len past
+ *                  resp->cap (a buffer-protocol bug) and returns NBNET_OK
  *   anything else -> echoed back
  *
  * (The same requests, plus "panic", drive the Rust test plugin in
@@ -138,6 +140,11 @@ static int misbehave_process(void *state, const uint8_t *req, size_t len, nbnet_
     if (is(req, len, "error")) {
         static const char msg[] = "misbehave refuses on purpose";
         return nbnet_error(resp, msg, sizeof msg - 1);
+    }
+    if (is(req, len, "overrun")) {
+        nbnet_write(resp, "secret", 6);
+        resp->len = resp->cap + 4096;
+        return NBNET_OK;
     }
     if (is(req, len, "huge")) {
         static uint8_t chunk[1 << 20];
