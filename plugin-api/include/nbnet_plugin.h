@@ -41,7 +41,7 @@ extern "C" {
 /* ---------------------------------------------------------------- versions */
 
 #define NBNET_ABI_MAJOR 1
-#define NBNET_ABI_MINOR 1 /* 1.1: nbnet_response gains data/len/cap/grow */
+#define NBNET_ABI_MINOR 1 /* 1.1: in-place responses (data/len/cap/grow), process_batch */
 
 /* ------------------------------------------------------------ return codes */
 
@@ -111,6 +111,40 @@ typedef struct nbnet_response {
     int (*grow)(struct nbnet_response *resp, size_t additional);
 } nbnet_response;
 
+/* ------------------------------------------------------ batches (ABI 1.1) */
+
+/* One request of a batch: len > 0 bytes at data, valid during the call. */
+typedef struct nbnet_request {
+    const uint8_t *data;
+    size_t len;
+} nbnet_request;
+
+/* What process_batch receives (optional; see nbnet_plugin below): every
+ * complete request of one read, to answer in one call -- the cost of
+ * crossing into the plugin is then paid once per read, not per request.
+ * Answers go back to back into the one response. For request i, in order:
+ *   1. *progress += 1            (the host's hang watchdog watches it)
+ *   2. answer_start = resp->len + prefix;
+ *      make room for prefix bytes and advance resp->len past them
+ *      (leave them alone: the host writes the frame header there)
+ *   3. write the answer as process would (in place or with the helpers);
+ *      max_frame_bytes applies to the bytes written since answer_start
+ *   4. lens[i] = resp->len - answer_start
+ * Return how many requests were answered, k <= count. k < count after
+ * nbnet_error means request k failed: answers 0..k-1 are sent, then the
+ * connection is closed. k < count without an error means "stop here": the
+ * host passes the rest in a later call. Stop (after at least one answer)
+ * once resp->len >= budget: the client has that much to read first. */
+typedef struct nbnet_batch {
+    const nbnet_request *requests; /* count requests, in arrival order */
+    size_t count;                  /* at least 1 */
+    size_t *lens;                  /* out: lens[i] = length of answer i */
+    size_t prefix;                 /* bytes to skip before each answer */
+    size_t budget;                 /* stop once resp->len reaches this */
+    size_t answer_start;           /* in/out: where the current answer starts */
+    uint64_t *progress;            /* add one before starting each request */
+} nbnet_batch;
+
 /* ----------------------------------------------------- init context (host) */
 
 /* What init receives. Valid only during init, except log and log_handle,
@@ -155,6 +189,10 @@ typedef struct nbnet_plugin {
     void (*on_open)(void *state, const nbnet_conn *conn);  /* a client connected */
     void (*on_close)(void *state, const nbnet_conn *conn); /* it disconnected */
     void (*on_shutdown)(void *state); /* the worker is stopping; destroy follows */
+    /* ABI 1.1, optional (NULL = process per request): answer a batch of
+     * requests in one call, following the steps above nbnet_batch. The host
+     * still calls process for a read that holds a single request. */
+    size_t (*process_batch)(void *state, nbnet_batch *batch, nbnet_response *resp);
 } nbnet_plugin;
 
 /* The one symbol a plugin exports. */

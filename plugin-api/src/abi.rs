@@ -35,7 +35,9 @@ pub const ABI_MAJOR: u32 = 1;
 /// - 1.0: the first ABI.
 /// - 1.1: [`RawResponse`] gains `data`, `len`, `cap` and `grow`: a plugin
 ///   writes its answer straight into the host's buffer with no call back
-///   into the host (unless it needs more room than it was given).
+///   into the host (unless it needs more room than it was given). Plugins
+///   may also export `process_batch` ([`ProcessBatchFn`]): every complete
+///   request of one read answered in one call.
 pub const ABI_MINOR: u32 = 1;
 
 /// Success return code of `init`, `process` and `write`.
@@ -191,6 +193,61 @@ pub type ProcessFn = unsafe extern "C" fn(
     len: usize,
     response: *mut RawResponse,
 ) -> i32;
+/// One request of a batch (`nbnet_request` in C): `len > 0` bytes at `data`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct RawRequest {
+    /// The request's payload; valid during the call.
+    pub data: *const u8,
+    /// Its length.
+    pub len: usize,
+}
+
+/// The requests of one batch and where their answers go (`nbnet_batch` in
+/// C); valid only during the `process_batch` call that receives it.
+///
+/// The plugin answers `requests` in order into the one response, each
+/// answer preceded by `prefix` bytes it leaves alone (the host writes each
+/// frame's header there afterwards). For request `i` it:
+/// 1. adds one to `*progress` (the host's hang watchdog watches it),
+/// 2. makes room and advances the response's `len` by `prefix`, and sets
+///    `answer_start` to that `len` (the host applies `max_frame_bytes` to
+///    the bytes written since),
+/// 3. writes the answer exactly as `process` would,
+/// 4. stores its length (`len - answer_start`) in `lens[i]`.
+///
+/// It returns how many requests it answered, `k <= count`. `k < count`
+/// with `set_error` called means request `k` failed (its partial answer is
+/// dropped, the connection is closed after answers `0..k`); `k < count`
+/// without an error means it stopped early, as it should once the
+/// response's `len` reaches `budget` (after answering at least one): the
+/// host answers the rest in a later call, after the client has read these.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawBatch {
+    /// The requests, in the order they arrived.
+    pub requests: *const RawRequest,
+    /// How many (at least 1).
+    pub count: usize,
+    /// Out: `lens[i]` is the length of answer `i`.
+    pub lens: *mut usize,
+    /// Bytes to skip before each answer (the host's frame header).
+    pub prefix: usize,
+    /// Stop after the answer that takes the response's `len` to this.
+    pub budget: usize,
+    /// In/out: where the answer being written starts (see above).
+    pub answer_start: usize,
+    /// Add one before starting each request (a counter in host memory).
+    pub progress: *mut u64,
+}
+
+/// Signature of a plugin's optional `process_batch`; see [`RawBatch`].
+pub type ProcessBatchFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    batch: *mut RawBatch,
+    response: *mut RawResponse,
+) -> usize;
+
 /// Signature of a plugin's `destroy`: free the instance `init` created.
 pub type DestroyFn = unsafe extern "C" fn(state: *mut c_void);
 /// Signature of the connection hooks `on_open` / `on_close`.
@@ -227,6 +284,9 @@ pub struct CPlugin {
     pub on_close: Option<ConnectionFn>,
     /// The worker is shutting down; `destroy` follows. May be NULL.
     pub on_shutdown: Option<ShutdownFn>,
+    /// ABI 1.1: answers a batch of requests in one call (see [`RawBatch`]).
+    /// May be NULL: `process` is then called once per request.
+    pub process_batch: Option<ProcessBatchFn>,
 }
 
 /// The root module a Rust plugin exports (with [`export_plugin!`](crate::export_plugin)).
@@ -268,6 +328,15 @@ pub struct RustPlugin {
     /// major bump.
     #[sabi(last_prefix_field)]
     pub on_shutdown: unsafe extern "C" fn(state: *mut c_void),
+    /// ABI 1.1: see [`ProcessBatchFn`]. The SDK always provides it (looping
+    /// over `Plugin::process`); a host reads it only if the plugin's module
+    /// has it.
+    #[sabi(missing_field(option))]
+    pub process_batch: unsafe extern "C" fn(
+        state: *mut c_void,
+        batch: *mut RawBatch,
+        response: *mut RawResponse,
+    ) -> usize,
 }
 
 impl RootModule for RustPluginRef {

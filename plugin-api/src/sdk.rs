@@ -13,8 +13,9 @@ use abi_stable::std_types::RStr;
 use serde::de::DeserializeOwned;
 
 use crate::abi::{
-    RawConnection, RawInitContext, RawResponse, RustPlugin, RustPluginRef, ABI_MAJOR, ABI_MINOR,
-    NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+    RawBatch, RawConnection, RawInitContext, RawRequest, RawResponse, RustPlugin, RustPluginRef,
+    ABI_MAJOR, ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO,
+    NBNET_LOG_WARN, NBNET_OK,
 };
 
 /// A plugin: one instance per worker process, created from the plugin's own
@@ -376,6 +377,7 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Rust
         version: RStr::from_str(version),
         init: init_trampoline::<P>,
         process: process_trampoline::<P>,
+        process_batch: process_batch_trampoline::<P>,
         destroy: destroy_trampoline::<P>,
         on_open: open_trampoline::<P>,
         on_close: close_trampoline::<P>,
@@ -455,6 +457,69 @@ pub(crate) unsafe extern "C" fn process_trampoline<P: Plugin>(
             NBNET_ERR
         }
     }
+}
+
+/// Answers a batch (see [`RawBatch`]) by calling `P::process` for each
+/// request, with one panic guard and one boundary crossing for the lot.
+pub(crate) unsafe extern "C" fn process_batch_trampoline<P: Plugin>(
+    state: *mut c_void,
+    batch: *mut RawBatch,
+    response: *mut RawResponse,
+) -> usize {
+    // SAFETY: as in `process_trampoline`; `batch` is the host's description
+    // of this call, its `requests` and `lens` arrays `count` long and its
+    // `progress` counter valid for the call.
+    let (plugin, batch, response) = unsafe {
+        (
+            &mut *state.cast::<P>(),
+            &mut *batch,
+            &mut *response.cast::<Response>(),
+        )
+    };
+    let requests: &[RawRequest] = if batch.count == 0 {
+        &[]
+    } else {
+        // SAFETY: see above.
+        unsafe { std::slice::from_raw_parts(batch.requests, batch.count) }
+    };
+    // The batch's fields, read once (the loop below writes through raw
+    // pointers, after which the compiler would otherwise reload them).
+    let (prefix, budget, progress, lens) = (batch.prefix, batch.budget, batch.progress, batch.lens);
+    let mut answered = 0;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        for request in requests {
+            // SAFETY: `progress` is the host's counter; this thread is its
+            // only writer while the call runs.
+            unsafe { *progress += 1 };
+            // The limit applies from the new answer's start (set first, so
+            // that room for it is measured against it, not the last one).
+            let start = response.raw.len + prefix;
+            batch.answer_start = start;
+            response.ensure_room(prefix + request.len)?;
+            response.raw.len = start;
+            let payload = if request.len == 0 {
+                &[][..]
+            } else {
+                // SAFETY: the host passes `len` readable bytes for the call.
+                unsafe { std::slice::from_raw_parts(request.data, request.len) }
+            };
+            plugin.process(payload, response)?;
+            let end = response.raw.len;
+            // SAFETY: `lens` has `count` entries and `answered < count`.
+            unsafe { *lens.add(answered) = end - start };
+            answered += 1;
+            if end >= budget {
+                break;
+            }
+        }
+        Ok::<(), Error>(())
+    }));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => response.set_error(e.message()),
+        Err(panic) => response.set_error(&format!("panicked: {}", panic_message(&*panic))),
+    }
+    answered
 }
 
 pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {

@@ -21,7 +21,7 @@
 
 use std::ffi::c_void;
 
-use crate::abi::{RawConnection, RawResponse, NBNET_ERR, NBNET_OK};
+use crate::abi::{RawBatch, RawConnection, RawResponse, NBNET_ERR, NBNET_OK};
 
 /// Why a response failed; see [`ResponseSink::finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub struct ResponseSink<'a> {
     /// The last `reserve`: `len` when it was made and the room it gave;
     /// cleared by `commit` and by every other call, which may move `data`.
     reserved: Option<(usize, usize)>,
+    /// While a `process_batch` call runs: its batch, whose `answer_start`
+    /// says where the answer under the size limit starts. Null otherwise.
+    batch: *const RawBatch,
 }
 
 impl<'a> ResponseSink<'a> {
@@ -89,6 +92,7 @@ impl<'a> ResponseSink<'a> {
             misuse: None,
             error: None,
             reserved: None,
+            batch: std::ptr::null(),
         }
     }
 
@@ -115,8 +119,101 @@ impl<'a> ResponseSink<'a> {
         self.payload_start = self.out.len();
         self.raw.host = (self as *mut ResponseSink<'a>).cast::<c_void>();
         self.raw.len = 0;
+        self.batch = std::ptr::null();
         self.refresh();
         &mut self.raw
+    }
+
+    /// Starts the answers to `batch` (see [`RawBatch`]): makes room for
+    /// about `size_hint` bytes and returns the [`RawResponse`] to pass to
+    /// `process_batch` with it. Keep the sink and `batch` where they are
+    /// until [`finish_batch`](Self::finish_batch).
+    #[inline]
+    pub fn begin_batch(&mut self, batch: &RawBatch, size_hint: usize) -> *mut RawResponse {
+        self.out.reserve(size_hint);
+        self.payload_start = self.out.len();
+        self.raw.host = (self as *mut ResponseSink<'a>).cast::<c_void>();
+        self.raw.len = 0;
+        self.batch = batch;
+        self.refresh();
+        &mut self.raw
+    }
+
+    /// Ends a batch that answered `answered` requests with the lengths in
+    /// `lens`: writes `prefix(len)` before each answer and keeps the
+    /// answers in the buffer. `Ok(answered)` when every answer is sound
+    /// (`answered` may be short of the batch when the plugin stopped at
+    /// its budget); `Err((answered_ok, why))` when request `answered_ok`
+    /// failed or the plugin broke the protocol (the answers before it are
+    /// kept).
+    pub fn finish_batch<const P: usize>(
+        &mut self,
+        answered: usize,
+        count: usize,
+        lens: &[usize],
+        mut prefix: impl FnMut(usize) -> [u8; P],
+    ) -> Result<usize, (usize, SinkError)> {
+        self.batch = std::ptr::null();
+        if self.raw.len > self.raw.cap {
+            self.overrun();
+        }
+        if answered > count || answered > lens.len() {
+            self.misuse.get_or_insert_with(|| {
+                format!("process_batch returned {answered} for a batch of {count} requests")
+            });
+        }
+        // The answers that are sound, and where they end.
+        let mut good = 0;
+        let mut end: usize = 0;
+        for &len in lens.iter().take(answered.min(count)) {
+            if len > self.max {
+                self.refused = true;
+                break;
+            }
+            match end.checked_add(P + len) {
+                Some(next) if next <= self.raw.len => end = next,
+                _ => {
+                    self.misuse.get_or_insert_with(|| {
+                        format!("process_batch's answer lengths add up to more than it wrote ({} bytes)", self.raw.len)
+                    });
+                    break;
+                }
+            }
+            good += 1;
+        }
+        let mut at = self.payload_start;
+        for &len in &lens[..good] {
+            let bytes = prefix(len);
+            // SAFETY: `at + P + len <= payload_start + raw.len <= capacity`
+            // (checked above): the prefix lies in the Vec's allocation, in
+            // the room the plugin skipped for it.
+            unsafe {
+                self.out
+                    .as_mut_ptr()
+                    .add(at)
+                    .copy_from_nonoverlapping(bytes.as_ptr(), P)
+            };
+            at += P + len;
+        }
+        // SAFETY: every byte up to `payload_start + end` is initialized:
+        // the prefixes just now, the answers by the plugin (its contract).
+        unsafe { self.out.set_len(self.payload_start + end) };
+        self.reserved = None;
+        let error = self.error.take();
+        let failure = if let Some(misuse) = self.misuse.take() {
+            Some(SinkError::Misuse(misuse))
+        } else if std::mem::take(&mut self.refused) {
+            Some(SinkError::TooLarge(error))
+        } else if answered < count {
+            // Stopped early: an error if it said so, else its budget.
+            error.map(|message| SinkError::Plugin(Some(message)))
+        } else {
+            None
+        };
+        match failure {
+            None => Ok(good),
+            Some(why) => Err((good, why)),
+        }
     }
 
     /// Ends the response begun by [`begin`](Self::begin), given what
@@ -204,12 +301,25 @@ impl<'a> ResponseSink<'a> {
         let room = self.out.capacity() - self.payload_start;
         // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
         self.raw.data = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
-        self.raw.cap = room.min(self.max);
+        self.raw.cap = room.min(self.answer_start().saturating_add(self.max));
+    }
+
+    /// Where the answer the size limit applies to starts (0 outside a batch).
+    #[inline]
+    fn answer_start(&self) -> usize {
+        if self.batch.is_null() {
+            return 0;
+        }
+        // SAFETY: set by `begin_batch` to a batch alive until `finish_batch`.
+        unsafe { (*self.batch).answer_start }
     }
 
     /// Room for `additional` more payload bytes, within the limit.
     fn make_room(&mut self, additional: usize) -> bool {
-        if additional > self.max - self.written() {
+        // The answer may end at most `max` bytes after it starts (in a
+        // batch, room asked for the prefix before it does not count).
+        let limit = self.answer_start().saturating_add(self.max);
+        if self.written().saturating_add(additional) > limit {
             self.refused = true;
             return false;
         }
@@ -474,5 +584,95 @@ mod tests {
         unsafe { assert_eq!(((*r).write)(r, b"ok".as_ptr(), 2), NBNET_OK) };
         assert_eq!(sink.finish(NBNET_OK, 1), Ok(2));
         assert_eq!(out, b"Hok");
+    }
+
+    /// A batch of `lens.len()` answers written as a plugin would (prefix
+    /// skipped, answer bytes), then finished with `answered`.
+    fn batch(
+        answers: &[&[u8]],
+        lens: &[usize],
+        answered: usize,
+        error: Option<&str>,
+    ) -> (Vec<u8>, Result<usize, (usize, SinkError)>) {
+        let mut out = b"earlier".to_vec();
+        let conn = RawConnection {
+            id: 1,
+            peer: c"p".as_ptr(),
+            listener: c"l".as_ptr(),
+        };
+        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let description = RawBatch {
+            requests: std::ptr::null(),
+            count: lens.len(),
+            lens: std::ptr::null_mut(),
+            prefix: 2,
+            budget: usize::MAX,
+            answer_start: 0,
+            progress: std::ptr::null_mut(),
+        };
+        let mut description = description;
+        let r = sink.begin_batch(&description, 64);
+        // SAFETY: `r` is live until `finish_batch`; room is made first. The
+        // sink reads `answer_start` through its pointer, as the host does.
+        unsafe {
+            for answer in answers {
+                let start = (*r).len + 2;
+                std::ptr::addr_of_mut!(description.answer_start).write(start);
+                if ((*r).grow)(r, 2 + answer.len()) != NBNET_OK {
+                    break;
+                }
+                (*r).len += 2;
+                (*r).data
+                    .add((*r).len)
+                    .copy_from_nonoverlapping(answer.as_ptr(), answer.len());
+                (*r).len += answer.len();
+            }
+            if let Some(message) = error {
+                ((*r).set_error)(r, message.as_ptr(), message.len());
+            }
+        }
+        let result = sink.finish_batch(answered, lens.len(), lens, |len| [b'<', b'0' + len as u8]);
+        (out, result)
+    }
+
+    #[test]
+    fn a_batch_gets_its_prefixes_written_before_each_answer() {
+        let (out, result) = batch(&[b"ab", b"c"], &[2, 1], 2, None);
+        assert_eq!(result, Ok(2));
+        assert_eq!(out, b"earlier<2ab<1c");
+    }
+
+    #[test]
+    fn a_batch_that_stops_early_keeps_what_it_answered() {
+        let (out, result) = batch(&[b"ab"], &[2, 0, 0], 1, None);
+        assert_eq!(result, Ok(1), "no error: the rest come in a later call");
+        assert_eq!(out, b"earlier<2ab");
+    }
+
+    #[test]
+    fn a_failed_request_mid_batch_keeps_the_answers_before_it() {
+        let (out, result) = batch(&[b"ab", b"partial"], &[2, 0], 1, Some("nope"));
+        assert_eq!(result, Err((1, SinkError::Plugin(Some("nope".into())))));
+        assert_eq!(out, b"earlier<2ab", "the partial answer is dropped");
+    }
+
+    #[test]
+    fn lengths_that_claim_more_than_was_written_are_refused() {
+        let (out, result) = batch(&[b"ab"], &[2, 5], 2, None);
+        assert!(matches!(result, Err((1, SinkError::Misuse(m))) if m.contains("add up")));
+        assert_eq!(out, b"earlier<2ab");
+        let (_, result) = batch(&[b"ab"], &[2], 3, None);
+        assert!(matches!(result, Err((1, SinkError::Misuse(m))) if m.contains("returned 3")));
+    }
+
+    #[test]
+    fn each_answer_may_reach_the_limit_but_not_pass_it() {
+        let full = [b'z'; 16];
+        let (out, result) = batch(&[b"ab", &full], &[2, 16], 2, None);
+        assert_eq!(result, Ok(2), "16 bytes after a prefix: exactly the limit");
+        assert_eq!(&out[out.len() - 16..], &full);
+        let (out, result) = batch(&[b"ab", &[b'z'; 17]], &[2, 17], 2, None);
+        assert!(matches!(result, Err((1, SinkError::TooLarge(None)))));
+        assert_eq!(out, b"earlier<2ab");
     }
 }

@@ -158,6 +158,7 @@ static const nbnet_plugin counter_plugin = {
     .on_open = counter_open,
     .on_close = counter_close,
     .on_shutdown = counter_shutdown,
+    .process_batch = NULL, /* ABI 1.1: optional, see nbnet_plugin.h */
 };
 
 NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &counter_plugin; }

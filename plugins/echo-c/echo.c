@@ -42,6 +42,7 @@ static const nbnet_plugin echo_plugin = {
     .on_open = NULL, /* hooks: not interested */
     .on_close = NULL,
     .on_shutdown = NULL,
+    .process_batch = NULL, /* ABI 1.1: optional, see nbnet_plugin.h */
 };
 
 NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &echo_plugin; }

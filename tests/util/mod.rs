@@ -61,6 +61,9 @@ pub struct Artifacts {
     /// C test plugin built as for ABI 1.0: callbacks only
     /// (`plugins/testing/c/abi_1_0.c`).
     pub abi_1_0_so: PathBuf,
+    /// C test plugin with `process_batch` that tags each answer with the
+    /// entry point used (`plugins/testing/c/batcher.c`).
+    pub batcher_so: PathBuf,
     /// C test plugin that fails, crashes, hangs or over-answers on request
     /// (`plugins/testing/c/misbehave.c`).
     pub misbehave_so: PathBuf,
@@ -183,6 +186,7 @@ fn build_now() -> Artifacts {
         ),
         misbehave_so: c_plugin("plugins/testing/c/misbehave.c", "libmisbehave.so"),
         abi_1_0_so: c_plugin("plugins/testing/c/abi_1_0.c", "libabi_1_0.so"),
+        batcher_so: c_plugin("plugins/testing/c/batcher.c", "libbatcher.so"),
         system_lib: find_system_lib(),
         kv_so: rust_plugin("kv"),
         sha256_so: rust_plugin("sha256"),
@@ -471,7 +475,7 @@ pub struct Outcome {
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
 /// and kept for the sandbox's life), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
-/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{misbehave_rs}`,
+/// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
 /// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
@@ -568,6 +572,7 @@ impl Sandbox {
                 "missing_process" => path(&a.missing_process_so),
                 "misbehave" => path(&a.misbehave_so),
                 "abi_1_0" => path(&a.abi_1_0_so),
+                "batcher" => path(&a.batcher_so),
                 "misbehave_rs" => path(&a.misbehave_rs_so),
                 "system_lib" => path(&a.system_lib),
                 "kv" => path(&a.kv_so),

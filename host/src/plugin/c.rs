@@ -84,6 +84,10 @@ pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, Strin
             .then(|| unsafe { (*table).on_shutdown })
             .flatten(),
     };
+    // SAFETY: as for the hooks; a 1.0 table is too short to have it.
+    let process_batch = has_field(size, std::mem::offset_of!(CPlugin, process_batch))
+        .then(|| unsafe { (*table).process_batch })
+        .flatten();
     Ok(Some(Entry {
         kind: Kind::C,
         own_name: static_str(name),
@@ -92,6 +96,7 @@ pub(super) fn find(library: &libloading::Library) -> Result<Option<Entry>, Strin
         init,
         process,
         destroy,
+        process_batch,
         hooks,
         library: None,
     }))

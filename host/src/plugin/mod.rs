@@ -22,9 +22,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use nbnet_plugin_api::abi::RawConnection;
+pub use nbnet_plugin_api::abi::RawRequest;
 use nbnet_plugin_api::abi::{
-    ConnectionFn, DestroyFn, InitFn, ProcessFn, RawInitContext, ShutdownFn, ABI_MAJOR, ABI_MINOR,
-    NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
+    ConnectionFn, DestroyFn, InitFn, ProcessBatchFn, ProcessFn, RawBatch, RawInitContext,
+    ShutdownFn, ABI_MAJOR, ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO,
+    NBNET_LOG_WARN, NBNET_OK,
 };
 pub use nbnet_plugin_api::sink::ResponseSink;
 use nbnet_plugin_api::sink::SinkError;
@@ -85,6 +87,7 @@ struct Entry {
     init: InitFn,
     process: ProcessFn,
     destroy: Option<DestroyFn>,
+    process_batch: Option<ProcessBatchFn>,
     hooks: Hooks,
     /// Keeps a C plugin's library mapped; Rust libraries are leaked by
     /// `abi_stable` (they stay mapped until the worker exits).
@@ -123,6 +126,7 @@ pub struct Plugin {
     state: *mut c_void,
     process: ProcessFn,
     destroy: Option<DestroyFn>,
+    process_batch: Option<ProcessBatchFn>,
     hooks: Hooks,
     _log_tag: Box<LogTag>,
     // Dropped after `destroy` ran (fields drop after `Drop::drop`).
@@ -221,6 +225,7 @@ impl Plugin {
             state,
             process: entry.process,
             destroy: entry.destroy,
+            process_batch: entry.process_batch,
             hooks: entry.hooks,
             _log_tag: log_tag,
             _library: entry.library,
@@ -298,6 +303,65 @@ impl Plugin {
             }
             Err(error) => Err(self.process_error(error, rc, sink.max())),
         }
+    }
+
+    /// Whether the plugin answers batches (`process_batch`, ABI 1.1).
+    #[inline]
+    pub fn batches(&self) -> bool {
+        self.process_batch.is_some()
+    }
+
+    /// Answers `requests` (all complete, in arrival order) in one call of
+    /// the plugin's `process_batch`, appending a complete frame per answer
+    /// to `sink`'s buffer. `Ok(k)`: the first `k` are answered (`k` falls
+    /// short when the plugin stopped at `budget` response bytes; the rest
+    /// wait for another call). `Err((k, why))`: request `k` failed; the
+    /// `k` answers before it are in the buffer.
+    ///
+    /// `progress` is the worker's scoreboard call counter: the plugin adds
+    /// one per request, so the hang watchdog sees each request start.
+    #[inline]
+    ///
+    /// `size_hint` is the room to offer up front (the requests' size is a
+    /// good guess); `lens` only ever grows, so it is not cleared per call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn process_batch(
+        &mut self,
+        requests: &[RawRequest],
+        lens: &mut Vec<usize>,
+        sink: &mut ResponseSink<'_>,
+        size_hint: usize,
+        budget: usize,
+        progress: *mut u64,
+    ) -> Result<usize, (usize, ProcessError)> {
+        let Some(process_batch) = self.process_batch else {
+            unreachable!("process_batch called on a plugin without it (check `batches` first)");
+        };
+        if lens.len() < requests.len() {
+            lens.resize(requests.len(), 0);
+        }
+        let hint = size_hint;
+        let mut batch = RawBatch {
+            requests: requests.as_ptr(),
+            count: requests.len(),
+            lens: lens.as_mut_ptr(),
+            prefix: HEADER_LEN,
+            budget,
+            answer_start: 0,
+            progress,
+        };
+        let response = sink.begin_batch(&batch, hint);
+        // SAFETY: `state` came from this library's `init`; `batch` (its
+        // arrays, `requests.len()` long, and the progress counter) and
+        // `response` (and the sink behind it) are valid for the call;
+        // instances are used by one thread.
+        let answered = unsafe { process_batch(self.state, &mut batch, response) };
+        sink.finish_batch(answered, requests.len(), lens, |len| {
+            let mut header = [0u8; HEADER_LEN];
+            write_header(len, &mut header);
+            header
+        })
+        .map_err(|(k, error)| (k, self.process_error(error, NBNET_ERR, sink.max())))
     }
 
     #[cold]

@@ -32,6 +32,8 @@ pub(super) fn load(path: &Path) -> Result<Entry, String> {
         init: module.init(),
         process: module.process(),
         destroy: Some(module.destroy()),
+        // A field past the prefix: `None` for a module built without it.
+        process_batch: module.process_batch(),
         hooks: Hooks {
             on_open: Some(module.on_open()),
             on_close: Some(module.on_close()),

@@ -29,7 +29,7 @@ use std::time::Instant;
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::listener::Stream;
-use crate::plugin::{Plugin, ProcessError, RawConnection, ResponseSink};
+use crate::plugin::{Plugin, ProcessError, RawConnection, RawRequest, ResponseSink};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::scoreboard::{Outcome, Slot, Stats};
 
@@ -52,6 +52,16 @@ pub struct Scratch {
     input: Vec<u8>,
     /// Responses being produced; empty between events.
     output: Vec<u8>,
+    /// The requests of a read, and their answers' lengths, for plugins
+    /// that answer a batch at a time.
+    batch: Batch,
+}
+
+/// Reused arrays for `process_batch` calls (contents only valid during one).
+#[derive(Default)]
+struct Batch {
+    requests: Vec<RawRequest>,
+    lens: Vec<usize>,
 }
 
 impl Default for Scratch {
@@ -60,6 +70,7 @@ impl Default for Scratch {
         Scratch {
             input: vec![0; SCRATCH_INPUT],
             output: Vec::with_capacity(SCRATCH_INPUT),
+            batch: Batch::default(),
         }
     }
 }
@@ -77,6 +88,9 @@ pub enum State {
 }
 
 /// Why a connection ends; the reactor logs each at its own level.
+///
+/// Kept to 16 bytes (large reasons are boxed: they are rare) so that the
+/// `Result<bool, Close>` every event returns travels in registers.
 #[derive(Debug)]
 pub enum Close {
     /// The peer closed at a frame boundary with nothing left to send.
@@ -89,11 +103,11 @@ pub enum Close {
     /// A socket error (reset, broken pipe…).
     Io(io::Error),
     /// The peer broke the framing protocol.
-    Protocol(FrameError),
+    Protocol(Box<FrameError>),
     /// The connection did not start with a valid PROXY protocol header.
-    Proxy(ProxyError),
+    Proxy(Box<ProxyError>),
     /// The plugin failed this request.
-    Plugin(ProcessError),
+    Plugin(Box<ProcessError>),
     /// The worker is stopping.
     Shutdown,
     /// Nothing received or sent for `read_timeout`.
@@ -351,11 +365,16 @@ impl Connection {
     /// frame held back by the output budget (or a bad header to close on).
     #[inline]
     fn holds_a_frame(&self, decoder: FrameDecoder) -> bool {
-        self.input_len > 0
-            && !matches!(
-                decoder.decode(&self.input[..self.input_len]),
-                Ok(Decoded::Incomplete { .. })
-            )
+        // The common case (nothing buffered) without a call.
+        self.input_len > 0 && self.buffer_holds_a_frame(decoder)
+    }
+
+    #[inline(never)]
+    fn buffer_holds_a_frame(&self, decoder: FrameDecoder) -> bool {
+        !matches!(
+            decoder.decode(&self.input[..self.input_len]),
+            Ok(Decoded::Incomplete { .. })
+        )
     }
 
     /// Reads until the PROXY header is complete; then takes the real
@@ -386,7 +405,7 @@ impl Connection {
             let (proxied, consumed) = match proxy::parse(&self.input[..self.input_len]) {
                 Ok(Some(header)) => header,
                 Ok(None) => continue,
-                Err(e) => return Err(Close::Proxy(e)),
+                Err(e) => return Err(Close::Proxy(Box::new(e))),
             };
             if let Proxied::Tcp { source, .. } = proxied {
                 tracing::debug!(proxy = self.peer(), client = %source, "PROXY header");
@@ -457,7 +476,7 @@ impl Connection {
         };
         if self.input_len == 0 {
             let data = &ctx.scratch.input[..n];
-            let used = answering.frames(data, &mut ctx.scratch.output)?;
+            let used = answering.frames(data, &mut ctx.scratch.output, &mut ctx.scratch.batch)?;
             if used < n {
                 let rest = &ctx.scratch.input[used..n];
                 self.reserve_input(rest.len());
@@ -468,7 +487,7 @@ impl Connection {
         } else {
             self.input_len += n;
             let data = &self.input[..self.input_len];
-            let used = answering.frames(data, &mut ctx.scratch.output)?;
+            let used = answering.frames(data, &mut ctx.scratch.output, &mut ctx.scratch.batch)?;
             if used == self.input_len {
                 // Back at a frame boundary: release the buffer.
                 self.input = Vec::new();
@@ -552,11 +571,125 @@ struct Answering<'a> {
 impl Answering<'_> {
     /// Decodes and answers the complete frames at the front of `data`,
     /// appending each response frame to `out`. Returns the bytes consumed.
+    #[inline(always)]
+    fn frames(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        batch: &mut Batch,
+    ) -> Result<usize, Close> {
+        // A read holding one request (a client waiting for each answer)
+        // goes through `process`: a batch of one would cost more than a
+        // plain call. When more follows the first frame, and the plugin can
+        // take them at once, they all go in one `process_batch` call.
+        let batches = self.plugin.batches();
+        let answered = self.frames_one_by_one(data, out, batches)?;
+        if answered == data.len() || !batches || out.len() >= self.budget {
+            return Ok(answered);
+        }
+        Ok(answered + self.frames_in_one_call(&data[answered..], out, batch)?)
+    }
+
+    /// For plugins with `process_batch`: decodes every complete frame,
+    /// then hands them all to the plugin in one call, so the cost of
+    /// crossing into the plugin is paid once per read, not per request.
+    #[inline(never)]
+    fn frames_in_one_call(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        batch: &mut Batch,
+    ) -> Result<usize, Close> {
+        let stats = self.slot.stats.plugin(self.plugin_index);
+        let mut sink = ResponseSink::new(out, self.decoder.max_frame_bytes(), self.conn);
+        let budget = self.budget.saturating_sub(sink.buffered());
+        batch.requests.clear();
+        let mut rest = data;
+        let mut size_hint = 0;
+        while let Some(len) = self.decoder.complete_frame(rest) {
+            size_hint += HEADER_LEN + len;
+            let (frame, after) = rest.split_at(HEADER_LEN + len);
+            batch.requests.push(RawRequest {
+                data: frame[HEADER_LEN..].as_ptr(),
+                len,
+            });
+            rest = after;
+        }
+        let start = data.len() - rest.len();
+        // What stopped the loop: the end, a partial frame, or a bad header.
+        let bad_header = match rest.is_empty() {
+            true => None,
+            false => self.decoder.decode(rest).err(),
+        };
+        if batch.requests.is_empty() {
+            return match bad_header {
+                Some(e) => Err(Close::Protocol(Box::new(e))),
+                None => Ok(0),
+            };
+        }
+        let began = self.timed.then(Instant::now);
+        self.slot.enter(self.plugin_index);
+        let result = self.plugin.process_batch(
+            &batch.requests,
+            &mut batch.lens,
+            &mut sink,
+            size_hint,
+            budget,
+            self.slot.progress_counter(),
+        );
+        self.slot.leave();
+        let (answered, failure) = match result {
+            Ok(answered) => (answered, None),
+            Err((answered, e)) => (answered, Some(e)),
+        };
+        *self.served += answered as u64;
+        if let Some(stats) = stats {
+            stats.record_answered(answered as u64);
+            if let Some(began) = began {
+                // One call, several requests: each gets an equal share.
+                let handled = answered + usize::from(failure.is_some());
+                stats.record_latency_shared(began.elapsed(), handled as u64);
+            }
+        }
+        tracing::debug!(
+            peer = ?self.peer,
+            requests = batch.requests.len(),
+            answered,
+            "batch processed"
+        );
+        if let Some(e) = failure {
+            if let Some(stats) = stats {
+                stats.record_failure(outcome(&e));
+            }
+            return Err(Close::Plugin(Box::new(e)));
+        }
+        if answered < batch.requests.len() {
+            // Stopped at the budget: the rest wait for the client to read.
+            let last = batch.requests[answered];
+            return Ok(last.data as usize - HEADER_LEN - data.as_ptr() as usize);
+        }
+        match bad_header {
+            Some(e) => Err(Close::Protocol(Box::new(e))),
+            None => Ok(start),
+        }
+    }
+
+    /// Decodes and answers the complete frames at the front of `data`, one
+    /// `process` call each, appending each response frame to `out`.
+    /// Returns the bytes consumed.
     ///
     /// This loop runs once per request: it is kept to decoding, the plugin
     /// call and its scoreboard marks. Counting is done once per read.
-    #[inline]
-    fn frames(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, Close> {
+    #[inline(always)]
+    ///
+    /// With `unless_more`, answers only a frame that ends the data: it
+    /// stops before one with more bytes after it (the caller batches).
+    fn frames_one_by_one(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        unless_more: bool,
+    ) -> Result<usize, Close> {
         let stats = self.slot.stats.plugin(self.plugin_index);
         // One sink for every response of this read.
         let mut sink = ResponseSink::new(out, self.decoder.max_frame_bytes(), self.conn);
@@ -569,11 +702,17 @@ impl Answering<'_> {
                 // read those before the rest are answered.
                 break Ok(());
             }
-            let len = match self.decoder.decode(rest) {
-                Ok(Decoded::Frame { len }) => len,
-                Ok(Decoded::Incomplete { .. }) => break Ok(()),
-                Err(e) => break Err(Close::Protocol(e)),
+            let len = match self.decoder.complete_frame(rest) {
+                Some(len) => len,
+                None => match self.decoder.decode(rest) {
+                    Ok(Decoded::Frame { len }) => len,
+                    Ok(Decoded::Incomplete { .. }) => break Ok(()),
+                    Err(e) => break Err(Close::Protocol(Box::new(e))),
+                },
             };
+            if unless_more && rest.len() > HEADER_LEN + len {
+                break Ok(());
+            }
             let payload = &rest[HEADER_LEN..HEADER_LEN + len];
             // Reading the clock twice costs about as much as the rest of a
             // small request: only when an admin listener can show the
@@ -596,7 +735,7 @@ impl Answering<'_> {
                     if let Some(stats) = stats {
                         stats.record_failure(outcome(&e));
                     }
-                    break Err(Close::Plugin(e));
+                    break Err(Close::Plugin(Box::new(e)));
                 }
             }
             answered += 1;

@@ -51,11 +51,12 @@ static int old_process(void *state, const uint8_t *req, size_t len, nbnet_respon
     return r->write(r, (const uint8_t *)"!", 1);
 }
 
-/* The 1.0 table had these same fields: only the minor number differs. */
+/* The 1.0 table ended at on_shutdown: its size says so (the host must not
+ * read process_batch, which 1.1 appended). */
 static const nbnet_plugin old_plugin = {
     .abi_major = 1,
     .abi_minor = 0,
-    .struct_size = sizeof(nbnet_plugin),
+    .struct_size = offsetof(nbnet_plugin, process_batch),
     .name = "abi_1_0",
     .version = "0.1.0",
     .init = old_init,

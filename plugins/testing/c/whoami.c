@@ -41,6 +41,7 @@ static const nbnet_plugin whoami_plugin = {
     .on_open = NULL,
     .on_close = NULL,
     .on_shutdown = NULL,
+    .process_batch = NULL, /* ABI 1.1: optional, see nbnet_plugin.h */
 };
 
 NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) { return &whoami_plugin; }
