@@ -100,16 +100,15 @@ pub fn run(options: &RunOptions) -> i32 {
     plugin.connection_opened(&conn);
     let mut stdout = std::io::stdout().lock();
     let mut failures = 0;
-    let mut frame = Vec::new();
+    let mut sink = ResponseSink::new(Vec::new(), options.max_frame_bytes, &conn);
     for (number, request) in requests.iter().enumerate() {
-        frame.clear();
-        let mut sink = ResponseSink::new(&mut frame, options.max_frame_bytes, &conn);
+        sink.buffer_mut().clear();
         match plugin.process(request, &mut sink) {
             Ok(_) if options.frames => {
-                let _ = stdout.write_all(&frame);
+                let _ = stdout.write_all(sink.buffer());
             }
             Ok(_) => {
-                let _ = stdout.write_all(&frame[crate::codec::HEADER_LEN..]);
+                let _ = stdout.write_all(&sink.buffer()[crate::codec::HEADER_LEN..]);
                 let _ = stdout.write_all(b"\n");
             }
             Err(e) => {

@@ -110,10 +110,22 @@ impl FrameDecoder {
     /// path: no `Result` to build and match, one comparison per check.
     #[inline(always)]
     pub fn complete_frame(&self, buf: &[u8]) -> Option<usize> {
+        self.split_frame(buf).map(|(payload, _)| payload.len())
+    }
+
+    /// Like [`complete_frame`](Self::complete_frame), but returns the
+    /// frame's payload and the bytes after the frame (no further bounds
+    /// checks needed by the caller).
+    #[inline(always)]
+    pub fn split_frame<'b>(&self, buf: &'b [u8]) -> Option<(&'b [u8], &'b [u8])> {
         let (header, rest) = buf.split_first_chunk::<HEADER_LEN>()?;
         let len = usize::try_from(parse_digits(header)?).ok()?;
         // `len - 1 < max` is `0 < len <= max` in one comparison.
-        (len.wrapping_sub(1) < self.max_frame_bytes && len <= rest.len()).then_some(len)
+        if len.wrapping_sub(1) < self.max_frame_bytes && len <= rest.len() {
+            Some(rest.split_at(len))
+        } else {
+            None
+        }
     }
 
     /// The reference decoder: byte by byte, so that a bad byte is reported

@@ -156,6 +156,7 @@ impl Response {
     }
 
     #[cold]
+    #[inline(never)]
     fn grow(&mut self, additional: usize) -> Result<(), Error> {
         // SAFETY: `raw` was built by the host for this call.
         match unsafe { (self.raw.grow)(&mut self.raw, additional) } {
@@ -448,15 +449,21 @@ pub(crate) unsafe extern "C" fn process_trampoline<P: Plugin>(
     };
     match catch_unwind(AssertUnwindSafe(|| plugin.process(request, response))) {
         Ok(Ok(())) => NBNET_OK,
-        Ok(Err(e)) => {
-            response.set_error(e.message());
-            NBNET_ERR
-        }
-        Err(panic) => {
-            response.set_error(&format!("panicked: {}", panic_message(&*panic)));
-            NBNET_ERR
-        }
+        failed => report_failure(response, failed),
     }
+}
+
+/// Passes an error or a caught panic to the host (`set_error`): kept out of
+/// line, so the answering path stays small.
+#[cold]
+#[inline(never)]
+fn report_failure(response: &mut Response, failed: std::thread::Result<Result<(), Error>>) -> i32 {
+    match failed {
+        Ok(Ok(())) => return NBNET_OK,
+        Ok(Err(e)) => response.set_error(e.message()),
+        Err(panic) => response.set_error(&format!("panicked: {}", panic_message(&*panic))),
+    }
+    NBNET_ERR
 }
 
 /// Answers a batch (see [`RawBatch`]) by calling `P::process` for each

@@ -45,9 +45,10 @@ pub enum SinkError {
 /// from the response pointer they are given.
 #[repr(C)]
 #[derive(Debug)]
-pub struct ResponseSink<'a> {
+pub struct ResponseSink {
     raw: RawResponse,
-    out: &'a mut Vec<u8>,
+    /// The responses so far: complete frames, and the one being written.
+    out: Vec<u8>,
     /// Where the current response's payload starts in `out` (its length
     /// while the plugin runs).
     payload_start: usize,
@@ -67,11 +68,14 @@ pub struct ResponseSink<'a> {
     batch: *const RawBatch,
 }
 
-impl<'a> ResponseSink<'a> {
+impl ResponseSink {
     /// A sink appending to `out`, each response at most `max` bytes, for
-    /// requests that arrive on `conn` (which must outlive the sink's use).
+    /// requests that arrive on `conn` (see [`set_connection`](Self::set_connection)).
+    ///
+    /// A server keeps one sink (and its buffer) for good and clears the
+    /// buffer once it is sent: setting up the callbacks is not paid per read.
     #[inline]
-    pub fn new(out: &'a mut Vec<u8>, max: usize, conn: *const RawConnection) -> Self {
+    pub fn new(out: Vec<u8>, max: usize, conn: *const RawConnection) -> Self {
         ResponseSink {
             raw: RawResponse {
                 host: std::ptr::null_mut(),
@@ -96,6 +100,30 @@ impl<'a> ResponseSink<'a> {
         }
     }
 
+    /// The connection the next requests come on: what plugins see as the
+    /// response's `conn`. It must stay valid while they are answered.
+    #[inline]
+    pub fn set_connection(&mut self, conn: *const RawConnection) {
+        self.raw.conn = conn;
+    }
+
+    /// The responses in the buffer (complete frames), outside a call.
+    #[inline]
+    pub fn buffer(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// The buffer itself, outside a call (e.g. to clear it once sent).
+    #[inline]
+    pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    /// Gives the buffer back.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.out
+    }
+
     /// Largest payload accepted per response.
     #[inline]
     pub fn max(&self) -> usize {
@@ -117,7 +145,7 @@ impl<'a> ResponseSink<'a> {
         self.out.reserve(prefix.len() + size_hint);
         self.out.extend_from_slice(prefix);
         self.payload_start = self.out.len();
-        self.raw.host = (self as *mut ResponseSink<'a>).cast::<c_void>();
+        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
         self.raw.len = 0;
         self.batch = std::ptr::null();
         self.refresh();
@@ -132,7 +160,7 @@ impl<'a> ResponseSink<'a> {
     pub fn begin_batch(&mut self, batch: &RawBatch, size_hint: usize) -> *mut RawResponse {
         self.out.reserve(size_hint);
         self.payload_start = self.out.len();
-        self.raw.host = (self as *mut ResponseSink<'a>).cast::<c_void>();
+        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
         self.raw.len = 0;
         self.batch = batch;
         self.refresh();
@@ -220,7 +248,7 @@ impl<'a> ResponseSink<'a> {
     /// `process` returned: `Ok` with the payload length (the response is
     /// then in the buffer, its prefix at `buffered() - len - prefix.len()`),
     /// or why it failed (the response and its prefix are removed).
-    #[inline]
+    #[inline(always)]
     pub fn finish(&mut self, rc: i32, prefix_len: usize) -> Result<usize, SinkError> {
         let len = self.raw.len;
         if rc == NBNET_OK && len <= self.raw.cap && !self.refused && self.misuse.is_none() {
@@ -265,11 +293,29 @@ impl<'a> ResponseSink<'a> {
         self.raw.len = 0;
     }
 
-    /// The prefix of the response just finished (`Ok` from
-    /// [`finish`](Self::finish)), to fill in now that the length is known.
-    #[inline]
-    pub fn prefix_mut(&mut self, prefix_len: usize) -> &mut [u8] {
-        &mut self.out[self.payload_start - prefix_len..self.payload_start]
+    /// [`finish`](Self::finish), then overwrites the response's prefix
+    /// with `prefix(len)` now that the payload length is known.
+    #[inline(always)]
+    pub fn finish_with_prefix<const P: usize>(
+        &mut self,
+        rc: i32,
+        prefix: impl FnOnce(usize) -> [u8; P],
+    ) -> Result<usize, SinkError> {
+        let len = self.finish(rc, P)?;
+        let bytes = prefix(len);
+        let at = self
+            .payload_start
+            .checked_sub(P)
+            .expect("begin appended a prefix of this size");
+        // SAFETY: `at + P == payload_start <= out.len()`: the bytes are
+        // within the Vec (the prefix `begin` appended) and initialized.
+        unsafe {
+            self.out
+                .as_mut_ptr()
+                .add(at)
+                .copy_from_nonoverlapping(bytes.as_ptr(), P)
+        };
+        Ok(len)
     }
 
     /// Payload bytes written so far (after [`absorb`](Self::absorb)).
@@ -333,9 +379,9 @@ impl<'a> ResponseSink<'a> {
 /// # Safety
 /// `response` must be a [`RawResponse`] returned by [`ResponseSink::begin`]
 /// whose sink is alive and has not moved.
-unsafe fn sink<'s>(response: *mut RawResponse) -> &'s mut ResponseSink<'s> {
+unsafe fn sink<'s>(response: *mut RawResponse) -> &'s mut ResponseSink {
     // SAFETY: guaranteed by the caller.
-    unsafe { &mut *(*response).host.cast::<ResponseSink<'s>>() }
+    unsafe { &mut *(*response).host.cast::<ResponseSink>() }
 }
 
 unsafe extern "C" fn sink_grow(response: *mut RawResponse, additional: usize) -> i32 {
@@ -436,17 +482,16 @@ mod tests {
         rc: i32,
         steps: impl FnOnce(*mut RawResponse),
     ) -> (Vec<u8>, Result<usize, SinkError>) {
-        let mut out = b"earlier".to_vec();
         let conn = RawConnection {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
         };
-        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let response = sink.begin(HEADER, 4);
         steps(response);
         let result = sink.finish(rc, HEADER.len());
-        (out, result)
+        (sink.into_buffer(), result)
     }
 
     // SAFETY (the tests below): `r` is a live response for the closure;
@@ -562,13 +607,12 @@ mod tests {
 
     #[test]
     fn a_plugin_error_carries_its_message_and_the_sink_serves_the_next_response() {
-        let mut out = Vec::new();
         let conn = RawConnection {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
         };
-        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let mut sink = ResponseSink::new(Vec::new(), 16, &conn);
         let r = sink.begin(b"H", 0);
         // SAFETY: `r` is live until `finish`.
         unsafe {
@@ -583,7 +627,7 @@ mod tests {
         // SAFETY: as above.
         unsafe { assert_eq!(((*r).write)(r, b"ok".as_ptr(), 2), NBNET_OK) };
         assert_eq!(sink.finish(NBNET_OK, 1), Ok(2));
-        assert_eq!(out, b"Hok");
+        assert_eq!(sink.buffer(), b"Hok");
     }
 
     /// A batch of `lens.len()` answers written as a plugin would (prefix
@@ -594,13 +638,12 @@ mod tests {
         answered: usize,
         error: Option<&str>,
     ) -> (Vec<u8>, Result<usize, (usize, SinkError)>) {
-        let mut out = b"earlier".to_vec();
         let conn = RawConnection {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
         };
-        let mut sink = ResponseSink::new(&mut out, 16, &conn);
+        let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let description = RawBatch {
             requests: std::ptr::null(),
             count: lens.len(),
@@ -632,7 +675,7 @@ mod tests {
             }
         }
         let result = sink.finish_batch(answered, lens.len(), lens, |len| [b'<', b'0' + len as u8]);
-        (out, result)
+        (sink.into_buffer(), result)
     }
 
     #[test]

@@ -90,8 +90,7 @@ impl<P: Plugin> TestHost<P> {
     /// caught panic included).
     pub fn process(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
         let conn = self.connection(1);
-        let mut out = Vec::new();
-        let mut sink = ResponseSink::new(&mut out, self.max_response_bytes, &conn);
+        let mut sink = ResponseSink::new(Vec::new(), self.max_response_bytes, &conn);
         let response = sink.begin(&[], 0);
         // SAFETY: `state` is this plugin's instance; the rest (and the sink
         // behind `response`, which stays put) is valid for the call.
@@ -99,7 +98,7 @@ impl<P: Plugin> TestHost<P> {
             process_trampoline::<P>(self.state, request.as_ptr(), request.len(), response)
         };
         match sink.finish(rc, 0) {
-            Ok(_) => Ok(out),
+            Ok(_) => Ok(sink.into_buffer()),
             Err(SinkError::TooLarge(None)) => {
                 Err("the response would exceed max_frame_bytes; the host refused it".into())
             }

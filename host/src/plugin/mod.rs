@@ -285,24 +285,19 @@ impl Plugin {
     pub fn process(
         &mut self,
         request: &[u8],
-        sink: &mut ResponseSink<'_>,
+        sink: &mut ResponseSink,
     ) -> Result<usize, ProcessError> {
         let response = sink.begin(&HEADER_PLACEHOLDER, request.len());
         // SAFETY: `state` came from this library's `init`; `request` and
         // `response` (and the sink behind it, which stays put) are valid for
         // the call; instances are used by one thread.
         let rc = unsafe { (self.process)(self.state, request.as_ptr(), request.len(), response) };
-        match sink.finish(rc, HEADER_LEN) {
-            Ok(len) => {
-                let header: &mut [u8; HEADER_LEN] = sink
-                    .prefix_mut(HEADER_LEN)
-                    .try_into()
-                    .expect("the prefix is HEADER_LEN long");
-                write_header(len, header);
-                Ok(len)
-            }
-            Err(error) => Err(self.process_error(error, rc, sink.max())),
-        }
+        let finished = sink.finish_with_prefix(rc, |len| {
+            let mut header = [0u8; HEADER_LEN];
+            write_header(len, &mut header);
+            header
+        });
+        finished.map_err(|error| self.process_error(error, rc, sink.max()))
     }
 
     /// Whether the plugin answers batches (`process_batch`, ABI 1.1).
@@ -320,16 +315,16 @@ impl Plugin {
     ///
     /// `progress` is the worker's scoreboard call counter: the plugin adds
     /// one per request, so the hang watchdog sees each request start.
-    #[inline]
     ///
     /// `size_hint` is the room to offer up front (the requests' size is a
     /// good guess); `lens` only ever grows, so it is not cleared per call.
+    #[inline]
     #[allow(clippy::too_many_arguments)]
     pub fn process_batch(
         &mut self,
         requests: &[RawRequest],
         lens: &mut Vec<usize>,
-        sink: &mut ResponseSink<'_>,
+        sink: &mut ResponseSink,
         size_hint: usize,
         budget: usize,
         progress: *mut u64,
@@ -340,7 +335,6 @@ impl Plugin {
         if lens.len() < requests.len() {
             lens.resize(requests.len(), 0);
         }
-        let hint = size_hint;
         let mut batch = RawBatch {
             requests: requests.as_ptr(),
             count: requests.len(),
@@ -350,7 +344,7 @@ impl Plugin {
             answer_start: 0,
             progress,
         };
-        let response = sink.begin_batch(&batch, hint);
+        let response = sink.begin_batch(&batch, size_hint);
         // SAFETY: `state` came from this library's `init`; `batch` (its
         // arrays, `requests.len()` long, and the progress counter) and
         // `response` (and the sink behind it) are valid for the call;

@@ -50,8 +50,9 @@ const READ_AHEAD_LIMIT: usize = 256 * 1024;
 pub struct Scratch {
     /// Read buffer; always `SCRATCH_INPUT` long (initialized once).
     input: Vec<u8>,
-    /// Responses being produced; empty between events.
-    output: Vec<u8>,
+    /// Responses being produced (its buffer is empty between events),
+    /// with the callbacks plugins write through, set up once.
+    responses: ResponseSink,
     /// The requests of a read, and their answers' lengths, for plugins
     /// that answer a batch at a time.
     batch: Batch,
@@ -64,12 +65,17 @@ struct Batch {
     lens: Vec<usize>,
 }
 
-impl Default for Scratch {
-    /// Allocates the worker's shared buffers.
-    fn default() -> Self {
+impl Scratch {
+    /// Allocates the worker's shared buffers, for responses of at most
+    /// `max_frame_bytes`.
+    pub fn new(max_frame_bytes: usize) -> Self {
         Scratch {
             input: vec![0; SCRATCH_INPUT],
-            output: Vec::with_capacity(SCRATCH_INPUT),
+            responses: ResponseSink::new(
+                Vec::with_capacity(SCRATCH_INPUT),
+                max_frame_bytes,
+                std::ptr::null(),
+            ),
             batch: Batch::default(),
         }
     }
@@ -123,8 +129,6 @@ pub struct Context<'a> {
     pub plugin: &'a mut Plugin,
     /// Frame limits.
     pub decoder: FrameDecoder,
-    /// The worker's shared buffers.
-    pub scratch: &'a mut Scratch,
     /// The listener's address as text, for the plugin.
     pub listener_addr: &'a CStr,
     /// This worker's scoreboard slot: marks plugin calls in flight.
@@ -259,10 +263,15 @@ impl Connection {
     /// into a frame already under way. So `read_timeout` bounds both the
     /// idle time between frames and the time to receive one frame, and a
     /// client sending one byte a second (slowloris) is closed.
-    pub fn on_readable(&mut self, ctx: &mut Context<'_>, read_closed: bool) -> Result<bool, Close> {
+    pub fn on_readable(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        read_closed: bool,
+    ) -> Result<bool, Close> {
         self.peer_shut |= read_closed;
         let read_closed = self.peer_shut;
-        if self.state == State::ProxyHeader && !self.read_proxy_header(ctx)? {
+        if self.state == State::ProxyHeader && !self.read_proxy_header(ctx, scratch)? {
             return Ok(false);
         }
         if self.state != State::Reading {
@@ -275,7 +284,7 @@ impl Connection {
             // Frames already received but held back by the output budget
             // come first, before reading more.
             if self.holds_a_frame(ctx.decoder) {
-                self.answer_and_flush(ctx, 0)?;
+                self.answer_and_flush(ctx, scratch, 0)?;
                 progress = true;
                 if self.state != State::Reading {
                     return Ok(true);
@@ -284,8 +293,8 @@ impl Connection {
             }
             let (read, want) = if self.input_len == 0 {
                 // At a frame boundary: read into the worker's shared buffer.
-                let read = self.stream.read(&mut ctx.scratch.input);
-                (read, ctx.scratch.input.len())
+                let read = self.stream.read(&mut scratch.input);
+                (read, scratch.input.len())
             } else {
                 // Continue the partial frame in the connection's own buffer.
                 let want = self.read_size(ctx.decoder);
@@ -305,7 +314,7 @@ impl Connection {
                 Ok(n) => {
                     self.fresh = false;
                     let frame_under_way = self.input_len > 0;
-                    let completed = self.answer_and_flush(ctx, n)?;
+                    let completed = self.answer_and_flush(ctx, scratch, n)?;
                     if completed || !frame_under_way || self.input_len == 0 {
                         progress = true;
                     }
@@ -335,13 +344,18 @@ impl Connection {
     /// connection moves to Writing and stops reading (WRITABLE resumes it),
     /// so its memory stays bounded. `Ok(true)` when a frame was answered.
     #[inline]
-    fn answer_and_flush(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
-        match self.process_read(ctx, n) {
+    fn answer_and_flush(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        n: usize,
+    ) -> Result<bool, Close> {
+        match self.process_read(ctx, scratch, n) {
             Ok(completed) => {
-                self.flush_scratch(ctx.scratch, &ctx.slot.stats)?;
+                self.flush_scratch(scratch, &ctx.slot.stats)?;
                 Ok(completed)
             }
-            Err(close) => Err(self.flush_before_closing(ctx, close)),
+            Err(close) => Err(self.flush_before_closing(ctx, scratch, close)),
         }
     }
 
@@ -349,15 +363,20 @@ impl Connection {
     /// non-blocking), before the connection closes for `close`.
     #[cold]
     #[inline(never)]
-    fn flush_before_closing(&mut self, ctx: &mut Context<'_>, close: Close) -> Close {
+    fn flush_before_closing(
+        &mut self,
+        ctx: &Context<'_>,
+        scratch: &mut Scratch,
+        close: Close,
+    ) -> Close {
         let mut sent = 0;
         let _ = write_some(
             &mut self.stream,
-            &ctx.scratch.output,
+            scratch.responses.buffer(),
             &mut sent,
             &ctx.slot.stats,
         );
-        ctx.scratch.output.clear();
+        scratch.responses.buffer_mut().clear();
         close
     }
 
@@ -381,7 +400,11 @@ impl Connection {
     /// client's address, answers any frames that came with the header, and
     /// moves to Reading. `Ok(false)` while the header is incomplete (its
     /// bytes do not extend the deadline: `read_timeout` bounds the header).
-    fn read_proxy_header(&mut self, ctx: &mut Context<'_>) -> Result<bool, Close> {
+    fn read_proxy_header(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<bool, Close> {
         loop {
             self.reserve_input(MIN_OWN_READ);
             match self.stream.read(&mut self.input[self.input_len..]) {
@@ -417,7 +440,7 @@ impl Connection {
             if self.input_len > 0 {
                 // Frames sent right behind the header (answered, or their
                 // error handled, exactly like frames from a read).
-                self.answer_and_flush(ctx, 0)?;
+                self.answer_and_flush(ctx, scratch, 0)?;
             } else {
                 self.input = Vec::new();
             }
@@ -428,7 +451,11 @@ impl Connection {
     /// Handles WRITABLE: sends queued responses; once all are sent, resumes
     /// reading (data may have arrived while reads were paused).
     #[inline]
-    pub fn on_writable(&mut self, ctx: &mut Context<'_>) -> Result<bool, Close> {
+    pub fn on_writable(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<bool, Close> {
         if self.state != State::Writing {
             return Ok(false);
         }
@@ -447,7 +474,7 @@ impl Connection {
         self.written = 0;
         self.transition(State::Reading);
         // Edge-triggered: an edge seen while paused is gone, so look now.
-        let read_progress = self.on_readable(ctx, false)?;
+        let read_progress = self.on_readable(ctx, scratch, false)?;
         Ok(progress || read_progress)
     }
 
@@ -456,29 +483,32 @@ impl Connection {
     /// keeps any trailing partial frame in the connection's own buffer.
     /// `Ok(true)` when at least one frame was answered.
     #[inline]
-    fn process_read(&mut self, ctx: &mut Context<'_>, n: usize) -> Result<bool, Close> {
+    fn process_read(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        n: usize,
+    ) -> Result<bool, Close> {
         // The shared response buffer is empty between connections' turns;
         // anything left in it would be sent to the wrong client.
-        debug_assert!(ctx.scratch.output.is_empty(), "scratch output leaked");
-        ctx.scratch.output.clear();
+        debug_assert!(
+            scratch.responses.buffer().is_empty(),
+            "scratch output leaked"
+        );
+        scratch.responses.buffer_mut().clear();
+        // How plugins see this connection: valid for this read's calls.
         let conn = self.describe(ctx.listener_addr);
+        scratch.responses.set_connection(&conn);
         ctx.slot.stats.bytes_in.add(n as u64);
         let mut answering = Answering {
-            plugin: &mut *ctx.plugin,
-            plugin_index: ctx.plugin_index,
-            slot: ctx.slot,
-            served: &mut *ctx.served,
-            conn: &conn,
-            decoder: ctx.decoder,
+            ctx,
             peer: &self.peer,
-            budget: ctx.output_budget,
-            timed: ctx.time_plugin_calls,
         };
         if self.input_len == 0 {
-            let data = &ctx.scratch.input[..n];
-            let used = answering.frames(data, &mut ctx.scratch.output, &mut ctx.scratch.batch)?;
+            let data = &scratch.input[..n];
+            let used = answering.frames(data, &mut scratch.responses, &mut scratch.batch)?;
             if used < n {
-                let rest = &ctx.scratch.input[used..n];
+                let rest = &scratch.input[used..n];
                 self.reserve_input(rest.len());
                 self.input[..rest.len()].copy_from_slice(rest);
                 self.input_len = rest.len();
@@ -487,7 +517,7 @@ impl Connection {
         } else {
             self.input_len += n;
             let data = &self.input[..self.input_len];
-            let used = answering.frames(data, &mut ctx.scratch.output, &mut ctx.scratch.batch)?;
+            let used = answering.frames(data, &mut scratch.responses, &mut scratch.batch)?;
             if used == self.input_len {
                 // Back at a frame boundary: release the buffer.
                 self.input = Vec::new();
@@ -534,13 +564,14 @@ impl Connection {
     #[inline]
     fn flush_scratch(&mut self, scratch: &mut Scratch, stats: &Stats) -> Result<(), Close> {
         let mut written = 0;
-        let result = write_some(&mut self.stream, &scratch.output, &mut written, stats);
+        let output = scratch.responses.buffer();
+        let result = write_some(&mut self.stream, output, &mut written, stats);
         if let Ok(false) = result {
-            self.output = scratch.output[written..].to_vec();
+            self.output = output[written..].to_vec();
             self.written = 0;
             self.transition(State::Writing);
         }
-        scratch.output.clear();
+        scratch.responses.buffer_mut().clear();
         result.map(drop)
     }
 
@@ -550,44 +581,34 @@ impl Connection {
     }
 }
 
-/// What answering frames needs besides the bytes: borrowed from the
-/// [`Context`] field by field, so the shared read buffer can be borrowed too.
-struct Answering<'a> {
-    plugin: &'a mut Plugin,
-    plugin_index: usize,
-    slot: &'a Slot,
-    served: &'a mut u64,
-    conn: &'a RawConnection,
-    decoder: FrameDecoder,
+/// What answering frames needs besides the bytes and the response sink:
+/// the connection's context, and its name for the debug log.
+struct Answering<'a, 'c> {
+    ctx: &'a mut Context<'c>,
     /// For the debug log only: converted to text only if that is enabled.
     peer: &'a CStr,
-    /// Stop answering (keep the rest of the frames for later) once this many
-    /// response bytes are waiting: see `max_pending_output_bytes`.
-    budget: usize,
-    /// Time each plugin call for the latency histogram.
-    timed: bool,
 }
 
-impl Answering<'_> {
+impl Answering<'_, '_> {
     /// Decodes and answers the complete frames at the front of `data`,
     /// appending each response frame to `out`. Returns the bytes consumed.
     #[inline(always)]
     fn frames(
         &mut self,
         data: &[u8],
-        out: &mut Vec<u8>,
+        sink: &mut ResponseSink,
         batch: &mut Batch,
     ) -> Result<usize, Close> {
         // A read holding one request (a client waiting for each answer)
         // goes through `process`: a batch of one would cost more than a
         // plain call. When more follows the first frame, and the plugin can
         // take them at once, they all go in one `process_batch` call.
-        let batches = self.plugin.batches();
-        let answered = self.frames_one_by_one(data, out, batches)?;
-        if answered == data.len() || !batches || out.len() >= self.budget {
+        let batches = self.ctx.plugin.batches();
+        let answered = self.frames_one_by_one(data, sink, batches)?;
+        if answered == data.len() || !batches || sink.buffered() >= self.ctx.output_budget {
             return Ok(answered);
         }
-        Ok(answered + self.frames_in_one_call(&data[answered..], out, batch)?)
+        Ok(answered + self.frames_in_one_call(&data[answered..], sink, batch)?)
     }
 
     /// For plugins with `process_batch`: decodes every complete frame,
@@ -597,21 +618,19 @@ impl Answering<'_> {
     fn frames_in_one_call(
         &mut self,
         data: &[u8],
-        out: &mut Vec<u8>,
+        sink: &mut ResponseSink,
         batch: &mut Batch,
     ) -> Result<usize, Close> {
-        let stats = self.slot.stats.plugin(self.plugin_index);
-        let mut sink = ResponseSink::new(out, self.decoder.max_frame_bytes(), self.conn);
-        let budget = self.budget.saturating_sub(sink.buffered());
+        let stats = self.ctx.slot.stats.plugin(self.ctx.plugin_index);
+        let budget = self.ctx.output_budget.saturating_sub(sink.buffered());
         batch.requests.clear();
         let mut rest = data;
         let mut size_hint = 0;
-        while let Some(len) = self.decoder.complete_frame(rest) {
-            size_hint += HEADER_LEN + len;
-            let (frame, after) = rest.split_at(HEADER_LEN + len);
+        while let Some((payload, after)) = self.ctx.decoder.split_frame(rest) {
+            size_hint += HEADER_LEN + payload.len();
             batch.requests.push(RawRequest {
-                data: frame[HEADER_LEN..].as_ptr(),
-                len,
+                data: payload.as_ptr(),
+                len: payload.len(),
             });
             rest = after;
         }
@@ -619,7 +638,7 @@ impl Answering<'_> {
         // What stopped the loop: the end, a partial frame, or a bad header.
         let bad_header = match rest.is_empty() {
             true => None,
-            false => self.decoder.decode(rest).err(),
+            false => self.ctx.decoder.decode(rest).err(),
         };
         if batch.requests.is_empty() {
             return match bad_header {
@@ -627,22 +646,22 @@ impl Answering<'_> {
                 None => Ok(0),
             };
         }
-        let began = self.timed.then(Instant::now);
-        self.slot.enter(self.plugin_index);
-        let result = self.plugin.process_batch(
+        let began = self.ctx.time_plugin_calls.then(Instant::now);
+        self.ctx.slot.enter(self.ctx.plugin_index);
+        let result = self.ctx.plugin.process_batch(
             &batch.requests,
             &mut batch.lens,
-            &mut sink,
+            sink,
             size_hint,
             budget,
-            self.slot.progress_counter(),
+            self.ctx.slot.progress_counter(),
         );
-        self.slot.leave();
+        self.ctx.slot.leave();
         let (answered, failure) = match result {
             Ok(answered) => (answered, None),
             Err((answered, e)) => (answered, Some(e)),
         };
-        *self.served += answered as u64;
+        *self.ctx.served += answered as u64;
         if let Some(stats) = stats {
             stats.record_answered(answered as u64);
             if let Some(began) = began {
@@ -687,40 +706,38 @@ impl Answering<'_> {
     fn frames_one_by_one(
         &mut self,
         data: &[u8],
-        out: &mut Vec<u8>,
+        sink: &mut ResponseSink,
         unless_more: bool,
     ) -> Result<usize, Close> {
-        let stats = self.slot.stats.plugin(self.plugin_index);
-        // One sink for every response of this read.
-        let mut sink = ResponseSink::new(out, self.decoder.max_frame_bytes(), self.conn);
-        let mut start = 0;
+        let stats = self.ctx.slot.stats.plugin(self.ctx.plugin_index);
+        let mut rest = data;
         let mut answered = 0;
         let ended = loop {
-            let rest = &data[start..];
-            if rest.is_empty() || sink.buffered() >= self.budget {
+            if rest.is_empty() || sink.buffered() >= self.ctx.output_budget {
                 // All answered, or enough answers waiting: the client must
                 // read those before the rest are answered.
                 break Ok(());
             }
-            let len = match self.decoder.complete_frame(rest) {
-                Some(len) => len,
-                None => match self.decoder.decode(rest) {
-                    Ok(Decoded::Frame { len }) => len,
-                    Ok(Decoded::Incomplete { .. }) => break Ok(()),
+            let Some((payload, after)) = self.ctx.decoder.split_frame(rest) else {
+                // Not a complete frame: a partial one (wait for more), or a
+                // bad header. (`split_frame` takes every frame `decode`
+                // accepts; the codec's tests check that they agree.)
+                match self.ctx.decoder.decode(rest) {
                     Err(e) => break Err(Close::Protocol(Box::new(e))),
-                },
+                    Ok(_) => break Ok(()),
+                }
             };
-            if unless_more && rest.len() > HEADER_LEN + len {
+            if unless_more && !after.is_empty() {
                 break Ok(());
             }
-            let payload = &rest[HEADER_LEN..HEADER_LEN + len];
+            let len = payload.len();
             // Reading the clock twice costs about as much as the rest of a
             // small request: only when an admin listener can show the
             // latency histogram.
-            let began = self.timed.then(Instant::now);
-            self.slot.enter(self.plugin_index);
-            let result = self.plugin.process(payload, &mut sink);
-            self.slot.leave();
+            let began = self.ctx.time_plugin_calls.then(Instant::now);
+            self.ctx.slot.enter(self.ctx.plugin_index);
+            let result = self.ctx.plugin.process(payload, sink);
+            self.ctx.slot.leave();
             if let (Some(began), Some(stats)) = (began, stats) {
                 stats.record_latency(began.elapsed());
             }
@@ -739,9 +756,10 @@ impl Answering<'_> {
                 }
             }
             answered += 1;
-            start += HEADER_LEN + len;
+            rest = after;
         };
-        *self.served += answered;
+        let start = data.len() - rest.len();
+        *self.ctx.served += answered;
         if let Some(stats) = stats {
             stats.record_answered(answered);
         }

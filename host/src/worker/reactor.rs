@@ -134,7 +134,7 @@ impl Reactor {
             deadlines: Deadlines::default(),
             accepting: Accepting::Open,
             decoder: FrameDecoder::new(limits.max_frame_bytes),
-            scratch: Scratch::default(),
+            scratch: Scratch::new(limits.max_frame_bytes),
             limits,
             slot,
             overload_log: OverloadLog::default(),
@@ -191,7 +191,6 @@ impl Reactor {
                         let mut ctx = Context {
                             plugin: &mut self.plugins[listener.plugin],
                             decoder: self.decoder,
-                            scratch: &mut self.scratch,
                             listener_addr: &listener.addr_text,
                             slot: self.slot,
                             plugin_index: listener.plugin,
@@ -201,11 +200,18 @@ impl Reactor {
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            outcome = conn.on_readable(&mut ctx, event.is_read_closed());
+                            outcome = conn.on_readable(
+                                &mut ctx,
+                                &mut self.scratch,
+                                event.is_read_closed(),
+                            );
                         }
-                        if event.is_writable() {
+                        // WRITABLE matters only while answers wait to be sent.
+                        if event.is_writable() && conn.has_unsent_output() {
                             outcome = match outcome {
-                                Ok(progress) => conn.on_writable(&mut ctx).map(|p| p || progress),
+                                Ok(progress) => conn
+                                    .on_writable(&mut ctx, &mut self.scratch)
+                                    .map(|p| p || progress),
                                 closed => closed,
                             };
                         }
