@@ -190,38 +190,37 @@ impl ResponseSink {
                 format!("process_batch returned {answered} for a batch of {count} requests")
             });
         }
-        // The answers that are sound, and where they end.
+        // The answers that are sound, and where they end; each one's
+        // prefix is written as soon as it is known to be sound.
         let mut good = 0;
         let mut end: usize = 0;
+        let written = self.raw.len.min(self.raw.cap);
         for &len in lens.iter().take(answered.min(count)) {
             if len > self.max {
                 self.refused = true;
                 break;
             }
-            match end.checked_add(P + len) {
-                Some(next) if next <= self.raw.len => end = next,
-                _ => {
-                    self.misuse.get_or_insert_with(|| {
-                        format!("process_batch's answer lengths add up to more than it wrote ({} bytes)", self.raw.len)
-                    });
-                    break;
-                }
-            }
-            good += 1;
-        }
-        let mut at = self.payload_start;
-        for &len in &lens[..good] {
+            let Some(next) = end.checked_add(P + len).filter(|&next| next <= written) else {
+                self.misuse.get_or_insert_with(|| {
+                    format!(
+                        "process_batch's answer lengths add up to more than it wrote ({} bytes)",
+                        self.raw.len
+                    )
+                });
+                break;
+            };
             let bytes = prefix(len);
-            // SAFETY: `at + P + len <= payload_start + raw.len <= capacity`
-            // (checked above): the prefix lies in the Vec's allocation, in
-            // the room the plugin skipped for it.
+            // SAFETY: `payload_start + end + P <= payload_start + written`,
+            // within the capacity (`written <= cap`): the prefix lies in
+            // the Vec's allocation, in the room the plugin skipped for it.
             unsafe {
                 self.out
                     .as_mut_ptr()
-                    .add(at)
+                    .add(self.payload_start + end)
                     .copy_from_nonoverlapping(bytes.as_ptr(), P)
             };
-            at += P + len;
+            end = next;
+            good += 1;
         }
         // SAFETY: every byte up to `payload_start + end` is initialized:
         // the prefixes just now, the answers by the plugin (its contract).
