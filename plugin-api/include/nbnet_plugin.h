@@ -16,8 +16,10 @@
  *
  * Process model: each worker process loads the library after it is forked,
  * calls init once to create its own instance, then calls process once per
- * request, never concurrently on one instance (no locking needed). A slow
- * process stalls that worker's other connections. destroy frees the instance.
+ * request (or, if the plugin has one, process_batch once for all the
+ * pipelined requests of one read), never concurrently on one instance (no
+ * locking needed). A slow process stalls that worker's other connections.
+ * destroy frees the instance.
  *
  * Memory: the host owns every buffer it passes; the plugin owns its state.
  * Nothing allocated on one side is freed on the other.

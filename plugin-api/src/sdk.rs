@@ -489,11 +489,31 @@ pub(crate) unsafe extern "C" fn process_batch_trampoline<P: Plugin>(
         // SAFETY: see above.
         unsafe { std::slice::from_raw_parts(batch.requests, batch.count) }
     };
-    // The batch's fields, read once (the loop below writes through raw
-    // pointers, after which the compiler would otherwise reload them).
-    let (prefix, budget, progress, lens) = (batch.prefix, batch.budget, batch.progress, batch.lens);
     let mut answered = 0;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
+        answer_batch(plugin, requests, batch, response, &mut answered)
+    }));
+    if !matches!(outcome, Ok(Ok(()))) {
+        report_failure(response, outcome);
+    }
+    answered
+}
+
+/// The loop of [`process_batch_trampoline`], on its own so that its state
+/// lives in registers rather than in the panic guard's closure.
+#[inline(never)]
+fn answer_batch<P: Plugin>(
+    plugin: &mut P,
+    requests: &[RawRequest],
+    batch: &mut RawBatch,
+    response: &mut Response,
+    answered: &mut usize,
+) -> Result<(), Error> {
+    // The batch's fields, read once (the loop writes through raw pointers,
+    // after which the compiler would otherwise reload them).
+    let (prefix, budget, progress, lens) = (batch.prefix, batch.budget, batch.progress, batch.lens);
+    let mut done = 0;
+    let result = (|| {
         for request in requests {
             // SAFETY: `progress` is the host's counter; this thread is its
             // only writer while the call runs.
@@ -504,29 +524,24 @@ pub(crate) unsafe extern "C" fn process_batch_trampoline<P: Plugin>(
             batch.answer_start = start;
             response.ensure_room(prefix + request.len)?;
             response.raw.len = start;
-            let payload = if request.len == 0 {
-                &[][..]
-            } else {
-                // SAFETY: the host passes `len` readable bytes for the call.
-                unsafe { std::slice::from_raw_parts(request.data, request.len) }
-            };
+            // SAFETY: the host passes `len` readable bytes at a non-null
+            // `data` (requests are never empty) for the call.
+            let payload = unsafe { std::slice::from_raw_parts(request.data, request.len) };
             plugin.process(payload, response)?;
             let end = response.raw.len;
-            // SAFETY: `lens` has `count` entries and `answered < count`.
-            unsafe { *lens.add(answered) = end - start };
-            answered += 1;
+            // SAFETY: `lens` has `count` entries and `done < count`.
+            unsafe { *lens.add(done) = end - start };
+            done += 1;
+            // Stored each time: a panic in the next request unwinds past
+            // this function, and the answers so far must still count.
+            *answered = done;
             if end >= budget {
                 break;
             }
         }
-        Ok::<(), Error>(())
-    }));
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => response.set_error(e.message()),
-        Err(panic) => response.set_error(&format!("panicked: {}", panic_message(&*panic))),
-    }
-    answered
+        Ok(())
+    })();
+    result
 }
 
 pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {
