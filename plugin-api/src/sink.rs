@@ -195,12 +195,18 @@ impl ResponseSink {
         let mut good = 0;
         let mut end: usize = 0;
         let written = self.raw.len.min(self.raw.cap);
+        // Where the answers start (the Vec does not move in this loop).
+        // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
+        let base = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
         for &len in lens.iter().take(answered.min(count)) {
             if len > self.max {
                 self.refused = true;
                 break;
             }
-            let Some(next) = end.checked_add(P + len).filter(|&next| next <= written) else {
+            // No overflow: `len <= max` and `end <= written`, both far
+            // below `usize::MAX`.
+            let next = end + P + len;
+            if next > written {
                 self.misuse.get_or_insert_with(|| {
                     format!(
                         "process_batch's answer lengths add up to more than it wrote ({} bytes)",
@@ -208,17 +214,11 @@ impl ResponseSink {
                     )
                 });
                 break;
-            };
+            }
             let bytes = prefix(len);
-            // SAFETY: `payload_start + end + P <= payload_start + written`,
-            // within the capacity (`written <= cap`): the prefix lies in
-            // the Vec's allocation, in the room the plugin skipped for it.
-            unsafe {
-                self.out
-                    .as_mut_ptr()
-                    .add(self.payload_start + end)
-                    .copy_from_nonoverlapping(bytes.as_ptr(), P)
-            };
+            // SAFETY: `end + P <= next <= written <= cap`: the prefix lies
+            // in the Vec's allocation, in the room the plugin skipped for it.
+            unsafe { base.add(end).copy_from_nonoverlapping(bytes.as_ptr(), P) };
             end = next;
             good += 1;
         }

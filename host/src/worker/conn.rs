@@ -503,6 +503,7 @@ impl Connection {
         let mut answering = Answering {
             ctx,
             peer: &self.peer,
+            decoded_first: None,
         };
         if self.input_len == 0 {
             let data = &scratch.input[..n];
@@ -587,6 +588,9 @@ struct Answering<'a, 'c> {
     ctx: &'a mut Context<'c>,
     /// For the debug log only: converted to text only if that is enabled.
     peer: &'a CStr,
+    /// The payload length of the frame at which answering one by one
+    /// stopped to batch the rest: already decoded, not decoded again.
+    decoded_first: Option<usize>,
 }
 
 impl Answering<'_, '_> {
@@ -608,16 +612,21 @@ impl Answering<'_, '_> {
         if answered == data.len() || !batches || sink.buffered() >= self.ctx.output_budget {
             return Ok(answered);
         }
-        Ok(answered + self.frames_in_one_call(&data[answered..], sink, batch)?)
+        let first = self.decoded_first.take();
+        Ok(answered + self.frames_in_one_call(&data[answered..], first, sink, batch)?)
     }
 
     /// For plugins with `process_batch`: decodes every complete frame,
     /// then hands them all to the plugin in one call, so the cost of
     /// crossing into the plugin is paid once per read, not per request.
     #[inline(never)]
+    ///
+    /// `first`: the payload length of the first frame, when the caller
+    /// has decoded it already.
     fn frames_in_one_call(
         &mut self,
         data: &[u8],
+        first: Option<usize>,
         sink: &mut ResponseSink,
         batch: &mut Batch,
     ) -> Result<usize, Close> {
@@ -626,6 +635,15 @@ impl Answering<'_, '_> {
         batch.requests.clear();
         let mut rest = data;
         let mut size_hint = 0;
+        if let Some(len) = first.filter(|&len| HEADER_LEN + len <= data.len()) {
+            let (payload, after) = data[HEADER_LEN..].split_at(len);
+            size_hint += HEADER_LEN + len;
+            batch.requests.push(RawRequest {
+                data: payload.as_ptr(),
+                len,
+            });
+            rest = after;
+        }
         while let Some((payload, after)) = self.ctx.decoder.split_frame(rest) {
             size_hint += HEADER_LEN + payload.len();
             batch.requests.push(RawRequest {
@@ -728,6 +746,7 @@ impl Answering<'_, '_> {
                 }
             };
             if unless_more && !after.is_empty() {
+                self.decoded_first = Some(payload.len());
                 break Ok(());
             }
             let len = payload.len();
