@@ -78,6 +78,36 @@ fn a_failure_mid_batch_delivers_the_answers_before_it_then_closes() {
     assert_eq!(server.client().request(b"new"), b"P:NEW");
 }
 
+/// Plugin bugs the host must catch in a batch: answering nothing without
+/// saying why (retrying would spin the worker forever), and lengths that
+/// do not add up to what was written (sending them would pass unwritten
+/// bytes of the shared buffer off as an answer).
+#[test]
+fn a_broken_batch_sends_nothing_and_closes_only_that_connection() {
+    let server = Server::start(&config("{batcher}", ""));
+    let mut bystander = server.client();
+    assert_eq!(bystander.request(b"hi"), b"P:HI");
+
+    let mut client = server.client();
+    client.send_raw(&pipelined(&[b"zero", b"x"])).unwrap();
+    client.expect_closed();
+    server.wait_for("the empty batch in the log", || {
+        server.log().contains("answered none").then_some(())
+    });
+
+    let mut client = server.client();
+    client
+        .send_raw(&pipelined(&[b"fine", b"lie", b"after"]))
+        .unwrap();
+    client.expect_closed();
+    server.wait_for("the bad account in the log", || {
+        server.log().contains("add up to").then_some(())
+    });
+
+    assert_eq!(bystander.request(b"still"), b"P:STILL");
+    assert_eq!(server.client().request(b"new"), b"P:NEW");
+}
+
 #[test]
 fn a_rust_panic_mid_batch_delivers_the_answers_before_it_and_the_worker_lives_on() {
     let server = Server::start(&config("{misbehave_rs}", ""));

@@ -518,6 +518,28 @@ mod tests {
         }
 
         #[test]
+        fn split_frame_takes_exactly_the_valid_complete_frames(
+            len in 0usize..40,
+            extra in prop::collection::vec(any::<u8>(), 0..50),
+            cut in any::<prop::sample::Index>(),
+            max in prop_oneof![Just(usize::MAX), 0usize..45],
+        ) {
+            // A well-formed header (the random test above rarely makes one).
+            let mut bytes = format!("{len:010}").into_bytes();
+            bytes.extend_from_slice(&extra);
+            let bytes = &bytes[..cut.index(bytes.len() + 1)];
+            let decoder = FrameDecoder::new(max);
+            match decoder.decode(bytes) {
+                Ok(Decoded::Frame { len }) => {
+                    let (payload, rest) = decoder.split_frame(bytes).expect("a complete frame");
+                    prop_assert_eq!(payload, &bytes[HEADER_LEN..HEADER_LEN + len]);
+                    prop_assert_eq!(rest, &bytes[HEADER_LEN + len..]);
+                }
+                _ => prop_assert_eq!(decoder.split_frame(bytes), None),
+            }
+        }
+
+        #[test]
         fn the_complete_frame_fast_path_agrees_with_decode(
             bytes in prop::collection::vec(prop_oneof![4 => b'0'..=b'9', 1 => any::<u8>()], 0..40),
             max in prop_oneof![Just(usize::MAX), 0usize..30],

@@ -83,10 +83,13 @@ typedef struct nbnet_conn {
  * data[len..cap) is room you may write into directly, advancing len (ABI
  * 1.1). That is the fast path: no call into the host per write. For more
  * room call grow(resp, n): afterwards cap - len >= n (data may have moved,
- * the bytes written move with it), or NBNET_ERR past max_frame_bytes. cap
- * never exceeds max_frame_bytes. len > cap when process returns fails the
- * request. The older callbacks (write, reserve/commit) keep data, len and
- * cap up to date, so both styles mix. */
+ * the bytes written move with it), or NBNET_ERR past max_frame_bytes, and
+ * the request fails. cap never reaches past max_frame_bytes (in a batch:
+ * past answer_start + max_frame_bytes). Only len is yours to change: a
+ * changed data or cap, or len > cap when process returns, fails the
+ * request and nothing of it is sent. Every byte counted in len must have
+ * been written. The older callbacks (write, reserve/commit) keep data, len
+ * and cap up to date, so both styles mix. */
 typedef struct nbnet_response {
     void *host; /* host-private: pass the response back untouched */
     /* Append len bytes. NBNET_ERR (and nothing appended) when the response
@@ -127,8 +130,8 @@ typedef struct nbnet_request {
  * Answers go back to back into the one response. For request i, in order:
  *   1. *progress += 1            (the host's hang watchdog watches it)
  *   2. answer_start = resp->len + prefix;
- *      make room for prefix bytes and advance resp->len past them
- *      (leave them alone: the host writes the frame header there)
+ *      make room, fill the prefix bytes with anything (e.g. '0': the host
+ *      overwrites them with the frame header), advance resp->len past them
  *   3. write the answer as process would (in place or with the helpers);
  *      max_frame_bytes applies to the bytes written since answer_start
  *   4. lens[i] = resp->len - answer_start
@@ -136,7 +139,11 @@ typedef struct nbnet_request {
  * nbnet_error means request k failed: answers 0..k-1 are sent, then the
  * connection is closed. k < count without an error means "stop here": the
  * host passes the rest in a later call. Stop (after at least one answer)
- * once resp->len >= budget: the client has that much to read first. */
+ * once resp->len >= budget: the client has that much to read first (the
+ * host does not enforce it). The host checks the account: lens plus the
+ * prefixes must add up to exactly what was written (up to answer_start -
+ * prefix when a request failed); otherwise nothing of the batch is sent and
+ * the connection is closed. So does returning 0 without nbnet_error. */
 typedef struct nbnet_batch {
     const nbnet_request *requests; /* count requests, in arrival order */
     size_t count;                  /* at least 1 */
@@ -204,36 +211,43 @@ NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void);
 
 /* Room for n more bytes at resp->data + resp->len: free when the host already
  * gave enough, one call otherwise. NBNET_OK, or NBNET_ERR past
- * max_frame_bytes (return an error from process then). */
+ * max_frame_bytes (the request then fails: return an error from process).
+ * After a call into the host, re-read resp->data: it may have moved. */
 static inline int nbnet_ensure(nbnet_response *resp, size_t n) {
-    return n <= resp->cap - resp->len ? NBNET_OK : resp->grow(resp, n);
+    if (resp->len <= resp->cap && n <= resp->cap - resp->len) {
+        return NBNET_OK;
+    }
+    return resp->grow(resp, n);
 }
 
-/* Append len bytes (a memcpy into the host's buffer). */
+/* Append len bytes (a memcpy into the host's buffer). data may point into
+ * the response itself (it is found again if the buffer moves). */
 static inline int nbnet_write(nbnet_response *resp, const void *data, size_t len) {
+    const uint8_t *src = (const uint8_t *)data;
+    int own = resp->len > 0 && src >= resp->data && src < resp->data + resp->len;
+    size_t offset = own ? (size_t)(src - resp->data) : 0;
     if (nbnet_ensure(resp, len) != NBNET_OK) {
         return NBNET_ERR;
     }
     if (len > 0) {
-        memcpy(resp->data + resp->len, data, len);
+        memmove(resp->data + resp->len, own ? resp->data + offset : src, len);
         resp->len += len;
     }
     return NBNET_OK;
 }
 
 /* Where to compute up to len bytes in place, or NULL past max_frame_bytes;
- * then nbnet_commit the number written. */
+ * then nbnet_commit the number written. These two go through the host,
+ * which checks that each commit matches its reserve (a mismatch fails the
+ * request). For the fastest path write at resp->data + resp->len after
+ * nbnet_ensure and advance resp->len yourself. */
 static inline uint8_t *nbnet_reserve(nbnet_response *resp, size_t len) {
-    return nbnet_ensure(resp, len) == NBNET_OK ? resp->data + resp->len : NULL;
+    return resp->reserve(resp, len);
 }
 
 /* Append the first len bytes written at the last nbnet_reserve. */
 static inline int nbnet_commit(nbnet_response *resp, size_t len) {
-    if (len > resp->cap - resp->len) {
-        return NBNET_ERR;
-    }
-    resp->len += len;
-    return NBNET_OK;
+    return resp->commit(resp, len);
 }
 
 /* Record why process fails; returns NBNET_ERR for `return nbnet_error(...)`. */

@@ -69,13 +69,16 @@ pub const C_ENTRY_SYMBOL: &str = "nbnet_plugin_entry";
 ///   `data[len..cap]` is room the plugin may write into directly, then
 ///   advance `len`. This is the fast path: no call into the host per write.
 ///   When more room is needed, `grow(resp, n)` makes `cap - len >= n` (and
-///   may move `data`), or refuses past `max_frame_bytes`. The host never
-///   offers room beyond `max_frame_bytes`, so `cap` is also the limit.
+///   may move `data`), or refuses past `max_frame_bytes` (the request then
+///   fails). The host never offers room beyond `max_frame_bytes` (in a
+///   batch: past `answer_start + max_frame_bytes`). Only `len` is the
+///   plugin's to change: a changed `data` or `cap` fails the request.
 /// - **Through callbacks (ABI 1.0)**: `write`, or `reserve` + `commit`. They
 ///   update `data`, `len` and `cap` as they go.
 ///
 /// After `process` returns, the host takes `data[..len]` as the response;
-/// `len > cap` fails the request (a plugin bug) and nothing is sent.
+/// `len > cap` fails the request (a plugin bug) and nothing is sent. Every
+/// byte counted in `len` must have been written by the plugin.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct RawResponse {
@@ -107,7 +110,8 @@ pub struct RawResponse {
     /// ABI 1.1. Bytes of the response written so far; the plugin advances it
     /// after writing in place (never past `cap`).
     pub len: usize,
-    /// ABI 1.1. End of the room at `data` (never more than `max_frame_bytes`).
+    /// ABI 1.1. End of the room at `data` (never more than `max_frame_bytes`
+    /// past the start of the answer). The host's: do not change it.
     pub cap: usize,
     /// ABI 1.1. Makes `cap - len >= additional` (possibly moving `data`;
     /// bytes already written move with it). [`NBNET_OK`], or [`NBNET_ERR`]
@@ -210,9 +214,10 @@ pub struct RawRequest {
 /// answer preceded by `prefix` bytes it leaves alone (the host writes each
 /// frame's header there afterwards). For request `i` it:
 /// 1. adds one to `*progress` (the host's hang watchdog watches it),
-/// 2. makes room and advances the response's `len` by `prefix`, and sets
-///    `answer_start` to that `len` (the host applies `max_frame_bytes` to
-///    the bytes written since),
+/// 2. sets `answer_start` to the response's `len` plus `prefix` (the host
+///    applies `max_frame_bytes` to the bytes written after it), makes room,
+///    fills the `prefix` bytes (with anything: the host overwrites them
+///    with the frame header) and advances `len` past them,
 /// 3. writes the answer exactly as `process` would,
 /// 4. stores its length (`len - answer_start`) in `lens[i]`.
 ///
@@ -222,6 +227,13 @@ pub struct RawRequest {
 /// without an error means it stopped early, as it should once the
 /// response's `len` reaches `budget` (after answering at least one): the
 /// host answers the rest in a later call, after the client has read these.
+///
+/// The host checks the account: the lengths (with their prefixes) must add
+/// up to exactly what was written (up to the failed answer's start when a
+/// request failed), `k` must be at most `count`, and a batch answering none
+/// must say why. Otherwise nothing of the batch is sent and the connection
+/// is closed. The host does not enforce `budget`: a plugin that ignores it
+/// lets a client that never reads make the worker buffer a whole batch.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct RawBatch {

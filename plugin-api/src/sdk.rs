@@ -475,23 +475,15 @@ pub(crate) unsafe extern "C" fn process_batch_trampoline<P: Plugin>(
 ) -> usize {
     // SAFETY: as in `process_trampoline`; `batch` is the host's description
     // of this call, its `requests` and `lens` arrays `count` long and its
-    // `progress` counter valid for the call.
-    let (plugin, batch, response) = unsafe {
-        (
-            &mut *state.cast::<P>(),
-            &mut *batch,
-            &mut *response.cast::<Response>(),
-        )
-    };
-    let requests: &[RawRequest] = if batch.count == 0 {
-        &[]
-    } else {
-        // SAFETY: see above.
-        unsafe { std::slice::from_raw_parts(batch.requests, batch.count) }
-    };
+    // `progress` counter valid for the call. `batch` stays a raw pointer:
+    // the host reads `answer_start` through its own copy of it while the
+    // plugin runs, so no `&mut` to it may claim exclusive access.
+    let (plugin, response) =
+        unsafe { (&mut *state.cast::<P>(), &mut *response.cast::<Response>()) };
     let mut answered = 0;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        answer_batch(plugin, requests, batch, response, &mut answered)
+        // SAFETY: see above.
+        unsafe { answer_batch(plugin, batch, response, &mut answered) }
     }));
     if !matches!(outcome, Ok(Ok(()))) {
         report_failure(response, outcome);
@@ -501,47 +493,90 @@ pub(crate) unsafe extern "C" fn process_batch_trampoline<P: Plugin>(
 
 /// The loop of [`process_batch_trampoline`], on its own so that its state
 /// lives in registers rather than in the panic guard's closure.
+///
+/// # Safety
+/// `batch` must be the host's batch for this call (see
+/// [`process_batch_trampoline`]).
 #[inline(never)]
-fn answer_batch<P: Plugin>(
+unsafe fn answer_batch<P: Plugin>(
     plugin: &mut P,
-    requests: &[RawRequest],
-    batch: &mut RawBatch,
+    batch: *mut RawBatch,
     response: &mut Response,
     answered: &mut usize,
 ) -> Result<(), Error> {
     // The batch's fields, read once (the loop writes through raw pointers,
     // after which the compiler would otherwise reload them).
-    let (prefix, budget, progress, lens) = (batch.prefix, batch.budget, batch.progress, batch.lens);
+    // SAFETY: the caller passes the host's valid batch.
+    let (requests, count, prefix, budget, progress, lens) = unsafe {
+        let b = &*batch;
+        (b.requests, b.count, b.prefix, b.budget, b.progress, b.lens)
+    };
+    let requests: &[RawRequest] = if count == 0 {
+        &[]
+    } else {
+        // SAFETY: `requests` holds `count` entries for the call.
+        unsafe { std::slice::from_raw_parts(requests, count) }
+    };
+    // SAFETY: `progress` is the host's 8-byte-aligned call counter, valid
+    // for the call; this thread is its only writer meanwhile (the master
+    // only reads it).
+    let progress = unsafe { std::sync::atomic::AtomicU64::from_ptr(progress) };
+    // SAFETY: a field's address within the host's valid batch; no
+    // reference to the batch is made.
+    let answer_start = unsafe { std::ptr::addr_of_mut!((*batch).answer_start) };
     let mut done = 0;
-    let result = (|| {
-        for request in requests {
-            // SAFETY: `progress` is the host's counter; this thread is its
-            // only writer while the call runs.
-            unsafe { *progress += 1 };
-            // The limit applies from the new answer's start (set first, so
-            // that room for it is measured against it, not the last one).
-            let start = response.raw.len + prefix;
-            batch.answer_start = start;
-            response.ensure_room(prefix + request.len)?;
-            response.raw.len = start;
-            // SAFETY: the host passes `len` readable bytes at a non-null
-            // `data` (requests are never empty) for the call.
-            let payload = unsafe { std::slice::from_raw_parts(request.data, request.len) };
-            plugin.process(payload, response)?;
-            let end = response.raw.len;
-            // SAFETY: `lens` has `count` entries and `done < count`.
-            unsafe { *lens.add(done) = end - start };
-            done += 1;
-            // Stored each time: a panic in the next request unwinds past
-            // this function, and the answers so far must still count.
-            *answered = done;
-            if end >= budget {
-                break;
-            }
+    for request in requests {
+        progress.store(
+            progress.load(std::sync::atomic::Ordering::Relaxed) + 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // The limit applies from the new answer's start (set first, so
+        // that room for it is measured against it, not the last one).
+        let start = response.raw.len + prefix;
+        // SAFETY: a field of the host's batch; written through the raw
+        // pointer the host reads it by.
+        unsafe { answer_start.write(start) };
+        response.ensure_room(prefix + request.len)?;
+        // The prefix room: filled (the host writes the frame header over
+        // it), so no byte of the response is left unwritten.
+        // SAFETY: `ensure_room` made room for `prefix` bytes at `len`.
+        unsafe { fill_prefix(response.raw.data.add(response.raw.len), prefix) };
+        response.raw.len = start;
+        // SAFETY: the host passes `len` readable bytes at a non-null
+        // `data` (requests are never empty) for the call.
+        let payload = unsafe { std::slice::from_raw_parts(request.data, request.len) };
+        plugin.process(payload, response)?;
+        let end = response.raw.len;
+        // SAFETY: `lens` has `count` entries and `done < count`.
+        unsafe { *lens.add(done) = end - start };
+        done += 1;
+        // Stored each time: a panic in the next request unwinds past this
+        // function, and the answers so far must still count.
+        *answered = done;
+        if end >= budget {
+            break;
         }
-        Ok(())
-    })();
-    result
+    }
+    Ok(())
+}
+
+/// Fills a batch answer's prefix room (the host writes the frame header
+/// over it) so that no byte of the response is left unwritten: two stores
+/// for the host's 10-byte header, rather than a call to `memset`.
+///
+/// # Safety
+/// `at` must have room for `prefix` bytes.
+#[inline(always)]
+unsafe fn fill_prefix(at: *mut u8, prefix: usize) {
+    const HEADER: usize = 10;
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if prefix == HEADER {
+            at.cast::<[u8; HEADER]>().write_unaligned([b'0'; HEADER]);
+        } else {
+            at.write_bytes(b'0', prefix);
+        }
+    }
 }
 
 pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {

@@ -66,6 +66,14 @@ pub struct ResponseSink {
     /// While a `process_batch` call runs: its batch, whose `answer_start`
     /// says where the answer under the size limit starts. Null otherwise.
     batch: *const RawBatch,
+    /// The prefix size of the running batch (the host's own copy: the
+    /// plugin can write to the batch).
+    batch_prefix: usize,
+    /// The window last lent to the plugin (`data`, `cap`), kept here
+    /// because the plugin can write to the response's fields: the host
+    /// trusts only its own copies.
+    lent_data: *mut u8,
+    lent_cap: usize,
 }
 
 impl ResponseSink {
@@ -97,6 +105,9 @@ impl ResponseSink {
             error: None,
             reserved: None,
             batch: std::ptr::null(),
+            batch_prefix: 0,
+            lent_data: std::ptr::null_mut(),
+            lent_cap: 0,
         }
     }
 
@@ -148,21 +159,37 @@ impl ResponseSink {
         self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
         self.raw.len = 0;
         self.batch = std::ptr::null();
+        // (`refused` is false here: every end of a response takes it.)
+        self.reserved = None;
         self.refresh();
         &mut self.raw
     }
 
-    /// Starts the answers to `batch` (see [`RawBatch`]): makes room for
-    /// about `size_hint` bytes and returns the [`RawResponse`] to pass to
-    /// `process_batch` with it. Keep the sink and `batch` where they are
-    /// until [`finish_batch`](Self::finish_batch).
+    /// Starts the answers to `batch` (see [`RawBatch`]), whose answers are
+    /// each preceded by `prefix` bytes: makes room for about `size_hint`
+    /// bytes and returns the [`RawResponse`] to pass to `process_batch`.
+    ///
+    /// # Safety
+    /// `batch` must stay valid (and not move) until
+    /// [`finish_batch`](Self::finish_batch): the sink reads its
+    /// `answer_start` during the plugin's calls. Pass the same raw pointer
+    /// to the plugin (no `&mut` to it may be alive meanwhile). Keep the
+    /// sink where it is too.
     #[inline]
-    pub fn begin_batch(&mut self, batch: &RawBatch, size_hint: usize) -> *mut RawResponse {
+    pub unsafe fn begin_batch(
+        &mut self,
+        batch: *const RawBatch,
+        prefix: usize,
+        size_hint: usize,
+    ) -> *mut RawResponse {
         self.out.reserve(size_hint);
         self.payload_start = self.out.len();
         self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
         self.raw.len = 0;
         self.batch = batch;
+        self.batch_prefix = prefix;
+        self.refused = false;
+        self.reserved = None;
         self.refresh();
         &mut self.raw
     }
@@ -181,65 +208,91 @@ impl ResponseSink {
         lens: &[usize],
         mut prefix: impl FnMut(usize) -> [u8; P],
     ) -> Result<usize, (usize, SinkError)> {
+        // Where the last answer began, by the plugin's account (read
+        // before the batch is let go).
+        let last_start = self.answer_start();
         self.batch = std::ptr::null();
-        if self.raw.len > self.raw.cap {
+        if !self.window_intact() {
             self.overrun();
         }
+        let error = self.error.take();
+        let refused_in_call = std::mem::take(&mut self.refused);
         if answered > count || answered > lens.len() {
             self.misuse.get_or_insert_with(|| {
                 format!("process_batch returned {answered} for a batch of {count} requests")
             });
+        } else if answered == 0 && error.is_none() && !refused_in_call {
+            self.misuse.get_or_insert_with(|| {
+                "process_batch answered none of its requests and gave no error (it must answer at least one)".into()
+            });
         }
-        // The answers that are sound, and where they end; each one's
-        // prefix is written as soon as it is known to be sound.
-        let mut good = 0;
+        let answered = answered.min(count).min(lens.len());
+        let written = self.raw.len;
+        // One pass over the plugin's account: each answer's prefix is
+        // written as soon as the answer is known to lie within what was
+        // written (harmless if the account then proves wrong: nothing past
+        // `payload_start` is kept in that case).
         let mut end: usize = 0;
-        let written = self.raw.len.min(self.raw.cap);
-        // Where the answers start (the Vec does not move in this loop).
+        let mut counted = 0;
+        let mut over_limit = false;
         // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
         let base = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
-        for &len in lens.iter().take(answered.min(count)) {
+        for &len in &lens[..answered] {
             if len > self.max {
-                self.refused = true;
+                over_limit = true;
                 break;
             }
             // No overflow: `len <= max` and `end <= written`, both far
             // below `usize::MAX`.
             let next = end + P + len;
             if next > written {
-                self.misuse.get_or_insert_with(|| {
-                    format!(
-                        "process_batch's answer lengths add up to more than it wrote ({} bytes)",
-                        self.raw.len
-                    )
-                });
                 break;
             }
             let bytes = prefix(len);
-            // SAFETY: `end + P <= next <= written <= cap`: the prefix lies
-            // in the Vec's allocation, in the room the plugin skipped for it.
+            // SAFETY: `end + P <= next <= written <= lent_cap`: the prefix
+            // lies in the Vec's allocation, in the room the plugin skipped.
             unsafe { base.add(end).copy_from_nonoverlapping(bytes.as_ptr(), P) };
             end = next;
-            good += 1;
+            counted += 1;
         }
+        // The lengths must account for exactly the bytes written before
+        // the failing answer (or all of them when nothing failed): else the
+        // host would send bytes the plugin did not write as an answer.
+        let failed = refused_in_call || error.is_some() && answered < count;
+        let expected_end = if failed {
+            last_start.saturating_sub(P).min(written)
+        } else {
+            written
+        };
+        let (kept, end) = if self.misuse.is_some() {
+            (0, 0)
+        } else if over_limit || counted == answered && end == expected_end {
+            // All of them, or those before the one over the limit.
+            (counted, end)
+        } else {
+            self.misuse = Some(format!(
+                "process_batch's answer lengths (prefixes included) add up to more or less than the {expected_end} bytes it wrote"
+            ));
+            (0, 0)
+        };
         // SAFETY: every byte up to `payload_start + end` is initialized:
-        // the prefixes just now, the answers by the plugin (its contract).
+        // the prefixes just now, the answers by the plugin (its contract;
+        // the SDK fills each prefix room too, before the host does).
         unsafe { self.out.set_len(self.payload_start + end) };
         self.reserved = None;
-        let error = self.error.take();
         let failure = if let Some(misuse) = self.misuse.take() {
             Some(SinkError::Misuse(misuse))
-        } else if std::mem::take(&mut self.refused) {
+        } else if over_limit || refused_in_call {
             Some(SinkError::TooLarge(error))
-        } else if answered < count {
+        } else if kept < count {
             // Stopped early: an error if it said so, else its budget.
             error.map(|message| SinkError::Plugin(Some(message)))
         } else {
             None
         };
         match failure {
-            None => Ok(good),
-            Some(why) => Err((good, why)),
+            None => Ok(kept),
+            Some(why) => Err((kept, why)),
         }
     }
 
@@ -250,7 +303,7 @@ impl ResponseSink {
     #[inline(always)]
     pub fn finish(&mut self, rc: i32, prefix_len: usize) -> Result<usize, SinkError> {
         let len = self.raw.len;
-        if rc == NBNET_OK && len <= self.raw.cap && !self.refused && self.misuse.is_none() {
+        if rc == NBNET_OK && self.window_intact() && !self.refused && self.misuse.is_none() {
             // SAFETY: `len <= cap` bytes after `payload_start` are within the
             // Vec's capacity, and the plugin initialized them (the contract
             // of the in-place fields, of `commit`, and of `write`).
@@ -263,7 +316,7 @@ impl ResponseSink {
 
     #[cold]
     fn fail(&mut self, rc: i32, prefix_len: usize) -> SinkError {
-        if self.raw.len > self.raw.cap {
+        if !self.window_intact() {
             self.overrun();
         }
         self.out.truncate(self.payload_start - prefix_len);
@@ -280,16 +333,35 @@ impl ResponseSink {
         SinkError::Plugin(error)
     }
 
-    /// `len` went past `cap`: a plugin bug. What was written is dropped.
+    /// Whether the response's window is as the host lent it, with `len`
+    /// within it. The plugin may only advance `len`; `data` and `cap` are
+    /// the host's.
+    #[inline(always)]
+    fn window_intact(&self) -> bool {
+        // `cap` is not compared: the host bounds `len` by its own copy, so
+        // a plugin that raises `cap` only gets caught by that bound.
+        // Non-short-circuit `&`: two comparisons, one branch.
+        (self.raw.len <= self.lent_cap) & (self.raw.data == self.lent_data)
+    }
+
+    /// The window was broken (`len` past `cap`, or `data`/`cap` changed by
+    /// the plugin): a plugin bug. What was written is dropped, and the
+    /// window is lent again as it was.
     #[cold]
     fn overrun(&mut self) {
         self.misuse.get_or_insert_with(|| {
-            format!(
-                "set the response's len to {} past its cap of {} (write only into data[len..cap]; call grow for more room)",
-                self.raw.len, self.raw.cap
-            )
+            if self.raw.data != self.lent_data {
+                "changed the response's data (only len is the plugin's to change; call grow for more room)".to_string()
+            } else {
+                format!(
+                    "set the response's len to {} past its cap of {} (write only into data[len..cap]; call grow for more room)",
+                    self.raw.len, self.lent_cap
+                )
+            }
         });
         self.raw.len = 0;
+        self.raw.data = self.lent_data;
+        self.raw.cap = self.lent_cap;
     }
 
     /// [`finish`](Self::finish), then overwrites the response's prefix
@@ -325,10 +397,11 @@ impl ResponseSink {
 
     /// Makes the plugin's in-place bytes part of the Vec (see the module doc).
     fn absorb(&mut self) {
-        if self.raw.len > self.raw.cap {
+        if !self.window_intact() {
             self.overrun();
         }
-        // SAFETY: as in `finish`: `len <= cap`, within capacity, initialized.
+        // SAFETY: as in `finish`: `len <= lent_cap`, within capacity,
+        // initialized by the plugin.
         unsafe { self.out.set_len(self.payload_start + self.raw.len) };
     }
 
@@ -345,8 +418,10 @@ impl ResponseSink {
     fn refresh(&mut self) {
         let room = self.out.capacity() - self.payload_start;
         // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
-        self.raw.data = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
-        self.raw.cap = room.min(self.answer_start().saturating_add(self.max));
+        self.lent_data = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
+        self.lent_cap = room.min(self.answer_start().saturating_add(self.max));
+        self.raw.data = self.lent_data;
+        self.raw.cap = self.lent_cap;
     }
 
     /// Where the answer the size limit applies to starts (0 outside a batch).
@@ -356,7 +431,10 @@ impl ResponseSink {
             return 0;
         }
         // SAFETY: set by `begin_batch` to a batch alive until `finish_batch`.
-        unsafe { (*self.batch).answer_start }
+        let start = unsafe { std::ptr::addr_of!((*self.batch).answer_start).read() };
+        // The plugin sets it; it is never past the room for one more prefix
+        // (a larger value would lift the size limit).
+        start.min(self.raw.len.min(self.lent_cap) + self.batch_prefix)
     }
 
     /// Room for `additional` more payload bytes, within the limit.
@@ -364,11 +442,12 @@ impl ResponseSink {
         // The answer may end at most `max` bytes after it starts (in a
         // batch, room asked for the prefix before it does not count).
         let limit = self.answer_start().saturating_add(self.max);
-        if self.written().saturating_add(additional) > limit {
+        if self.written().saturating_add(additional) > limit
+            || self.out.try_reserve(additional).is_err()
+        {
             self.refused = true;
             return false;
         }
-        self.out.reserve(additional);
         true
     }
 }
@@ -404,11 +483,25 @@ unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len
     // outstanding reservation is void.
     sink.reserved = None;
     sink.absorb();
+    // Bytes from the response itself ("say it twice") must be found again
+    // after `make_room`, which may move the buffer.
+    let own = (data as usize)
+        .checked_sub(sink.out.as_ptr() as usize)
+        .filter(|&offset| {
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= sink.out.len())
+        });
     let ok = sink.make_room(len);
     if ok && len > 0 {
-        // SAFETY: the plugin passes `len` readable bytes at `data`.
-        sink.out
-            .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+        match own {
+            Some(offset) => sink.out.extend_from_within(offset..offset + len),
+            // SAFETY: the plugin passes `len` readable bytes at `data`, not
+            // in the host's buffer (checked above), so still valid.
+            None => sink
+                .out
+                .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) }),
+        }
     }
     sink.release();
     if ok {
@@ -653,16 +746,19 @@ mod tests {
             progress: std::ptr::null_mut(),
         };
         let mut description = description;
-        let r = sink.begin_batch(&description, 64);
-        // SAFETY: `r` is live until `finish_batch`; room is made first. The
-        // sink reads `answer_start` through its pointer, as the host does.
+        let b: *mut RawBatch = &mut description;
+        // SAFETY: `description` outlives the batch and is only used through
+        // `b`; `r` is live until `finish_batch`; room is made first, and the
+        // prefix room is filled, as the SDK does.
         unsafe {
+            let r = sink.begin_batch(b, 2, 64);
             for answer in answers {
                 let start = (*r).len + 2;
-                std::ptr::addr_of_mut!(description.answer_start).write(start);
+                std::ptr::addr_of_mut!((*b).answer_start).write(start);
                 if ((*r).grow)(r, 2 + answer.len()) != NBNET_OK {
                     break;
                 }
+                (*r).data.add((*r).len).write_bytes(b'0', 2);
                 (*r).len += 2;
                 (*r).data
                     .add((*r).len)
@@ -699,12 +795,90 @@ mod tests {
     }
 
     #[test]
-    fn lengths_that_claim_more_than_was_written_are_refused() {
+    fn lengths_that_do_not_add_up_to_what_was_written_send_nothing() {
         let (out, result) = batch(&[b"ab"], &[2, 5], 2, None);
-        assert!(matches!(result, Err((1, SinkError::Misuse(m))) if m.contains("add up")));
-        assert_eq!(out, b"earlier<2ab");
+        assert!(matches!(result, Err((0, SinkError::Misuse(m))) if m.contains("add up")));
+        assert_eq!(out, b"earlier", "nothing of a batch whose account is wrong");
+        // Off by the prefix (lengths that include it): caught, not sent.
+        let (out, result) = batch(&[b"ab", b"c"], &[4, 3], 2, None);
+        assert!(matches!(result, Err((0, SinkError::Misuse(_)))));
+        assert_eq!(out, b"earlier");
+        // Lengths short of what was written: caught too.
+        let (out, result) = batch(&[b"abc", b"d"], &[2, 1], 2, None);
+        assert!(matches!(result, Err((0, SinkError::Misuse(_)))));
+        assert_eq!(out, b"earlier");
         let (_, result) = batch(&[b"ab"], &[2], 3, None);
-        assert!(matches!(result, Err((1, SinkError::Misuse(m))) if m.contains("returned 3")));
+        assert!(matches!(result, Err((0, SinkError::Misuse(m))) if m.contains("returned 3")));
+    }
+
+    #[test]
+    fn a_batch_that_answers_nothing_and_says_nothing_is_a_misuse() {
+        let (out, result) = batch(&[], &[0, 0], 0, None);
+        assert!(matches!(result, Err((0, SinkError::Misuse(m))) if m.contains("none")));
+        assert_eq!(out, b"earlier");
+    }
+
+    #[test]
+    fn a_plugin_that_changes_data_or_raises_cap_fails_and_nothing_is_sent() {
+        let conn = RawConnection {
+            id: 1,
+            peer: c"p".as_ptr(),
+            listener: c"l".as_ptr(),
+        };
+        let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
+        let r = sink.begin(HEADER, 4);
+        // SAFETY: `r` is live until `finish`; only its fields are written.
+        unsafe {
+            (*r).cap = usize::MAX;
+            (*r).len = 1 << 20;
+        }
+        let result = sink.finish(NBNET_OK, HEADER.len());
+        assert!(
+            matches!(&result, Err(SinkError::Misuse(m)) if m.contains("past its cap")),
+            "a raised cap does not lift the host's bound: {result:?}"
+        );
+        assert_eq!(sink.buffer(), b"earlier");
+        // Pointing `data` at the plugin's own memory is caught too (the host
+        // would otherwise send its own unwritten room as the answer).
+        let mut elsewhere = [0u8; 8];
+        let r = sink.begin(HEADER, 4);
+        // SAFETY: as above.
+        unsafe {
+            (*r).data = elsewhere.as_mut_ptr();
+            (*r).len = 2;
+        }
+        let result = sink.finish(NBNET_OK, HEADER.len());
+        assert!(
+            matches!(&result, Err(SinkError::Misuse(m)) if m.contains("changed the response's data"))
+        );
+        assert_eq!(sink.buffer(), b"earlier");
+        // The next response is served normally.
+        let r = sink.begin(HEADER, 4);
+        // SAFETY: as above; within the room lent.
+        unsafe { assert_eq!(((*r).write)(r, b"ok".as_ptr(), 2), NBNET_OK) };
+        assert_eq!(sink.finish(NBNET_OK, HEADER.len()), Ok(2));
+    }
+
+    #[test]
+    fn a_write_of_the_response_own_bytes_survives_the_buffer_moving() {
+        let conn = RawConnection {
+            id: 1,
+            peer: c"p".as_ptr(),
+            listener: c"l".as_ptr(),
+        };
+        let mut sink = ResponseSink::new(Vec::new(), 1 << 20, &conn);
+        let r = sink.begin(b"", 0);
+        // SAFETY: `r` is live until `finish`; the writes copy from the
+        // response's own bytes, which the host must find again.
+        unsafe {
+            assert_eq!(((*r).write)(r, b"abcd".as_ptr(), 4), NBNET_OK);
+            for _ in 0..12 {
+                let (data, len) = ((*r).data, (*r).len);
+                assert_eq!(((*r).write)(r, data, len), NBNET_OK);
+            }
+        }
+        assert_eq!(sink.finish(NBNET_OK, 0), Ok(4 << 12));
+        assert!(sink.buffer().chunks(4).all(|c| c == b"abcd"));
     }
 
     #[test]
@@ -715,6 +889,6 @@ mod tests {
         assert_eq!(&out[out.len() - 16..], &full);
         let (out, result) = batch(&[b"ab", &[b'z'; 17]], &[2, 17], 2, None);
         assert!(matches!(result, Err((1, SinkError::TooLarge(None)))));
-        assert_eq!(out, b"earlier<2ab");
+        assert_eq!(out, b"earlier<2ab", "the answer before it is kept");
     }
 }

@@ -24,13 +24,17 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::marker::PhantomData;
 
-use crate::abi::{RawConnection, RawInitContext, NBNET_OK};
+use crate::abi::{RawBatch, RawConnection, RawInitContext, RawRequest, NBNET_OK};
 use crate::sdk::{
-    close_trampoline, destroy_trampoline, init_trampoline, open_trampoline, process_trampoline,
-    shutdown_trampoline,
+    close_trampoline, destroy_trampoline, init_trampoline, open_trampoline,
+    process_batch_trampoline, process_trampoline, shutdown_trampoline,
 };
 use crate::sink::{ResponseSink, SinkError};
 use crate::Plugin;
+
+/// What [`TestHost::process_batch`] returns: every answer, or the answers
+/// before the request that failed and its message.
+pub type BatchAnswers = Result<Vec<Vec<u8>>, (Vec<Vec<u8>>, String)>;
 
 /// A plugin instance hosted in-process for tests.
 pub struct TestHost<P: Plugin> {
@@ -99,14 +103,56 @@ impl<P: Plugin> TestHost<P> {
         };
         match sink.finish(rc, 0) {
             Ok(_) => Ok(sink.into_buffer()),
-            Err(SinkError::TooLarge(None)) => {
-                Err("the response would exceed max_frame_bytes; the host refused it".into())
-            }
-            Err(SinkError::TooLarge(Some(message)) | SinkError::Plugin(Some(message))) => {
-                Err(message)
-            }
-            Err(SinkError::Plugin(None)) => Err("process failed without a message".into()),
-            Err(SinkError::Misuse(what)) => Err(what),
+            Err(error) => Err(describe(error)),
+        }
+    }
+
+    /// Answers `requests` as the server does when a client pipelines them:
+    /// in one `process_batch` call. Returns the answers in order; `Err`
+    /// carries the answers before a failed request and its message.
+    pub fn process_batch(&mut self, requests: &[&[u8]]) -> BatchAnswers {
+        let conn = self.connection(1);
+        let raw: Vec<RawRequest> = requests
+            .iter()
+            .map(|r| RawRequest {
+                data: r.as_ptr(),
+                len: r.len(),
+            })
+            .collect();
+        let mut lens = vec![0usize; raw.len()];
+        let mut progress = 0u64;
+        let mut batch = RawBatch {
+            requests: raw.as_ptr(),
+            count: raw.len(),
+            lens: lens.as_mut_ptr(),
+            prefix: 0,
+            budget: usize::MAX,
+            answer_start: 0,
+            progress: &mut progress,
+        };
+        let batch: *mut RawBatch = &mut batch;
+        let mut sink = ResponseSink::new(Vec::new(), self.max_response_bytes, &conn);
+        // SAFETY: `batch`, its arrays and counter outlive the call and are
+        // used only through these pointers meanwhile; `state` is this
+        // plugin's instance.
+        let answered = unsafe {
+            let response = sink.begin_batch(batch, 0, 0);
+            process_batch_trampoline::<P>(self.state, batch, response)
+        };
+        let result = sink.finish_batch::<0>(answered, raw.len(), &lens, |_| []);
+        let buffer = sink.into_buffer();
+        let kept = match &result {
+            Ok(k) | Err((k, _)) => *k,
+        };
+        let mut answers = Vec::with_capacity(kept);
+        let mut at = 0;
+        for &len in &lens[..kept] {
+            answers.push(buffer[at..at + len].to_vec());
+            at += len;
+        }
+        match result {
+            Ok(_) => Ok(answers),
+            Err((_, error)) => Err((answers, describe(error))),
         }
     }
 
@@ -177,4 +223,16 @@ fn text(msg: *const u8, len: usize) -> String {
     }
     // SAFETY: callers pass `len` readable bytes at `msg`.
     String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+}
+
+/// The message the host would log for a failed request.
+fn describe(error: SinkError) -> String {
+    match error {
+        SinkError::TooLarge(None) => {
+            "the response would exceed max_frame_bytes; the host refused it".into()
+        }
+        SinkError::TooLarge(Some(message)) | SinkError::Plugin(Some(message)) => message,
+        SinkError::Plugin(None) => "process failed without a message".into(),
+        SinkError::Misuse(what) => what,
+    }
 }

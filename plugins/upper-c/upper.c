@@ -5,9 +5,9 @@
  *   cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden \
  *      -I plugin-api/include -o target/libupper_c.so plugins/upper-c/upper.c
  *
- * The answer is computed straight into the host's buffer (nbnet_reserve /
- * nbnet_commit): no copy, no allocation, and -- since the host offers room
- * for a response the size of the request -- no call into the host.
+ * The answer is computed straight into the host's buffer, in the window
+ * resp->data[len..cap): no copy, no allocation, and -- since the host offers
+ * room for a response the size of the request -- no call into the host.
  */
 #include "nbnet_plugin.h"
 
@@ -19,16 +19,17 @@ static int upper_init(const nbnet_init_ctx *ctx, void **state) {
 
 static int upper_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
     (void)state;
-    uint8_t *out = nbnet_reserve(resp, len);
-    if (out == NULL) {
+    if (nbnet_ensure(resp, len) != NBNET_OK) {
         static const char msg[] = "response refused: over max_frame_bytes";
         return nbnet_error(resp, msg, sizeof msg - 1);
     }
+    uint8_t *out = resp->data + resp->len;
     for (size_t i = 0; i < len; i++) {
         uint8_t c = req[i];
         out[i] = (c >= 'a' && c <= 'z') ? (uint8_t)(c - 'a' + 'A') : c;
     }
-    return nbnet_commit(resp, len);
+    resp->len += len; /* the bytes are written: they are the answer */
+    return NBNET_OK;
 }
 
 static const nbnet_plugin upper_plugin = {

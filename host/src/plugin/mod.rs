@@ -344,12 +344,17 @@ impl Plugin {
             answer_start: 0,
             progress,
         };
-        let response = sink.begin_batch(&batch, size_hint);
+        // One raw pointer for both the sink and the plugin: the sink reads
+        // `answer_start` while the plugin writes it.
+        let batch: *mut RawBatch = &mut batch;
+        // SAFETY: `batch` lives on this frame until after `finish_batch`
+        // and is only used through this pointer meanwhile.
+        let response = unsafe { sink.begin_batch(batch, HEADER_LEN, size_hint) };
         // SAFETY: `state` came from this library's `init`; `batch` (its
         // arrays, `requests.len()` long, and the progress counter) and
         // `response` (and the sink behind it) are valid for the call;
         // instances are used by one thread.
-        let answered = unsafe { process_batch(self.state, &mut batch, response) };
+        let answered = unsafe { process_batch(self.state, batch, response) };
         sink.finish_batch(answered, requests.len(), lens, |len| {
             let mut header = [0u8; HEADER_LEN];
             write_header(len, &mut header);

@@ -31,7 +31,7 @@ use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::listener::Stream;
 use crate::plugin::{Plugin, ProcessError, RawConnection, RawRequest, ResponseSink};
 use crate::proxy::{self, Proxied, ProxyError};
-use crate::scoreboard::{Outcome, Slot, Stats};
+use crate::scoreboard::{Outcome, PluginStats, Slot, Stats};
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -135,6 +135,8 @@ pub struct Context<'a> {
     pub slot: &'a Slot,
     /// Index of `plugin` in the config (what the slot records).
     pub plugin_index: usize,
+    /// That plugin's statistics in the slot, looked up once per listener.
+    pub stats: Option<&'a PluginStats>,
     /// Requests this worker has answered (for `max_requests_per_worker`).
     pub served: &'a mut u64,
     /// `max_pending_output_bytes`: answer no more frames of a read once this
@@ -630,7 +632,7 @@ impl Answering<'_, '_> {
         sink: &mut ResponseSink,
         batch: &mut Batch,
     ) -> Result<usize, Close> {
-        let stats = self.ctx.slot.stats.plugin(self.ctx.plugin_index);
+        let stats = self.ctx.stats;
         let budget = self.ctx.output_budget.saturating_sub(sink.buffered());
         batch.requests.clear();
         let mut rest = data;
@@ -727,7 +729,7 @@ impl Answering<'_, '_> {
         sink: &mut ResponseSink,
         unless_more: bool,
     ) -> Result<usize, Close> {
-        let stats = self.ctx.slot.stats.plugin(self.ctx.plugin_index);
+        let stats = self.ctx.stats;
         let mut rest = data;
         let mut answered = 0;
         let ended = loop {

@@ -93,6 +93,7 @@ pub fn run(
             plugin: spec.plugin,
             proxy_protocol: spec.proxy_protocol,
             addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
+            stats: None,
         })
         .collect();
     let limits = Limits {

@@ -17,7 +17,7 @@ use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
 use crate::listener::{Endpoint, ListenSocket};
 use crate::plugin::Plugin;
-use crate::scoreboard::Slot;
+use crate::scoreboard::{PluginStats, Slot};
 use crate::signals::Signals;
 
 /// The worker's `signalfd`: SIGTERM/SIGQUIT drain, SIGINT stops at once.
@@ -63,6 +63,9 @@ pub struct Listener {
     pub addr_text: CString,
     /// Connections must start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// Its plugin's statistics in this worker's scoreboard slot (set by
+    /// [`Reactor::new`]).
+    pub stats: Option<&'static PluginStats>,
 }
 
 /// Whether the worker is taking new connections.
@@ -125,6 +128,10 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
         signals.register(poll.registry(), SIGNALS)?;
+        let mut listeners = listeners;
+        for listener in &mut listeners {
+            listener.stats = slot.stats.plugin(listener.plugin);
+        }
         let mut reactor = Reactor {
             poll,
             signals,
@@ -194,6 +201,7 @@ impl Reactor {
                             listener_addr: &listener.addr_text,
                             slot: self.slot,
                             plugin_index: listener.plugin,
+                            stats: listener.stats,
                             served: &mut self.served,
                             output_budget: self.limits.max_pending_output_bytes,
                             time_plugin_calls: self.limits.time_plugin_calls,

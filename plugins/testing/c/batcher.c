@@ -9,6 +9,10 @@
  *              delivers the answers before it and closes the connection
  *   "stop"  -> answered, then the call returns early without an error: the
  *              host must answer the requests after it in a later call
+ *   "zero"  -> (first in a batch) returns 0 without an error: a broken
+ *              batch the host must close, not retry forever
+ *   "lie"   -> answered, but its length is reported with the prefix
+ *              counted in (an off-by-prefix bug): nothing may be sent
  *
  * Everything is written in place (nbnet_ensure, resp->data/len).
  */
@@ -52,6 +56,9 @@ static int batcher_process(void *state, const uint8_t *req, size_t len, nbnet_re
 static size_t batcher_process_batch(void *state, nbnet_batch *batch, nbnet_response *resp) {
     (void)state;
     size_t i;
+    if (is(batch->requests[0].data, batch->requests[0].len, "zero")) {
+        return 0;
+    }
     for (i = 0; i < batch->count; i++) {
         const nbnet_request *req = &batch->requests[i];
         *batch->progress += 1;
@@ -59,7 +66,8 @@ static size_t batcher_process_batch(void *state, nbnet_batch *batch, nbnet_respo
         if (nbnet_ensure(resp, batch->prefix) != NBNET_OK) {
             return i;
         }
-        resp->len += batch->prefix; /* the host writes the frame header there */
+        memset(resp->data + resp->len, '0', batch->prefix); /* the host's header goes here */
+        resp->len += batch->prefix;
         if (is(req->data, req->len, "fail")) {
             static const char msg[] = "batcher refuses";
             nbnet_error(resp, msg, sizeof msg - 1);
@@ -73,6 +81,9 @@ static size_t batcher_process_batch(void *state, nbnet_batch *batch, nbnet_respo
             return i;
         }
         batch->lens[i] = resp->len - batch->answer_start;
+        if (is(req->data, req->len, "lie")) {
+            batch->lens[i] += batch->prefix;
+        }
         if (is(req->data, req->len, "stop") || resp->len >= batch->budget) {
             return i + 1;
         }

@@ -132,4 +132,28 @@ mod tests {
         assert_eq!(host.process(b"sleep:x").unwrap(), b"sleep:x");
         assert_eq!(host.process(b"hello").unwrap(), b"hello");
     }
+
+    #[test]
+    fn a_batch_keeps_the_answers_before_a_panic_and_applies_the_limit_per_answer() {
+        let mut host = TestHost::<Misbehave>::new("").unwrap();
+        assert_eq!(
+            host.process_batch(&[b"one", b"two"]).unwrap(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
+        let (before, error) = host
+            .process_batch(&[b"first", b"panic", b"never"])
+            .unwrap_err();
+        assert_eq!(before, vec![b"first".to_vec()]);
+        assert_eq!(error, format!("panicked: {PANIC_MESSAGE}"));
+        host.max_response_bytes = 1000;
+        let answers = host.process_batch(&[b"big:1000", b"big:1000"]).unwrap();
+        assert_eq!(
+            answers,
+            vec![vec![b'x'; 1000]; 2],
+            "each answer may reach the limit"
+        );
+        let (before, error) = host.process_batch(&[b"big:10", b"big:1001"]).unwrap_err();
+        assert_eq!(before, vec![vec![b'x'; 10]]);
+        assert!(error.contains("max_frame_bytes"), "{error}");
+    }
 }
