@@ -33,10 +33,16 @@ fn pipelined(payloads: &[&[u8]]) -> Vec<u8> {
     payloads.iter().flat_map(|p| frame(p)).collect()
 }
 
+/// Which entry point answers is a cost decision, visible here through the
+/// C test plugin's tags: a lone request goes through `process`; pipelined
+/// ones through one `process_batch`; right after pipelining, the next read
+/// goes straight to a batch (a batch of one, if the client has stopped),
+/// and the one after that through `process` again.
 #[test]
 fn a_c_plugin_gets_pipelined_requests_in_one_batch_and_a_lone_request_through_process() {
     let server = Server::start(&config("{batcher}", ""));
     let mut client = server.client();
+    assert_eq!(client.request(b"solo"), b"P:SOLO");
     assert_eq!(client.request(b"solo"), b"P:SOLO");
     client
         .send_raw(&pipelined(&[b"one", b"two", b"three"]))
@@ -44,6 +50,7 @@ fn a_c_plugin_gets_pipelined_requests_in_one_batch_and_a_lone_request_through_pr
     assert_eq!(client.read_frame().unwrap(), b"B0/3:ONE");
     assert_eq!(client.read_frame().unwrap(), b"B1/3:TWO");
     assert_eq!(client.read_frame().unwrap(), b"B2/3:THREE");
+    assert_eq!(client.request(b"again"), b"B0/1:AGAIN");
     assert_eq!(client.request(b"again"), b"P:AGAIN");
 }
 
@@ -59,7 +66,8 @@ fn a_c_batch_that_stops_early_has_the_rest_answered_in_a_later_call() {
     // The two left are answered by a second batch, in order.
     assert_eq!(client.read_frame().unwrap(), b"B0/2:B");
     assert_eq!(client.read_frame().unwrap(), b"B1/2:C");
-    assert_eq!(client.request(b"x"), b"P:X", "the connection is fine");
+    assert_eq!(client.request(b"x"), b"B0/1:X", "the connection is fine");
+    assert_eq!(client.request(b"y"), b"P:Y");
 }
 
 #[test]

@@ -225,8 +225,15 @@ pub fn write_header(len: usize, dst: &mut [u8; HEADER_LEN]) {
         "frame length {len} exceeds MAX_DECLARED"
     );
     let n = len as u64;
+    if n < 100 {
+        // Small answers (an acknowledgement, a short value): eight zeros
+        // and one digit pair.
+        dst[..8].copy_from_slice(b"00000000");
+        dst[8..].copy_from_slice(&DIGIT_PAIRS[n as usize]);
+        return;
+    }
     if n < 10_000 {
-        // Most frames: six zeros and two digit pairs from a table.
+        // Most other frames: six zeros and two digit pairs from a table.
         let (high, low) = ((n / 100) as usize, (n % 100) as usize);
         dst[..6].copy_from_slice(b"000000");
         dst[6..8].copy_from_slice(&DIGIT_PAIRS[high]);

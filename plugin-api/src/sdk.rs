@@ -504,6 +504,29 @@ unsafe fn answer_batch<P: Plugin>(
     response: &mut Response,
     answered: &mut usize,
 ) -> Result<(), Error> {
+    // The loop, compiled once for the host's 10-byte frame header (the
+    // prefix fill is then two stores) and once for any other prefix.
+    // SAFETY: passed on from the caller.
+    unsafe {
+        if (*batch).prefix == 10 {
+            answer_batch_with::<P, true>(plugin, batch, response, answered)
+        } else {
+            answer_batch_with::<P, false>(plugin, batch, response, answered)
+        }
+    }
+}
+
+/// [`answer_batch`]'s loop; `HEADER`: the prefix is the 10-byte frame header.
+///
+/// # Safety
+/// As for [`answer_batch`].
+#[inline(always)]
+unsafe fn answer_batch_with<P: Plugin, const HEADER: bool>(
+    plugin: &mut P,
+    batch: *mut RawBatch,
+    response: &mut Response,
+    answered: &mut usize,
+) -> Result<(), Error> {
     // The batch's fields, read once (the loop writes through raw pointers,
     // after which the compiler would otherwise reload them).
     // SAFETY: the caller passes the host's valid batch.
@@ -540,7 +563,14 @@ unsafe fn answer_batch<P: Plugin>(
         // The prefix room: filled (the host writes the frame header over
         // it), so no byte of the response is left unwritten.
         // SAFETY: `ensure_room` made room for `prefix` bytes at `len`.
-        unsafe { fill_prefix(response.raw.data.add(response.raw.len), prefix) };
+        unsafe {
+            let at = response.raw.data.add(response.raw.len);
+            if HEADER {
+                at.cast::<[u8; 10]>().write_unaligned([b'0'; 10]);
+            } else {
+                at.write_bytes(b'0', prefix);
+            }
+        }
         response.raw.len = start;
         // SAFETY: the host passes `len` readable bytes at a non-null
         // `data` (requests are never empty) for the call.
@@ -558,25 +588,6 @@ unsafe fn answer_batch<P: Plugin>(
         }
     }
     Ok(())
-}
-
-/// Fills a batch answer's prefix room (the host writes the frame header
-/// over it) so that no byte of the response is left unwritten: two stores
-/// for the host's 10-byte header, rather than a call to `memset`.
-///
-/// # Safety
-/// `at` must have room for `prefix` bytes.
-#[inline(always)]
-unsafe fn fill_prefix(at: *mut u8, prefix: usize) {
-    const HEADER: usize = 10;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if prefix == HEADER {
-            at.cast::<[u8; HEADER]>().write_unaligned([b'0'; HEADER]);
-        } else {
-            at.write_bytes(b'0', prefix);
-        }
-    }
 }
 
 pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void) {

@@ -171,6 +171,10 @@ pub struct Connection {
     /// Nothing received yet: a client that has just connected and is about
     /// to send its first request (a graceful stop gives it a moment).
     fresh: bool,
+    /// A hint, not a state: this client's last read held several
+    /// requests (it pipelines), so its next read goes straight to one
+    /// `process_batch` call instead of trying `process` first.
+    pipelining: bool,
     /// An event said the peer shut its sending side (read-closed) while we
     /// were not reading: the EOF must be read out when reading resumes, as
     /// edge-triggered polling will not report it again.
@@ -209,6 +213,7 @@ impl Connection {
             written: 0,
             links: Links::new(deadline),
             fresh: true,
+            pipelining: false,
             peer_shut: false,
         }
     }
@@ -505,6 +510,7 @@ impl Connection {
         let mut answering = Answering {
             ctx,
             peer: &self.peer,
+            pipelining: &mut self.pipelining,
             decoded_first: None,
         };
         if self.input_len == 0 {
@@ -590,6 +596,8 @@ struct Answering<'a, 'c> {
     ctx: &'a mut Context<'c>,
     /// For the debug log only: converted to text only if that is enabled.
     peer: &'a CStr,
+    /// The connection's hint that its client pipelines.
+    pipelining: &'a mut bool,
     /// The payload length of the frame at which answering one by one
     /// stopped to batch the rest: already decoded, not decoded again.
     decoded_first: Option<usize>,
@@ -610,6 +618,9 @@ impl Answering<'_, '_> {
         // plain call. When more follows the first frame, and the plugin can
         // take them at once, they all go in one `process_batch` call.
         let batches = self.ctx.plugin.batches();
+        if batches && *self.pipelining {
+            return self.frames_in_one_call(data, None, sink, batch);
+        }
         let answered = self.frames_one_by_one(data, sink, batches)?;
         if answered == data.len() || !batches || sink.buffered() >= self.ctx.output_budget {
             return Ok(answered);
@@ -655,6 +666,9 @@ impl Answering<'_, '_> {
             rest = after;
         }
         let start = data.len() - rest.len();
+        // Several requests in one read: the client pipelines (a single one
+        // sends its next read through `process` again).
+        *self.pipelining = batch.requests.len() > 1;
         // What stopped the loop: the end, a partial frame, or a bad header.
         let bad_header = match rest.is_empty() {
             true => None,
