@@ -200,7 +200,8 @@ typedef struct nbnet_plugin {
     void (*on_shutdown)(void *state); /* the worker is stopping; destroy follows */
     /* ABI 1.1, optional (NULL = process per request): answer a batch of
      * requests in one call, following the steps above nbnet_batch. The host
-     * still calls process for a read that holds a single request. */
+     * usually calls process for a read that holds a single request (not
+     * right after pipelined ones): both must give the same answers. */
     size_t (*process_batch)(void *state, nbnet_batch *batch, nbnet_response *resp);
 } nbnet_plugin;
 
