@@ -212,6 +212,7 @@ impl ResponseSink {
         // answered, nothing refused or reported, the window intact, and the
         // lengths adding up to exactly what was written.
         if answered == count
+            && count > 0
             && answered <= lens.len()
             && self.window_intact()
             && !self.refused
@@ -224,10 +225,14 @@ impl ResponseSink {
             // SAFETY: `payload_start <= capacity`: in bounds of the allocation.
             let base = unsafe { self.out.as_mut_ptr().add(self.payload_start) };
             for &len in &lens[..answered] {
-                // No overflow: `len <= max` and `end <= written`, checked
-                // each time, both far below `usize::MAX`.
+                if len > self.max {
+                    fits = false;
+                    break;
+                }
+                // No overflow: `len <= max` (just checked) and
+                // `end <= written`, both far below `usize::MAX`.
                 let next = end + P + len;
-                if len > self.max || next > written {
+                if next > written {
                     fits = false;
                     break;
                 }
@@ -861,6 +866,13 @@ mod tests {
         assert_eq!(out, b"earlier");
         let (_, result) = batch(&[b"ab"], &[2], 3, None);
         assert!(matches!(result, Err((0, SinkError::Misuse(m))) if m.contains("returned 3")));
+    }
+
+    #[test]
+    fn a_huge_length_is_refused_not_an_overflow() {
+        let (out, result) = batch(&[b"ab"], &[usize::MAX], 1, None);
+        assert!(matches!(result, Err((0, SinkError::TooLarge(None)))));
+        assert_eq!(out, b"earlier");
     }
 
     #[test]
