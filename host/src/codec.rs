@@ -104,18 +104,11 @@ impl FrameDecoder {
         self.decode_bytewise(buf)
     }
 
-    /// The payload length of the complete, valid frame at the front of
-    /// `buf`, or `None` for anything else (an incomplete frame, or a bad
-    /// header: ask [`decode`](Self::decode) which). The per-request fast
-    /// path: no `Result` to build and match, one comparison per check.
-    #[inline(always)]
-    pub fn complete_frame(&self, buf: &[u8]) -> Option<usize> {
-        self.split_frame(buf).map(|(payload, _)| payload.len())
-    }
-
-    /// Like [`complete_frame`](Self::complete_frame), but returns the
-    /// frame's payload and the bytes after the frame (no further bounds
-    /// checks needed by the caller).
+    /// The complete, valid frame at the front of `buf`: its payload and the
+    /// bytes after it, or `None` for anything else (an incomplete frame, or
+    /// a bad header: ask [`decode`](Self::decode) which). The per-request
+    /// fast path: no `Result` to build and match, one comparison per check,
+    /// and no further bounds checks needed by the caller.
     #[inline(always)]
     pub fn split_frame<'b>(&self, buf: &'b [u8]) -> Option<(&'b [u8], &'b [u8])> {
         let (header, rest) = buf.split_first_chunk::<HEADER_LEN>()?;
@@ -205,11 +198,17 @@ fn parse_digits(header: &[u8; HEADER_LEN]) -> Option<u64> {
 /// Appends one frame (header + payload) to `out`. The caller guarantees
 /// `payload.len() <= MAX_DECLARED` (debug-asserted); an empty payload encodes as `0000000000`.
 pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
-    let mut header = [0u8; HEADER_LEN];
-    write_header(payload.len(), &mut header);
     out.reserve(HEADER_LEN + payload.len());
-    out.extend_from_slice(&header);
+    out.extend_from_slice(&header(payload.len()));
     out.extend_from_slice(payload);
+}
+
+/// The 10-digit zero-padded header for `len` (see [`write_header`]).
+#[inline]
+pub fn header(len: usize) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    write_header(len, &mut header);
+    header
 }
 
 /// Writes the 10-digit zero-padded header for `len` into `dst`, without formatting
@@ -556,7 +555,7 @@ mod tests {
                 Ok(Decoded::Frame { len }) => Some(len),
                 _ => None,
             };
-            prop_assert_eq!(decoder.complete_frame(&bytes), expected);
+            prop_assert_eq!(decoder.split_frame(&bytes).map(|(payload, _)| payload.len()), expected);
         }
 
         #[test]

@@ -14,7 +14,7 @@
 //! so building and checking a 64 KiB payload is a `memcpy` and a `memcmp`:
 //! the load generator must stay cheaper than the server it measures.
 
-use crate::codec::{write_header, HEADER_LEN};
+use crate::codec::{header, HEADER_LEN};
 
 /// Bytes of the identity (connection id + sequence number) at the front of a payload.
 pub const ID_LEN: usize = 24;
@@ -74,10 +74,8 @@ impl Payloads {
 
     /// Appends the complete request frame (header + payload) for `(conn, seq)` to `out`.
     pub fn encode_request(&self, conn: u32, seq: u64, out: &mut Vec<u8>) {
-        let mut header = [0u8; HEADER_LEN];
-        write_header(self.size, &mut header);
         out.reserve(HEADER_LEN + self.size);
-        out.extend_from_slice(&header);
+        out.extend_from_slice(&header(self.size));
         let id = identity(conn, seq);
         let p = self.size.min(ID_LEN);
         out.extend_from_slice(&id[ID_LEN - p..]);

@@ -31,7 +31,7 @@ use nbnet_plugin_api::abi::{
 pub use nbnet_plugin_api::sink::ResponseSink;
 use nbnet_plugin_api::sink::SinkError;
 
-use crate::codec::{write_header, HEADER_LEN};
+use crate::codec::{header, HEADER_LEN};
 use crate::config::PluginSpec;
 
 /// Which side of the ABI a library was built with.
@@ -292,11 +292,7 @@ impl Plugin {
         // `response` (and the sink behind it, which stays put) are valid for
         // the call; instances are used by one thread.
         let rc = unsafe { (self.process)(self.state, request.as_ptr(), request.len(), response) };
-        let finished = sink.finish_with_prefix(rc, |len| {
-            let mut header = [0u8; HEADER_LEN];
-            write_header(len, &mut header);
-            header
-        });
+        let finished = sink.finish_with_prefix(rc, header);
         finished.map_err(|error| self.process_error(error, rc, sink.max()))
     }
 
@@ -355,12 +351,8 @@ impl Plugin {
         // `response` (and the sink behind it) are valid for the call;
         // instances are used by one thread.
         let answered = unsafe { process_batch(self.state, batch, response) };
-        sink.finish_batch(answered, requests.len(), lens, |len| {
-            let mut header = [0u8; HEADER_LEN];
-            write_header(len, &mut header);
-            header
-        })
-        .map_err(|(k, error)| (k, self.process_error(error, NBNET_ERR, sink.max())))
+        sink.finish_batch(answered, requests.len(), lens, header)
+            .map_err(|(k, error)| (k, self.process_error(error, NBNET_ERR, sink.max())))
     }
 
     #[cold]
