@@ -7,25 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{frame, free_port, Server};
+use nbnet_tests::{frame, free_port, one_plugin_config, Server};
 
 /// `plugin` (a placeholder) served by one worker with extra `[server]` keys.
 fn config(plugin: &str, server: &str) -> String {
-    format!(
-        r#"
-[server]
-workers = 1
-{server}
-
-[[plugins]]
-name = "under-test"
-path = "{plugin}"
-
-[[listeners]]
-addr = "127.0.0.1:{{port}}"
-plugin = "under-test"
-"#
-    )
+    one_plugin_config("under-test", plugin, &format!("workers = 1\n{server}"))
 }
 
 /// The frames of `payloads` back to back, as a pipelining client sends them.

@@ -7,7 +7,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{rss_kib, Client, Proc, Server};
+use nbnet_tests::{one_plugin_config, rss_kib, Client, Proc, Server};
 
 /// The plugin's name in the config, so the log lines can be checked for it.
 const RUST: Plugin = Plugin {
@@ -27,22 +27,10 @@ struct Plugin {
 
 /// A config serving `plugin` with `workers` workers and extra `[server]` keys.
 fn config(plugin: Plugin, workers: usize, server: &str) -> String {
-    format!(
-        r#"
-[server]
-workers = {workers}
-{server}
-
-[[plugins]]
-name = "{name}"
-path = "{path}"
-
-[[listeners]]
-addr = "127.0.0.1:{{port}}"
-plugin = "{name}"
-"#,
-        name = plugin.name,
-        path = plugin.placeholder,
+    one_plugin_config(
+        plugin.name,
+        plugin.placeholder,
+        &format!("workers = {workers}\n{server}"),
     )
 }
 

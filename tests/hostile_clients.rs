@@ -11,30 +11,15 @@ use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{cpu_share, frame, raise_fd_limit, rss_kib, Client, Sandbox, Server};
+use nbnet_tests::{
+    cpu_share, frame, one_plugin_config, raise_fd_limit, rss_kib, Client, Sandbox, Server,
+};
 
 /// A worker spinning on a dead accept loop would use a whole core; an idle
 /// one nearly nothing. The bound leaves room for a loaded CI machine.
 const MAX_IDLE_CPU: f64 = 0.5;
 /// Bound on a worker's resident memory under memory attacks.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
-
-fn config(plugin: &str, placeholder: &str, server: &str) -> String {
-    format!(
-        r#"
-[server]
-{server}
-
-[[plugins]]
-name = "{plugin}"
-path = "{placeholder}"
-
-[[listeners]]
-addr = "127.0.0.1:{{port}}"
-plugin = "{plugin}"
-"#
-    )
-}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -102,7 +87,7 @@ fn slowloris_connections_are_closed_by_read_timeout_while_fresh_clients_are_serv
         println!("RLIMIT_NOFILE is {limit}: trickling over {n} connections instead of {WANTED}");
     }
     assert!(n >= 100, "RLIMIT_NOFILE {limit} is too low for this test");
-    let server = Server::start(&config(
+    let server = Server::start(&one_plugin_config(
         "echo",
         "{echo}",
         r#"workers = 2
@@ -194,7 +179,7 @@ const FLOOD: usize = 190;
 
 #[test]
 fn a_flood_past_max_connections_neither_spins_nor_disturbs_existing_connections() {
-    let server = Server::start(&config(
+    let server = Server::start(&one_plugin_config(
         "upper",
         "{upper}",
         r#"workers = 1
@@ -271,7 +256,7 @@ max_connections = 50"#,
 fn out_of_file_descriptors_the_worker_pauses_accepting_instead_of_spinning() {
     let mut sandbox = Sandbox::new();
     sandbox.set_fd_limit(64);
-    let server = sandbox.start(&config("upper", "{upper}", "workers = 1"));
+    let server = sandbox.start(&one_plugin_config("upper", "{upper}", "workers = 1"));
     let worker = server.wait_for_workers(1)[0];
 
     let start = Instant::now();
@@ -337,7 +322,7 @@ fn out_of_file_descriptors_the_worker_pauses_accepting_instead_of_spinning() {
 
 #[test]
 fn a_client_that_pipelines_but_never_reads_cannot_grow_the_worker() {
-    let server = Server::start(&config("echo", "{echo}", "workers = 1"));
+    let server = Server::start(&one_plugin_config("echo", "{echo}", "workers = 1"));
     let worker = server.wait_for_workers(1)[0];
     let before = rss_kib(worker.pid).unwrap();
 
@@ -387,7 +372,7 @@ fn a_client_that_pipelines_but_never_reads_cannot_grow_the_worker() {
 /// the client's pending output (issue 3: `max_pending_output_bytes`).
 #[test]
 fn pipelined_requests_with_large_answers_cannot_grow_the_worker() {
-    let server = Server::start(&config(
+    let server = Server::start(&one_plugin_config(
         "misbehave",
         "{misbehave}",
         r#"workers = 1
@@ -411,7 +396,7 @@ max_frame_bytes = 1048576"#,
 #[test]
 fn declared_lengths_are_not_allocated_up_front() {
     // 200 connections each declare a 16 MiB frame and send 10 bytes of it.
-    let server = Server::start(&config("echo", "{echo}", "workers = 1"));
+    let server = Server::start(&one_plugin_config("echo", "{echo}", "workers = 1"));
     let worker = server.wait_for_workers(1)[0];
     let mut stalled = Vec::new();
     for _ in 0..200 {
@@ -430,7 +415,7 @@ fn declared_lengths_are_not_allocated_up_front() {
 
 #[test]
 fn resets_in_the_middle_of_a_request_do_not_disturb_the_worker() {
-    let server = Server::start(&config("upper", "{upper}", "workers = 1"));
+    let server = Server::start(&one_plugin_config("upper", "{upper}", "workers = 1"));
     let workers = server.wait_for_workers(1);
     let mut bystander = server.client();
     for i in 0..20 {
@@ -453,7 +438,11 @@ fn resets_in_the_middle_of_a_request_do_not_disturb_the_worker() {
 /// Asks for a large answer and closes without reading it, with a FIN
 /// (`reset = false`) or a reset (SO_LINGER 0).
 fn closes_in_the_middle_of_a_response(reset: bool) {
-    let server = Server::start(&config("misbehave", "{misbehave_rs}", "workers = 1"));
+    let server = Server::start(&one_plugin_config(
+        "misbehave",
+        "{misbehave_rs}",
+        "workers = 1",
+    ));
     let workers = server.wait_for_workers(1);
     let mut bystander = server.client();
     for i in 0..10 {
@@ -488,7 +477,11 @@ fn a_reset_in_the_middle_of_a_response_does_not_disturb_the_worker() {
 
 #[test]
 fn after_a_half_close_every_pending_response_is_still_delivered() {
-    let server = Server::start(&config("misbehave", "{misbehave_rs}", "workers = 1"));
+    let server = Server::start(&one_plugin_config(
+        "misbehave",
+        "{misbehave_rs}",
+        "workers = 1",
+    ));
     let mut client = server.client();
     let mut requests = Vec::new();
     requests.extend(frame(b"first"));

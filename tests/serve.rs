@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use nbnet_tests::{frame, nbnet_send, show, Client, Sandbox, Server};
+use nbnet_tests::{frame, nbnet_send, one_plugin_config, show, Client, Sandbox, Server};
 
 const UPPER: &str = r#"
 [server]
@@ -66,20 +66,7 @@ fn rust_echo_answers_with_the_request_unchanged() {
 
 #[test]
 fn c_upper_answers_hi_with_upper_case_hi() {
-    let server = Server::start(
-        r#"
-[server]
-workers = 2
-
-[[plugins]]
-name = "upper-c"
-path = "{upper_c}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "upper-c"
-"#,
-    );
+    let server = Server::start(&one_plugin_config("upper-c", "{upper_c}", "workers = 2"));
     let mut client = server.client();
     assert_eq!(client.request(b"hi"), b"HI");
     // A bigger request after a small one: the C plugin's buffer grows.
@@ -345,20 +332,11 @@ plugin = "misbehave"
 
 #[test]
 fn each_worker_gets_its_own_index_and_the_worker_count() {
-    let server = Server::start(
-        r#"
-[server]
-workers = 2
-
-[[plugins]]
-name = "misbehave"
-path = "{misbehave}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "misbehave"
-"#,
-    );
+    let server = Server::start(&one_plugin_config(
+        "misbehave",
+        "{misbehave}",
+        "workers = 2",
+    ));
     server.wait_for_workers(2);
     // Each worker's plugin logs its index at init; both must show up.
     server.wait_for("both workers' init log lines", || {
@@ -416,20 +394,7 @@ fn many_large_pipelined_requests_are_answered_while_the_client_reads_slowly() {
 
 #[test]
 fn a_client_stuck_in_the_middle_of_a_frame_does_not_hold_up_others_on_the_same_worker() {
-    let server = Server::start(
-        r#"
-[server]
-workers = 1
-
-[[plugins]]
-name = "upper"
-path = "{upper}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "upper"
-"#,
-    );
+    let server = Server::start(&one_plugin_config("upper", "{upper}", "workers = 1"));
     let mut stuck = server.client();
     stuck.send_raw(b"0000000100only part of it").unwrap();
     let mut other = server.client();

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{frame, raise_fd_limit, Proc, Server, HEADER_LEN};
+use nbnet_tests::{frame, one_plugin_config, raise_fd_limit, Proc, Server, HEADER_LEN};
 
 // ---------------------------------------------------------------- the load
 
@@ -193,20 +193,7 @@ fn soak(requests: u64, connections: usize) {
     const THREADS: usize = 4;
     const DEPTH: u64 = 4;
     raise_fd_limit();
-    let server = Server::start(
-        r#"
-[server]
-workers = 2
-
-[[plugins]]
-name = "upper"
-path = "{upper}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "upper"
-"#,
-    );
+    let server = Server::start(&one_plugin_config("upper", "{upper}", "workers = 2"));
     let workers = server.wait_for_workers(2);
     let port = server.port();
     let start = Instant::now();

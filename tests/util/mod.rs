@@ -289,6 +289,27 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
+/// A config serving one plugin, `name` loaded from `path` (a placeholder
+/// such as `{upper}`, or a real path), on one listener
+/// `127.0.0.1:{port}`, with `server` as the keys of its `[server]` table.
+/// Most tests need no more; the ones that do write their config out.
+pub fn one_plugin_config(name: &str, path: &str, server: &str) -> String {
+    format!(
+        r#"
+[server]
+{server}
+
+[[plugins]]
+name = "{name}"
+path = "{path}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "{name}"
+"#
+    )
+}
+
 /// Encodes one frame: 10-digit zero-padded length, then the payload.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = format!("{:010}", payload.len()).into_bytes();
