@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use nbnet_tests::{free_port, wait_until, Client, Sandbox, SIGTERM};
+use nbnet_tests::{wait_until, Client, Sandbox, SIGTERM};
 
 fn curl(port: u16, path: &str) -> (u16, String) {
     let output = Command::new("curl")
@@ -33,8 +33,7 @@ fn metric(body: &str, series: &str) -> f64 {
 
 #[test]
 fn metrics_count_connections_requests_bytes_errors_panics_and_hangs() {
-    let admin = free_port();
-    let server = Sandbox::new().start(&format!(
+    let server = Sandbox::new().start(
         r#"[server]
 workers = 2
 plugin_timeout = "1s"
@@ -44,21 +43,22 @@ addr = "127.0.0.1:{admin}"
 
 [[plugins]]
 name = "upper"
-path = "{{upper}}"
+path = "{upper}"
 
 [[plugins]]
 name = "faulty"
-path = "{{misbehave_rs}}"
+path = "{misbehave_rs}"
 
 [[listeners]]
-addr = "127.0.0.1:{{port}}"
+addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:{{port2}}"
+addr = "127.0.0.1:{port2}"
 plugin = "faulty"
-"#
-    ));
+"#,
+    );
+    let admin = server.admin_port();
     let (code, body) = curl(admin, "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     let (_, before) = curl(admin, "/metrics");
@@ -142,8 +142,7 @@ plugin = "faulty"
 
 #[test]
 fn healthz_turns_503_while_the_server_drains() {
-    let admin = free_port();
-    let mut server = Sandbox::new().start(&format!(
+    let mut server = Sandbox::new().start(
         r#"[server]
 workers = 1
 shutdown_timeout = "10s"
@@ -153,13 +152,14 @@ addr = "127.0.0.1:{admin}"
 
 [[plugins]]
 name = "upper"
-path = "{{upper}}"
+path = "{upper}"
 
 [[listeners]]
-addr = "127.0.0.1:{{port}}"
+addr = "127.0.0.1:{port}"
 plugin = "upper"
-"#
-    ));
+"#,
+    );
+    let admin = server.admin_port();
     assert_eq!(curl(admin, "/healthz").0, 200);
     // Hold the drain open with half a frame, so the master is still up.
     let mut client = Client::connect(server.port());

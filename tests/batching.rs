@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{frame, free_port, one_plugin_config, Server};
+use nbnet_tests::{frame, one_plugin_config, Server};
 
 /// `plugin` (a placeholder) served by one worker with extra `[server]` keys.
 fn config(plugin: &str, server: &str) -> String {
@@ -214,8 +214,7 @@ fn a_hang_inside_a_batch_is_still_killed_by_the_watchdog() {
 /// batch records each of its requests (an equal share of the call).
 #[test]
 fn metrics_count_every_request_of_a_batch() {
-    let admin = free_port();
-    let server = Server::start(&format!(
+    let server = Server::start(
         r#"
 [server]
 workers = 1
@@ -225,13 +224,14 @@ addr = "127.0.0.1:{admin}"
 
 [[plugins]]
 name = "upper"
-path = "{{upper}}"
+path = "{upper}"
 
 [[listeners]]
-addr = "127.0.0.1:{{port}}"
+addr = "127.0.0.1:{port}"
 plugin = "upper"
-"#
-    ));
+"#,
+    );
+    let admin = server.admin_port();
     // The test harness's own readiness request may be counted already.
     let before = metrics(admin);
     let (requests, timed) = (

@@ -494,13 +494,15 @@ pub struct Outcome {
 ///
 /// Config templates are TOML with placeholders, replaced by [`Sandbox::render`]:
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
-/// and kept for the sandbox's life), `{dir}` (the temporary directory), and the
+/// and kept for the sandbox's life), `{admin}` (the same, for an `[admin]`
+/// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
 /// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
+    admin: Option<u16>,
     runs: u32,
     cwd: Option<PathBuf>,
     fd_limit: Option<u64>,
@@ -523,6 +525,7 @@ impl Sandbox {
         Sandbox {
             dir,
             ports: Vec::new(),
+            admin: None,
             runs: 0,
             cwd: None,
             fd_limit: None,
@@ -555,9 +558,22 @@ impl Sandbox {
         &self.ports
     }
 
-    /// Forgets the ports so that the next render picks new ones.
+    /// The `{admin}` port, chosen on first use (apart from the others).
+    pub fn admin_port(&mut self) -> u16 {
+        while self.admin.is_none() {
+            let port = free_port();
+            if !self.ports.contains(&port) {
+                self.admin = Some(port);
+            }
+        }
+        self.admin.expect("chosen above")
+    }
+
+    /// Forgets the ports so that the next render picks new ones (a port
+    /// taken meanwhile, e.g. as another socket's local port, is not retried).
     fn new_ports(&mut self) {
         self.ports.clear();
+        self.admin = None;
     }
 
     /// Replaces the placeholders in `template`; panics on an unknown one.
@@ -583,6 +599,7 @@ impl Sandbox {
                 "port" => self.port(0).to_string(),
                 "port2" => self.port(1).to_string(),
                 "port3" => self.port(2).to_string(),
+                "admin" => self.admin_port().to_string(),
                 "dir" => path(self.path()),
                 "upper" => path(&a.upper_so),
                 "echo" => path(&a.echo_so),
@@ -859,6 +876,13 @@ impl Server {
     /// The master's PID.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The `{admin}` port of the config it runs.
+    pub fn admin_port(&self) -> u16 {
+        self.sandbox()
+            .admin
+            .expect("the config template has no {admin} placeholder")
     }
 
     /// The first listener's port (`{port}`).
