@@ -74,6 +74,10 @@ pub struct ResponseSink {
     /// trusts only its own copies.
     lent_data: *mut u8,
     lent_cap: usize,
+    /// The connection the host lends, kept for the same reason: every
+    /// host-owned field of the response is put back before each call, so
+    /// one plugin's stray write cannot reach the next call (of any plugin).
+    conn: *const RawConnection,
 }
 
 impl ResponseSink {
@@ -108,6 +112,7 @@ impl ResponseSink {
             batch_prefix: 0,
             lent_data: std::ptr::null_mut(),
             lent_cap: 0,
+            conn,
         }
     }
 
@@ -116,6 +121,78 @@ impl ResponseSink {
     #[inline]
     pub fn set_connection(&mut self, conn: *const RawConnection) {
         self.raw.conn = conn;
+        self.conn = conn;
+    }
+
+    /// The response as the host lends it, before every call: the plugin can
+    /// write to every field, so none but `len` is trusted from a previous
+    /// call (a plugin that swapped `grow` or `write` would otherwise break
+    /// every later call of every plugin of the worker).
+    #[inline(always)]
+    fn lend(&mut self) {
+        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
+        self.raw.write = sink_write;
+        self.raw.set_error = sink_set_error;
+        self.raw.conn = self.conn;
+        self.raw.reserve = sink_reserve;
+        self.raw.commit = sink_commit;
+        self.raw.grow = sink_grow;
+        self.raw.len = 0;
+    }
+
+    /// Whether the plugin left the host's fields of the response alone
+    /// (`data` and `cap` are checked by [`window_intact`](Self::window_intact)).
+    #[inline(always)]
+    fn fields_intact(&self) -> bool {
+        // Non-short-circuit `&`: comparisons, one branch.
+        (self.raw.host == (self as *const ResponseSink).cast_mut().cast::<c_void>())
+            & (self.raw.write as usize == sink_write as *const () as usize)
+            & (self.raw.set_error as usize == sink_set_error as *const () as usize)
+            & (self.raw.conn == self.conn)
+            & (self.raw.reserve as usize == sink_reserve as *const () as usize)
+            & (self.raw.commit as usize == sink_commit as *const () as usize)
+            & (self.raw.grow as usize == sink_grow as *const () as usize)
+    }
+
+    /// Records which host field the plugin changed, as a misuse.
+    #[cold]
+    fn note_changed_fields(&mut self) {
+        let changed = [
+            (
+                self.raw.host != (self as *const ResponseSink).cast_mut().cast::<c_void>(),
+                "host",
+            ),
+            (
+                self.raw.write as usize != sink_write as *const () as usize,
+                "write",
+            ),
+            (
+                self.raw.set_error as usize != sink_set_error as *const () as usize,
+                "set_error",
+            ),
+            (self.raw.conn != self.conn, "conn"),
+            (
+                self.raw.reserve as usize != sink_reserve as *const () as usize,
+                "reserve",
+            ),
+            (
+                self.raw.commit as usize != sink_commit as *const () as usize,
+                "commit",
+            ),
+            (
+                self.raw.grow as usize != sink_grow as *const () as usize,
+                "grow",
+            ),
+        ];
+        let names: Vec<&str> = changed.iter().filter(|c| c.0).map(|c| c.1).collect();
+        if !names.is_empty() {
+            self.misuse.get_or_insert_with(|| {
+                format!(
+                    "changed the response's {} (the host's fields: a plugin may only write data[len..cap] and advance len); restored for the next call",
+                    names.join(", ")
+                )
+            });
+        }
     }
 
     /// The responses in the buffer (complete frames), outside a call.
@@ -156,8 +233,7 @@ impl ResponseSink {
         self.out.reserve(prefix.len() + size_hint);
         self.out.extend_from_slice(prefix);
         self.payload_start = self.out.len();
-        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
-        self.raw.len = 0;
+        self.lend();
         self.batch = std::ptr::null();
         // (`refused` is false here: every end of a response takes it.)
         self.reserved = None;
@@ -184,8 +260,7 @@ impl ResponseSink {
     ) -> *mut RawResponse {
         self.out.reserve(size_hint);
         self.payload_start = self.out.len();
-        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
-        self.raw.len = 0;
+        self.lend();
         self.batch = batch;
         self.batch_prefix = prefix;
         self.refused = false;
@@ -215,6 +290,7 @@ impl ResponseSink {
             && count > 0
             && answered <= lens.len()
             && self.window_intact()
+            && self.fields_intact()
             && !self.refused
             && self.misuse.is_none()
             && self.error.is_none()
@@ -272,6 +348,7 @@ impl ResponseSink {
         if !self.window_intact() {
             self.overrun();
         }
+        self.note_changed_fields();
         let error = self.error.take();
         let refused_in_call = std::mem::take(&mut self.refused);
         if answered > count || answered > lens.len() {
@@ -360,7 +437,12 @@ impl ResponseSink {
     #[inline(always)]
     pub fn finish(&mut self, rc: i32, prefix_len: usize) -> Result<usize, SinkError> {
         let len = self.raw.len;
-        if rc == NBNET_OK && self.window_intact() && !self.refused && self.misuse.is_none() {
+        if rc == NBNET_OK
+            && self.window_intact()
+            && self.fields_intact()
+            && !self.refused
+            && self.misuse.is_none()
+        {
             // SAFETY: `len <= cap` bytes after `payload_start` are within the
             // Vec's capacity, and the plugin initialized them (the contract
             // of the in-place fields, of `commit`, and of `write`).
@@ -376,6 +458,7 @@ impl ResponseSink {
         if !self.window_intact() {
             self.overrun();
         }
+        self.note_changed_fields();
         self.out.truncate(self.payload_start - prefix_len);
         self.reserved = None;
         let error = self.error.take();

@@ -718,13 +718,36 @@ impl Answering<'_, '_> {
         }
         if answered < batch.requests.len() {
             // Stopped at the budget: the rest wait for the client to read.
-            let last = batch.requests[answered];
-            return Ok(last.data as usize - HEADER_LEN - data.as_ptr() as usize);
+            return Ok(self.start_of_request(data, first, answered));
         }
         match bad_header {
             Some(e) => Err(Close::Protocol(Box::new(e))),
             None => Ok(start),
         }
+    }
+
+    /// Where request `k` of a batch built from `data` (and `first`) starts,
+    /// found again by decoding: the batch's request table is lent to the
+    /// plugin, which could have written to it, so it is not read back.
+    #[cold]
+    fn start_of_request(&self, data: &[u8], first: Option<usize>, k: usize) -> usize {
+        let mut rest = data;
+        let mut skipped = 0;
+        if let Some(len) = first.filter(|&len| HEADER_LEN + len <= data.len()) {
+            if k == 0 {
+                return 0;
+            }
+            rest = &data[HEADER_LEN + len..];
+            skipped = 1;
+        }
+        while skipped < k {
+            let Some((_, after)) = self.ctx.decoder.split_frame(rest) else {
+                break;
+            };
+            rest = after;
+            skipped += 1;
+        }
+        data.len() - rest.len()
     }
 
     /// Decodes and answers the complete frames at the front of `data`, one
