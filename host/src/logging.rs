@@ -23,3 +23,45 @@ pub fn init(level: LogLevel) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
+
+/// Longest text from a plugin or a client that goes into one log line; the
+/// rest is counted, not logged.
+pub const MAX_UNTRUSTED_CHARS: usize = 1024;
+
+/// Makes text that a plugin or a client supplied safe to put in a log line:
+/// control characters (newlines included, so nobody can forge a log line)
+/// are escaped as `\n`, `\u{1b}`…, and anything past
+/// [`MAX_UNTRUSTED_CHARS`] is cut with a note of how much was left out.
+pub fn untrusted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_UNTRUSTED_CHARS + 32));
+    for (count, (at, c)) in text.char_indices().enumerate() {
+        if count == MAX_UNTRUSTED_CHARS {
+            out.push_str(&format!("… ({} more bytes)", text.len() - at));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_stays_on_one_line_and_is_bounded() {
+        assert_eq!(untrusted("plain words"), "plain words");
+        assert_eq!(
+            untrusted("a\nERROR master: forged\r\u{1b}[31m"),
+            "a\\nERROR master: forged\\r\\u{1b}[31m"
+        );
+        let long = "x".repeat(1 << 20);
+        let shown = untrusted(&long);
+        assert!(shown.len() < MAX_UNTRUSTED_CHARS + 40, "{}", shown.len());
+        assert!(shown.ends_with(&format!("({} more bytes)", (1 << 20) - MAX_UNTRUSTED_CHARS)));
+    }
+}
