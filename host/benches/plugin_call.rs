@@ -81,6 +81,7 @@ fn load(name: &str, path: &Path) -> Option<Plugin> {
         path: path.to_path_buf(),
         config_toml: String::new(),
         line: 0,
+        image: None,
     };
     match Plugin::load(&spec, 0, 1) {
         Ok(p) => Some(p),

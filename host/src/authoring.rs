@@ -77,6 +77,7 @@ pub fn run(options: &RunOptions) -> i32 {
         path: path.clone(),
         config_toml: options.config.clone(),
         line: 0,
+        image: None,
     };
     let mut plugin = match Plugin::load(&spec, 0, 1) {
         Ok(plugin) => plugin,

@@ -58,6 +58,12 @@ pub struct ServerConfig {
     /// master kills that worker and starts a new one.
     #[serde(deserialize_with = "duration")]
     pub plugin_timeout: Duration,
+    /// How long one plugin may take to load and initialise (in `--check`,
+    /// at startup, on reload and in every worker): longer, and it is
+    /// treated as hung. Separate from `plugin_timeout` because an init may
+    /// legitimately connect to databases or warm caches.
+    #[serde(deserialize_with = "duration")]
+    pub init_timeout: Duration,
     /// Close a connection that sends nothing (or is not read) for this long.
     #[serde(deserialize_with = "duration")]
     pub read_timeout: Duration,
@@ -92,6 +98,7 @@ impl Default for ServerConfig {
             max_restarts: 100,
             restart_window: Duration::from_secs(60),
             plugin_timeout: Duration::from_secs(5),
+            init_timeout: Duration::from_secs(60),
             read_timeout: Duration::from_secs(30),
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
@@ -161,6 +168,11 @@ pub struct PluginSpec {
     pub path: PathBuf,
     /// The plugin's own `config` table, re-serialized as TOML for the plugin.
     pub config_toml: String,
+    /// A sealed in-memory copy of the `.so`, taken by the master when it
+    /// validates the config ([`crate::plugin::image`]): what the check and
+    /// every worker of this config load, whatever happens to the file.
+    /// `None` until taken (then the file at `path` is loaded).
+    pub image: Option<crate::plugin::image::Image>,
     /// Line of the entry in the config file, for messages.
     pub line: usize,
 }
@@ -309,6 +321,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     for (key, value) in [
         ("read_timeout", server.read_timeout),
         ("plugin_timeout", server.plugin_timeout),
+        ("init_timeout", server.init_timeout),
         ("restart_window", server.restart_window),
         ("shutdown_timeout", server.shutdown_timeout),
     ] {
@@ -380,6 +393,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             path,
             config_toml,
             line,
+            image: None,
         });
     }
 

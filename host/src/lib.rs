@@ -28,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod exit_code;
+pub mod fork_guard;
 pub mod listener;
 pub mod logging;
 pub mod plugin;

@@ -189,7 +189,7 @@ fn plugin_command(command: PluginCommand) -> i32 {
 }
 
 fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
-    let config = match config::load(file) {
+    let mut config = match config::load(file) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("nbnet: invalid config:\n{e}");
@@ -200,7 +200,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     if !check_only {
         return supervisor::serve(config);
     }
-    let report = supervisor::check::check_plugins(&config);
+    let report = supervisor::check::check_plugins(&mut config);
     for line in &report.loaded {
         println!("ok: {line}");
     }

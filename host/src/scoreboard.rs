@@ -33,15 +33,29 @@ pub struct Slot {
     in_flight: AtomicU32,
     /// Plugin calls started since the worker began.
     calls: AtomicU64,
-    /// Set by the worker once its plugins are loaded and it is accepting:
-    /// the master waits for it before draining the worker it replaces.
-    ready: AtomicU32,
+    /// How far the worker got in starting: [`BOOTING`], [`READY`] (plugins
+    /// loaded, accepting: the master waits for it before draining the
+    /// worker it replaces), or [`LOAD_FAILED`] + the index of the plugin
+    /// that refused to load.
+    ///
+    /// This, not the worker's exit status, tells the master that a plugin
+    /// failed to load: a plugin can call `exit(4)` at any time, but it has
+    /// no reason to write here, and once a worker is `READY` the master
+    /// treats any exit as a crash of that worker.
+    boot: AtomicU32,
     /// Set by the worker when it wants to be replaced (it served
     /// `max_requests_per_worker`); it keeps serving until the master drains it.
     retire: AtomicU32,
     /// The worker's statistics.
     pub stats: Stats,
 }
+
+/// [`Slot`]'s `boot`: the worker is loading its plugins.
+const BOOTING: u32 = 0;
+/// [`Slot`]'s `boot`: the worker serves.
+const READY: u32 = 1;
+/// [`Slot`]'s `boot`: plugin `boot - LOAD_FAILED` refused to load.
+const LOAD_FAILED: u32 = 2;
 
 /// Plugins with statistics per worker; plugins past this many are served
 /// but not counted.
@@ -330,19 +344,34 @@ impl Slot {
     pub fn reset(&self) {
         self.in_flight.store(0, Ordering::Relaxed);
         self.calls.store(0, Ordering::Relaxed);
-        self.ready.store(0, Ordering::Relaxed);
+        self.boot.store(BOOTING, Ordering::Relaxed);
         self.retire.store(0, Ordering::Relaxed);
         self.stats.reset();
     }
 
     /// The worker is serving (plugins loaded, listeners registered).
     pub fn set_ready(&self) {
-        self.ready.store(1, Ordering::Release);
+        self.boot.store(READY, Ordering::Release);
     }
 
     /// Whether the worker said it is serving.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) == 1
+        self.boot.load(Ordering::Acquire) == READY
+    }
+
+    /// The worker could not load plugin `plugin` (it logged why) and is
+    /// about to exit.
+    pub fn set_load_failed(&self, plugin: usize) {
+        let value = LOAD_FAILED.saturating_add(u32::try_from(plugin).unwrap_or(u32::MAX - 2));
+        self.boot.store(value, Ordering::Release);
+    }
+
+    /// The plugin the worker said it could not load, if it said so.
+    pub fn load_failed(&self) -> Option<usize> {
+        match self.boot.load(Ordering::Acquire) {
+            n if n >= LOAD_FAILED => Some((n - LOAD_FAILED) as usize),
+            _ => None,
+        }
     }
 
     /// The worker asks to be replaced.

@@ -15,6 +15,7 @@
 //!   deadlock the child (see `shared/notes/dependencies.md`).
 
 mod c;
+pub mod image;
 mod rust;
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -65,12 +66,14 @@ pub struct LoadError {
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The reason may quote the plugin (its init error) or the dynamic
+        // loader (which quotes the file): one bounded line, whatever they say.
         write!(
             f,
             "plugin {:?} ({}): {}",
             self.name,
-            self.path.display(),
-            self.reason
+            crate::logging::untrusted(&self.path.display().to_string()),
+            crate::logging::untrusted(&self.reason)
         )
     }
 }
@@ -180,7 +183,19 @@ impl Plugin {
             path: spec.path.clone(),
             reason,
         };
-        let entry = open(&spec.path).map_err(fail)?;
+        // The copy the master validated, when it took one (see [`image`]).
+        let entry = match &spec.image {
+            // The loader's messages quote the file it was given: name the
+            // user's file instead.
+            Some(image) => open(&image.load_path()).map_err(|why| {
+                why.replace(
+                    &image.load_path().display().to_string(),
+                    &spec.path.display().to_string(),
+                )
+            }),
+            None => open(&spec.path),
+        }
+        .map_err(fail)?;
         let log_tag = Box::new(LogTag {
             plugin: spec.name.clone(),
         });
@@ -211,9 +226,10 @@ impl Plugin {
         // layout) was checked; `ctx` and `state` are valid for the call.
         let rc = unsafe { (entry.init)(&ctx, &mut state) };
         if rc != NBNET_OK {
-            let why = init
-                .error
-                .unwrap_or_else(|| format!("init returned {rc} without a message"));
+            let why = init.error.map_or_else(
+                || format!("init returned {rc} without a message"),
+                |m| crate::logging::untrusted(&m),
+            );
             return Err(fail(format!("init failed: {why}")));
         }
         Ok(Plugin {
@@ -358,12 +374,13 @@ impl Plugin {
     #[cold]
     fn process_error(&self, error: SinkError, rc: i32, max: usize) -> ProcessError {
         match error {
-            SinkError::Plugin(message) => ProcessError::Plugin(
-                message.unwrap_or_else(|| format!("process returned {rc} without a message")),
-            ),
+            SinkError::Plugin(message) => ProcessError::Plugin(message.map_or_else(
+                || format!("process returned {rc} without a message"),
+                |m| crate::logging::untrusted(&m),
+            )),
             SinkError::TooLarge(plugin_message) => ProcessError::ResponseTooLarge {
                 max,
-                plugin_message,
+                plugin_message: plugin_message.map(|m| crate::logging::untrusted(&m)),
             },
             SinkError::Misuse(what) => ProcessError::Plugin(what),
         }
@@ -439,6 +456,8 @@ fn open(path: &Path) -> Result<Entry, String> {
         }
         Err(e) => return Err(format!("cannot read the file: {e}")),
         Ok(meta) if meta.is_dir() => return Err("is a directory, not a shared library (.so) file".into()),
+        // dlopen would block on a FIFO, or read a device forever.
+        Ok(meta) if !meta.is_file() => return Err("is not a regular file (a FIFO, socket or device?), not a shared library (.so) file".into()),
         Ok(_) => {}
     }
     // SAFETY: dlopen runs the library's initializers. Loading the configured
@@ -529,7 +548,7 @@ unsafe extern "C" fn config_get(ctx: *const RawInitContext, key: *const c_char) 
 unsafe extern "C" fn plugin_log(handle: *const c_void, level: i32, msg: *const u8, len: usize) {
     // SAFETY: `handle` is the plugin's boxed `LogTag`, alive until the instance drops.
     let tag = unsafe { &*handle.cast::<LogTag>() };
-    let message = lossy(msg, len);
+    let message = crate::logging::untrusted(&lossy(msg, len));
     let plugin = tag.plugin.as_str();
     match level {
         NBNET_LOG_ERROR => tracing::error!(plugin, "{message}"),

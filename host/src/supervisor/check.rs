@@ -7,14 +7,16 @@
 //! that crashes while loading must not take the master with it.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 
+use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use nix::sys::wait::waitpid;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
 use super::decision::Exit;
 use crate::config::Config;
-use crate::plugin::Plugin;
+use crate::plugin::{image, Plugin};
 
 /// The outcome of loading every plugin once.
 #[derive(Debug, Default)]
@@ -25,9 +27,14 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// Loads (and destroys) each plugin of `config` in a child process.
-pub fn check_plugins(config: &Config) -> Report {
-    let mut report = Report::default();
+/// Takes an image of each plugin file of `config` (see
+/// [`crate::plugin::image`]: what the workers of this config will load),
+/// then loads (and destroys) each plugin in a child process.
+pub fn check_plugins(config: &mut Config) -> Report {
+    let mut report = Report {
+        errors: image::snapshot_all(config),
+        ..Report::default()
+    };
     let (mut reader, writer) = match std::io::pipe() {
         Ok(pipe) => pipe,
         Err(e) => {
@@ -53,15 +60,11 @@ pub fn check_plugins(config: &Config) -> Report {
         }
         Ok(ForkResult::Parent { child }) => {
             drop(writer);
-            // Bounded: a plugin whose init blocks must not freeze the master
-            // (during a reload it would stop reaping, the watchdog, admin
-            // and signals).
-            let limit = config.server.plugin_timeout.max(CHECK_TIMEOUT);
-            let (text, timed_out) = read_until_eof(&mut reader, limit);
-            if timed_out {
-                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-            }
-            let status = waitpid(child, None).ok().and_then(Exit::from_wait);
+            let limit = config.server.init_timeout;
+            let (text, outcome) = watch(child, &mut reader, limit);
+            // Whatever the plugins started in the child's process group
+            // goes with it (a daemon forked in init, say).
+            super::sweep_group(child);
             let mut loading: Option<&str> = None;
             for line in text.lines() {
                 match line.split_once('\t') {
@@ -77,18 +80,26 @@ pub fn check_plugins(config: &Config) -> Report {
                     _ => {}
                 }
             }
-            match (status, loading) {
-                (_, Some(what)) if timed_out => report.errors.push(format!(
-                    "{what}: did not finish loading within {limit:?} (does its init block?)"
+            match (outcome, loading) {
+                (Outcome::TimedOut, Some(what)) => report.errors.push(format!(
+                    "{what}: did not finish loading within init_timeout = {limit:?} (does its init block? raise [server] init_timeout if it legitimately takes longer)"
                 )),
-                (Some(Exit::Code(0)), None) => {}
-                (status, Some(what)) => report.errors.push(format!(
-                    "{what}: the plugin crashed the process while loading ({})",
-                    status.map_or("unknown status".to_string(), |s| s.to_string())
+                (Outcome::Exited(Exit::Code(0)), None) => {}
+                (Outcome::Exited(Exit::Code(DESCRIPTORS_CLOSED)), Some(what)) => {
+                    report.errors.push(format!(
+                        "{what}: its init closed file descriptors it did not open (the host's); a plugin must close only descriptors it opened itself"
+                    ))
+                }
+                (Outcome::Exited(exit), Some(what)) => report.errors.push(format!(
+                    "{what}: ended the process while loading: {}",
+                    exit.inside_plugin()
                 )),
-                (status, None) => report.errors.push(format!(
-                    "the plugin checker failed ({})",
-                    status.map_or("unknown status".to_string(), |s| s.to_string())
+                (outcome, None) => report
+                    .errors
+                    .push(format!("the plugin checker failed ({outcome})")),
+                (Outcome::Lost, Some(what)) => report.errors.push(format!(
+                    "{what}: the plugin checker failed ({})",
+                    Outcome::Lost
                 )),
             }
             report
@@ -96,41 +107,120 @@ pub fn check_plugins(config: &Config) -> Report {
     }
 }
 
-/// The least time the plugin check may take before it is given up on.
-const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How the checker child ended.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Exited(Exit),
+    /// No report line for longer than the limit: killed.
+    TimedOut,
+    /// `waitpid` failed.
+    Lost,
+}
 
-/// Reads the checker's report until it closes the pipe or `limit` passes;
-/// `(text, timed_out)`.
-fn read_until_eof(reader: &mut std::io::PipeReader, limit: std::time::Duration) -> (String, bool) {
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(exit) => write!(f, "{exit}"),
+            Outcome::TimedOut => f.write_str("timed out"),
+            Outcome::Lost => f.write_str("its status could not be read"),
+        }
+    }
+}
+
+/// Collects the checker's report until the checker exits, killing it when
+/// it says nothing for `limit` (each plugin gets `limit` to load).
+///
+/// Ends when the *child* ends, not at end-of-file: a plugin that forked a
+/// long-lived process in init could keep a copy of the pipe open forever.
+fn watch(
+    child: nix::unistd::Pid,
+    reader: &mut std::io::PipeReader,
+    limit: std::time::Duration,
+) -> (String, Outcome) {
     use std::os::fd::AsFd;
-    let deadline = std::time::Instant::now() + limit;
-    let nonblocking = nix::fcntl::fcntl(
+    let _ = nix::fcntl::fcntl(
         reader.as_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     );
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 4096];
+    let mut deadline = std::time::Instant::now() + limit;
+    let mut killed = false;
     loop {
-        match reader.read(&mut chunk) {
-            Ok(0) => return (String::from_utf8_lossy(&bytes).into_owned(), false),
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && nonblocking.is_ok() => {
-                if std::time::Instant::now() >= deadline {
-                    return (String::from_utf8_lossy(&bytes).into_owned(), true);
+        // Everything written so far (the child may be gone already).
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    bytes.extend_from_slice(&chunk[..n]);
+                    // Progress: the next plugin gets its own `limit`. (The
+                    // report is a few lines per plugin; a flood is cut.)
+                    deadline = std::time::Instant::now() + limit;
+                    bytes.truncate(MAX_REPORT_BYTES);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return (String::from_utf8_lossy(&bytes).into_owned(), false),
         }
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => {
+                if let Some(exit) = Exit::from_wait(status) {
+                    // Whatever it wrote just before exiting.
+                    while let Ok(n @ 1..) = reader.read(&mut chunk) {
+                        bytes.extend_from_slice(&chunk[..n]);
+                        bytes.truncate(MAX_REPORT_BYTES);
+                    }
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    let outcome = if killed {
+                        Outcome::TimedOut
+                    } else {
+                        Outcome::Exited(exit)
+                    };
+                    return (text, outcome);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => return (String::from_utf8_lossy(&bytes).into_owned(), Outcome::Lost),
+        }
+        if !killed && std::time::Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            killed = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
+
+/// The most report text kept from the checker.
+const MAX_REPORT_BYTES: usize = 1 << 20;
 
 /// The child: report `LOADING`, then `OK` or `ERROR`, per plugin, one line each.
 fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Its own process group, swept by the master afterwards.
+    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
+    // Only the report pipe and the plugin images are this process's
+    // business: the master's listeners, admin socket and signalfd must not
+    // reach anything a plugin forks here.
+    let mut keep: Vec<RawFd> = vec![0, 1, 2, out.as_raw_fd()];
+    keep.extend(
+        config
+            .plugins
+            .iter()
+            .filter_map(|p| p.image.as_ref())
+            .map(|i| i.as_raw_fd()),
+    );
+    close_all_but(&keep);
+    crate::fork_guard::install();
+    for &fd in &keep[3..] {
+        crate::fork_guard::protect(fd);
+    }
     let count = config.server.worker_count() as u32;
     for spec in &config.plugins {
+        if spec.image.is_none() {
+            // Its file could not be read: already reported.
+            continue;
+        }
         let what = format!("plugin {:?} ({})", spec.name, spec.path.display());
         let _ = writeln!(out, "LOADING\t{}", one_line(&what));
         let _ = out.flush();
@@ -138,13 +228,41 @@ fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
             Ok(plugin) => format!("OK\t{}", one_line(&plugin.describe())),
             Err(e) => format!("ERROR\t{}", one_line(&e.to_string())),
         };
+        if crate::fork_guard::first_closed().is_some() {
+            // The report pipe may be gone with them: say it by exit status
+            // (and do not close it again: std aborts on a double close).
+            std::mem::forget(out);
+            return DESCRIPTORS_CLOSED;
+        }
         let _ = writeln!(out, "{line}");
     }
     0
 }
 
+/// The checker's exit status when a plugin's init closed the checker's
+/// own descriptors (its report pipe among them).
+const DESCRIPTORS_CLOSED: i32 = 75;
+
+/// Closes every descriptor of this process but `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<RawFd> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if !keep.contains(&fd) {
+            // SAFETY: this fresh child owns no Rust object for these
+            // descriptors except the listing's own, already dropped (a
+            // failed close of it is harmless).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 fn one_line(text: &str) -> String {
-    text.replace(['\n', '\t'], " ")
+    crate::logging::untrusted(text).replace('\t', " ")
 }
 
 /// What `--check` finds out by trying each listener's address (without

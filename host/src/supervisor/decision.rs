@@ -30,6 +30,22 @@ impl Exit {
     }
 }
 
+impl Exit {
+    /// How a process ended while a plugin's code was running (loading, or
+    /// in a call): an exit status there means the plugin called `exit`.
+    pub fn inside_plugin(&self) -> String {
+        match self {
+            Exit::Code(code) => {
+                format!("the process exited with status {code} (the plugin called exit({code})?)")
+            }
+            Exit::Signal(Signal::SIGKILL) => {
+                "killed by SIGKILL (the OOM killer, or an operator?)".to_string()
+            }
+            Exit::Signal(signal) => format!("killed by {signal} (a crash in the plugin?)"),
+        }
+    }
+}
+
 impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -51,15 +67,46 @@ pub enum Decision {
     Halt(i32),
 }
 
-/// Decides about a worker that exited unasked. `restarts_done` counts the
-/// restarts performed within the restart window; like nbNet's
-/// `fork_processes`, the master gives up when one more would exceed
-/// `max_restarts`.
-pub fn on_worker_exit(exit: Exit, restarts_done: u32, max_restarts: u32) -> Decision {
-    match exit {
-        // It could not load its plugins: a new worker would fail the same
-        // way, so restarting would only loop.
-        Exit::Code(exit_code::PLUGIN_LOAD_FAILED) => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
+/// How far a worker got before it exited, as its scoreboard entry says.
+///
+/// Deliberately not its exit status: a plugin can `exit(4)` from any call,
+/// and that must never be mistaken for "the plugins cannot load".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// It had said it was serving: whatever ended it is a crash of that one
+    /// worker.
+    Served,
+    /// It said a plugin refused to load (init returned an error, or the
+    /// library could not be opened): a new worker would fail the same way.
+    PluginRefused,
+    /// It ended before saying either (killed, crashed or exited inside a
+    /// plugin's init, hung past `init_timeout`, or failed to set up its
+    /// event loop). Once may be bad luck (an operator's `kill`); several
+    /// times in a row is a plugin that cannot start.
+    DiedStarting,
+}
+
+/// Consecutive [`Boot::DiedStarting`] exits of one slot after which the
+/// master gives up: the plugins evidently cannot start.
+pub const MAX_BOOT_FAILURES: u32 = 3;
+
+/// Decides about a worker that exited unasked. `boot_failures` counts this
+/// slot's consecutive workers that died before serving (this one included);
+/// `restarts_done` counts the restarts performed within the restart window;
+/// like nbNet's `fork_processes`, the master gives up when one more would
+/// exceed `max_restarts`.
+pub fn on_worker_exit(
+    boot: Boot,
+    boot_failures: u32,
+    restarts_done: u32,
+    max_restarts: u32,
+) -> Decision {
+    match boot {
+        // Restarting would only loop.
+        Boot::PluginRefused => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
+        Boot::DiedStarting if boot_failures >= MAX_BOOT_FAILURES => {
+            Decision::Halt(exit_code::PLUGIN_LOAD_FAILED)
+        }
         _ if restarts_done >= max_restarts => Decision::Halt(exit_code::TOO_MANY_RESTARTS),
         _ => Decision::Restart,
     }
@@ -90,30 +137,29 @@ mod tests {
 
     #[test]
     fn exits_map_to_restart_or_halt() {
+        use Boot::*;
         use Decision::*;
+        let load = Halt(exit_code::PLUGIN_LOAD_FAILED);
+        let too_many = Halt(exit_code::TOO_MANY_RESTARTS);
         let table = [
-            (Exit::Signal(Signal::SIGKILL), 0, 100, Restart),
-            (Exit::Signal(Signal::SIGSEGV), 99, 100, Restart),
-            (
-                Exit::Signal(Signal::SIGSEGV),
-                100,
-                100,
-                Halt(exit_code::TOO_MANY_RESTARTS),
-            ),
-            (Exit::Code(1), 0, 0, Halt(exit_code::TOO_MANY_RESTARTS)),
-            (Exit::Code(0), 2, 3, Restart),
-            (
-                Exit::Code(exit_code::PLUGIN_LOAD_FAILED),
-                0,
-                100,
-                Halt(exit_code::PLUGIN_LOAD_FAILED),
-            ),
+            (Served, 0, 0, 100, Restart),
+            (Served, 0, 99, 100, Restart),
+            (Served, 0, 100, 100, too_many),
+            (Served, 0, 0, 0, too_many),
+            // A worker that served is never a load failure, whatever it
+            // exited with (the exit status is not even an input).
+            (Served, 5, 0, 100, Restart),
+            (PluginRefused, 1, 0, 100, load),
+            (DiedStarting, 1, 0, 100, Restart),
+            (DiedStarting, MAX_BOOT_FAILURES - 1, 0, 100, Restart),
+            (DiedStarting, MAX_BOOT_FAILURES, 0, 100, load),
+            (DiedStarting, 1, 100, 100, too_many),
         ];
-        for (exit, done, max, expected) in table {
+        for (boot, failures, done, max, expected) in table {
             assert_eq!(
-                on_worker_exit(exit, done, max),
+                on_worker_exit(boot, failures, done, max),
                 expected,
-                "{exit} after {done}/{max}"
+                "{boot:?} ({failures} boot failures) after {done}/{max}"
             );
         }
     }

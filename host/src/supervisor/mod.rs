@@ -43,7 +43,7 @@ use crate::listener::{Endpoint, ListenSocket};
 use crate::scoreboard::{Scoreboard, Totals};
 use crate::signals::Signals;
 use crate::worker;
-use decision::{Decision, Exit};
+use decision::{Boot, Decision, Exit};
 
 /// The master's `signalfd`.
 const SIGNALS: Token = Token(0);
@@ -136,6 +136,8 @@ struct Slot {
     restart_at: Instant,
     /// Consecutive deaths within `STABLE_AFTER` of starting.
     crash_streak: u32,
+    /// Consecutive workers that died before they were ready.
+    boot_failures: u32,
 }
 
 impl Slot {
@@ -144,6 +146,7 @@ impl Slot {
             pid: None,
             restart_at: now,
             crash_streak: 0,
+            boot_failures: 0,
         }
     }
 }
@@ -191,10 +194,19 @@ pub struct Master {
 }
 
 /// Serves `config` until stopped; returns the process exit code.
-pub fn serve(config: Config) -> i32 {
+pub fn serve(mut config: Config) -> i32 {
+    // 0. Processes that plugins start and that outlive their worker become
+    //    the master's children (not init's), so that the master can reap
+    //    them and sweep them away when it stops.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(
+            "cannot become a child subreaper ({e}): processes plugins start may outlive nbnet"
+        );
+    }
+
     // 1. Every plugin must load before anything is forked: a broken plugin
     //    is one clear error now, not a restart loop later.
-    if let Err(count) = check_and_report(&config) {
+    if let Err(count) = check_and_report(&mut config) {
         tracing::error!(
             "not starting: {count} plugin problem(s) in {}",
             config.file.display()
@@ -292,7 +304,7 @@ pub fn serve(config: Config) -> i32 {
 
 /// Loads every plugin of `config` in a child; logs what loaded and every
 /// problem. `Err(count)` when something is wrong.
-fn check_and_report(config: &Config) -> Result<(), usize> {
+fn check_and_report(config: &mut Config) -> Result<(), usize> {
     let report = check::check_plugins(config);
     for error in &report.errors {
         tracing::error!("{error}");
@@ -389,6 +401,49 @@ impl Bound {
     }
 }
 
+/// Kills what is left of the process group of `leader` (a worker or the
+/// plugin checker, each of which leads its own group), once the leader is
+/// gone: processes its plugins started and left running. Groups outlive
+/// their leader, and the kernel does not reuse a PID while its group has
+/// members, so the number still means this group.
+pub(crate) fn sweep_group(leader: Pid) {
+    if kill(Pid::from_raw(-leader.as_raw()), Signal::SIGKILL).is_ok() {
+        tracing::warn!(
+            "killed processes left behind by plugins of process {leader} (its process group); a plugin must stop what it starts in its destroy hook"
+        );
+    }
+}
+
+/// At the end of a stop: kills every child the master still has — orphans
+/// that a plugin's process left behind and that escaped their worker's
+/// process group (`setsid`), adopted by the master as subreaper — and reaps
+/// them, so that `nbnet stop` leaves no process of the server behind.
+fn sweep_orphans() {
+    let me = getpid();
+    let path = format!("/proc/{me}/task/{me}/children");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let orphans: Vec<Pid> = text
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .map(Pid::from_raw)
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        "killing {} process(es) that plugins started and left running: {orphans:?}",
+        orphans.len()
+    );
+    for &pid in &orphans {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    for pid in orphans {
+        let _ = waitpid(pid, None);
+    }
+}
+
 fn plugin_names(config: &Config) -> std::rc::Rc<Vec<String>> {
     std::rc::Rc::new(config.plugins.iter().map(|p| p.name.clone()).collect())
 }
@@ -472,8 +527,13 @@ impl Master {
                 let tick = if replacing {
                     REPLACEMENT_TICK
                 } else {
-                    (self.config.server.plugin_timeout / 4)
-                        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+                    (self
+                        .config
+                        .server
+                        .plugin_timeout
+                        .min(self.config.server.init_timeout)
+                        / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1))
                 };
                 Some(restart.map_or(now + tick, |at| at.min(now + tick)))
             }
@@ -596,7 +656,7 @@ impl Master {
         }
         let file = self.config.file.clone();
         tracing::info!("SIGHUP received: reloading {}", file.display());
-        let config = match config::load(&file) {
+        let mut config = match config::load(&file) {
             Ok(config) => config,
             Err(e) => {
                 for line in e.to_string().lines() {
@@ -608,7 +668,7 @@ impl Master {
                 return;
             }
         };
-        if let Err(count) = check_and_report(&config) {
+        if let Err(count) = check_and_report(&mut config) {
             tracing::error!(
                 "reload aborted: {count} plugin problem(s); still serving the previous config"
             );
@@ -773,10 +833,13 @@ impl Master {
             let (Some(pid), Some(exit)) = (status.pid(), Exit::from_wait(status)) else {
                 continue;
             };
-            // Not one of ours (a plugin checker already reaped, say): ignore.
+            // Not one of ours (an orphan a plugin left behind, adopted by
+            // the master as subreaper): reaped, nothing else to do.
             let Some(worker) = self.workers.remove(&pid) else {
                 continue;
             };
+            // What its plugins started goes with it.
+            sweep_group(pid);
             // Keep its numbers before the entry is reused.
             self.retired.add(
                 &self.scoreboard.slot(worker.board).stats,
@@ -818,24 +881,53 @@ impl Master {
             }
             return;
         }
+        // How far it got, from the scoreboard (never from its exit status,
+        // which a plugin controls).
+        let board = self.scoreboard.slot(worker.board);
+        let boot = if board.is_ready() {
+            Boot::Served
+        } else if board.load_failed().is_some() {
+            Boot::PluginRefused
+        } else {
+            Boot::DiedStarting
+        };
+        let cause = match (worker.hung, board.load_failed()) {
+            (Some((plugin, elapsed)), _) => format!(
+                "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}{}",
+                worker.plugins.get(plugin).map_or("?", String::as_str),
+                if boot == Boot::Served {
+                    ""
+                } else {
+                    " while loading (over init_timeout)"
+                }
+            ),
+            (None, Some(plugin)) => format!(
+                "plugin {:?} could not be loaded (its error is logged above)",
+                worker.plugins.get(plugin).map_or("?", String::as_str)
+            ),
+            (None, None) if boot == Boot::DiedStarting => {
+                match self.scoreboard.slot(worker.board).in_flight() {
+                    Some(plugin) => format!(
+                        "it ended while loading plugin {:?}: {}",
+                        worker.plugins.get(plugin).map_or("?", String::as_str),
+                        exit.inside_plugin()
+                    ),
+                    None => format!(
+                        "it ended before it was ready, after loading its plugins ({exit}; its error, if any, is logged above)"
+                    ),
+                }
+            }
+            (None, None) => format!("{exit}{running}"),
+        };
         let of_pending_reload = self
             .reload
             .as_ref()
             .is_some_and(|r| r.generation == worker.generation);
-        if of_pending_reload && exit == Exit::Code(exit_code::PLUGIN_LOAD_FAILED) {
-            tracing::error!(
-                "new worker {index} (pid {pid}) could not load its plugins (see above)"
-            );
+        if of_pending_reload && boot != Boot::Served {
+            tracing::error!("new worker {index} (pid {pid}) failed to start: {cause}");
             self.roll_back_reload();
             return;
         }
-        let cause = match worker.hung {
-            Some((plugin, elapsed)) => format!(
-                "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}",
-                worker.plugins.get(plugin).map_or("?", String::as_str)
-            ),
-            None => format!("{exit}{running}"),
-        };
         self.last_exits.insert(index, cause.clone());
         let Some(slot) = self.slots.get_mut(index) else {
             // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
@@ -847,7 +939,12 @@ impl Master {
         } else {
             1
         };
+        slot.boot_failures = match boot {
+            Boot::Served => 0,
+            _ => slot.boot_failures + 1,
+        };
         let streak = slot.crash_streak;
+        let boot_failures = slot.boot_failures;
 
         let window = self.config.server.restart_window;
         while self
@@ -858,7 +955,7 @@ impl Master {
             self.restarts.pop_front();
         }
         let max = self.config.server.max_restarts;
-        match decision::on_worker_exit(exit, self.restarts.len() as u32, max) {
+        match decision::on_worker_exit(boot, boot_failures, self.restarts.len() as u32, max) {
             Decision::Restart => {
                 self.restarts.push_back(now);
                 self.restarts_total += 1;
@@ -883,9 +980,15 @@ impl Master {
                 }
             }
             Decision::Halt(code @ exit_code::PLUGIN_LOAD_FAILED) => {
-                tracing::error!(
-                    "worker {index} (pid {pid}) could not load its plugins (see above): stopping, since a new worker would fail the same way"
-                );
+                if boot == Boot::PluginRefused {
+                    tracing::error!(
+                        "worker {index} (pid {pid}) failed to start: {cause}; stopping, since a new worker would fail the same way"
+                    );
+                } else {
+                    tracing::error!(
+                        "worker {index} (pid {pid}) failed to start: {cause}; that is {boot_failures} workers in a row that never became ready: stopping"
+                    );
+                }
                 self.halt(code, Stop::Graceful);
             }
             Decision::Halt(code) => {
@@ -975,10 +1078,17 @@ impl Master {
             return;
         }
         let now = Instant::now();
-        let timeout = self.config.server.plugin_timeout;
         let mut retiring = Vec::new();
         for (&pid, worker) in self.workers.iter_mut() {
             let board = self.scoreboard.slot(worker.board);
+            // A worker still loading its plugins is held to init_timeout
+            // (its config's: a reload may have changed it meanwhile, but
+            // both are in force for their own workers).
+            let (timeout, key) = if board.is_ready() {
+                (self.config.server.plugin_timeout, "plugin_timeout")
+            } else {
+                (self.config.server.init_timeout, "init_timeout")
+            };
             // The watchdog: a call in flight whose counter has not moved for
             // plugin_timeout is hung; SIGKILL, since a hung plugin would not
             // act on SIGTERM.
@@ -991,7 +1101,7 @@ impl Master {
                         continue;
                     }
                     tracing::error!(
-                        "plugin {:?} has not returned for {elapsed:.1?} in worker {} (pid {pid}), over plugin_timeout = {timeout:?}: killing the worker",
+                        "plugin {:?} has not returned for {elapsed:.1?} in worker {} (pid {pid}), over {key} = {timeout:?}: killing the worker",
                         worker.plugins.get(plugin).map_or("?", String::as_str),
                         worker.index
                     );
@@ -1103,6 +1213,7 @@ impl Master {
             }
             Phase::Stopping { code, deadline } => {
                 if self.workers.is_empty() {
+                    sweep_orphans();
                     tracing::info!("stopped");
                     return Some(code);
                 }

@@ -12,6 +12,8 @@ pub mod conn;
 pub mod deadlines;
 pub mod reactor;
 
+use std::os::fd::AsRawFd;
+
 use nix::sys::signal::Signal;
 use nix::unistd::{getpid, getppid, Pid};
 
@@ -56,6 +58,26 @@ pub fn run(
     if getppid() != who.master {
         return exit_code::FAILURE;
     }
+    // Its own process group: whatever its plugins start stays in it, and
+    // the master kills the group when the worker is gone (see
+    // `supervisor::sweep_group`), so nothing a plugin forked outlives it.
+    if let Err(e) = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)) {
+        tracing::warn!(
+            "cannot start a process group: {e}; processes plugins fork may outlive this worker"
+        );
+    }
+    // A stack overflow names this worker, not the master (see there).
+    crate::signals::report_stack_overflow(who.index);
+    // The worker's descriptors are closed in any child a plugin forks.
+    crate::fork_guard::install();
+    for socket in &sockets {
+        crate::fork_guard::protect(socket.as_raw_fd());
+    }
+    for spec in &config.plugins {
+        if let Some(image) = &spec.image {
+            crate::fork_guard::protect(image.as_raw_fd());
+        }
+    }
 
     let signals = match Signals::block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT]) {
         Ok(signals) => signals,
@@ -64,6 +86,7 @@ pub fn run(
             return exit_code::FAILURE;
         }
     };
+    crate::fork_guard::protect(signals.raw_fd());
 
     let mut plugins = Vec::with_capacity(config.plugins.len());
     for (index, spec) in config.plugins.iter().enumerate() {
@@ -73,12 +96,31 @@ pub fn run(
             Plugin::load(spec, who.index as u32, who.count as u32)
         });
         match loaded {
+            // An init that closed the worker's own descriptors (a "close
+            // every fd" loop, say) leaves a worker that cannot serve: name
+            // the plugin now rather than fail obscurely later.
+            Ok(plugin) if crate::fork_guard::first_closed().is_some() => {
+                let fd = crate::fork_guard::first_closed().unwrap_or(-1);
+                tracing::error!(
+                    "{}: its init closed file descriptor {fd}, which belongs to the worker (a listening socket or the worker's signal or plugin descriptor); a plugin must close only descriptors it opened",
+                    plugin.describe()
+                );
+                slot.set_load_failed(index);
+                // Its descriptors are gone already: closing them again
+                // would abort (std checks), so they are not dropped.
+                std::mem::forget(sockets);
+                std::mem::forget(signals);
+                std::mem::forget(plugin);
+                return exit_code::PLUGIN_LOAD_FAILED;
+            }
             Ok(plugin) => {
                 tracing::debug!("{}", plugin.describe());
                 plugins.push(plugin);
             }
             Err(e) => {
                 tracing::error!("{e}");
+                // Through the scoreboard, not the exit status: see `Slot::boot`.
+                slot.set_load_failed(index);
                 return exit_code::PLUGIN_LOAD_FAILED;
             }
         }

@@ -6,6 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
@@ -312,6 +313,7 @@ impl Reactor {
                         tracing::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
+                    crate::fork_guard::protect(stream.as_raw_fd());
                     self.slot.stats.connections_open.add(1);
                     self.slot.stats.connections_total.add(1);
                     let deadline = now + self.limits.read_timeout;
@@ -364,6 +366,7 @@ impl Reactor {
             self.slot.stats.protocol_errors.add(1);
         }
         let _ = self.poll.registry().deregister(conn.stream_mut());
+        crate::fork_guard::release(conn.stream_mut().as_raw_fd());
         let peer = conn.peer().to_string();
         let listener = &self.listeners[conn.listener];
         let plugin = &mut self.plugins[listener.plugin];

@@ -1,0 +1,167 @@
+//! Keeps the host's descriptors out of processes that plugins fork.
+//!
+//! A plugin may `fork()` (a helper daemon started in init, a `popen` in a
+//! call). Close-on-exec only helps if the child then `exec`s: a child that
+//! does not — or that lives on between fork and exec — would inherit the
+//! worker's listening sockets, client connections, signalfd and the
+//! plugin images, and could keep a port listening after `nbnet stop`, or
+//! keep a client's connection open after the worker closed it.
+//!
+//! So the worker (and the `--check` child) registers a `pthread_atfork`
+//! child handler that closes every descriptor marked here. glibc runs it in
+//! the child of every `fork()` made through libc (including `popen` and
+//! `system` where they fork); `posix_spawn` and `vfork` children skip it,
+//! but they `exec` at once and close-on-exec (set on all of the host's
+//! descriptors) covers them. A raw `clone` syscall bypasses both: that is
+//! documented in docs/plugins.md.
+//!
+//! The marks are a bitmap indexed by descriptor number, in an anonymous
+//! mapping sized to the process's descriptor limit (pages are only touched
+//! for the numbers used). Only the worker's thread writes it; the handler
+//! only reads it, with plain atomic loads, and calls `close`: both are
+//! async-signal-safe, as a handler run after `fork` must be.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Once;
+
+/// The bitmap (null until [`install`]) and its length in words.
+static BITS: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static WORDS: AtomicUsize = AtomicUsize::new(0);
+/// The most descriptors the bitmap covers (64 KiB of address space).
+const MAX_FDS: u64 = 1 << 19;
+
+/// Sets up the bitmap and registers the fork handler (once per process).
+/// Marks made before it are lost, so call it before marking.
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(MAX_FDS, |(soft, _)| soft)
+            .clamp(1024, MAX_FDS);
+        let words = limit.div_ceil(64) as usize;
+        let Some(bytes) = std::num::NonZeroUsize::new(words * 8) else {
+            return;
+        };
+        // SAFETY: a fresh private anonymous mapping, zero-filled (every
+        // word a valid `AtomicU64` of 0), never unmapped.
+        let mapped = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                bytes,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
+            )
+        };
+        let Ok(mapped) = mapped else {
+            tracing::warn!("cannot map the descriptor table for forks by plugins: processes plugins fork may inherit the worker's sockets");
+            return;
+        };
+        WORDS.store(words, Ordering::Relaxed);
+        BITS.store(mapped.as_ptr().cast(), Ordering::Release);
+        // SAFETY: `close_marked` is async-signal-safe (atomic loads and
+        // `close`), as a handler that runs in a forked child must be.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_marked)) };
+        if rc != 0 {
+            tracing::warn!("pthread_atfork failed ({rc}): processes plugins fork may inherit the worker's sockets");
+        }
+    });
+}
+
+/// The word and bit of `fd`, if the bitmap covers it.
+fn locate(fd: RawFd) -> Option<(&'static AtomicU64, u64)> {
+    let bits = BITS.load(Ordering::Acquire);
+    let index = usize::try_from(fd).ok()?;
+    if bits.is_null() || index / 64 >= WORDS.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: in bounds of the mapping, which is never unmapped.
+    Some((unsafe { &*bits.add(index / 64) }, 1 << (index % 64)))
+}
+
+/// Marks `fd` as the host's: closed in every child a plugin forks.
+pub fn protect(fd: RawFd) {
+    if let Some((word, bit)) = locate(fd) {
+        // One writer (the worker's thread): a load and a store.
+        word.store(word.load(Ordering::Relaxed) | bit, Ordering::Relaxed);
+    }
+}
+
+/// Unmarks `fd` (call before closing it: the number may be reused for a
+/// plugin's own descriptor).
+pub fn release(fd: RawFd) {
+    if let Some((word, bit)) = locate(fd) {
+        word.store(word.load(Ordering::Relaxed) & !bit, Ordering::Relaxed);
+    }
+}
+
+/// The first marked descriptor that is no longer open (a plugin closed it),
+/// if any.
+pub fn first_closed() -> Option<RawFd> {
+    marked().find(|&fd| {
+        // SAFETY: F_GETFD only asks whether `fd` is open.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) == -1 }
+    })
+}
+
+/// Every marked descriptor, in order.
+fn marked() -> impl Iterator<Item = RawFd> {
+    let bits = BITS.load(Ordering::Acquire);
+    let words = if bits.is_null() {
+        0
+    } else {
+        WORDS.load(Ordering::Relaxed)
+    };
+    (0..words).flat_map(move |w| {
+        // SAFETY: `w < words`, within the mapping.
+        let mut word = unsafe { (*bits.add(w)).load(Ordering::Relaxed) };
+        std::iter::from_fn(move || {
+            if word == 0 {
+                return None;
+            }
+            let bit = word.trailing_zeros();
+            word &= word - 1;
+            Some((w * 64 + bit as usize) as RawFd)
+        })
+    })
+}
+
+/// The fork handler: closes every marked descriptor in the new child.
+extern "C" fn close_marked() {
+    let bits = BITS.load(Ordering::Acquire);
+    if bits.is_null() {
+        return;
+    }
+    for w in 0..WORDS.load(Ordering::Relaxed) {
+        // SAFETY: `w < WORDS`, within the mapping (copied into the child).
+        let mut word = unsafe { (*bits.add(w)).load(Ordering::Relaxed) };
+        while word != 0 {
+            let bit = word.trailing_zeros() as usize;
+            word &= word - 1;
+            // SAFETY: closing a descriptor in this fresh child only; the
+            // parent's stays open.
+            unsafe { libc::close((w * 64 + bit) as RawFd) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_set_cleared_and_listed_in_order() {
+        install();
+        // Numbers no test has open: other tests of this process may fork.
+        protect(1010);
+        protect(1000);
+        protect(1020);
+        release(1010);
+        let listed: Vec<RawFd> = marked().collect();
+        assert_eq!(listed, [1000, 1020]);
+        release(1000);
+        release(1020);
+        protect(-1); // ignored, not a panic
+        assert_eq!(marked().count(), 0);
+    }
+}
