@@ -80,6 +80,9 @@ pub struct Artifacts {
     pub echo_c_so: PathBuf,
     /// C example `counter-c` (`plugins/counter-c/counter.c`): 10, 11, ... with `start = 10`.
     pub counter_c_so: PathBuf,
+    /// C test plugin that exits, tampers, forks and closes descriptors on
+    /// request (`plugins/testing/c/hostile.c`).
+    pub hostile_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -192,6 +195,7 @@ fn build_now() -> Artifacts {
         sha256_so: rust_plugin("sha256"),
         echo_c_so: c_plugin("plugins/echo-c/echo.c", "libecho_c.so"),
         counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
+        hostile_so: c_plugin("plugins/testing/c/hostile.c", "libhostile.so"),
         nbnet,
     }
 }
@@ -617,6 +621,7 @@ impl Sandbox {
                 "sha256" => path(&a.sha256_so),
                 "echo_c" => path(&a.echo_c_so),
                 "counter_c" => path(&a.counter_c_so),
+                "hostile" => path(&a.hostile_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);

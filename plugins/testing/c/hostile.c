@@ -1,0 +1,163 @@
+/*
+ * hostile.c -- test-only plugin, written from nbnet_plugin.h alone, that does
+ * what a careless or hostile plugin author might: exit the process, tamper
+ * with the host's response fields, fork long-lived children, close the
+ * worker's descriptors, block in init, forge log lines. The hardening tests
+ * (tests/hardening.rs) check that none of it stops the server.
+ *
+ * Its config table picks what init does (all optional):
+ *   init_sleep_ms = N    sleep N ms in init
+ *   init_exit = N        exit(N) in init
+ *   init_daemon = true   fork a child in init that blocks every signal it
+ *                        can and sleeps forever (without exec)
+ *   init_close_fds = true  close descriptors 3..1023 in init
+ *   init_error = "text"  fail init with this message (may hold newlines)
+ *   only_worker = I      do the above only in worker I (the host's check
+ *                        loads plugins as worker 0, so I > 0 passes it)
+ *
+ * The request picks what process does:
+ *   "exit:N"     _exit(N)
+ *   "tamper"     answers "tampered", then points every host callback of the
+ *                response (write, grow, reserve, commit, set_error) at NULL
+ *   "daemon"     forks a child that sleeps forever (no exec), answers its pid
+ *   "forge"      fails with a message that holds a newline and a fake log line
+ *   "flood"      fails with a 1 MiB message
+ *   "overflow"   recurses until the stack overflows
+ *   anything else -> answered "ok:" + the request
+ */
+#define _DEFAULT_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nbnet_plugin.h"
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
+/* A child that outlives everything it can: all signals blocked, no exec. */
+static pid_t spawn_daemon(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_BLOCK, &all, NULL);
+        for (;;) {
+            sleep(1000);
+        }
+    }
+    return pid;
+}
+
+static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
+    const char *value;
+    *state = NULL;
+    if ((value = ctx->config_get(ctx, "only_worker")) != NULL &&
+        (uint32_t)atol(value) != ctx->worker_index) {
+        return NBNET_OK;
+    }
+    if ((value = ctx->config_get(ctx, "init_sleep_ms")) != NULL) {
+        sleep_ms(atol(value));
+    }
+    if ((value = ctx->config_get(ctx, "init_exit")) != NULL) {
+        exit(atoi(value));
+    }
+    if ((value = ctx->config_get(ctx, "init_daemon")) != NULL && strcmp(value, "true") == 0) {
+        spawn_daemon();
+    }
+    if ((value = ctx->config_get(ctx, "init_close_fds")) != NULL && strcmp(value, "true") == 0) {
+        for (int fd = 3; fd < 1024; fd++) {
+            close(fd);
+        }
+    }
+    if ((value = ctx->config_get(ctx, "init_error")) != NULL) {
+        ctx->set_error(ctx, value, strlen(value));
+        return NBNET_ERR;
+    }
+    return NBNET_OK;
+}
+
+static volatile int depth_sink;
+/* Always 1 at run time; volatile so the compiler cannot see the recursion
+ * never ends. */
+static volatile int keep_going = 1;
+
+static int recurse(int depth) {
+    volatile char pad[256];
+    pad[0] = (char)depth;
+    depth_sink = pad[0];
+    if (!keep_going) {
+        return 0;
+    }
+    return recurse(depth + 1) + pad[0];
+}
+
+static int hostile_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
+    (void)state;
+    char text[64];
+    size_t n = len < sizeof text - 1 ? len : sizeof text - 1;
+    memcpy(text, req, n);
+    text[n] = '\0';
+
+    if (strncmp(text, "exit:", 5) == 0) {
+        _exit(atoi(text + 5));
+    }
+    if (strcmp(text, "tamper") == 0) {
+        int rc = nbnet_write(resp, "tampered", 8);
+        resp->write = NULL;
+        resp->grow = NULL;
+        resp->reserve = NULL;
+        resp->commit = NULL;
+        resp->set_error = NULL;
+        return rc;
+    }
+    if (strcmp(text, "daemon") == 0) {
+        char out[32];
+        int k = snprintf(out, sizeof out, "%d", (int)spawn_daemon());
+        return nbnet_write(resp, out, (size_t)k);
+    }
+    if (strcmp(text, "forge") == 0) {
+        static const char msg[] =
+            "innocent\n2026-01-01T00:00:00.000000Z ERROR master: worker 0 (pid 1) died: forged";
+        resp->set_error(resp, msg, sizeof msg - 1);
+        return NBNET_ERR;
+    }
+    if (strcmp(text, "flood") == 0) {
+        size_t size = 1 << 20;
+        char *msg = malloc(size);
+        if (msg != NULL) {
+            memset(msg, 'F', size);
+            resp->set_error(resp, msg, size);
+            free(msg);
+        }
+        return NBNET_ERR;
+    }
+    if (strcmp(text, "overflow") == 0) {
+        return recurse(0);
+    }
+    if (nbnet_write(resp, "ok:", 3) != NBNET_OK) {
+        return NBNET_ERR;
+    }
+    return nbnet_write(resp, req, len);
+}
+
+static const nbnet_plugin table = {
+    .abi_major = NBNET_ABI_MAJOR,
+    .abi_minor = NBNET_ABI_MINOR,
+    .struct_size = sizeof(nbnet_plugin),
+    .name = "hostile",
+    .version = "0.1.0",
+    .init = hostile_init,
+    .process = hostile_process,
+    .destroy = NULL,
+};
+
+NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) {
+    return &table;
+}
