@@ -24,6 +24,11 @@
  * Memory: the host owns every buffer it passes; the plugin owns its state.
  * Nothing allocated on one side is freed on the other.
  *
+ * Processes: the plugin may fork (the worker's sockets are closed in the
+ * child), but whatever it starts is killed when its worker exits. It must not
+ * close descriptors it did not open, nor call exit() (that only crashes its
+ * worker). init gets [server] init_timeout, each call plugin_timeout.
+ *
  * Versioning: NBNET_ABI_MAJOR changes only when meaning or layout changes;
  * the host refuses any other major. A minor bump only appends fields at the
  * end of a struct, so a plugin built for an older minor loads in a newer host.
@@ -86,8 +91,9 @@ typedef struct nbnet_conn {
  * the bytes written move with it), or NBNET_ERR past max_frame_bytes, and
  * the request fails. cap never reaches past max_frame_bytes (in a batch:
  * past answer_start + max_frame_bytes). Only len is yours to change: a
- * changed data or cap, or len > cap when process returns, fails the
- * request and nothing of it is sent. Every byte counted in len must have
+ * changed data or cap (or any other field: the host lends them afresh to
+ * every call), or len > cap when process returns, fails the request and
+ * nothing of it is sent. Every byte counted in len must have
  * been written. The older callbacks (write, reserve/commit) keep data, len
  * and cap up to date, so both styles mix. */
 typedef struct nbnet_response {
