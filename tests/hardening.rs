@@ -344,3 +344,70 @@ fn a_stack_overflow_names_the_worker_that_had_it() {
     assert_serving(&mut server, "a stack overflow");
     server.stop();
 }
+
+// --------------------------------------------------------------- lost stderr
+
+/// When the reader of stderr went away (a closed pipe), the next log line
+/// made the master panic (tracing-subscriber reported the failed write with
+/// `eprintln!`, which panics on the same broken stderr) and exit 101,
+/// taking every worker with it.
+#[test]
+fn a_lost_stderr_does_not_stop_the_server() {
+    use std::io::Read;
+    use std::process::Stdio;
+
+    let mut sandbox = Sandbox::new();
+    let file = sandbox.write_config(&config("workers = 1", ""));
+    let port = sandbox.port(0);
+    let mut master = sandbox
+        .command()
+        .arg("--config")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nbnet");
+    // Read the first bytes of the log, then hang up.
+    let mut stderr = master.stderr.take().expect("piped stderr");
+    let mut first = [0u8; 16];
+    stderr.read_exact(&mut first).expect("the first log bytes");
+    drop(stderr);
+    let mut answered = false;
+    for _ in 0..100 {
+        if let Ok(mut client) = Client::try_connect(port) {
+            if client.send_frame(b"x").is_ok() && client.read_frame().is_ok() {
+                answered = true;
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Log lines on a broken stderr: workers added and removed, a worker crash.
+    for signal in [libc::SIGTTIN, libc::SIGTTOU, libc::SIGTTIN] {
+        nbnet_tests::send_signal(master.id() as i32, signal);
+        thread::sleep(Duration::from_millis(200));
+    }
+    expect_no_answer(port, b"exit:1");
+    thread::sleep(Duration::from_millis(500));
+    let exited = master.try_wait().expect("try_wait");
+    let still_answers = Client::try_connect(port)
+        .ok()
+        .and_then(|mut c| c.send_frame(b"y").ok().map(|_| c.read_frame().ok()))
+        .flatten();
+    let workers: Vec<Proc> = nbnet_tests::children_of(master.id() as i32)
+        .into_iter()
+        .filter_map(Proc::of)
+        .collect();
+    let _ = master.kill();
+    let _ = master.wait();
+    for worker in workers {
+        worker.kill_if_alive();
+    }
+    assert!(answered, "nbnet never answered");
+    assert!(
+        exited.is_none(),
+        "the master exited ({}) after its stderr was closed",
+        exited.as_ref().map(describe).unwrap_or_default()
+    );
+    assert_eq!(still_answers.as_deref(), Some(&b"ok:y"[..]));
+}

@@ -21,6 +21,11 @@ pub fn init(level: LogLevel) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // When stderr's reader is gone (a closed pipe, a hung-up terminal)
+        // a write fails; tracing-subscriber would then report that with
+        // eprintln!, which panics on the same broken stderr and took the
+        // master down. A lost log stream must never stop the server.
+        .log_internal_errors(false)
         .try_init();
 }
 
