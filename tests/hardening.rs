@@ -411,3 +411,19 @@ fn a_lost_stderr_does_not_stop_the_server() {
     );
     assert_eq!(still_answers.as_deref(), Some(&b"ok:y"[..]));
 }
+
+/// `kill -USR1 <master>` (what logrotate scripts send nginx and gunicorn)
+/// killed the master and every worker with no log line.
+#[test]
+fn signals_an_operator_might_send_do_not_kill_nbnet() {
+    let mut server = Server::start(&config("workers = 1", ""));
+    let worker = server.wait_for_workers(1)[0];
+    for signal in [libc::SIGUSR1, libc::SIGWINCH] {
+        server.signal(signal);
+        nbnet_tests::send_signal(worker.pid, signal);
+    }
+    server.wait_for_log_line(&["SIGUSR1 received", "ignored"]);
+    assert!(worker.alive(), "the worker died\n{}", server.log());
+    assert_serving(&mut server, "SIGUSR1 and SIGWINCH");
+    server.stop();
+}

@@ -48,6 +48,7 @@ Signals to the master:
   SIGINT             fast stop: close every connection now, exit 0
   SIGHUP             reload config and plugins without refusing a connection
   SIGTTIN / SIGTTOU  one worker more / fewer
+  SIGUSR1, SIGWINCH  logged and ignored (logs go to stderr: nothing to reopen)
 
 Exit status: 0 stopped cleanly or check passed, 1 other failure (e.g. cannot
 listen), 2 bad command line, 3 invalid config, 4 a plugin failed to load or

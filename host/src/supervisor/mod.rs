@@ -62,8 +62,10 @@ const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
 
 /// The signals the master handles. SIGUSR2 is internal: a worker that
 /// wants to be replaced (`max_requests_per_worker`) sends it to wake the
-/// master at once.
-const MASTER_SIGNALS: [Signal; 8] = [
+/// master at once. SIGUSR1 (what logrotate scripts send nginx and gunicorn)
+/// and SIGWINCH (nginx's "retire workers") are taken so that they cannot
+/// kill the master: their default action would end it silently.
+const MASTER_SIGNALS: [Signal; 10] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -72,6 +74,8 @@ const MASTER_SIGNALS: [Signal; 8] = [
     Signal::SIGTTIN,
     Signal::SIGTTOU,
     Signal::SIGUSR2,
+    Signal::SIGUSR1,
+    Signal::SIGWINCH,
 ];
 
 /// Whether the master is serving or winding down.
@@ -488,6 +492,10 @@ impl Master {
                     // Reaping and retirement requests are handled below,
                     // whatever woke us.
                     Signal::SIGCHLD | Signal::SIGUSR2 => {}
+                    Signal::SIGUSR1 => tracing::info!(
+                        "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
+                    ),
+                    Signal::SIGWINCH => tracing::info!("SIGWINCH received: ignored"),
                     other => tracing::debug!("ignoring {other}"),
                 }
             }
