@@ -1,6 +1,7 @@
 # Convenience targets. `make run` builds everything in release mode (host,
-# Rust plugins, the C plugin) and serves config/nbnet.toml; `make test` runs
-# every test (the same as `cargo test --workspace`).
+# Rust plugins, the C plugin) and serves config/nbnet.toml; `make test`
+# installs the programs the tests use as real peers (haproxy, curl) when
+# missing, then runs every test (`cargo test --workspace`).
 
 CC ?= cc
 CFLAGS_PLUGIN = -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden -I plugin-api/include
@@ -16,4 +17,5 @@ build:
 	$(CC) $(CFLAGS_PLUGIN) -o target/release/libcounter_c.so plugins/counter-c/counter.c
 
 test:
+	bash tests/install-deps.sh
 	cargo test --workspace

@@ -12,7 +12,7 @@ fn curl(port: u16, path: &str) -> (u16, String) {
         .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
         .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
-        .expect("run curl (apt-get install curl)");
+        .expect("run curl: install it with `bash tests/install-deps.sh` (or apt-get install curl), or use `make test`, which does");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
