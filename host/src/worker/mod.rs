@@ -162,7 +162,11 @@ pub fn run(
         // Connections are closed (the reactor is gone); now the plugins'
         // destroy hooks run.
         Ok(plugins) => {
-            drop(plugins);
+            // Each destroy is a plugin call too: the watchdog sees one
+            // that hangs (and names it).
+            for (index, plugin) in plugins.into_iter().enumerate() {
+                slot.track(index, || drop(plugin));
+            }
             exit_code::OK
         }
         Err(e) => {

@@ -128,6 +128,8 @@ impl Reactor {
         slot: &'static Slot,
     ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
+        // A plugin's forked child must not share this epoll instance.
+        crate::fork_guard::protect(poll.as_raw_fd());
         signals.register(poll.registry(), SIGNALS)?;
         let mut listeners = listeners;
         for listener in &mut listeners {
