@@ -411,6 +411,40 @@ fn declared_lengths_are_not_allocated_up_front() {
     assert!(rss < RSS_BOUND_KIB, "worker RSS reached {rss} KiB");
 }
 
+/// A connection's buffer grown for a 16 MiB frame is given back once the
+/// frame is answered, also when the next frame's first bytes came in the
+/// same read (before: the 16 MiB stayed with the connection while it lived).
+#[test]
+fn after_a_large_frame_the_connection_gives_its_memory_back() {
+    // sha256 answers 64 bytes: no large answer is built anywhere.
+    let server = Server::start(&one_plugin_config("sha256", "{sha256}", "workers = 1"));
+    let worker = server.wait_for_workers(1)[0];
+    let before = rss_kib(worker.pid).unwrap();
+    let big = frame(&vec![b'b'; 16 * 1024 * 1024]);
+    let next = frame(b"next");
+    let mut client = server.client();
+    // All but the last 100 bytes; then those with the next frame's first
+    // bytes behind them, so that one read ends the frame and starts the next.
+    client.send_raw(&big[..big.len() - 100]).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let mut rest = big[big.len() - 100..].to_vec();
+    rest.extend_from_slice(&next[..5]);
+    client.send_raw(&rest).unwrap();
+    let digest = client.read_frame().unwrap();
+    assert_eq!(digest.len(), 64);
+    thread::sleep(Duration::from_millis(100));
+    let after = rss_kib(worker.pid).unwrap();
+    println!("worker RSS {before} KiB before a 16 MiB frame, {after} KiB after it");
+    assert!(
+        after < before + 4 * 1024,
+        "the worker still holds {} KiB after a 16 MiB frame was answered",
+        after.saturating_sub(before)
+    );
+    // The next frame is intact.
+    client.send_raw(&next[5..]).unwrap();
+    assert_eq!(client.read_frame().unwrap().len(), 64);
+}
+
 // ---------------------------------------------------- awkward closes, resets
 
 #[test]
