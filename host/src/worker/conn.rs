@@ -125,6 +125,12 @@ pub enum Close {
         /// Whether a frame was partly received (a stall, not just an idle connection).
         mid_frame: bool,
     },
+    /// The worker's connections held more than `max_buffered_bytes`, and
+    /// this one held the most.
+    OverBudget {
+        /// Bytes its buffers held.
+        held: usize,
+    },
 }
 
 /// Per-connection limits and tools the reactor lends to each event.
@@ -265,6 +271,15 @@ impl Connection {
     /// Whether part of a frame has been received.
     pub fn mid_frame(&self) -> bool {
         self.input_len > 0
+    }
+
+    /// Bytes of memory this connection's buffers hold: its partial
+    /// request(s) and its unsent responses, as allocated (capacity, which
+    /// is what the process's resident memory sees), for the worker's
+    /// `max_buffered_bytes` budget.
+    #[inline]
+    pub fn buffered_bytes(&self) -> usize {
+        self.input.capacity() + self.output.capacity()
     }
 
     /// Handles READABLE (or read-closed): reads what is there, answers every
