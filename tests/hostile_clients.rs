@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nbnet_tests::{
-    cpu_share, frame, one_plugin_config, raise_fd_limit, rss_kib, Client, Sandbox, Server,
+    check, cpu_share, frame, one_plugin_config, raise_fd_limit, rss_kib, Client, Sandbox, Server,
 };
 
 /// A worker spinning on a dead accept loop would use a whole core; an idle
@@ -64,6 +64,47 @@ fn linger_zero(stream: &TcpStream) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
+/// Connects with SO_RCVBUF at its minimum, set before connecting (so the
+/// window is small from the start and never autotuned): the kernel then
+/// holds little of what the server sends this client.
+fn connect_with_small_receive_buffer(to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = to else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns, with
+    // correctly sized arguments; the descriptor is handed to a TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let size: libc::c_int = 4096;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect to {to}: {}", io::Error::last_os_error());
+        stream
+    }
 }
 
 /// A fresh connection's round trip; panics if it fails.
@@ -409,6 +450,238 @@ fn declared_lengths_are_not_allocated_up_front() {
     let rss = rss_kib(worker.pid).unwrap();
     println!("worker RSS with 200 connections each declaring 16 MiB: {rss} KiB");
     assert!(rss < RSS_BOUND_KIB, "worker RSS reached {rss} KiB");
+}
+
+/// Issue 8: partial requests had no overall bound. 20 connections each send
+/// all of a 1 MiB frame but its last byte (20 MiB held until read_timeout
+/// before); with max_buffered_bytes = 4 MiB the worker closes the
+/// connections holding the most until its connections hold at most 4 MiB,
+/// so its memory stays bounded, while slow clients holding little and a
+/// fresh client are served.
+#[test]
+fn partial_frames_past_max_buffered_bytes_close_the_largest_holders_first() {
+    const FRAME: usize = 1024 * 1024;
+    const BUDGET: usize = 4 * FRAME;
+    const HOGS: usize = 20;
+    // Fixed costs of the attack besides the buffers: connections, the
+    // allocator's slack, the log.
+    const MARGIN_KIB: u64 = 8 * 1024;
+    let server = Server::start(&format!(
+        r#"
+[server]
+workers = 1
+max_frame_bytes = {FRAME}
+max_buffered_bytes = {BUDGET}
+
+[admin]
+addr = "127.0.0.1:{{admin}}"
+
+[[plugins]]
+name = "echo"
+path = "{{echo}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "echo"
+"#
+    ));
+    let worker = server.wait_for_workers(1)[0];
+    let before = rss_kib(worker.pid).unwrap();
+
+    // Slow but well-behaved clients: 50 bytes of a 100-byte frame each.
+    let mut slow: Vec<(Vec<u8>, Client)> = (0..5u8)
+        .map(|i| {
+            let request = frame(&[b'a' + i; 100]);
+            let mut c = server.client();
+            c.send_raw(&request[..60]).unwrap();
+            (request, c)
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+
+    let hog_frame = frame(&vec![b'h'; FRAME]);
+    let mut hogs: Vec<(TcpStream, SocketAddr)> = Vec::new();
+    let mut max_rss = before;
+    for _ in 0..HOGS {
+        let mut hog = TcpStream::connect(server.addr()).unwrap();
+        hog.set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Fails once the server has closed this connection: expected.
+        let _ = hog.write_all(&hog_frame[..hog_frame.len() - 1]);
+        let local = hog.local_addr().unwrap();
+        hogs.push((hog, local));
+        max_rss = max_rss.max(rss_kib(worker.pid).unwrap_or(0));
+    }
+    let closed_hogs = || -> Vec<SocketAddr> {
+        hogs.iter()
+            .filter(|(hog, _)| peek(hog) == Peek::Closed)
+            .map(|&(_, local)| local)
+            .collect()
+    };
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(50));
+        max_rss = max_rss.max(rss_kib(worker.pid).unwrap_or(0));
+    }
+    let growth = max_rss.saturating_sub(before);
+    println!(
+        "{HOGS} connections holding 1 MiB each, max_buffered_bytes = 4 MiB: {} closed; \
+         worker RSS {before} KiB -> max {max_rss} KiB (+{growth} KiB)",
+        closed_hogs().len()
+    );
+    assert!(
+        growth < (BUDGET / 1024) as u64 + MARGIN_KIB,
+        "worker RSS grew by {growth} KiB with max_buffered_bytes = {} KiB",
+        BUDGET / 1024
+    );
+    // At most 3 hogs fit in 4 MiB (each holds 1 MiB and a little more).
+    let closed = server.wait_for("the hogs over the budget closed", || {
+        let closed = closed_hogs();
+        (closed.len() >= HOGS - 3).then_some(closed)
+    });
+
+    // Largest first: the slow clients, holding 60 bytes each, were not
+    // closed; they finish their frames and get their answers.
+    for (request, c) in slow.iter_mut() {
+        c.send_raw(&request[60..]).unwrap();
+        assert_eq!(c.read_frame().unwrap(), request[10..]);
+    }
+    assert_eq!(fresh_round_trip(&server, b"fresh", b"fresh").as_secs(), 0);
+
+    // Logged with the peer and what it held; one warning for the burst.
+    server.wait_for_log_line(&["over max_buffered_bytes = 4194304", "closed the"]);
+    for local in &closed {
+        let line =
+            server.wait_for_log_line(&[&format!("peer={local}"), "connection closed: it held"]);
+        assert!(line.contains("max_buffered_bytes = 4194304"), "{line}");
+    }
+    let warnings = server.log_count("over max_buffered_bytes = 4194304");
+    assert!(warnings <= 2, "{warnings} warnings for one burst");
+    // Counted in /metrics.
+    let metrics = http_get(server.admin_port(), "/metrics");
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nbnet_buffer_budget_closes_total{worker=\"all\"} "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no nbnet_buffer_budget_closes_total in\n{metrics}"));
+    assert!(
+        counted >= closed.len(),
+        "{counted} closes counted, {} seen",
+        closed.len()
+    );
+    assert_eq!(server.live_workers(), vec![worker]);
+}
+
+/// The same budget covers responses a client does not read: small requests
+/// asking for 1 MB answers each, on many connections that never read.
+#[test]
+fn unread_responses_past_max_buffered_bytes_close_the_largest_holders_first() {
+    const FRAME: usize = 1024 * 1024;
+    const BUDGET: usize = 4 * FRAME;
+    const HOGS: usize = 20;
+    const MARGIN_KIB: u64 = 8 * 1024;
+    let server = Server::start(&one_plugin_config(
+        "misbehave",
+        "{misbehave_rs}",
+        &format!("workers = 1\nmax_frame_bytes = {FRAME}\nmax_buffered_bytes = {BUDGET}"),
+    ));
+    let worker = server.wait_for_workers(1)[0];
+    let before = rss_kib(worker.pid).unwrap();
+    // 8 answers of 1 MB per connection: more than the socket buffers take.
+    let requests: Vec<u8> = (0..8).flat_map(|_| frame(b"big:1000000")).collect();
+    let mut hogs = Vec::new();
+    let mut max_rss = before;
+    for _ in 0..HOGS {
+        // Keep the kernel from taking the answers in for the client.
+        let mut hog = connect_with_small_receive_buffer(server.addr());
+        hog.write_all(&requests).unwrap();
+        hogs.push(hog);
+        thread::sleep(Duration::from_millis(20));
+        max_rss = max_rss.max(rss_kib(worker.pid).unwrap_or(0));
+    }
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(50));
+        max_rss = max_rss.max(rss_kib(worker.pid).unwrap_or(0));
+    }
+    let growth = max_rss.saturating_sub(before);
+    println!(
+        "{HOGS} connections not reading 8 MB of answers each: worker RSS {before} KiB -> \
+         max {max_rss} KiB (+{growth} KiB)"
+    );
+    assert!(
+        growth < (BUDGET / 1024) as u64 + MARGIN_KIB,
+        "worker RSS grew by {growth} KiB with max_buffered_bytes = {} KiB",
+        BUDGET / 1024
+    );
+    // (A closed hog still has answers to read: the log says it was closed.)
+    server.wait_for("hogs closed", || {
+        (server.log_count("connection closed: it held") >= HOGS / 2).then_some(())
+    });
+    server.wait_for_log_line(&["over max_buffered_bytes = 4194304", "closed the"]);
+    assert_eq!(fresh_round_trip(&server, b"fresh", b"fresh").as_secs(), 0);
+    assert_eq!(server.live_workers(), vec![worker]);
+}
+
+/// A connection's buffer grown for a 16 MiB frame is given back once the
+/// frame is answered, also when the next frame's first bytes came in the
+/// same read (before: the 16 MiB stayed with the connection while it lived).
+#[test]
+fn after_a_large_frame_the_connection_gives_its_memory_back() {
+    // sha256 answers 64 bytes: no large answer is built anywhere.
+    let server = Server::start(&one_plugin_config("sha256", "{sha256}", "workers = 1"));
+    let worker = server.wait_for_workers(1)[0];
+    let before = rss_kib(worker.pid).unwrap();
+    let big = frame(&vec![b'b'; 16 * 1024 * 1024]);
+    let next = frame(b"next");
+    let mut client = server.client();
+    // All but the last 100 bytes; then those with the next frame's first
+    // bytes behind them, so that one read ends the frame and starts the next.
+    client.send_raw(&big[..big.len() - 100]).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let mut rest = big[big.len() - 100..].to_vec();
+    rest.extend_from_slice(&next[..5]);
+    client.send_raw(&rest).unwrap();
+    let digest = client.read_frame().unwrap();
+    assert_eq!(digest.len(), 64);
+    thread::sleep(Duration::from_millis(100));
+    let after = rss_kib(worker.pid).unwrap();
+    println!("worker RSS {before} KiB before a 16 MiB frame, {after} KiB after it");
+    assert!(
+        after < before + 4 * 1024,
+        "the worker still holds {} KiB after a 16 MiB frame was answered",
+        after.saturating_sub(before)
+    );
+    // The next frame is intact.
+    client.send_raw(&next[5..]).unwrap();
+    assert_eq!(client.read_frame().unwrap().len(), 64);
+}
+
+#[test]
+fn max_buffered_bytes_below_max_frame_bytes_is_a_config_error_naming_both() {
+    let outcome = check(&one_plugin_config(
+        "echo",
+        "{echo}",
+        "max_frame_bytes = 2097152\nmax_buffered_bytes = 1048576",
+    ));
+    assert!(!outcome.status.success(), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(
+            "nbnet.toml:4: [server] max_buffered_bytes = 1048576 is below max_frame_bytes = 2097152"
+        ),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// A plain HTTP/1.1 GET on the admin port; the whole response.
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr(port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }
 
 // ---------------------------------------------------- awkward closes, resets

@@ -76,6 +76,11 @@ pub struct ServerConfig {
     /// further requests. Bounds memory per connection to about twice this
     /// plus one `max_frame_bytes` response.
     pub max_pending_output_bytes: usize,
+    /// Bytes one worker's connections may hold in their buffers together
+    /// (unfinished requests and unsent responses, as allocated); past it
+    /// the connections holding the most are closed, largest first (Redis'
+    /// `maxmemory-clients`). At least `max_frame_bytes`.
+    pub max_buffered_bytes: usize,
     /// How long a graceful stop (SIGTERM) may take: connections still busy
     /// after it are cut.
     #[serde(deserialize_with = "duration")]
@@ -103,6 +108,11 @@ impl Default for ServerConfig {
             max_frame_bytes: 16 * 1024 * 1024,
             max_connections: 10_000,
             max_pending_output_bytes: 1024 * 1024,
+            // 16 frames of the default maximum at once per worker (one
+            // thread), far more than one core needs in flight; bounds the
+            // whole server to workers x 256 MiB (on top of the fixed
+            // per-worker cost), where 10 000 connections could hold 160 GiB.
+            max_buffered_bytes: 256 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             max_requests_per_worker: 0,
             max_requests_jitter: 0,
@@ -342,6 +352,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         problems.push((
             key_line("max_pending_output_bytes"),
             "[server] max_pending_output_bytes must be at least 1".to_string(),
+        ));
+    }
+    if server.max_buffered_bytes < server.max_frame_bytes {
+        problems.push((
+            key_line("max_buffered_bytes"),
+            format!(
+                "[server] max_buffered_bytes = {} is below max_frame_bytes = {}: a budget for all connections' buffers must hold at least one frame; raise max_buffered_bytes (or lower max_frame_bytes)",
+                server.max_buffered_bytes, server.max_frame_bytes
+            ),
         ));
     }
     if server.max_connections == 0 {

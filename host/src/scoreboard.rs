@@ -181,6 +181,9 @@ pub struct Stats {
     pub bytes_out: Counter,
     /// Connections closed for breaking the framing protocol.
     pub protocol_errors: Counter,
+    /// Connections closed because the worker's connections together held
+    /// more than `max_buffered_bytes` (the ones holding the most).
+    pub buffer_budget_closes: Counter,
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -199,6 +202,7 @@ impl Stats {
             &self.bytes_in,
             &self.bytes_out,
             &self.protocol_errors,
+            &self.buffer_budget_closes,
         ] {
             counter.reset();
         }
@@ -232,6 +236,8 @@ pub struct Totals {
     pub bytes_out: u64,
     /// See [`Stats`].
     pub protocol_errors: u64,
+    /// See [`Stats`].
+    pub buffer_budget_closes: u64,
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -261,6 +267,7 @@ impl Totals {
         self.bytes_in += stats.bytes_in.get();
         self.bytes_out += stats.bytes_out.get();
         self.protocol_errors += stats.protocol_errors.get();
+        self.buffer_budget_closes += stats.buffer_budget_closes.get();
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -280,6 +287,7 @@ impl Totals {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.protocol_errors += other.protocol_errors;
+        self.buffer_budget_closes += other.buffer_budget_closes;
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

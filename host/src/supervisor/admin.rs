@@ -6,20 +6,42 @@
 //! signals: the numbers come from the scoreboard, so serving them costs the
 //! workers nothing. Each request is answered once and the connection closed
 //! (`Connection: close`); requests are small and bounded, slow clients time out.
+//!
+//! Nothing a client sends can make the master hold much or wait: at most
+//! [`MAX_CLIENTS`] clients of at most [`MAX_HEAD`] bytes of request each; a
+//! malformed request is answered `400` at once, an oversized one `431`
+//! (`414` for the request line) before anything more is read; and after an
+//! answer the master shuts its side and drops what the client still sends,
+//! so that the answer is not lost to a reset. The parser is a few strict
+//! lines by hand (RFC 9112): the endpoint needs the method and path only.
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-/// Largest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
+/// Largest request head (request line and header fields) read: past it
+/// the answer is 431 (or 414 for a request line alone that long).
+const MAX_HEAD: usize = 8 * 1024;
+/// Admin clients served at once. One more replaces the oldest (an answered
+/// one first), so idle connections cannot lock health checks out.
+const MAX_CLIENTS: usize = 64;
 /// An admin client that has not sent its request (or read the answer) by
 /// then is dropped.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the answer: how long, and how many bytes, what the client still
+/// sends (a body, the rest of an oversized head) is read and dropped
+/// before closing. Closing with unread data would make the kernel reset
+/// the connection, and a reset can destroy the answer before the client
+/// reads it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+/// Quiet time after a "too many admin clients" warning.
+const CROWD_LOG_INTERVAL: Duration = Duration::from_secs(10);
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// What the master answers for a path.
 pub struct Reply {
@@ -31,8 +53,27 @@ pub struct Reply {
     pub body: String,
 }
 
+/// Where an admin client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading the request head (at most [`MAX_HEAD`] bytes).
+    Reading,
+    /// Writing the answer.
+    Writing,
+    /// Answered and our side shut: dropping what the client still sends
+    /// until it closes (see [`LINGER`]).
+    Lingering {
+        /// Bytes dropped so far.
+        drained: usize,
+    },
+}
+
 struct Client {
     stream: TcpStream,
+    peer: SocketAddr,
+    /// Accept order: the oldest client gives way to a new one.
+    seq: u64,
+    phase: Phase,
     request: Vec<u8>,
     response: Vec<u8>,
     written: usize,
@@ -46,6 +87,9 @@ pub struct Admin {
     clients: Slab<Client>,
     /// Token of the listener; clients use the tokens after it.
     base: usize,
+    next_seq: u64,
+    /// When the last "too many admin clients" warning was logged.
+    crowd_warned: Option<Instant>,
 }
 
 impl Admin {
@@ -57,8 +101,10 @@ impl Admin {
         Ok(Admin {
             listener,
             addr,
-            clients: Slab::new(),
+            clients: Slab::with_capacity(MAX_CLIENTS),
             base,
+            next_seq: 0,
+            crowd_warned: None,
         })
     }
 
@@ -90,11 +136,16 @@ impl Admin {
         };
         match serve(client, answer) {
             Ok(false) => {}
-            Ok(true) | Err(_) => self.drop_client(key, registry),
+            Ok(true) => self.drop_client(key, registry),
+            Err(e) => {
+                tracing::debug!("admin client {}: {e}", client.peer);
+                self.drop_client(key, registry);
+            }
         }
     }
 
-    /// Drops clients that have been around longer than [`CLIENT_TIMEOUT`].
+    /// Drops clients whose deadline has passed ([`CLIENT_TIMEOUT`] to send
+    /// a request and read the answer, [`LINGER`] after it).
     pub fn expire(&mut self, now: Instant, registry: &Registry) {
         let stale: Vec<usize> = self
             .clients
@@ -115,7 +166,10 @@ impl Admin {
     fn accept(&mut self, registry: &Registry) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((mut stream, peer)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        self.make_room(registry, peer);
+                    }
                     let entry = self.clients.vacant_entry();
                     let token = Token(self.base + 1 + entry.key());
                     if registry
@@ -124,11 +178,15 @@ impl Admin {
                     {
                         entry.insert(Client {
                             stream,
+                            peer,
+                            seq: self.next_seq,
+                            phase: Phase::Reading,
                             request: Vec::new(),
                             response: Vec::new(),
                             written: 0,
                             deadline: Instant::now() + CLIENT_TIMEOUT,
                         });
+                        self.next_seq += 1;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -141,49 +199,167 @@ impl Admin {
         }
     }
 
+    /// [`MAX_CLIENTS`] are connected and `newcomer` arrives: drops an
+    /// answered client if there is one, else the one connected longest
+    /// (telling it 503 if it has not been answered).
+    fn make_room(&mut self, registry: &Registry, newcomer: SocketAddr) {
+        let oldest = self
+            .clients
+            .iter()
+            .min_by_key(|(_, c)| (!matches!(c.phase, Phase::Lingering { .. }), c.seq))
+            .map(|(key, _)| key);
+        let Some(key) = oldest else {
+            return;
+        };
+        let client = &mut self.clients[key];
+        let peer = client.peer;
+        if client.phase == Phase::Reading {
+            // Best effort: a 503 fits any socket buffer; no waiting for it.
+            let _ = client.stream.write(&http(
+                503,
+                TEXT,
+                "too many admin clients at once; try again\n",
+            ));
+        }
+        self.drop_client(key, registry);
+        let now = Instant::now();
+        if self
+            .crowd_warned
+            .is_none_or(|last| now.duration_since(last) >= CROWD_LOG_INTERVAL)
+        {
+            self.crowd_warned = Some(now);
+            tracing::warn!(
+                "admin {}: more than {MAX_CLIENTS} clients at once; closing the oldest ({peer}) for {newcomer} (said once per {CROWD_LOG_INTERVAL:?})",
+                self.addr
+            );
+        } else {
+            tracing::debug!("admin {}: closed {peer} for {newcomer}", self.addr);
+        }
+    }
+
     fn drop_client(&mut self, key: usize, registry: &Registry) {
         let mut client = self.clients.remove(key);
         let _ = registry.deregister(&mut client.stream);
     }
 }
 
-/// Reads the request head, answers it, writes the answer. `Ok(true)` when
-/// the client is done (answered, or gone).
+/// Moves a client along: reads its request head, answers it, writes the
+/// answer, then drops what it still sends. `Ok(true)` when the client is
+/// done (answered and closed its side, or gone).
 fn serve(client: &mut Client, answer: &mut dyn FnMut(&str, &str) -> Reply) -> io::Result<bool> {
-    if client.response.is_empty() {
-        let mut chunk = [0u8; 2048];
-        loop {
-            match client.stream.read(&mut chunk) {
-                Ok(0) => return Ok(true),
-                Ok(n) => client.request.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            if client.request.len() > MAX_REQUEST {
-                break;
+    if client.phase == Phase::Reading {
+        match read_request(client, answer)? {
+            None => return Ok(false),
+            Some(None) => return Ok(true),
+            Some(Some(response)) => {
+                client.response = response;
+                client.request = Vec::new();
+                client.phase = Phase::Writing;
             }
         }
-        let Some(head) = complete_head(&client.request) else {
-            if client.request.len() > MAX_REQUEST {
-                client.response = http(431, "text/plain", "request head too large\n");
-            } else {
-                return Ok(false);
-            }
-            return write_out(client);
-        };
-        let mut words = head.split_whitespace();
-        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let reply = answer(method, path);
-        client.response = http(reply.status, reply.content_type, &reply.body);
     }
-    write_out(client)
+    if client.phase == Phase::Writing {
+        if !write_out(client)? {
+            return Ok(false);
+        }
+        // The whole answer is with the kernel: end our side (a FIN after
+        // the answer), and read what the client still sends until it
+        // closes, so that closing does not reset the connection.
+        let _ = client.stream.shutdown(Shutdown::Write);
+        client.response = Vec::new();
+        client.phase = Phase::Lingering { drained: 0 };
+        client.deadline = Instant::now() + LINGER;
+    }
+    linger(client)
+}
+
+/// Reads the request head, at most [`MAX_HEAD`] bytes of it. `None` while
+/// it is incomplete; `Some(None)` when the client left without sending
+/// anything; `Some(Some(response))` once there is something to answer.
+fn read_request(
+    client: &mut Client,
+    answer: &mut dyn FnMut(&str, &str) -> Reply,
+) -> io::Result<Option<Option<Vec<u8>>>> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        let room = (MAX_HEAD - client.request.len()).min(chunk.len());
+        let eof = match client.stream.read(&mut chunk[..room]) {
+            // (Also when `room` is 0: then the head is complete or too
+            // large, and the answer comes below.)
+            Ok(0) => room > 0,
+            Ok(n) => {
+                client.request.extend_from_slice(&chunk[..n]);
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if eof && client.request.is_empty() {
+            return Ok(Some(None));
+        }
+        if let Some(response) = response_for(&client.request, eof, answer) {
+            return Ok(Some(Some(response)));
+        }
+    }
+}
+
+/// The response to a request head so far, or `None` to wait for more:
+/// 400 for a malformed one (or one cut short by the client's EOF), 414 or
+/// 431 for one that does not fit in [`MAX_HEAD`].
+fn response_for(
+    request: &[u8],
+    eof: bool,
+    answer: &mut dyn FnMut(&str, &str) -> Reply,
+) -> Option<Vec<u8>> {
+    match parse_head(request) {
+        Head::Complete { method, target } => {
+            let reply = answer(method, target);
+            Some(http(reply.status, reply.content_type, &reply.body))
+        }
+        Head::Bad(why) => Some(http(400, TEXT, &format!("bad request: {why}\n"))),
+        Head::Incomplete { request_line } if request.len() >= MAX_HEAD => {
+            Some(match request_line {
+                false => http(414, TEXT, &format!("request line over {MAX_HEAD} bytes\n")),
+                true => http(431, TEXT, &format!("request head over {MAX_HEAD} bytes\n")),
+            })
+        }
+        Head::Incomplete { .. } if eof => Some(http(
+            400,
+            TEXT,
+            "bad request: the connection ended inside the request head\n",
+        )),
+        Head::Incomplete { .. } => None,
+    }
+}
+
+/// Drops what a client sends after its answer; `Ok(true)` once it has
+/// closed (or sent more than [`LINGER_BYTES`]).
+fn linger(client: &mut Client) -> io::Result<bool> {
+    let Phase::Lingering { drained } = &mut client.phase else {
+        return Ok(false);
+    };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match client.stream.read(&mut chunk) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                *drained += n;
+                if *drained > LINGER_BYTES {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn write_out(client: &mut Client) -> io::Result<bool> {
     while client.written < client.response.len() {
         match client.stream.write(&client.response[client.written..]) {
-            Ok(0) => return Ok(true),
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => client.written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -193,18 +369,143 @@ fn write_out(client: &mut Client) -> io::Result<bool> {
     Ok(true)
 }
 
-/// The request line, once the whole head (ending in a blank line) is in.
-fn complete_head(request: &[u8]) -> Option<&str> {
-    let end = request.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&request[..end]).ok()?;
-    head.lines().next()
+/// What the bytes of a request head received so far say.
+#[derive(Debug, PartialEq, Eq)]
+enum Head<'a> {
+    /// Not complete yet; `request_line`: whether the request line is.
+    Incomplete { request_line: bool },
+    /// A complete, well-formed head.
+    Complete { method: &'a str, target: &'a str },
+    /// Malformed (answered 400): why.
+    Bad(&'static str),
+}
+
+/// Parses an HTTP/1.x request head (RFC 9112 §2-§5), strictly enough to
+/// tell a malformed one at once. Lines end in CRLF or a lone LF (§2.2
+/// lets a recipient accept LF); one empty line before the request line is
+/// ignored (§2.2); a bare CR, a request line that is not
+/// `METHOD SP TARGET SP HTTP/1.x` in ASCII, a field line without a
+/// `name:` or with whitespace before the colon, and obsolete line folding
+/// are errors.
+fn parse_head(buf: &[u8]) -> Head<'_> {
+    let mut rest = buf;
+    if let Some(after) = rest
+        .strip_prefix(b"\r\n")
+        .or_else(|| rest.strip_prefix(b"\n"))
+    {
+        rest = after;
+    }
+    let (method, target) = match next_line(&mut rest) {
+        None => {
+            // Refuse a request line that cannot become valid as soon as
+            // its first bad byte is in (a CR is fine: its LF may follow).
+            if let Some(why) = rest.iter().find_map(|&b| request_line_byte(b).err()) {
+                return Head::Bad(why);
+            }
+            return Head::Incomplete {
+                request_line: false,
+            };
+        }
+        Some(Err(why)) => return Head::Bad(why),
+        Some(Ok(line)) => match request_line(line) {
+            Ok(parts) => parts,
+            Err(why) => return Head::Bad(why),
+        },
+    };
+    loop {
+        match next_line(&mut rest) {
+            None => return Head::Incomplete { request_line: true },
+            Some(Err(why)) => return Head::Bad(why),
+            Some(Ok([])) => return Head::Complete { method, target },
+            Some(Ok(line)) => {
+                if let Err(why) = field_line(line) {
+                    return Head::Bad(why);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the next complete line off `rest`, without its CRLF or LF.
+fn next_line<'a>(rest: &mut &'a [u8]) -> Option<Result<&'a [u8], &'static str>> {
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let line = &rest[..end];
+    *rest = &rest[end + 1..];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.contains(&b'\r') {
+        return Some(Err("a CR not followed by LF"));
+    }
+    Some(Ok(line))
+}
+
+/// Whether `b` may appear in a request line (CR only before its LF).
+fn request_line_byte(b: u8) -> Result<(), &'static str> {
+    match b {
+        b' ' | b'\t' | b'\r' | 0x21..=0x7e => Ok(()),
+        0x80.. => Err("the request line is not ASCII text"),
+        _ => Err("a control character in the request line"),
+    }
+}
+
+/// `METHOD SP TARGET SP HTTP/1.x` (words separated by spaces or tabs, as
+/// §3 allows a recipient to accept).
+fn request_line(line: &[u8]) -> Result<(&str, &str), &'static str> {
+    if line.is_empty() {
+        return Err("an empty request line");
+    }
+    if let Some(why) = line.iter().find_map(|&b| request_line_byte(b).err()) {
+        return Err(why);
+    }
+    // ASCII, checked above.
+    let text = std::str::from_utf8(line).map_err(|_| "the request line is not ASCII text")?;
+    let mut words = text.split([' ', '\t']).filter(|w| !w.is_empty());
+    let (Some(method), Some(target), Some(version), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return Err("the request line is not METHOD TARGET HTTP/1.x");
+    };
+    if !method.bytes().all(is_token_byte) {
+        return Err("the method is not a token");
+    }
+    match version.strip_prefix("HTTP/1.") {
+        Some(minor) if minor.len() == 1 && minor.as_bytes()[0].is_ascii_digit() => {
+            Ok((method, target))
+        }
+        _ => Err("the version is not HTTP/1.x"),
+    }
+}
+
+/// `name: value` (§5): a token name right before the colon, a value of
+/// visible characters, spaces, tabs and obs-text.
+fn field_line(line: &[u8]) -> Result<(), &'static str> {
+    if line[0] == b' ' || line[0] == b'\t' {
+        return Err("obsolete line folding in the header fields");
+    }
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return Err("a header field line without a colon");
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    if name.is_empty() || !name.iter().copied().all(is_token_byte) {
+        return Err("a header field name that is not a token");
+    }
+    if value.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
+        return Err("a control character in a header field value");
+    }
+    Ok(())
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -220,12 +521,118 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn complete<'a>(method: &'a str, target: &'a str) -> Head<'a> {
+        Head::Complete { method, target }
+    }
+
     #[test]
-    fn the_request_line_is_read_once_the_head_is_complete() {
-        assert_eq!(complete_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), None);
+    fn a_head_is_complete_at_its_blank_line_with_crlf_or_lf_line_ends() {
         assert_eq!(
-            complete_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Some("GET /metrics HTTP/1.1")
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"),
+            Head::Incomplete { request_line: true }
+        );
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            complete("GET", "/metrics")
+        );
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\n\n"),
+            complete("GET", "/metrics")
+        );
+        assert_eq!(
+            parse_head(b"GET /healthz HTTP/1.0\nHost: x\r\nAccept:*/*\n\r\n"),
+            complete("GET", "/healthz")
+        );
+        // One empty line before the request line is ignored (RFC 9112 §2.2).
+        assert_eq!(
+            parse_head(b"\r\nGET / HTTP/1.1\r\n\r\n"),
+            complete("GET", "/")
+        );
+        assert_eq!(
+            parse_head(b"GET / HT"),
+            Head::Incomplete {
+                request_line: false
+            }
+        );
+        assert_eq!(
+            parse_head(b"\r\n"),
+            Head::Incomplete {
+                request_line: false
+            }
+        );
+        // Header values may carry obs-text.
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nX: caf\xc3\xa9 \xff\r\n\r\n"),
+            complete("GET", "/")
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_as_soon_as_they_are_seen() {
+        let bad = |head: &[u8]| match parse_head(head) {
+            Head::Bad(why) => why,
+            other => panic!("{:?} parsed as {other:?}", head.escape_ascii().to_string()),
+        };
+        assert_eq!(bad(b"\r\n\r\n"), "an empty request line");
+        assert_eq!(bad(b"\n\n"), "an empty request line");
+        assert_eq!(
+            bad(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"),
+            "the request line is not ASCII text"
+        );
+        // Before the line is even complete.
+        assert_eq!(bad(b"GET /\xe9"), "the request line is not ASCII text");
+        assert_eq!(bad(b"GET /\x00"), "a control character in the request line");
+        assert_eq!(bad(b"GET\r/ HTTP/1.1\r\n"), "a CR not followed by LF");
+        assert_eq!(
+            bad(b"GET /metrics\r\n\r\n"),
+            "the request line is not METHOD TARGET HTTP/1.x"
+        );
+        assert_eq!(
+            bad(b"GET / HTTP/2.0\r\n\r\n"),
+            "the version is not HTTP/1.x"
+        );
+        assert_eq!(bad(b"G(T / HTTP/1.1\r\n\r\n"), "the method is not a token");
+        assert_eq!(
+            bad(b"GET / HTTP/1.1\r\nHost x\r\n\r\n"),
+            "a header field line without a colon"
+        );
+        assert_eq!(
+            bad(b"GET / HTTP/1.1\r\nHost : x\r\n"),
+            "a header field name that is not a token"
+        );
+        assert_eq!(
+            bad(b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"),
+            "obsolete line folding in the header fields"
+        );
+        assert_eq!(
+            bad(b"GET / HTTP/1.1\r\nA: b\x01\r\n\r\n"),
+            "a control character in a header field value"
+        );
+    }
+
+    #[test]
+    fn oversized_heads_get_414_or_431_and_a_cut_head_400() {
+        let mut answer = |_: &str, _: &str| -> Reply { unreachable!("nothing to answer") };
+        let status = |response: Option<Vec<u8>>| {
+            String::from_utf8(response.expect("a response")).unwrap()[9..12].to_string()
+        };
+        let long_line = [b"GET /".as_slice(), &[b'a'; MAX_HEAD]].concat();
+        assert_eq!(
+            status(response_for(&long_line[..MAX_HEAD], false, &mut answer)),
+            "414"
+        );
+        let long_head = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat();
+        assert_eq!(
+            status(response_for(&long_head[..MAX_HEAD], false, &mut answer)),
+            "431"
+        );
+        assert_eq!(
+            response_for(b"GET / HTTP/1.1\r\n", false, &mut answer),
+            None
+        );
+        assert_eq!(
+            status(response_for(b"GET / HTTP/1.1\r\n", true, &mut answer)),
+            "400"
         );
     }
 

@@ -89,7 +89,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
 
-    let per_worker: [WorkerFamily; 6] = [
+    let per_worker: [WorkerFamily; 7] = [
         (
             "nbnet_connections_open",
             "gauge",
@@ -119,6 +119,12 @@ pub fn render(snapshot: &Snapshot) -> String {
             "counter",
             "Connections closed for breaking the framing protocol.",
             |t| t.protocol_errors,
+        ),
+        (
+            "nbnet_buffer_budget_closes_total",
+            "counter",
+            "Connections closed because the worker's connections together held more than max_buffered_bytes (largest first).",
+            |t| t.buffer_budget_closes,
         ),
         (
             "nbnet_requests_total",

@@ -40,6 +40,10 @@ pub const SCRATCH_INPUT: usize = 256 * 1024;
 const MIN_OWN_READ: usize = 4 * 1024;
 /// Largest read-ahead reserved in one step for a frame whose length is known.
 const READ_AHEAD_LIMIT: usize = 256 * 1024;
+/// A buffer larger than this that holds (much) less is given back to the
+/// allocator: a connection keeps no megabytes after a large frame or
+/// response. At or below it, a buffer is kept for reuse.
+const SHRINK_ABOVE: usize = 4 * SCRATCH_INPUT;
 
 /// Buffers shared by every connection of a worker, lent to one connection
 /// at a time. They make the common case free: a read that holds only
@@ -120,6 +124,12 @@ pub enum Close {
     TimedOut {
         /// Whether a frame was partly received (a stall, not just an idle connection).
         mid_frame: bool,
+    },
+    /// The worker's connections held more than `max_buffered_bytes`, and
+    /// this one held the most.
+    OverBudget {
+        /// Bytes its buffers held.
+        held: usize,
     },
 }
 
@@ -261,6 +271,15 @@ impl Connection {
     /// Whether part of a frame has been received.
     pub fn mid_frame(&self) -> bool {
         self.input_len > 0
+    }
+
+    /// Bytes of memory this connection's buffers hold: its partial
+    /// request(s) and its unsent responses, as allocated (capacity, which
+    /// is what the process's resident memory sees), for the worker's
+    /// `max_buffered_bytes` budget.
+    #[inline]
+    pub fn buffered_bytes(&self) -> usize {
+        self.input.capacity() + self.output.capacity()
     }
 
     /// Handles READABLE (or read-closed): reads what is there, answers every
@@ -534,6 +553,7 @@ impl Connection {
             } else if used > 0 {
                 self.input.copy_within(used..self.input_len, 0);
                 self.input_len -= used;
+                self.shrink_input(ctx.decoder);
             }
             Ok(used > 0)
         }
@@ -551,18 +571,39 @@ impl Connection {
                 if rest <= READ_AHEAD_LIMIT {
                     rest.max(MIN_OWN_READ)
                 } else {
-                    self.input_len.max(MIN_OWN_READ)
+                    // Doubling, but never past the frame's end: a buffer
+                    // twice the frame would be memory held for nothing.
+                    self.input_len.max(MIN_OWN_READ).min(rest)
                 }
             }
             _ => MIN_OWN_READ,
         }
     }
 
-    /// Makes room for `want` more bytes after the partial frame.
+    /// Makes room for `want` more bytes after the partial frame; exactly
+    /// (`read_size` already grows geometrically), so that the capacity is
+    /// the memory accounted for, not up to twice as much.
     fn reserve_input(&mut self, want: usize) {
         let needed = self.input_len + want;
         if self.input.len() < needed {
+            self.input.reserve_exact(needed - self.input.len());
             self.input.resize(needed, 0);
+        }
+    }
+
+    /// After a large frame was answered with part of the next one behind
+    /// it: gives the buffer's memory back, keeping what the next frame
+    /// needs (when its header says) so that equal large frames in a row
+    /// reuse the buffer.
+    fn shrink_input(&mut self, decoder: FrameDecoder) {
+        let next = match decoder.decode(&self.input[..self.input_len]) {
+            Ok(Decoded::Incomplete { total: Some(total) }) => total,
+            _ => 0,
+        };
+        let keep = self.input_len.max(MIN_OWN_READ).max(next);
+        if self.input.len() > SHRINK_ABOVE && self.input.len() > 2 * keep {
+            self.input.truncate(keep);
+            self.input.shrink_to_fit();
         }
     }
 

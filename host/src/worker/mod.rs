@@ -146,6 +146,7 @@ pub fn run(
         retire_after: retire_after(config, getpid().as_raw() as u64),
         max_pending_output_bytes: config.server.max_pending_output_bytes,
         time_plugin_calls: config.admin.is_some(),
+        max_buffered_bytes: config.server.max_buffered_bytes,
     };
     let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
         Ok(reactor) => reactor,

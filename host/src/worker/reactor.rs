@@ -49,6 +49,10 @@ pub struct Limits {
     pub max_pending_output_bytes: usize,
     /// Time every plugin call (only worth it when `/metrics` can show it).
     pub time_plugin_calls: bool,
+    /// Bytes all connections together may hold in their buffers (partial
+    /// requests, unsent responses); past it the ones holding the most are
+    /// closed.
+    pub max_buffered_bytes: usize,
 }
 
 /// One inherited listening socket and the plugin that serves it.
@@ -101,6 +105,11 @@ pub struct Reactor {
     slot: &'static Slot,
     /// Rate limit for "cannot accept" warnings.
     overload_log: OverloadLog,
+    /// Bytes the connections' buffers hold, all together (the sum of
+    /// [`Connection::buffered_bytes`], kept up to date on every event).
+    buffered: usize,
+    /// Rate limit for "over max_buffered_bytes" warnings.
+    shed_log: OverloadLog,
     /// While draining: when connections that never sent anything are
     /// closed too.
     fresh_until: Option<Instant>,
@@ -148,6 +157,8 @@ impl Reactor {
             limits,
             slot,
             overload_log: OverloadLog::default(),
+            buffered: 0,
+            shed_log: OverloadLog::default(),
             draining: None,
             fresh_until: None,
             served: 0,
@@ -197,6 +208,7 @@ impl Reactor {
                         let Some(conn) = self.connections.get_mut(key) else {
                             continue;
                         };
+                        let held_before = conn.buffered_bytes();
                         let listener = &self.listeners[conn.listener];
                         let mut ctx = Context {
                             plugin: &mut self.plugins[listener.plugin],
@@ -226,6 +238,8 @@ impl Reactor {
                                 closed => closed,
                             };
                         }
+                        // (`close` subtracts what a closed connection held.)
+                        self.buffered = self.buffered - held_before + conn.buffered_bytes();
                         match outcome {
                             // Draining: a connection whose requests are all
                             // answered and sent is closed at this frame boundary.
@@ -246,6 +260,9 @@ impl Reactor {
                             }
                             Ok(false) => {}
                             Err(reason) => self.close(key, reason),
+                        }
+                        if self.buffered > self.limits.max_buffered_bytes {
+                            self.shed(now);
                         }
                     }
                 }
@@ -363,6 +380,7 @@ impl Reactor {
     fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
+        self.buffered -= conn.buffered_bytes();
         self.slot.stats.connections_open.sub(1);
         if let Close::Protocol(_) | Close::Proxy(_) = reason {
             self.slot.stats.protocol_errors.add(1);
@@ -408,9 +426,77 @@ impl Reactor {
                 "connection stalled mid-frame; closed after read_timeout = {:?}",
                 self.limits.read_timeout
             ),
+            Close::OverBudget { held } => tracing::info!(
+                %peer,
+                "connection closed: it held {held} bytes of unfinished requests and unsent responses, the most of this worker's connections, which together held more than max_buffered_bytes = {}",
+                self.limits.max_buffered_bytes
+            ),
         }
         if self.accepting == Accepting::Full {
             self.resume_accepting();
+        }
+    }
+
+    /// The connections' buffers hold more than `max_buffered_bytes`
+    /// together: closes the connections holding the most, largest first,
+    /// until they hold no more than that. One connection alone is never
+    /// closed for it (`max_frame_bytes` and `max_pending_output_bytes`
+    /// bound its memory), so a budget of at least one frame always lets a
+    /// large frame through.
+    #[cold]
+    #[inline(never)]
+    fn shed(&mut self, now: Instant) {
+        let budget = self.limits.max_buffered_bytes;
+        let before = self.buffered;
+        let mut holders: Vec<(usize, usize)> = self
+            .connections
+            .iter()
+            .map(|(key, conn)| (conn.buffered_bytes(), key))
+            .filter(|&(held, _)| held > 0)
+            .collect();
+        debug_assert_eq!(
+            holders.iter().map(|&(held, _)| held).sum::<usize>(),
+            before,
+            "buffered bytes accounting"
+        );
+        holders.sort_unstable_by(|a, b| b.cmp(a));
+        let mut closed: Vec<(String, usize)> = Vec::new();
+        for (left, &(held, key)) in (1..=holders.len()).rev().zip(&holders) {
+            if self.buffered <= budget || left == 1 {
+                break;
+            }
+            closed.push((self.connections[key].peer().to_string(), held));
+            self.close(key, Close::OverBudget { held });
+        }
+        if closed.is_empty() {
+            return;
+        }
+        self.slot
+            .stats
+            .buffer_budget_closes
+            .add(closed.len() as u64);
+        match self.shed_log.admit(now) {
+            Some(suppressed) => {
+                const NAMED: usize = 5;
+                let mut named: Vec<String> = closed
+                    .iter()
+                    .take(NAMED)
+                    .map(|(peer, held)| format!("{peer} ({held} bytes)"))
+                    .collect();
+                if closed.len() > NAMED {
+                    named.push(format!("and {} more", closed.len() - NAMED));
+                }
+                tracing::warn!(
+                    "this worker's connections held {before} bytes of unfinished requests and unsent responses, over max_buffered_bytes = {budget}: closed the {} holding the most: {}; raise max_buffered_bytes if legitimate clients send or receive that much at once{}",
+                    closed.len(),
+                    named.join(", "),
+                    OverloadLog::since_last(suppressed)
+                );
+            }
+            None => tracing::debug!(
+                "over max_buffered_bytes again: closed {} connection(s)",
+                closed.len()
+            ),
         }
     }
 
