@@ -239,7 +239,7 @@ impl Reactor {
                             };
                         }
                         // (`close` subtracts what a closed connection held.)
-                        self.buffered = self.buffered - held_before + conn.buffered_bytes();
+                        self.buffered = self.buffered.saturating_sub(held_before) + conn.buffered_bytes();
                         match outcome {
                             // Draining: a connection whose requests are all
                             // answered and sent is closed at this frame boundary.
@@ -380,7 +380,7 @@ impl Reactor {
     fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
-        self.buffered -= conn.buffered_bytes();
+        self.buffered = self.buffered.saturating_sub(conn.buffered_bytes());
         self.slot.stats.connections_open.sub(1);
         if let Close::Protocol(_) | Close::Proxy(_) = reason {
             self.slot.stats.protocol_errors.add(1);
