@@ -103,7 +103,7 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// `(text, timed_out)`.
 fn read_until_eof(reader: &mut std::io::PipeReader, limit: std::time::Duration) -> (String, bool) {
     use std::os::fd::AsFd;
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = crate::config::deadline(std::time::Instant::now(), limit);
     let nonblocking = nix::fcntl::fcntl(
         reader.as_fd(),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
