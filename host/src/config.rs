@@ -608,7 +608,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|span| lines.line_of(span.start));
-        let mut message = bounded(e.message().trim_end(), 2 * QUOTE_CHARS);
+        let mut message = bounded(e.message().trim_end(), 3 * QUOTE_CHARS);
         // Quote the offending line: a type error's message names the value
         // but not the key.
         if let Some(source) = line.and_then(|l| lines.line(l)) {
@@ -671,11 +671,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 path_line,
                 format!("plugin {} has an empty path", quote(name)),
             );
-        } else if path_text.contains('\0') {
+        } else if path_text.contains(char::is_control) {
             check.problem(
                 path_line,
                 format!(
-                    "plugin {}: path {} contains a NUL character",
+                    "plugin {}: path {} contains a control character; rename the file",
                     quote(name),
                     quote(path_text)
                 ),
@@ -946,8 +946,8 @@ impl Checker<'_, '_> {
                 std::path::absolute(base.join(written)).unwrap_or_else(|_| base.join(written));
             let why = if written.is_empty() {
                 Some("is empty; remove the key for no PID file".to_string())
-            } else if written.contains('\0') {
-                Some("contains a NUL character".to_string())
+            } else if written.contains(char::is_control) {
+                Some("contains a control character".to_string())
             } else if path.as_os_str().len() > MAX_PATH_BYTES {
                 Some(format!(
                     "is {} bytes long once resolved, over the system's limit of {MAX_PATH_BYTES}",
@@ -1028,9 +1028,9 @@ fn parse_endpoint(text: &str, base: &Path) -> Result<Endpoint, String> {
                 "listener addr \"unix:\" needs a path, e.g. \"unix:/run/nbnet.sock\"".into(),
             );
         }
-        if written.contains('\0') {
+        if written.contains(char::is_control) {
             return Err(format!(
-                "listener addr {} contains a NUL character",
+                "listener addr {} contains a control character",
                 quote(text)
             ));
         }
@@ -1840,6 +1840,22 @@ plugin = "upper"
             assert!(err.contains(says), "{addr}: {err}");
             assert!(err.contains(":7: "), "{addr}: {err}");
         }
+        let text = MINIMAL.replace("127.0.0.1:9000", "unix:a\\u001b[2J.sock");
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":7: listener addr \"unix:a\\u{1b}[2J.sock\" contains a control character"
+            ),
+            "{err}"
+        );
+        let text = MINIMAL.replace("libupper.so", "lib\\nupper.so");
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":4: plugin \"upper\": path \"lib\\nupper.so\" contains a control character"
+            ),
+            "{err}"
+        );
         let longest = format!("unix:/{}", "x".repeat(MAX_UNIX_PATH_BYTES - 1));
         assert!(parse_str(&MINIMAL.replace("127.0.0.1:9000", &longest)).is_ok());
     }
