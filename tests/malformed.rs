@@ -58,7 +58,7 @@ fn cases() -> Vec<Case> {
             server: "plugin_timeout = 0",
             ..case(
                 "zero plugin_timeout",
-                &["nbnet.toml", "plugin_timeout must be above zero"],
+                &["nbnet.toml:3:", "plugin_timeout = 0 is out of range"],
             )
         },
         Case {

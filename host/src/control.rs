@@ -55,7 +55,7 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     // the file may no longer parse): wait for the default or the file's.
     let wait = config::load(config_file)
         .map_or(Duration::from_secs(30), |c| c.server.shutdown_timeout)
-        + Duration::from_secs(10);
+        .saturating_add(Duration::from_secs(10));
     let (pid, file) = match master_pid(config_file) {
         Ok(found) => found,
         Err(message) => {
@@ -67,7 +67,7 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
         eprintln!("nbnet stop: {message}");
         return exit_code::FAILURE;
     }
-    let deadline = Instant::now() + wait;
+    let deadline = config::deadline(Instant::now(), wait);
     while Instant::now() < deadline {
         if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
             println!("stopped (master {pid})");
@@ -85,13 +85,13 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
 /// Only `[server] pid_file` is read, so `nbnet stop` works even when the
 /// config has been edited into an invalid state since the server started.
 fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
-    let text = std::fs::read_to_string(config_file)
-        .map_err(|e| format!("cannot read {}: {e}", config_file.display()))?;
+    let text = config::read_text(config_file)
+        .map_err(|(_, message)| format!("{}: {message}", config_file.display()))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         format!(
             "{} is not valid TOML ({}); cannot find its pid_file",
             config_file.display(),
-            e.message().trim()
+            config::bounded(e.message().trim(), 2 * config::QUOTE_CHARS)
         )
     })?;
     let pid_file = table
@@ -115,9 +115,9 @@ fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     })?;
     let pid: i32 = text.trim().parse().map_err(|_| {
         format!(
-            "the PID file {} does not hold a process id ({:?})",
+            "the PID file {} does not hold a process id ({})",
             file.display(),
-            text.trim()
+            config::quote(text.trim())
         )
     })?;
     // 0 and -1 would signal a whole process group or every process.

@@ -5,7 +5,8 @@
 //! accepts satisfies what the rest of nbnet relies on (at least one
 //! listener, every listener pointing at a defined plugin, unique non-empty
 //! names and addresses, limits in range, absolute paths, and each
-//! plugin's config table handed on as TOML that parses again).
+//! plugin's config table handed on as TOML that parses again), and every
+//! message is short whatever the input.
 
 #![no_main]
 
@@ -14,7 +15,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use nbnet::codec::MAX_DECLARED;
-use nbnet::config::parse;
+use nbnet::config::{self, parse};
 
 const FILE: &str = "/fuzz/nbnet.toml";
 
@@ -36,6 +37,10 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
             }
+            for (_, message) in &error.problems {
+                // Values are quoted cut short: no message grows with the input.
+                assert!(message.len() < 32_000, "a message of {} bytes", message.len());
+            }
             let shown = error.to_string();
             assert!(
                 shown.starts_with(&format!("{FILE}:")),
@@ -52,12 +57,26 @@ fuzz_target!(|data: &[u8]| {
             assert!(!config.listeners.is_empty(), "accepted without listeners");
             let server = &config.server;
             assert!(server.max_frame_bytes >= 1 && server.max_frame_bytes as u64 <= MAX_DECLARED);
-            assert!(server.max_connections >= 1);
-            assert!(!server.read_timeout.is_zero());
-            assert!(!server.plugin_timeout.is_zero());
-            assert!(!server.restart_window.is_zero());
-            assert!(!server.shutdown_timeout.is_zero());
+            assert!((1..=config::MAX_CONNECTIONS).contains(&server.max_connections));
+            assert!(server.workers <= config::MAX_WORKERS);
+            assert!(server.max_restarts <= config::MAX_RESTARTS);
+            for d in [
+                server.read_timeout,
+                server.plugin_timeout,
+                server.init_timeout,
+                server.restart_window,
+                server.shutdown_timeout,
+            ] {
+                assert!((config::MIN_DURATION..=config::MAX_DURATION).contains(&d));
+                // What the run-time code computes with it.
+                let _ = config::deadline(std::time::Instant::now(), d).checked_sub(d / 64);
+            }
             assert!(server.max_pending_output_bytes >= 1);
+            assert!(server.max_requests_per_worker <= config::MAX_REQUESTS);
+            assert!(server.max_requests_jitter <= config::MAX_REQUESTS);
+            for seed in [0, 1, u64::MAX] {
+                let _ = server.retire_after(seed);
+            }
             if let Some(pid_file) = &server.pid_file {
                 assert!(pid_file.is_absolute(), "relative pid_file {pid_file:?}");
             }

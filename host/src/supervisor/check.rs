@@ -144,7 +144,7 @@ fn watch(
     );
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 4096];
-    let mut deadline = std::time::Instant::now() + limit;
+    let mut deadline = crate::config::deadline(std::time::Instant::now(), limit);
     let mut killed = false;
     loop {
         // Everything written so far (the child may be gone already).
@@ -155,7 +155,7 @@ fn watch(
                     bytes.extend_from_slice(&chunk[..n]);
                     // Progress: the next plugin gets its own `limit`. (The
                     // report is a few lines per plugin; a flood is cut.)
-                    deadline = std::time::Instant::now() + limit;
+                    deadline = crate::config::deadline(std::time::Instant::now(), limit);
                     bytes.truncate(MAX_REPORT_BYTES);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

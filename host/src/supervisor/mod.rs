@@ -805,13 +805,16 @@ impl Master {
         let (signal, allowed) = match how {
             Stop::Graceful => (
                 Signal::SIGTERM,
-                self.config.server.shutdown_timeout + STOP_GRACE,
+                self.config
+                    .server
+                    .shutdown_timeout
+                    .saturating_add(STOP_GRACE),
             ),
             Stop::Fast => (Signal::SIGINT, STOP_GRACE),
         };
         self.phase = Phase::Stopping {
             code,
-            deadline: Instant::now() + allowed,
+            deadline: config::deadline(Instant::now(), allowed),
         };
         // Close the master's copies of the listening sockets; the workers
         // close theirs as they start draining, so the ports stop listening.

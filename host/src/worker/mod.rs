@@ -177,22 +177,8 @@ pub fn run(
     }
 }
 
-/// The request count after which this worker asks to be replaced:
-/// `max_requests_per_worker` plus a per-worker share of the jitter (derived
-/// from the PID, so workers started together retire at different times).
+/// The request count after which this worker asks to be replaced (see
+/// [`crate::config::ServerConfig::retire_after`]: it cannot overflow).
 fn retire_after(config: &Config, seed: u64) -> Option<u64> {
-    let limit = config.server.max_requests_per_worker;
-    if limit == 0 {
-        return None;
-    }
-    let jitter = config.server.max_requests_jitter;
-    let spread = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    Some(
-        limit
-            + if jitter == 0 {
-                0
-            } else {
-                spread % (jitter + 1)
-            },
-    )
+    config.server.retire_after(seed)
 }

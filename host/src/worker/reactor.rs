@@ -16,6 +16,7 @@ use slab::Slab;
 use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
+use crate::config;
 use crate::listener::{Endpoint, ListenSocket};
 use crate::plugin::Plugin;
 use crate::scoreboard::{PluginStats, Slot};
@@ -184,8 +185,10 @@ impl Reactor {
             }
             let now = Instant::now();
             // Deadline arithmetic once per turn, not once per event.
-            let fresh_deadline = now + self.limits.read_timeout;
-            let relink_before = fresh_deadline - self.limits.read_timeout / 64;
+            let fresh_deadline = config::deadline(now, self.limits.read_timeout);
+            let relink_before = fresh_deadline
+                .checked_sub(self.limits.read_timeout / 64)
+                .unwrap_or(now);
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => {
@@ -239,7 +242,8 @@ impl Reactor {
                             };
                         }
                         // (`close` subtracts what a closed connection held.)
-                        self.buffered = self.buffered.saturating_sub(held_before) + conn.buffered_bytes();
+                        self.buffered =
+                            self.buffered.saturating_sub(held_before) + conn.buffered_bytes();
                         match outcome {
                             // Draining: a connection whose requests are all
                             // answered and sent is closed at this frame boundary.
@@ -335,7 +339,7 @@ impl Reactor {
                     crate::fork_guard::protect(stream.as_raw_fd());
                     self.slot.stats.connections_open.add(1);
                     self.slot.stats.connections_total.add(1);
-                    let deadline = now + self.limits.read_timeout;
+                    let deadline = config::deadline(now, self.limits.read_timeout);
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
@@ -508,7 +512,7 @@ impl Reactor {
         if self.draining.is_some() {
             return;
         }
-        self.draining = Some(now + self.limits.shutdown_timeout);
+        self.draining = Some(config::deadline(now, self.limits.shutdown_timeout));
         self.pause_accepting(Accepting::Closed);
         // Connections accepted a moment ago have not sent their first
         // request yet: they get FRESH_GRACE to send it (and are answered)
