@@ -1,0 +1,268 @@
+//! The worker pool: forking workers into their slots, the hung-call
+//! watchdog, retirement, and the hand-over from outgoing workers to their
+//! ready replacements.
+
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{fork, getpid, ForkResult, Pid};
+
+use super::*;
+
+impl Master {
+    /// Each loop: the hung-call watchdog, retirement requests, and the
+    /// hand-over from outgoing workers to ready replacements.
+    pub(super) fn watch_workers(&mut self) {
+        if self.phase != Phase::Serving {
+            return;
+        }
+        let now = Instant::now();
+        let mut retiring = Vec::new();
+        for (&pid, worker) in self.workers.iter_mut() {
+            let board = self.scoreboard.slot(worker.board);
+            // A worker still loading its plugins is held to init_timeout
+            // (its config's: a reload may have changed it meanwhile, but
+            // both are in force for their own workers).
+            let (timeout, key) = if board.is_ready() {
+                (self.config.server.plugin_timeout, "plugin_timeout")
+            } else {
+                (self.config.server.init_timeout, "init_timeout")
+            };
+            // The watchdog: a call in flight whose counter has not moved for
+            // plugin_timeout is hung; SIGKILL, since a hung plugin would not
+            // act on SIGTERM.
+            let calls = board.calls();
+            let in_flight = board.in_flight();
+            match in_flight {
+                Some(plugin) if calls == worker.watched_calls => {
+                    let elapsed = now.duration_since(worker.watched_since);
+                    if elapsed < timeout || worker.hung.is_some() {
+                        continue;
+                    }
+                    tracing::error!(
+                        "plugin {:?} has not returned for {elapsed:.1?} in worker {} (pid {pid}), over {key} = {timeout:?}: killing the worker",
+                        worker.plugins.get(plugin).map_or("?", String::as_str),
+                        worker.index
+                    );
+                    worker.hung = Some((plugin, elapsed));
+                    let name = worker.plugins.get(plugin).cloned().unwrap_or_default();
+                    *self.timeouts.entry(name).or_default() += 1;
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                _ => {
+                    worker.watched_calls = calls;
+                    worker.watched_since = now;
+                }
+            }
+            if worker.role == Role::Serving && board.wants_retirement() {
+                retiring.push(pid);
+            }
+        }
+        for pid in retiring {
+            if let Some(worker) = self.workers.get_mut(&pid) {
+                tracing::info!(
+                    "worker {} (pid {pid}) served max_requests_per_worker: replacing it",
+                    worker.index
+                );
+                worker.role = Role::Outgoing;
+                if let Some(slot) = self.slots.get_mut(worker.index) {
+                    slot.pid = None;
+                    slot.restart_at = now;
+                }
+            }
+        }
+
+        // Hand-over: once every slot has a ready worker, outgoing ones drain
+        // and a pending reload is complete (whether or not old workers are
+        // still around: they may have died meanwhile).
+        let outgoing: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.role == Role::Outgoing)
+            .map(|(pid, _)| *pid)
+            .collect();
+        if outgoing.is_empty() && self.reload.is_none() {
+            return;
+        }
+        let all_ready = self.slots.iter().all(|slot| {
+            slot.pid
+                .and_then(|pid| self.workers.get(&pid))
+                .is_some_and(|w| self.scoreboard.slot(w.board).is_ready())
+        });
+        if all_ready {
+            if let Some(reload) = self.reload.take() {
+                for bound in reload.previous_listeners {
+                    bound.close();
+                }
+                tracing::info!(
+                    "reload complete in {:.1?}: {} new worker(s) serving; draining {} old worker(s)",
+                    reload.started.elapsed(),
+                    self.slots.len(),
+                    outgoing.len()
+                );
+            }
+            for pid in outgoing {
+                self.drain(pid);
+            }
+            self.truncate_reuseport_sockets();
+        } else if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.started.elapsed() > RELOAD_TIMEOUT)
+        {
+            tracing::error!("reload: the new workers were not all ready within {RELOAD_TIMEOUT:?}");
+            self.roll_back_reload();
+        }
+    }
+
+    /// Tells one worker to drain (SIGTERM) and stop counting it as serving.
+    pub(super) fn drain(&mut self, pid: Pid) {
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            worker.role = Role::Draining;
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Serving: fork workers into empty slots whose restart time has come.
+    /// Stopping: kill stragglers at the deadline; return the exit code once
+    /// every worker is gone.
+    pub(super) fn manage_workers(&mut self) -> Option<i32> {
+        match self.phase {
+            Phase::Serving => {
+                let now = Instant::now();
+                for index in 0..self.slots.len() {
+                    let slot = &self.slots[index];
+                    if slot.pid.is_some() || slot.restart_at > now {
+                        continue;
+                    }
+                    if let Err(e) = self.spawn_worker(index) {
+                        // The other workers keep serving; try again later
+                        // (fork fails with EAGAIN/ENOMEM right after an OOM
+                        // kill, say), backing off like a crash loop.
+                        let slot = &mut self.slots[index];
+                        slot.crash_streak += 1;
+                        let delay = decision::restart_delay(slot.crash_streak.max(2));
+                        slot.restart_at = now + delay;
+                        tracing::error!(
+                            "cannot start worker {index}: {e}; trying again in {delay:?}"
+                        );
+                    }
+                }
+                None
+            }
+            Phase::Stopping { code, deadline } => {
+                if self.workers.is_empty() {
+                    sweep_orphans();
+                    tracing::info!("stopped");
+                    return Some(code);
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        "{} worker(s) still running past the stop deadline: sending SIGKILL",
+                        self.workers.len()
+                    );
+                    self.signal_workers(Signal::SIGKILL);
+                    // Wait for the kills to be reaped.
+                    self.phase = Phase::Stopping {
+                        code,
+                        deadline: Instant::now() + Duration::from_secs(1),
+                    };
+                }
+                None
+            }
+        }
+    }
+
+    /// Forks the worker for slot `index`. The child never returns.
+    pub(super) fn spawn_worker(&mut self, index: usize) -> nix::Result<()> {
+        let master = getpid();
+        let Some(board) = self.free_boards.pop() else {
+            tracing::error!(
+                "no free scoreboard entry for worker {index} ({SCOREBOARD_ENTRIES} workers alive?)"
+            );
+            return Err(Errno::EAGAIN);
+        };
+        for bound in &mut self.listeners {
+            if let Err(e) = bound.prepare(index) {
+                tracing::error!(
+                    "cannot bind another reuseport socket on {}: {e}",
+                    bound.addr
+                );
+                self.free_boards.push(board);
+                return Err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+        }
+        // The new worker starts with a clean entry (it resets it too; doing
+        // it here as well means the watchdog never sees stale state).
+        self.scoreboard.slot(board).reset();
+        // SAFETY: the master is single-threaded and never loads plugins, so
+        // the child may allocate and run arbitrary code after fork.
+        match unsafe { fork() } {
+            Err(e) => {
+                self.free_boards.push(board);
+                Err(e)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                let now = Instant::now();
+                self.slots[index].pid = Some(child);
+                self.workers.insert(
+                    child,
+                    Worker {
+                        index,
+                        generation: self.generation,
+                        board,
+                        role: Role::Serving,
+                        started: now,
+                        plugins: self.plugin_names.clone(),
+                        watched_calls: 0,
+                        watched_since: now,
+                        hung: None,
+                    },
+                );
+                tracing::info!("worker {index} started (pid {child})");
+                Ok(())
+            }
+            Ok(ForkResult::Child) => {
+                // SAFETY: these descriptors are the master's epoll instance and
+                // signalfd, inherited by the fork; this process never returns
+                // to the code that owns them (it exits below).
+                unsafe {
+                    libc::close(self.poll.as_raw_fd());
+                    libc::close(self.signals.raw_fd());
+                }
+                // The admin listener and its clients are the master's.
+                drop(self.admin.take());
+                // This worker's sockets, in the order of its config's listeners.
+                let mut available = std::mem::take(&mut self.listeners);
+                let sockets = self
+                    .config
+                    .listeners
+                    .iter()
+                    .filter_map(|spec| {
+                        let bound = available.iter_mut().find(|b| b.addr == spec.addr)?;
+                        bound.take_for(index)
+                    })
+                    .collect();
+                // The rest are copies of the master's sockets: closing them
+                // here does not close them in the master (and `close` is
+                // never called, so no socket file is removed).
+                drop(available);
+                self.reload = None;
+                let who = worker::Identity {
+                    index,
+                    count: self.slots.len(),
+                    master,
+                };
+                let code = worker::run(&self.config, sockets, who, self.scoreboard.slot(board));
+                std::process::exit(code)
+            }
+        }
+    }
+
+    pub(super) fn signal_workers(&self, signal: Signal) {
+        for &pid in self.workers.keys() {
+            let _ = kill(pid, signal);
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Reaping: what the master does when a worker (or anything else it is
+//! the parent of) exits — log why, name the plugin, sweep what the worker's
+//! plugins left behind, restart, give up, or roll a reload back.
+
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{getpid, Pid};
+
+use super::*;
+
+/// Kills what is left of the process group of `leader` (a worker or the
+/// plugin checker, each of which leads its own group), once the leader is
+/// gone: processes its plugins started and left running. Groups outlive
+/// their leader, and the kernel does not reuse a PID while its group has
+/// members, so the number still means this group.
+pub(crate) fn sweep_group(leader: Pid) {
+    if kill(Pid::from_raw(-leader.as_raw()), Signal::SIGKILL).is_ok() {
+        tracing::warn!(
+            "killed processes left behind by plugins of process {leader} (its process group); a plugin must stop what it starts in its destroy hook"
+        );
+    }
+}
+
+/// At the end of a stop: kills every child the master still has — orphans
+/// that a plugin's process left behind and that escaped their worker's
+/// process group (`setsid`), adopted by the master as subreaper — and reaps
+/// them, so that `nbnet stop` leaves no process of the server behind.
+pub(super) fn sweep_orphans() {
+    let me = getpid();
+    let path = format!("/proc/{me}/task/{me}/children");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let orphans: Vec<Pid> = text
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .map(Pid::from_raw)
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        "killing {} process(es) that plugins started and left running: {orphans:?}",
+        orphans.len()
+    );
+    for &pid in &orphans {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    for pid in orphans {
+        let _ = waitpid(pid, None);
+    }
+}
+
+impl Master {
+    /// Collects every exited worker (`waitpid` until nothing is left to reap).
+    pub(super) fn reap_workers(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("waitpid failed: {e}");
+                    return;
+                }
+                Ok(status) => status,
+            };
+            let (Some(pid), Some(exit)) = (status.pid(), Exit::from_wait(status)) else {
+                continue;
+            };
+            // Not one of ours (an orphan a plugin left behind, adopted by
+            // the master as subreaper): reaped, nothing else to do.
+            let Some(worker) = self.workers.remove(&pid) else {
+                continue;
+            };
+            // What its plugins started goes with it.
+            sweep_group(pid);
+            // Keep its numbers before the entry is reused.
+            self.retired.add(
+                &self.scoreboard.slot(worker.board).stats,
+                &worker.plugins,
+                false,
+            );
+            self.free_boards.push(worker.board);
+            if let Some(slot) = self.slots.get_mut(worker.index) {
+                if slot.pid == Some(pid) {
+                    slot.pid = None;
+                }
+            }
+            self.on_worker_exit(pid, worker, exit);
+        }
+    }
+
+    /// Logs a worker's death with the plugin it was running, and schedules
+    /// its replacement (or gives up, or rolls a reload back).
+    pub(super) fn on_worker_exit(&mut self, pid: Pid, worker: Worker, exit: Exit) {
+        let now = Instant::now();
+        let index = worker.index;
+        let running = match self.scoreboard.slot(worker.board).in_flight() {
+            Some(plugin) => format!(
+                " while running plugin {:?}",
+                worker.plugins.get(plugin).map_or("?", String::as_str)
+            ),
+            None => String::new(),
+        };
+        if let Phase::Stopping { .. } = self.phase {
+            tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
+            return;
+        }
+        if worker.role != Role::Serving {
+            let level_ok = exit == Exit::Code(exit_code::OK);
+            if level_ok {
+                tracing::info!("old worker {index} (pid {pid}) finished draining and exited");
+            } else {
+                tracing::warn!("old worker {index} (pid {pid}) exited: {exit}{running}");
+            }
+            return;
+        }
+        // How far it got, from the scoreboard (never from its exit status,
+        // which a plugin controls).
+        let board = self.scoreboard.slot(worker.board);
+        let boot = if board.is_ready() {
+            Boot::Served
+        } else if board.load_failed().is_some() {
+            Boot::PluginRefused
+        } else {
+            Boot::DiedStarting
+        };
+        let cause = match (worker.hung, board.load_failed()) {
+            (Some((plugin, elapsed)), _) => format!(
+                "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}{}",
+                worker.plugins.get(plugin).map_or("?", String::as_str),
+                if boot == Boot::Served {
+                    ""
+                } else {
+                    " while loading (over init_timeout)"
+                }
+            ),
+            (None, Some(plugin)) => format!(
+                "plugin {:?} could not be loaded (its error is logged above)",
+                worker.plugins.get(plugin).map_or("?", String::as_str)
+            ),
+            (None, None) if boot == Boot::DiedStarting => {
+                match self.scoreboard.slot(worker.board).in_flight() {
+                    Some(plugin) => format!(
+                        "it ended while loading plugin {:?}: {}",
+                        worker.plugins.get(plugin).map_or("?", String::as_str),
+                        exit.inside_plugin()
+                    ),
+                    None => format!(
+                        "it ended before it was ready, after loading its plugins ({exit}; its error, if any, is logged above)"
+                    ),
+                }
+            }
+            (None, None) => format!("{exit}{running}"),
+        };
+        let of_pending_reload = self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == worker.generation);
+        if of_pending_reload && boot != Boot::Served {
+            tracing::error!("new worker {index} (pid {pid}) failed to start: {cause}");
+            self.roll_back_reload();
+            return;
+        }
+        self.last_exits.insert(index, cause.clone());
+        let Some(slot) = self.slots.get_mut(index) else {
+            // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
+            tracing::info!("worker {index} (pid {pid}) exited: {cause}");
+            return;
+        };
+        slot.crash_streak = if now.duration_since(worker.started) < decision::STABLE_AFTER {
+            slot.crash_streak + 1
+        } else {
+            1
+        };
+        slot.boot_failures = match boot {
+            Boot::Served => 0,
+            _ => slot.boot_failures + 1,
+        };
+        let streak = slot.crash_streak;
+        let boot_failures = slot.boot_failures;
+
+        let window = self.config.server.restart_window;
+        while self
+            .restarts
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > window)
+        {
+            self.restarts.pop_front();
+        }
+        let max = self.config.server.max_restarts;
+        match decision::on_worker_exit(boot, boot_failures, self.restarts.len() as u32, max) {
+            Decision::Restart => {
+                self.restarts.push_back(now);
+                self.restarts_total += 1;
+                let delay = decision::restart_delay(streak);
+                self.slots[index].restart_at = now + delay;
+                let restarts = self.restarts.len();
+                if streak < 3 {
+                    tracing::warn!(
+                        "worker {index} (pid {pid}) died: {cause}; restarting it{} ({restarts} restart(s) in the last {window:?}, max_restarts = {max})",
+                        if delay.is_zero() { String::new() } else { format!(" in {delay:?}") }
+                    );
+                } else if streak == 3 {
+                    tracing::error!(
+                        "crash loop: worker {index} died {streak} times in a row, each within {:?} of starting (last: {cause}); restarting with exponential backoff, now {delay:?}, at most {:?}; further deaths in this loop are logged at debug level until a worker stays up",
+                        decision::STABLE_AFTER,
+                        decision::MAX_BACKOFF
+                    );
+                } else {
+                    tracing::debug!(
+                        "worker {index} (pid {pid}) died again: {cause}; crash streak {streak}, restarting in {delay:?}"
+                    );
+                }
+            }
+            Decision::Halt(code @ exit_code::PLUGIN_LOAD_FAILED) => {
+                if boot == Boot::PluginRefused {
+                    tracing::error!(
+                        "worker {index} (pid {pid}) failed to start: {cause}; stopping, since a new worker would fail the same way"
+                    );
+                } else {
+                    tracing::error!(
+                        "worker {index} (pid {pid}) failed to start: {cause}; that is {boot_failures} workers in a row that never became ready: stopping"
+                    );
+                }
+                self.halt(code, Stop::Graceful);
+            }
+            Decision::Halt(code) => {
+                tracing::error!(
+                    "worker {index} (pid {pid}) died: {cause}; {} restarts in the last {window:?} already (max_restarts = {max}): giving up and stopping",
+                    self.restarts.len()
+                );
+                self.halt(code, Stop::Graceful);
+            }
+        }
+    }
+}
