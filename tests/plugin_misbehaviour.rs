@@ -100,7 +100,7 @@ fn a_response_len_past_its_cap_closes_the_connection_and_sends_nothing() {
 }
 
 /// A C plugin built against ABI 1.0 (no in-place response fields; callbacks
-/// only) still loads and answers in this ABI 1.1 host.
+/// only) still loads and answers in this ABI 1.2 host.
 #[test]
 fn a_plugin_built_for_abi_1_0_still_works() {
     let server = Server::start(&MISBEHAVE.replace("{misbehave}", "{abi_1_0}"));

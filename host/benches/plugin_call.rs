@@ -101,6 +101,7 @@ fn plugin_call(c: &mut Criterion) {
         id: 1,
         peer: peer.as_ptr(),
         listener: listener.as_ptr(),
+        flags: 0,
     };
     let mut group = c.benchmark_group("plugin_call_64B_echo");
     group.throughput(Throughput::Elements(1));

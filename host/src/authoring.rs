@@ -90,6 +90,7 @@ pub fn run(options: &RunOptions) -> i32 {
         id: 1,
         peer: c"stdin".as_ptr(),
         listener: c"stdin".as_ptr(),
+        flags: 0,
     };
     let requests = match read_requests(options) {
         Ok(requests) => requests,

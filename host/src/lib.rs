@@ -29,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod exit_code;
 pub mod fork_guard;
+pub mod handover;
 pub mod listener;
 pub mod logging;
 pub mod plugin;

@@ -184,6 +184,13 @@ pub struct Stats {
     /// Connections closed because the worker's connections together held
     /// more than `max_buffered_bytes` (the ones holding the most).
     pub buffer_budget_closes: Counter,
+    /// Connections this worker handed over to another (it was replaced).
+    pub connections_handed_over: Counter,
+    /// Connections another worker handed over to this one.
+    pub connections_adopted: Counter,
+    /// Connections closed at a frame boundary because a hand-over could not
+    /// be made (no worker to take them, the taker full or stopping…).
+    pub handover_failures: Counter,
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -203,6 +210,9 @@ impl Stats {
             &self.bytes_out,
             &self.protocol_errors,
             &self.buffer_budget_closes,
+            &self.connections_handed_over,
+            &self.connections_adopted,
+            &self.handover_failures,
         ] {
             counter.reset();
         }
@@ -238,6 +248,12 @@ pub struct Totals {
     pub protocol_errors: u64,
     /// See [`Stats`].
     pub buffer_budget_closes: u64,
+    /// See [`Stats`].
+    pub connections_handed_over: u64,
+    /// See [`Stats`].
+    pub connections_adopted: u64,
+    /// See [`Stats`], plus the master's own (nobody to forward to).
+    pub handover_failures: u64,
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -268,6 +284,9 @@ impl Totals {
         self.bytes_out += stats.bytes_out.get();
         self.protocol_errors += stats.protocol_errors.get();
         self.buffer_budget_closes += stats.buffer_budget_closes.get();
+        self.connections_handed_over += stats.connections_handed_over.get();
+        self.connections_adopted += stats.connections_adopted.get();
+        self.handover_failures += stats.handover_failures.get();
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -288,6 +307,9 @@ impl Totals {
         self.bytes_out += other.bytes_out;
         self.protocol_errors += other.protocol_errors;
         self.buffer_budget_closes += other.buffer_budget_closes;
+        self.connections_handed_over += other.connections_handed_over;
+        self.connections_adopted += other.connections_adopted;
+        self.handover_failures += other.handover_failures;
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

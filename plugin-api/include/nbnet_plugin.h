@@ -48,7 +48,8 @@ extern "C" {
 /* ---------------------------------------------------------------- versions */
 
 #define NBNET_ABI_MAJOR 1
-#define NBNET_ABI_MINOR 1 /* 1.1: in-place responses (data/len/cap/grow), process_batch */
+#define NBNET_ABI_MINOR 2 /* 1.1: in-place responses (data/len/cap/grow), process_batch;
+                           * 1.2: nbnet_conn.flags (connections handed over) */
 
 /* ------------------------------------------------------------ return codes */
 
@@ -77,7 +78,13 @@ typedef struct nbnet_conn {
     uint64_t id;          /* unique across this server's workers, never reused */
     const char *peer;     /* client address "IP:PORT" (NUL-terminated) */
     const char *listener; /* listener address "IP:PORT" it arrived on */
+    uint32_t flags;       /* ABI 1.2: NBNET_CONN_HANDED_OVER or 0 */
 } nbnet_conn;
+
+/* nbnet_conn.flags: the connection moves to another worker without closing
+ * (a reload, a worker's replacement). In on_close: handed over, the client
+ * stays connected elsewhere. In on_open: accepted earlier by another worker. */
+#define NBNET_CONN_HANDED_OVER 1u
 
 /* ------------------------------------------------------- response (host) */
 

@@ -38,7 +38,9 @@ pub const ABI_MAJOR: u32 = 1;
 ///   into the host (unless it needs more room than it was given). Plugins
 ///   may also export `process_batch` ([`ProcessBatchFn`]): every complete
 ///   request of one read answered in one call.
-pub const ABI_MINOR: u32 = 1;
+/// - 1.2: [`RawConnection`] gains `flags` ([`NBNET_CONN_HANDED_OVER`]):
+///   connections move between workers on a reload instead of closing.
+pub const ABI_MINOR: u32 = 2;
 
 /// Success return code of `init`, `process` and `write`.
 pub const NBNET_OK: i32 = 0;
@@ -142,7 +144,16 @@ pub struct RawConnection {
     pub peer: *const c_char,
     /// The listener's address it arrived on, `IP:PORT`, NUL-terminated.
     pub listener: *const c_char,
+    /// ABI 1.2. [`NBNET_CONN_HANDED_OVER`] or 0.
+    pub flags: u32,
 }
+
+/// [`RawConnection::flags`]: the connection moves between workers without
+/// closing. In `on_close`: it is handed over to another worker (the client
+/// stays connected; this instance will not see it again). In `on_open`: it
+/// was accepted earlier by another worker and handed to this one (during a
+/// reload or a worker's replacement).
+pub const NBNET_CONN_HANDED_OVER: u32 = 1;
 
 /// What the host tells a plugin when it creates its per-worker instance
 /// (`nbnet_init_ctx` in C). Valid only during `init`, except `log` and

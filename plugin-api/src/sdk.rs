@@ -76,6 +76,13 @@ impl<'a> Connection<'a> {
     pub fn listener(&self) -> &'a str {
         c_text(self.raw.listener)
     }
+
+    /// The connection moves between workers without closing (ABI 1.2): in
+    /// `on_close`, it is handed over to another worker (the client stays
+    /// connected); in `on_open`, another worker accepted it earlier.
+    pub fn handed_over(&self) -> bool {
+        self.raw.flags & crate::abi::NBNET_CONN_HANDED_OVER != 0
+    }
 }
 
 fn c_text<'a>(text: *const std::ffi::c_char) -> &'a str {

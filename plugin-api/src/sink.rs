@@ -718,6 +718,7 @@ mod tests {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
+            flags: 0,
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let response = sink.begin(HEADER, 4);
@@ -843,6 +844,7 @@ mod tests {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
+            flags: 0,
         };
         let mut sink = ResponseSink::new(Vec::new(), 16, &conn);
         let r = sink.begin(b"H", 0);
@@ -874,6 +876,7 @@ mod tests {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
+            flags: 0,
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let description = RawBatch {
@@ -971,6 +974,7 @@ mod tests {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
+            flags: 0,
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let r = sink.begin(HEADER, 4);
@@ -1012,6 +1016,7 @@ mod tests {
             id: 1,
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
+            flags: 0,
         };
         let mut sink = ResponseSink::new(Vec::new(), 1 << 20, &conn);
         let r = sink.begin(b"", 0);

@@ -180,6 +180,7 @@ impl<P: Plugin> TestHost<P> {
             id,
             peer: self.peer.as_ptr(),
             listener: self.listener.as_ptr(),
+            flags: 0,
         }
     }
 }

@@ -89,7 +89,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
 
-    let per_worker: [WorkerFamily; 7] = [
+    let per_worker: [WorkerFamily; 10] = [
         (
             "nbnet_connections_open",
             "gauge",
@@ -125,6 +125,24 @@ pub fn render(snapshot: &Snapshot) -> String {
             "counter",
             "Connections closed because the worker's connections together held more than max_buffered_bytes (largest first).",
             |t| t.buffer_budget_closes,
+        ),
+        (
+            "nbnet_connections_handed_over_total",
+            "counter",
+            "Open connections this worker handed over to another when it was replaced (reload, recycling, SIGTTOU).",
+            |t| t.connections_handed_over,
+        ),
+        (
+            "nbnet_connections_adopted_total",
+            "counter",
+            "Open connections handed over to this worker by one being replaced.",
+            |t| t.connections_adopted,
+        ),
+        (
+            "nbnet_handover_failures_total",
+            "counter",
+            "Connections closed at a frame boundary because they could not be handed over.",
+            |t| t.handover_failures,
         ),
         (
             "nbnet_requests_total",

@@ -34,6 +34,7 @@ mod listeners;
 pub mod metrics;
 mod pool;
 mod reap;
+mod relay;
 mod reload;
 
 use listeners::{bind_listeners, Bound};
@@ -142,6 +143,9 @@ struct Worker {
     watched_since: Instant,
     /// Set when the watchdog killed it: (plugin, elapsed).
     hung: Option<(usize, Duration)>,
+    /// The master's end of its control channel (see [`relay`]); `None`
+    /// if it could not be made, or once the worker closed it.
+    control: Option<std::os::fd::OwnedFd>,
 }
 
 /// One slot of the worker pool.
@@ -198,6 +202,10 @@ pub struct Master {
     last_exits: BTreeMap<usize, String>,
     /// Watchdog kills per plugin.
     timeouts: BTreeMap<String, u64>,
+    /// Hand-over relay: where the next connection goes (round robin), and
+    /// connections waiting for a taker's channel to have room.
+    relay_next: usize,
+    relay_waiting: VecDeque<relay::Waiting>,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -296,6 +304,8 @@ pub fn serve(mut config: Config) -> i32 {
         restarts_total: 0,
         last_exits: BTreeMap::new(),
         timeouts: BTreeMap::new(),
+        relay_next: 0,
+        relay_waiting: VecDeque::new(),
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -350,7 +360,7 @@ impl Master {
                 let tokens: Vec<Token> = events
                     .iter()
                     .map(|e| e.token())
-                    .filter(|&t| admin.owns(t))
+                    .filter(|&t| admin.owns(t) && t.0 < relay::CONTROL_BASE)
                     .collect();
                 for token in tokens {
                     admin.on_event(token, self.poll.registry(), &mut |method, path| {
@@ -360,6 +370,17 @@ impl Master {
                 admin.expire(Instant::now(), self.poll.registry());
                 self.admin = Some(admin);
             }
+            // Connections handed over by workers being replaced.
+            let controls: Vec<usize> = events
+                .iter()
+                .map(|e| e.token().0)
+                .filter(|&t| t >= relay::CONTROL_BASE)
+                .map(|t| t - relay::CONTROL_BASE)
+                .collect();
+            for board in controls {
+                self.on_control(board);
+            }
+            self.relay_retry();
             for signal in self.signals.pending() {
                 match signal {
                     Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.handle_stop(signal),
@@ -389,7 +410,7 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
-        [self.next_wakeup_for_workers(), admin]
+        [self.next_wakeup_for_workers(), admin, self.relay_wakeup()]
             .into_iter()
             .flatten()
             .min()

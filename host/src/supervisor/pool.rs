@@ -120,7 +120,9 @@ impl Master {
     pub(super) fn drain(&mut self, pid: Pid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.role = Role::Draining;
-            let _ = kill(pid, Signal::SIGTERM);
+            // Its connections move to the serving workers rather than
+            // close (SIGTERM, the fallback, closes them at frame boundaries).
+            self.ask_to_hand_over(pid);
         }
     }
 
@@ -196,6 +198,16 @@ impl Master {
         // The new worker starts with a clean entry (it resets it too; doing
         // it here as well means the watchdog never sees stale state).
         self.scoreboard.slot(board).reset();
+        // Its control channel: how it hands its connections over when it
+        // is replaced, and how it receives others'. Without one it closes
+        // them at frame boundaries instead.
+        let (ours, theirs) = match crate::handover::channel() {
+            Ok((ours, theirs)) => (Some(ours), Some(theirs)),
+            Err(e) => {
+                tracing::warn!("cannot make a control channel for worker {index} ({e}): its connections will be closed, not handed over, when it is replaced");
+                (None, None)
+            }
+        };
         // SAFETY: the master is single-threaded and never loads plugins, so
         // the child may allocate and run arbitrary code after fork.
         match unsafe { fork() } {
@@ -204,6 +216,10 @@ impl Master {
                 Err(e)
             }
             Ok(ForkResult::Parent { child }) => {
+                drop(theirs);
+                if let Some(ours) = &ours {
+                    self.register_control(board, ours);
+                }
                 let now = Instant::now();
                 self.slots[index].pid = Some(child);
                 self.workers.insert(
@@ -218,6 +234,7 @@ impl Master {
                         watched_calls: 0,
                         watched_since: now,
                         hung: None,
+                        control: ours,
                     },
                 );
                 tracing::info!("worker {index} started (pid {child})");
@@ -231,8 +248,12 @@ impl Master {
                     libc::close(self.poll.as_raw_fd());
                     libc::close(self.signals.raw_fd());
                 }
-                // The admin listener and its clients are the master's.
+                // The admin listener and its clients are the master's, and
+                // so are the control channels of the other workers.
                 drop(self.admin.take());
+                drop(ours);
+                self.workers.clear();
+                self.relay_waiting.clear();
                 // This worker's sockets, in the order of its config's listeners.
                 let mut available = std::mem::take(&mut self.listeners);
                 let sockets = self
@@ -254,7 +275,13 @@ impl Master {
                     count: self.slots.len(),
                     master,
                 };
-                let code = worker::run(&self.config, sockets, who, self.scoreboard.slot(board));
+                let code = worker::run(
+                    &self.config,
+                    sockets,
+                    who,
+                    self.scoreboard.slot(board),
+                    theirs,
+                );
                 std::process::exit(code)
             }
         }

@@ -72,9 +72,17 @@ impl Master {
             };
             // Not one of ours (an orphan a plugin left behind, adopted by
             // the master as subreaper): reaped, nothing else to do.
-            let Some(worker) = self.workers.remove(&pid) else {
+            // Connections it handed over just before exiting may still wait
+            // in its channel: pass them on before the channel goes.
+            if let Some(board) = self.workers.get(&pid).map(|w| w.board) {
+                self.on_control(board);
+            }
+            let Some(mut worker) = self.workers.remove(&pid) else {
                 continue;
             };
+            if let Some(control) = worker.control.take() {
+                self.drop_control(control);
+            }
             // What its plugins started goes with it.
             sweep_group(pid);
             // Keep its numbers before the entry is reused.

@@ -28,10 +28,12 @@ use std::time::Instant;
 
 use super::deadlines::{Linked, Links};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
+use crate::handover;
 use crate::listener::Stream;
 use crate::plugin::{Plugin, ProcessError, RawConnection, RawRequest, ResponseSink};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::scoreboard::{Outcome, PluginStats, Slot, Stats};
+use nbnet_plugin_api::abi::NBNET_CONN_HANDED_OVER;
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -120,6 +122,8 @@ pub enum Close {
     Plugin(Box<ProcessError>),
     /// The worker is stopping.
     Shutdown,
+    /// It moved to another worker, open (see [`crate::handover`]).
+    HandedOver,
     /// Nothing received or sent for `read_timeout`.
     TimedOut {
         /// Whether a frame was partly received (a stall, not just an idle connection).
@@ -189,6 +193,9 @@ pub struct Connection {
     /// were not reading: the EOF must be read out when reading resumes, as
     /// edge-triggered polling will not report it again.
     peer_shut: bool,
+    /// What plugins see in `nbnet_conn.flags`: `NBNET_CONN_HANDED_OVER`
+    /// once the connection moves between workers, else 0.
+    flags: u32,
 }
 
 impl Linked for Connection {
@@ -225,7 +232,58 @@ impl Connection {
             fresh: true,
             pipelining: false,
             peer_shut: false,
+            flags: 0,
         }
+    }
+
+    /// A connection another worker accepted and handed over (see
+    /// [`crate::handover`]): at a frame boundary, or still waiting for its
+    /// PROXY header.
+    pub fn adopted(
+        stream: Stream,
+        record: &handover::Connection,
+        listener: usize,
+        deadline: Instant,
+    ) -> Self {
+        let mut conn = Connection::new(
+            stream,
+            record.peer.clone(),
+            listener,
+            record.id,
+            deadline,
+            record.awaiting_proxy_header,
+        );
+        conn.fresh = false;
+        conn.pipelining = record.pipelining;
+        conn.flags = NBNET_CONN_HANDED_OVER;
+        conn
+    }
+
+    /// What another worker needs to take this connection over, if it can
+    /// move now: at a frame boundary (nothing received that is not
+    /// answered, no answer waiting to be sent) or before its PROXY header.
+    /// `listener` is its listener's address as the config writes it.
+    pub fn hand_over_record(&self, listener: &str) -> Option<handover::Connection> {
+        let at_boundary = matches!(self.state, State::Reading | State::ProxyHeader)
+            && self.input_len == 0
+            && !self.peer_shut;
+        at_boundary.then(|| handover::Connection {
+            kind: match self.stream {
+                Stream::Tcp(_) => handover::StreamKind::Tcp,
+                Stream::Unix(_) => handover::StreamKind::Unix,
+            },
+            id: self.id,
+            pipelining: self.pipelining,
+            awaiting_proxy_header: self.state == State::ProxyHeader,
+            listener: listener.to_string(),
+            peer: self.peer().to_string(),
+        })
+    }
+
+    /// From now on plugins see this connection as handed over (its
+    /// `on_close` in this worker).
+    pub fn mark_handed_over(&mut self) {
+        self.flags = NBNET_CONN_HANDED_OVER;
     }
 
     /// The connection as a plugin sees it; borrows this connection's text.
@@ -234,12 +292,22 @@ impl Connection {
             id: self.id,
             peer: self.peer.as_ptr(),
             listener: listener_addr.as_ptr(),
+            flags: self.flags,
         }
     }
 
     /// The client's address, for logs.
     pub fn peer(&self) -> &str {
         self.peer.to_str().unwrap_or("?")
+    }
+
+    /// The socket's descriptor (to hand it over).
+    pub fn stream_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
     }
 
     /// The socket, for (de)registration.

@@ -44,6 +44,7 @@ pub fn run(
     sockets: Vec<crate::listener::ListenSocket>,
     who: Identity,
     slot: &'static Slot,
+    control: Option<std::os::fd::OwnedFd>,
 ) -> i32 {
     slot.reset();
     let span = tracing::info_span!("worker", index = who.index, pid = getpid().as_raw());
@@ -148,7 +149,7 @@ pub fn run(
         time_plugin_calls: config.admin.is_some(),
         max_buffered_bytes: config.server.max_buffered_bytes,
     };
-    let reactor = match Reactor::new(signals, listeners, plugins, limits, slot) {
+    let reactor = match Reactor::new(signals, listeners, plugins, limits, slot, control) {
         Ok(reactor) => reactor,
         Err(e) => {
             tracing::error!("cannot start the event loop: {e}");

@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
@@ -17,6 +17,7 @@ use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
 use crate::config;
+use crate::handover;
 use crate::listener::{Endpoint, ListenSocket};
 use crate::plugin::Plugin;
 use crate::scoreboard::{PluginStats, Slot};
@@ -24,8 +25,13 @@ use crate::signals::Signals;
 
 /// The worker's `signalfd`: SIGTERM/SIGQUIT drain, SIGINT stops at once.
 const SIGNALS: Token = Token(0);
+/// The control channel from the master: "hand your connections over", and
+/// connections handed to this worker (see [`crate::handover`]).
+const CONTROL: Token = Token(1);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
-const FIRST_LISTENER: usize = 1;
+const FIRST_LISTENER: usize = 2;
+/// How soon a hand-over that found the channel full is tried again.
+const HANDOVER_RETRY: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a just-accepted connection's first
 /// request before closing it as idle.
 const FRESH_GRACE: Duration = Duration::from_millis(200);
@@ -114,6 +120,13 @@ pub struct Reactor {
     /// While draining: when connections that never sent anything are
     /// closed too.
     fresh_until: Option<Instant>,
+    /// The control channel to the master (`None` once the master is gone).
+    control: Option<std::os::fd::OwnedFd>,
+    /// Draining by handing connections over to another worker (a
+    /// replacement), not by closing them (a stop).
+    handing_over: bool,
+    /// A hand-over found the channel full: when to try again.
+    handover_retry: Option<Instant>,
     /// Requests answered so far.
     served: u64,
     /// Ask to be replaced after this many requests (max_requests_per_worker
@@ -136,11 +149,20 @@ impl Reactor {
         plugins: Vec<Plugin>,
         limits: Limits,
         slot: &'static Slot,
+        control: Option<std::os::fd::OwnedFd>,
     ) -> io::Result<Reactor> {
         let poll = Poll::new()?;
         // A plugin's forked child must not share this epoll instance.
         crate::fork_guard::protect(poll.as_raw_fd());
         signals.register(poll.registry(), SIGNALS)?;
+        if let Some(control) = &control {
+            crate::fork_guard::protect(control.as_raw_fd());
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&control.as_raw_fd()),
+                CONTROL,
+                Interest::READABLE,
+            )?;
+        }
         let mut listeners = listeners;
         for listener in &mut listeners {
             listener.stats = slot.stats.plugin(listener.plugin);
@@ -162,6 +184,9 @@ impl Reactor {
             shed_log: OverloadLog::default(),
             draining: None,
             fresh_until: None,
+            control,
+            handing_over: false,
+            handover_retry: None,
             served: 0,
             retire_after: limits.retire_after,
             next_connection_id: u64::from(std::process::id()) << 32,
@@ -203,6 +228,7 @@ impl Reactor {
                             self.begin_drain(signal, now);
                         }
                     }
+                    CONTROL => self.on_control(now),
                     Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
                     Token(t) => {
                         let key = t - first_connection;
@@ -246,9 +272,10 @@ impl Reactor {
                             self.buffered.saturating_sub(held_before) + conn.buffered_bytes();
                         match outcome {
                             // Draining: a connection whose requests are all
-                            // answered and sent is closed at this frame boundary.
+                            // answered and sent leaves at this frame
+                            // boundary: handed over, or closed.
                             Ok(_) if self.draining.is_some() && conn.is_idle() => {
-                                self.close(key, Close::Shutdown)
+                                self.retire(key, now)
                             }
                             Ok(true) => {
                                 // Re-link only when the deadline moves by more
@@ -285,6 +312,10 @@ impl Reactor {
                 self.fresh_until = None;
                 self.close_idle(true);
             }
+            if self.handover_retry.is_some_and(|at| now >= at) {
+                self.handover_retry = None;
+                self.hand_over_idle(now);
+            }
             if let Some(deadline) = self.draining {
                 if self.connections.is_empty() {
                     tracing::info!("drained: every request answered");
@@ -306,7 +337,6 @@ impl Reactor {
     /// Accepts every pending connection on listener `index` (until WouldBlock:
     /// edge-triggered readiness is reported once per burst).
     fn accept(&mut self, index: usize, now: Instant) {
-        let first_connection = FIRST_LISTENER + self.listeners.len();
         while self.accepting == Accepting::Open {
             if self.connections.len() >= self.limits.max_connections {
                 match self.overload_log.admit(now) {
@@ -325,37 +355,14 @@ impl Reactor {
                 return;
             };
             match socket.accept() {
-                Ok((mut stream, peer)) => {
-                    let entry = self.connections.vacant_entry();
-                    let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(first_connection + key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        tracing::warn!("cannot register connection from {peer}: {e}");
-                        continue;
-                    }
-                    crate::fork_guard::protect(stream.as_raw_fd());
-                    self.slot.stats.connections_open.add(1);
-                    self.slot.stats.connections_total.add(1);
-                    let deadline = config::deadline(now, self.limits.read_timeout);
+                Ok((stream, peer)) => {
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
-                    let conn = entry.insert(Connection::new(
-                        stream,
-                        peer,
-                        index,
-                        id,
-                        deadline,
-                        listener.proxy_protocol,
-                    ));
-                    let plugin = &mut self.plugins[listener.plugin];
-                    let described = conn.describe(&listener.addr_text);
-                    self.slot
-                        .track(listener.plugin, || plugin.connection_opened(&described));
-                    self.deadlines.push(&mut self.connections, key, deadline);
+                    let proxy_protocol = listener.proxy_protocol;
+                    self.admit(stream, now, true, |stream, deadline| {
+                        Connection::new(stream, peer, index, id, deadline, proxy_protocol)
+                    });
                 }
                 // The backlog is empty: wait for the next readiness event.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -380,6 +387,200 @@ impl Reactor {
         }
     }
 
+    /// Registers a new connection (accepted here, or handed over by another
+    /// worker), made by `make` from the stream and its read deadline, and
+    /// tells its plugin. The one place a connection enters the slab.
+    fn admit(
+        &mut self,
+        mut stream: crate::listener::Stream,
+        now: Instant,
+        accepted: bool,
+        make: impl FnOnce(crate::listener::Stream, Instant) -> Connection,
+    ) {
+        let first_connection = FIRST_LISTENER + self.listeners.len();
+        let entry = self.connections.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(first_connection + key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!("cannot register a connection: {e}");
+            return;
+        }
+        crate::fork_guard::protect(stream.as_raw_fd());
+        self.slot.stats.connections_open.add(1);
+        if accepted {
+            self.slot.stats.connections_total.add(1);
+        }
+        let deadline = config::deadline(now, self.limits.read_timeout);
+        let conn = entry.insert(make(stream, deadline));
+        let listener = &self.listeners[conn.listener];
+        let plugin = &mut self.plugins[listener.plugin];
+        let described = conn.describe(&listener.addr_text);
+        self.slot
+            .track(listener.plugin, || plugin.connection_opened(&described));
+        self.deadlines.push(&mut self.connections, key, deadline);
+    }
+
+    /// Reads the control channel: the master's "hand over" request, and
+    /// connections handed to this worker.
+    fn on_control(&mut self, now: Instant) {
+        loop {
+            let Some(control) = &self.control else {
+                return;
+            };
+            match handover::recv(control.as_fd()) {
+                Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
+                Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
+                Ok(None) => {
+                    // The master is gone (this worker follows: its parent-
+                    // death signal); nothing more comes this way.
+                    if let Some(control) = self.control.take() {
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut mio::unix::SourceFd(&control.as_raw_fd()));
+                        crate::fork_guard::release(control.as_raw_fd());
+                    }
+                    return;
+                }
+                Err(e) if handover::would_block(&e) => return,
+                Err(e) => {
+                    tracing::warn!("control channel: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes over a connection another worker handed over. Refused (and
+    /// closed: the client sees a close at a frame boundary, and may retry:
+    /// nothing it sent was read) when this worker no longer has its
+    /// listener, is full, or is draining itself.
+    fn adopt(&mut self, record: handover::Connection, fd: std::os::fd::OwnedFd, now: Instant) {
+        let listener = self
+            .listeners
+            .iter()
+            .position(|l| l.addr.to_string() == record.listener);
+        let index = match listener {
+            None => Err("its listener is not in this worker's config"),
+            Some(_) if self.draining.is_some() => Err("this worker is stopping"),
+            Some(_) if self.connections.len() >= self.limits.max_connections => {
+                Err("this worker is at max_connections")
+            }
+            Some(index) => Ok(index),
+        };
+        let index = match index {
+            Ok(index) => index,
+            Err(why) => {
+                self.slot.stats.handover_failures.add(1);
+                tracing::warn!(
+                    peer = %record.peer,
+                    "connection handed over from {} closed: {why}",
+                    record.listener
+                );
+                return;
+            }
+        };
+        let stream = match record.kind {
+            handover::StreamKind::Tcp => {
+                let stream = std::net::TcpStream::from(fd);
+                let _ = stream.set_nonblocking(true);
+                let _ = stream.set_nodelay(true);
+                crate::listener::Stream::Tcp(mio::net::TcpStream::from_std(stream))
+            }
+            handover::StreamKind::Unix => {
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                let _ = stream.set_nonblocking(true);
+                crate::listener::Stream::Unix(mio::net::UnixStream::from_std(stream))
+            }
+        };
+        self.slot.stats.connections_adopted.add(1);
+        tracing::debug!(
+            peer = %record.peer,
+            listener = %record.listener,
+            "connection handed over to this worker"
+        );
+        self.admit(stream, now, false, |stream, deadline| {
+            Connection::adopted(stream, &record, index, deadline)
+        });
+    }
+
+    /// The master asks this worker to leave without closing its clients'
+    /// connections: stop accepting, hand every connection at a frame
+    /// boundary over now, and each of the others once its frame is
+    /// answered. `shutdown_timeout` bounds it, as for a graceful stop.
+    fn begin_hand_over(&mut self, now: Instant) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(config::deadline(now, self.limits.shutdown_timeout));
+        self.handing_over = true;
+        self.pause_accepting(Accepting::Closed);
+        let before = self.connections.len();
+        self.hand_over_idle(now);
+        tracing::info!(
+            "being replaced: handing {before} connection(s) over to the serving workers ({} finishing a frame first)",
+            self.connections.len()
+        );
+    }
+
+    /// Hands over (or, when stopping, closes) every connection at a frame
+    /// boundary.
+    fn hand_over_idle(&mut self, now: Instant) {
+        let idle: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, conn)| conn.is_idle())
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle {
+            self.retire(key, now);
+        }
+    }
+
+    /// A draining worker's connection `key`, at a frame boundary, leaves:
+    /// handed over when this worker is being replaced, else closed. If the
+    /// channel is full it stays (and is tried again shortly); if the
+    /// hand-over fails it is closed (the client sees a close at a frame
+    /// boundary, as before hand-overs existed).
+    fn retire(&mut self, key: usize, now: Instant) {
+        if !self.handing_over {
+            self.close(key, Close::Shutdown);
+            return;
+        }
+        let conn = &self.connections[key];
+        let listener = &self.listeners[conn.listener];
+        let Some(record) = conn.hand_over_record(&listener.addr.to_string()) else {
+            // Not movable (a half-closed client): it ends here.
+            self.close(key, Close::Shutdown);
+            return;
+        };
+        let Some(control) = &self.control else {
+            self.slot.stats.handover_failures.add(1);
+            self.close(key, Close::Shutdown);
+            return;
+        };
+        match handover::send_connection(control.as_fd(), &record, conn.stream_fd()) {
+            Ok(()) => {
+                self.slot.stats.connections_handed_over.add(1);
+                self.close(key, Close::HandedOver);
+            }
+            Err(e) if handover::would_block(&e) => {
+                self.handover_retry.get_or_insert(now + HANDOVER_RETRY);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    peer = %record.peer,
+                    "cannot hand the connection over ({e}): closing it"
+                );
+                self.slot.stats.handover_failures.add(1);
+                self.close(key, Close::Shutdown);
+            }
+        }
+    }
+
     /// Deregisters and drops connection `key`, logging why it closed.
     fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
@@ -390,16 +591,25 @@ impl Reactor {
             self.slot.stats.protocol_errors.add(1);
         }
         let _ = self.poll.registry().deregister(conn.stream_mut());
-        crate::fork_guard::release(conn.stream_mut().as_raw_fd());
         let peer = conn.peer().to_string();
         let listener = &self.listeners[conn.listener];
+        if let Close::HandedOver = reason {
+            conn.mark_handed_over();
+        }
         let plugin = &mut self.plugins[listener.plugin];
         let described = conn.describe(&listener.addr_text);
         self.slot
             .track(listener.plugin, || plugin.connection_closed(&described));
+        // Unmarked only now: a child the plugin forks in its close hook
+        // must not get the client's socket either.
+        crate::fork_guard::release(conn.stream_mut().as_raw_fd());
+        drop(conn);
         match reason {
             Close::PeerClosed => tracing::debug!(%peer, "connection closed by the client"),
             Close::Shutdown => tracing::debug!(%peer, "connection closed: worker stopping"),
+            Close::HandedOver => {
+                tracing::debug!(%peer, "connection handed over to another worker")
+            }
             Close::PeerClosedMidFrame { received } => tracing::info!(
                 %peer,
                 "client closed the connection in the middle of a frame ({received} bytes of it received)"
@@ -510,6 +720,12 @@ impl Reactor {
     /// `shutdown_timeout` bounds the whole drain.
     fn begin_drain(&mut self, signal: Signal, now: Instant) {
         if self.draining.is_some() {
+            if self.handing_over {
+                // The server stops while this worker was being replaced:
+                // nobody takes connections any more; close them instead.
+                self.handing_over = false;
+                self.close_idle(true);
+            }
             return;
         }
         self.draining = Some(config::deadline(now, self.limits.shutdown_timeout));
@@ -596,10 +812,16 @@ impl Reactor {
             Accepting::Backoff(until) => Some(until),
             _ => None,
         };
-        let wake = [deadline, backoff, self.draining, self.fresh_until]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake = [
+            deadline,
+            backoff,
+            self.draining,
+            self.fresh_until,
+            self.handover_retry,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         // Round up to the next millisecond: epoll's unit. Rounding down would
         // wake a hair early and spin until the deadline passes.
         wake.map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))

@@ -1,0 +1,286 @@
+//! Handing live client connections from one worker to another.
+//!
+//! When a worker is replaced (a reload, `max_requests_per_worker`, SIGTTOU,
+//! a rolled-back reload), its clients must not notice: nbNet clients keep
+//! their connection open and send request after request, so closing it —
+//! even at a frame boundary — costs each of them a failed request. Instead,
+//! each connection that sits at a frame boundary (nothing read that is not
+//! answered, no answer waiting to be sent) is passed, as a file descriptor
+//! (`SCM_RIGHTS`), to a worker of the current generation, with what that
+//! worker needs to go on: the listener it came in on, the client's address
+//! (the PROXY protocol's, where used) and its connection id. Bytes the
+//! client sent meanwhile wait in the socket for the new worker to read.
+//!
+//! # The channel
+//!
+//! Every worker has a control channel to the master: a `SOCK_SEQPACKET`
+//! socket pair made when the worker is forked (one message per record, so
+//! no framing of our own). The master relays: a retiring worker sends each
+//! connection to the master, which picks a ready worker of the serving
+//! generation and sends it on (`nbnet` never lets a connection reach a
+//! generation that is not serving). The master also uses the channel to
+//! tell a worker to hand its connections over ([`Message::HandOver`]).
+//!
+//! # Records
+//!
+//! `H` — hand your connections over and leave (master → worker).
+//! `C kind flags id:u64 listener:u16+bytes peer:u16+bytes` with one file
+//! descriptor — a connection (worker → master → worker); `flags` bit 0: it
+//! pipelines, bit 1: it still owes its PROXY header. Integers are
+//! little-endian. A record that does not parse is dropped, its descriptor
+//! closed.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+/// What a connection's descriptor is, so the new worker wraps it right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A TCP socket.
+    Tcp,
+    /// A Unix domain stream socket.
+    Unix,
+}
+
+/// A connection on its way to another worker.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// TCP or Unix.
+    pub kind: StreamKind,
+    /// Its id (kept: plugins see one id for the connection's whole life).
+    pub id: u64,
+    /// The client pipelines (a hint for the next read).
+    pub pipelining: bool,
+    /// Its listener wants a PROXY header first, and none has come yet.
+    pub awaiting_proxy_header: bool,
+    /// The address of the listener it came in on, as the config writes it.
+    pub listener: String,
+    /// The client's address (after a PROXY header, the real client's).
+    pub peer: String,
+}
+
+/// One record on a control channel.
+#[derive(Debug)]
+pub enum Message {
+    /// Master → worker: hand every connection over, then exit.
+    HandOver,
+    /// A connection, and its descriptor.
+    Connection(Connection, OwnedFd),
+}
+
+/// The longest record (two addresses of at most 4 KiB each and the rest).
+const MAX_RECORD: usize = 12 + 2 * (2 + 4096);
+
+/// A control channel: (master's end, worker's end), both non-blocking and
+/// close-on-exec.
+pub fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// Sends "hand your connections over". `WouldBlock` when the channel is full.
+pub fn send_hand_over(channel: BorrowedFd<'_>) -> io::Result<()> {
+    send(channel, b"H", None)
+}
+
+/// Sends `conn` with its descriptor `fd` (which stays open here: the
+/// receiver gets its own). `WouldBlock` when the channel is full: try again
+/// later, nothing was sent.
+pub fn send_connection(
+    channel: BorrowedFd<'_>,
+    conn: &Connection,
+    fd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut record = Vec::with_capacity(16 + conn.listener.len() + conn.peer.len());
+    record.push(b'C');
+    record.push(match conn.kind {
+        StreamKind::Tcp => 0,
+        StreamKind::Unix => 1,
+    });
+    record.push(u8::from(conn.pipelining) | u8::from(conn.awaiting_proxy_header) << 1);
+    record.extend_from_slice(&conn.id.to_le_bytes());
+    for text in [&conn.listener, &conn.peer] {
+        // Addresses are short; a longer one is cut (it is only shown).
+        let bytes = &text.as_bytes()[..text.len().min(4096)];
+        record.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        record.extend_from_slice(bytes);
+    }
+    send(channel, &record, Some(fd.as_raw_fd()))
+}
+
+fn send(channel: BorrowedFd<'_>, record: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    let fds = fd.map(|fd| [fd]);
+    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    loop {
+        match sendmsg::<UnixAddr>(
+            channel.as_raw_fd(),
+            &[IoSlice::new(record)],
+            &cmsgs,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one record. `Ok(None)`: the other end is gone. `WouldBlock`:
+/// nothing waiting. A malformed record is skipped (its descriptor closed).
+pub fn recv(channel: BorrowedFd<'_>) -> io::Result<Option<Message>> {
+    loop {
+        let mut buffer = [0u8; MAX_RECORD];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let (bytes, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buffer)];
+            let received = match recvmsg::<UnixAddr>(
+                channel.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(received) => received,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            if let Ok(cmsgs) = received.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        // SAFETY: the kernel just installed these descriptors
+                        // in this process for us; nothing else owns them.
+                        fds.extend(
+                            received
+                                .into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+            }
+            (received.bytes, fds)
+        };
+        if bytes == 0 && fds.is_empty() {
+            return Ok(None);
+        }
+        match parse(&buffer[..bytes], fds) {
+            Some(message) => return Ok(Some(message)),
+            None => {
+                tracing::warn!("malformed hand-over record ({bytes} bytes): dropped");
+                continue;
+            }
+        }
+    }
+}
+
+fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
+    match record.first()? {
+        b'H' if record.len() == 1 && fds.is_empty() => Some(Message::HandOver),
+        b'C' if fds.len() == 1 => {
+            let kind = match record.get(1)? {
+                0 => StreamKind::Tcp,
+                1 => StreamKind::Unix,
+                _ => return None,
+            };
+            let flags = *record.get(2)?;
+            let id = u64::from_le_bytes(record.get(3..11)?.try_into().ok()?);
+            let mut rest = record.get(11..)?;
+            let mut text = || -> Option<String> {
+                let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+                let bytes = rest.get(2..2 + len)?;
+                rest = &rest[2 + len..];
+                String::from_utf8(bytes.to_vec()).ok()
+            };
+            let listener = text()?;
+            let peer = text()?;
+            let fd = fds.pop()?;
+            Some(Message::Connection(
+                Connection {
+                    kind,
+                    id,
+                    pipelining: flags & 1 != 0,
+                    awaiting_proxy_header: flags & 2 != 0,
+                    listener,
+                    peer,
+                },
+                fd,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Whether an I/O error means "not now": the channel is full or empty.
+pub fn would_block(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::WouldBlock
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_connection_and_its_descriptor_cross_the_channel_whole() {
+        let (master, worker) = channel().unwrap();
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let conn = Connection {
+            kind: StreamKind::Unix,
+            id: 0x0123_4567_89ab_cdef,
+            pipelining: true,
+            awaiting_proxy_header: false,
+            listener: "127.0.0.1:9000".into(),
+            peer: "192.0.2.7:4242".into(),
+        };
+        send_connection(worker.as_fd(), &conn, theirs.as_fd()).unwrap();
+        drop(theirs);
+        let Some(Message::Connection(got, fd)) = recv(master.as_fd()).unwrap() else {
+            panic!("expected a connection");
+        };
+        assert_eq!(got, conn);
+        // The descriptor is the same socket: what one side writes, the
+        // other reads.
+        let mut moved = std::os::unix::net::UnixStream::from(fd);
+        ours.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        moved.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        // Nothing more: WouldBlock, then EOF once the sender is gone.
+        assert!(would_block(&recv(master.as_fd()).unwrap_err()));
+        send_hand_over(master.as_fd()).unwrap();
+        assert!(matches!(
+            recv(worker.as_fd()).unwrap(),
+            Some(Message::HandOver)
+        ));
+        drop(worker);
+        assert!(recv(master.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn malformed_records_are_refused() {
+        assert!(parse(b"", Vec::new()).is_none());
+        assert!(parse(b"X", Vec::new()).is_none());
+        assert!(parse(b"C\0\0", Vec::new()).is_none(), "no descriptor");
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(
+            parse(b"C\x07\0\0\0\0\0\0\0\0\0\0\0\0\0", vec![fd()]).is_none(),
+            "bad kind"
+        );
+        assert!(
+            parse(b"C\0\0\0\0\0\0\0\0\0\0\x05\0ab", vec![fd()]).is_none(),
+            "cut text"
+        );
+        assert!(parse(b"H", vec![fd()]).is_none(), "H carries no descriptor");
+    }
+}

@@ -1,0 +1,161 @@
+//! The master's side of connection hand-over (see [`crate::handover`]):
+//! each worker's control channel, and the relay that passes a replaced
+//! worker's connections on to the workers that serve now.
+//!
+//! The master relays rather than letting workers talk to each other
+//! because it alone knows which workers serve: a connection is only ever
+//! passed to a ready worker with the `Serving` role, never to one that is
+//! itself outgoing or draining, so nothing reaches a generation that is
+//! being retired (or, after a rollback, the generation rolled back).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use nix::unistd::Pid;
+
+use super::*;
+use crate::handover::{self, Message};
+
+/// Control channels have tokens `CONTROL_BASE + scoreboard entry`, far above
+/// the admin endpoint's.
+pub(super) const CONTROL_BASE: usize = 1 << 40;
+/// How soon connections that found every taker's channel full are tried again.
+pub(super) const RELAY_RETRY: Duration = Duration::from_millis(5);
+
+/// A connection waiting for a taker (every serving worker's channel was full).
+pub(super) struct Waiting {
+    record: handover::Connection,
+    fd: OwnedFd,
+    from: Pid,
+}
+
+impl Master {
+    /// Registers a new worker's end of its control channel.
+    pub(super) fn register_control(&self, board: usize, control: &OwnedFd) {
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&control.as_raw_fd()),
+            Token(CONTROL_BASE + board),
+            Interest::READABLE,
+        ) {
+            tracing::warn!("cannot watch a worker's control channel ({e}): its connections will be closed, not handed over, when it is replaced");
+        }
+    }
+
+    /// Forgets a worker's control channel (it exited).
+    pub(super) fn drop_control(&self, control: OwnedFd) {
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&control.as_raw_fd()));
+    }
+
+    /// Reads the control channel of the worker with scoreboard entry
+    /// `board`: connections it hands over are passed on.
+    pub(super) fn on_control(&mut self, board: usize) {
+        let Some((&from, _)) = self.workers.iter().find(|(_, w)| w.board == board) else {
+            return;
+        };
+        loop {
+            let Some(control) = self.workers.get(&from).and_then(|w| w.control.as_ref()) else {
+                return;
+            };
+            match handover::recv(control.as_fd()) {
+                Ok(Some(Message::Connection(record, fd))) => self.relay(record, fd, from),
+                Ok(Some(Message::HandOver)) => {}
+                Ok(None) => {
+                    // The worker closed its end (it is exiting).
+                    if let Some(control) =
+                        self.workers.get_mut(&from).and_then(|w| w.control.take())
+                    {
+                        self.drop_control(control);
+                    }
+                    return;
+                }
+                Err(e) if handover::would_block(&e) => return,
+                Err(e) => {
+                    tracing::warn!("control channel of worker pid {from}: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Passes a connection on to a serving worker (round robin), or keeps
+    /// it for a moment if every one's channel is full, or closes it if no
+    /// worker serves (the client sees a close at a frame boundary).
+    fn relay(&mut self, record: handover::Connection, fd: OwnedFd, from: Pid) {
+        if self.phase != Phase::Serving {
+            self.handover_failed(&record, "the server is stopping");
+            return;
+        }
+        let mut takers: Vec<(usize, Pid)> = self
+            .workers
+            .iter()
+            .filter(|(pid, w)| {
+                **pid != from
+                    && w.role == Role::Serving
+                    && w.control.is_some()
+                    && self.scoreboard.slot(w.board).is_ready()
+            })
+            .map(|(pid, w)| (w.board, *pid))
+            .collect();
+        if takers.is_empty() {
+            self.handover_failed(&record, "no worker is serving");
+            return;
+        }
+        takers.sort_unstable();
+        let start = self.relay_next % takers.len();
+        self.relay_next = self.relay_next.wrapping_add(1);
+        for i in 0..takers.len() {
+            let (_, pid) = takers[(start + i) % takers.len()];
+            let Some(control) = self.workers.get(&pid).and_then(|w| w.control.as_ref()) else {
+                continue;
+            };
+            match handover::send_connection(control.as_fd(), &record, fd.as_fd()) {
+                Ok(()) => return,
+                Err(e) if handover::would_block(&e) => continue,
+                Err(e) => tracing::debug!("cannot pass a connection to worker pid {pid}: {e}"),
+            }
+        }
+        // Every channel full: wait for the takers to read theirs.
+        self.relay_waiting.push_back(Waiting { record, fd, from });
+    }
+
+    /// Tries the connections that found every channel full again.
+    pub(super) fn relay_retry(&mut self) {
+        for waiting in std::mem::take(&mut self.relay_waiting) {
+            self.relay(waiting.record, waiting.fd, waiting.from);
+        }
+    }
+
+    /// A connection no worker can take: closed (its descriptor dropped).
+    fn handover_failed(&mut self, record: &handover::Connection, why: &str) {
+        self.retired.handover_failures += 1;
+        tracing::warn!(
+            peer = %record.peer,
+            "connection from listener {} closed instead of handed over: {why}",
+            record.listener
+        );
+    }
+
+    /// Asks worker `pid` to hand its connections over and leave; a worker
+    /// without a channel (or whose channel is full) is sent SIGTERM and
+    /// closes them at frame boundaries instead.
+    pub(super) fn ask_to_hand_over(&self, pid: Pid) {
+        let asked = self
+            .workers
+            .get(&pid)
+            .and_then(|w| w.control.as_ref())
+            .is_some_and(|control| handover::send_hand_over(control.as_fd()).is_ok());
+        if !asked {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    /// When queued connections should be tried again.
+    pub(super) fn relay_wakeup(&self) -> Option<Instant> {
+        (!self.relay_waiting.is_empty()).then(|| Instant::now() + RELAY_RETRY)
+    }
+}
