@@ -44,7 +44,11 @@ pub fn untrusted(text: &str) -> String {
             out.push_str(&format!("… ({} more bytes)", text.len() - at));
             break;
         }
-        if c.is_control() {
+        // Control characters, and the separators and direction overrides
+        // some viewers render as line breaks or use to reorder text.
+        if c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -64,6 +68,7 @@ mod tests {
             untrusted("a\nERROR master: forged\r\u{1b}[31m"),
             "a\\nERROR master: forged\\r\\u{1b}[31m"
         );
+        assert_eq!(untrusted("x\u{2028}y\u{202e}z"), "x\\u{2028}y\\u{202e}z");
         let long = "x".repeat(1 << 20);
         let shown = untrusted(&long);
         assert!(shown.len() < MAX_UNTRUSTED_CHARS + 40, "{}", shown.len());

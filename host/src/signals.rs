@@ -131,9 +131,15 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, _context: *mut l
         // changes nothing.
         unsafe { libc::write(2, line.as_ptr().cast(), at) };
     }
-    // SAFETY: restores the default action (async-signal-safe); returning
-    // re-runs the faulting instruction, which now kills the process.
-    unsafe { libc::signal(signal, libc::SIG_DFL) };
+    // SAFETY: restores the default action (async-signal-safe). For a real
+    // fault, returning re-runs the faulting instruction, which now kills
+    // the process; a signal sent with kill() (si_code <= 0) is raised again.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        if (*info).si_code <= 0 {
+            libc::raise(signal);
+        }
+    }
 }
 
 /// A number in decimal without allocating (for the fault handler).

@@ -142,6 +142,10 @@ impl ResponseSink {
 
     /// Whether the plugin left the host's fields of the response alone
     /// (`data` and `cap` are checked by [`window_intact`](Self::window_intact)).
+    ///
+    /// Comparing function addresses is sound here: these are non-generic
+    /// `extern "C"` functions of this crate, each with one address, and
+    /// [`lend`](Self::lend) stored exactly these values.
     #[inline(always)]
     fn fields_intact(&self) -> bool {
         // Non-short-circuit `&`: comparisons, one branch.

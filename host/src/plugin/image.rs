@@ -7,8 +7,11 @@
 //! `cp` over a library that workers have mapped changes their code under
 //! them. So when the master reads a config (startup, reload, `--check`) it
 //! copies each plugin file once into a `memfd`, seals it against any
-//! change, and everything afterwards — the check child and every worker of
-//! that config generation — loads the copy through `/proc/self/fd/N`. The
+//! change, and notes the file's identity (device, inode, size, mtime).
+//! Everything afterwards — the check child and every worker of that config
+//! generation — loads the file by its path while it is still that very
+//! file (so that an `$ORIGIN` rpath and `dladdr` see the real place), and
+//! the sealed copy, through `/proc/self/fd/N`, once it is not. The
 //! descriptor is inherited over `fork`. A new build takes effect only
 //! through a reload or restart, which validates it first.
 //!
@@ -35,18 +38,55 @@ pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
 /// (configs are cloned); the memory is freed when the last clone of the
 /// last process holding it is gone.
 #[derive(Debug, Clone)]
-pub struct Image(Arc<OwnedFd>);
+pub struct Image {
+    copy: Arc<OwnedFd>,
+    /// The copied file's (device, inode, size, mtime in ns).
+    identity: Identity,
+}
+
+type Identity = (u64, u64, u64, i128);
+
+fn identity_of(meta: &std::fs::Metadata) -> Identity {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    )
+}
+
+/// What a loader should `dlopen` for a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The file itself: it is still the file that was checked.
+    File(PathBuf),
+    /// The sealed copy: the file at the path changed (or is gone) since.
+    Copy(PathBuf),
+}
 
 impl Image {
-    /// What to pass to `dlopen` to load this copy.
-    pub fn load_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    /// The sealed copy, as a path `dlopen` can open.
+    pub fn copy_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.copy.as_raw_fd()))
+    }
+
+    /// What to load for the plugin at `path`: the file while it is the one
+    /// this image was taken from, else the copy. (A file rewritten in
+    /// place in the instant between this look and the load is not caught:
+    /// install new builds by renaming them into place.)
+    pub fn source(&self, path: &Path) -> Source {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() && identity_of(&meta) == self.identity => {
+                Source::File(path.to_path_buf())
+            }
+            _ => Source::Copy(self.copy_path()),
+        }
     }
 }
 
 impl AsRawFd for Image {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.copy.as_raw_fd()
     }
 }
 
@@ -86,10 +126,11 @@ pub fn snapshot(path: &Path) -> Result<Image, String> {
             meta.len()
         ));
     }
-    copy(file, path).map_err(|e| format!("cannot copy the file into memory: {e}"))
+    let identity = identity_of(&meta);
+    copy(file, path, identity).map_err(|e| format!("cannot copy the file into memory: {e}"))
 }
 
-fn copy(mut file: File, path: &Path) -> io::Result<Image> {
+fn copy(mut file: File, path: &Path, identity: Identity) -> io::Result<Image> {
     let name = format!(
         "nbnet-plugin:{}",
         path.file_name().map_or("?".into(), |n| n.to_string_lossy())
@@ -119,7 +160,10 @@ fn copy(mut file: File, path: &Path) -> io::Result<Image> {
                 | SealFlag::F_SEAL_SEAL,
         ),
     )?;
-    Ok(Image(Arc::new(OwnedFd::from(memory))))
+    Ok(Image {
+        copy: Arc::new(OwnedFd::from(memory)),
+        identity,
+    })
 }
 
 /// Takes an image of every plugin of `config` (one per file: entries naming
@@ -167,11 +211,13 @@ mod tests {
         let path = dir.join("lib.so");
         std::fs::write(&path, b"first build").unwrap();
         let image = snapshot(&path).unwrap();
+        assert_eq!(image.source(&path), Source::File(path.clone()));
         std::fs::write(&path, b"second build, longer").unwrap();
-        assert_eq!(std::fs::read(image.load_path()).unwrap(), b"first build");
+        assert_eq!(image.source(&path), Source::Copy(image.copy_path()));
+        assert_eq!(std::fs::read(image.copy_path()).unwrap(), b"first build");
         let write = std::fs::OpenOptions::new()
             .write(true)
-            .open(image.load_path());
+            .open(image.copy_path());
         assert!(
             write.is_err() || io::Write::write(&mut write.unwrap(), b"x").is_err(),
             "a sealed image must refuse writes"

@@ -183,16 +183,25 @@ impl Plugin {
             path: spec.path.clone(),
             reason,
         };
-        // The copy the master validated, when it took one (see [`image`]).
-        let entry = match &spec.image {
-            // The loader's messages quote the file it was given: name the
-            // user's file instead.
-            Some(image) => open(&image.load_path()).map_err(|why| {
-                why.replace(
-                    &image.load_path().display().to_string(),
-                    &spec.path.display().to_string(),
-                )
-            }),
+        // The file the master validated, or its sealed copy once the file
+        // changed (see [`image`]).
+        let entry = match spec.image.as_ref().map(|image| image.source(&spec.path)) {
+            Some(image::Source::Copy(copy)) => {
+                tracing::warn!(
+                    "plugin {:?}: {} changed since it was checked; loading the copy taken then (run nbnet reload to load the new file)",
+                    spec.name,
+                    spec.path.display()
+                );
+                // The loader's messages quote the file it was given: name
+                // the user's file instead.
+                open(&copy).map_err(|why| {
+                    why.replace(
+                        &format!("{}:", copy.display()),
+                        &format!("{}:", spec.path.display()),
+                    )
+                })
+            }
+            Some(image::Source::File(path)) => open(&path),
             None => open(&spec.path),
         }
         .map_err(fail)?;

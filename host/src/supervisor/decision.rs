@@ -94,17 +94,22 @@ pub const MAX_BOOT_FAILURES: u32 = 3;
 /// slot's consecutive workers that died before serving (this one included);
 /// `restarts_done` counts the restarts performed within the restart window;
 /// like nbNet's `fork_processes`, the master gives up when one more would
-/// exceed `max_restarts`.
+/// exceed `max_restarts`. `up` says whether every slot of the serving
+/// config has had a ready worker: once the server is up, a worker that
+/// fails to start (an OOM kill during init, a database down for a moment)
+/// is restarted with backoff like any crash, while the others serve; only
+/// a server still starting gives up on a plugin that cannot start.
 pub fn on_worker_exit(
     boot: Boot,
     boot_failures: u32,
     restarts_done: u32,
     max_restarts: u32,
+    up: bool,
 ) -> Decision {
     match boot {
         // Restarting would only loop.
-        Boot::PluginRefused => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
-        Boot::DiedStarting if boot_failures >= MAX_BOOT_FAILURES => {
+        Boot::PluginRefused if !up => Decision::Halt(exit_code::PLUGIN_LOAD_FAILED),
+        Boot::DiedStarting if !up && boot_failures >= MAX_BOOT_FAILURES => {
             Decision::Halt(exit_code::PLUGIN_LOAD_FAILED)
         }
         _ if restarts_done >= max_restarts => Decision::Halt(exit_code::TOO_MANY_RESTARTS),
@@ -142,24 +147,29 @@ mod tests {
         let load = Halt(exit_code::PLUGIN_LOAD_FAILED);
         let too_many = Halt(exit_code::TOO_MANY_RESTARTS);
         let table = [
-            (Served, 0, 0, 100, Restart),
-            (Served, 0, 99, 100, Restart),
-            (Served, 0, 100, 100, too_many),
-            (Served, 0, 0, 0, too_many),
+            (Served, 0, 0, 100, true, Restart),
+            (Served, 0, 99, 100, true, Restart),
+            (Served, 0, 100, 100, true, too_many),
+            (Served, 0, 0, 0, true, too_many),
             // A worker that served is never a load failure, whatever it
             // exited with (the exit status is not even an input).
-            (Served, 5, 0, 100, Restart),
-            (PluginRefused, 1, 0, 100, load),
-            (DiedStarting, 1, 0, 100, Restart),
-            (DiedStarting, MAX_BOOT_FAILURES - 1, 0, 100, Restart),
-            (DiedStarting, MAX_BOOT_FAILURES, 0, 100, load),
-            (DiedStarting, 1, 100, 100, too_many),
+            (Served, 5, 0, 100, true, Restart),
+            // Still starting: a plugin that cannot start stops the server.
+            (PluginRefused, 1, 0, 100, false, load),
+            (DiedStarting, 1, 0, 100, false, Restart),
+            (DiedStarting, MAX_BOOT_FAILURES - 1, 0, 100, false, Restart),
+            (DiedStarting, MAX_BOOT_FAILURES, 0, 100, false, load),
+            (DiedStarting, 1, 100, 100, false, too_many),
+            // Up: the others serve; restart with backoff, like a crash.
+            (PluginRefused, 1, 0, 100, true, Restart),
+            (DiedStarting, MAX_BOOT_FAILURES + 5, 0, 100, true, Restart),
+            (PluginRefused, 1, 100, 100, true, too_many),
         ];
-        for (boot, failures, done, max, expected) in table {
+        for (boot, failures, done, max, up, expected) in table {
             assert_eq!(
-                on_worker_exit(boot, failures, done, max),
+                on_worker_exit(boot, failures, done, max, up),
                 expected,
-                "{boot:?} ({failures} boot failures) after {done}/{max}"
+                "{boot:?} ({failures} boot failures) after {done}/{max}, up {up}"
             );
         }
     }

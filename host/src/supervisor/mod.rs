@@ -206,6 +206,13 @@ pub struct Master {
     /// connections waiting for a taker's channel to have room.
     relay_next: usize,
     relay_waiting: VecDeque<relay::Waiting>,
+    /// Every slot of the serving config has had a ready worker: from then
+    /// on a worker that fails to start is restarted like any crash (see
+    /// [`decision::on_worker_exit`]).
+    up: bool,
+    /// Children the process had before it started serving (not ours to
+    /// sweep at the end of a stop).
+    children_before: Vec<Pid>,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -218,6 +225,8 @@ pub fn serve(mut config: Config) -> i32 {
             "cannot become a child subreaper ({e}): processes plugins start may outlive nbnet"
         );
     }
+
+    let children_before = reap::children();
 
     // 1. Every plugin must load before anything is forked: a broken plugin
     //    is one clear error now, not a restart loop later.
@@ -306,6 +315,8 @@ pub fn serve(mut config: Config) -> i32 {
         timeouts: BTreeMap::new(),
         relay_next: 0,
         relay_waiting: VecDeque::new(),
+        up: false,
+        children_before,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",

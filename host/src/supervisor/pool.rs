@@ -18,6 +18,13 @@ impl Master {
             return;
         }
         let now = Instant::now();
+        if !self.up && self.reload.is_none() {
+            self.up = self.slots.iter().all(|slot| {
+                slot.pid
+                    .and_then(|pid| self.workers.get(&pid))
+                    .is_some_and(|w| self.scoreboard.slot(w.board).is_ready())
+            });
+        }
         let mut retiring = Vec::new();
         for (&pid, worker) in self.workers.iter_mut() {
             let board = self.scoreboard.slot(worker.board);
@@ -155,7 +162,7 @@ impl Master {
             }
             Phase::Stopping { code, deadline } => {
                 if self.workers.is_empty() {
-                    sweep_orphans();
+                    sweep_orphans(&self.children_before);
                     tracing::info!("stopped");
                     return Some(code);
                 }

@@ -24,33 +24,51 @@ pub(crate) fn sweep_group(leader: Pid) {
     }
 }
 
-/// At the end of a stop: kills every child the master still has — orphans
-/// that a plugin's process left behind and that escaped their worker's
-/// process group (`setsid`), adopted by the master as subreaper — and reaps
-/// them, so that `nbnet stop` leaves no process of the server behind.
-pub(super) fn sweep_orphans() {
+/// The master's children now (zombies included).
+pub(super) fn children() -> Vec<Pid> {
     let me = getpid();
-    let path = format!("/proc/{me}/task/{me}/children");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return;
-    };
-    let orphans: Vec<Pid> = text
+    std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+        .unwrap_or_default()
         .split_whitespace()
         .filter_map(|pid| pid.parse().ok())
         .map(Pid::from_raw)
-        .collect();
-    if orphans.is_empty() {
-        return;
+        .collect()
+}
+
+/// At the end of a stop: kills every child the master still has except
+/// `keep` (children it had before it started serving, e.g. a log shipper
+/// started by the shell that `exec`ed nbnet) — orphans that a plugin's
+/// process left behind and that escaped their worker's process group
+/// (`setsid`), adopted by the master as subreaper — and reaps them, so
+/// that `nbnet stop` leaves no process of the server behind. Repeats while
+/// killing them reveals more (their own orphans), within a bound.
+pub(super) fn sweep_orphans(keep: &[Pid]) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    let mut killed = 0;
+    while Instant::now() < deadline {
+        let orphans: Vec<Pid> = children()
+            .into_iter()
+            .filter(|pid| !keep.contains(pid))
+            .collect();
+        if orphans.is_empty() {
+            break;
+        }
+        for &pid in &orphans {
+            if kill(pid, Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        // Reap what died (never blocking: a process stuck in the kernel
+        // must not hold the master's exit).
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    tracing::warn!(
-        "killing {} process(es) that plugins started and left running: {orphans:?}",
-        orphans.len()
-    );
-    for &pid in &orphans {
-        let _ = kill(pid, Signal::SIGKILL);
-    }
-    for pid in orphans {
-        let _ = waitpid(pid, None);
+    if killed > 0 {
+        tracing::warn!("killed {killed} process(es) that plugins started and left running");
     }
 }
 
@@ -200,7 +218,13 @@ impl Master {
             self.restarts.pop_front();
         }
         let max = self.config.server.max_restarts;
-        match decision::on_worker_exit(boot, boot_failures, self.restarts.len() as u32, max) {
+        match decision::on_worker_exit(
+            boot,
+            boot_failures,
+            self.restarts.len() as u32,
+            max,
+            self.up,
+        ) {
             Decision::Restart => {
                 self.restarts.push_back(now);
                 self.restarts_total += 1;

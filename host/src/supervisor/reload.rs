@@ -118,6 +118,9 @@ impl Master {
         let previous = std::mem::replace(&mut self.config, config);
         self.plugin_names = plugin_names(&self.config);
         self.generation += 1;
+        // The new generation is up once all its workers are ready (which
+        // is also when the reload completes).
+        self.up = false;
         self.reload = Some(PendingReload {
             generation: self.generation,
             previous,
@@ -178,6 +181,9 @@ impl Master {
         self.config = reload.previous;
         self.plugin_names = plugin_names(&self.config);
         self.generation += 1;
+        // The previous config was serving: its workers that fail to start
+        // from now on are restarted, not a reason to stop.
+        self.up = true;
         let now = Instant::now();
         self.slots = (0..reload.previous_slots)
             .map(|_| Slot::empty(now))

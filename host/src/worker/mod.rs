@@ -96,12 +96,16 @@ pub fn run(
         let loaded = slot.track(index, || {
             Plugin::load(spec, who.index as u32, who.count as u32)
         });
+        // An init that closed the worker's own descriptors (a "close every
+        // fd" loop, say) leaves a worker that cannot serve: name the plugin
+        // now rather than fail obscurely later.
+        let closed = loaded
+            .as_ref()
+            .ok()
+            .and_then(|_| crate::fork_guard::first_closed());
         match loaded {
-            // An init that closed the worker's own descriptors (a "close
-            // every fd" loop, say) leaves a worker that cannot serve: name
-            // the plugin now rather than fail obscurely later.
-            Ok(plugin) if crate::fork_guard::first_closed().is_some() => {
-                let fd = crate::fork_guard::first_closed().unwrap_or(-1);
+            Ok(plugin) if closed.is_some() => {
+                let fd = closed.unwrap_or(-1);
                 tracing::error!(
                     "{}: its init closed file descriptor {fd}, which belongs to the worker (a listening socket or the worker's signal or plugin descriptor); a plugin must close only descriptors it opened",
                     plugin.describe()

@@ -115,6 +115,10 @@ pub struct Reactor {
     /// Bytes the connections' buffers hold, all together (the sum of
     /// [`Connection::buffered_bytes`], kept up to date on every event).
     buffered: usize,
+    /// Connections whose buffers hold anything: shedding needs two (one
+    /// alone is never closed for the budget), so this saves scanning every
+    /// connection on each event while a lone large upload is over budget.
+    holders: usize,
     /// Rate limit for "over max_buffered_bytes" warnings.
     shed_log: OverloadLog,
     /// While draining: when connections that never sent anything are
@@ -181,6 +185,7 @@ impl Reactor {
             slot,
             overload_log: OverloadLog::default(),
             buffered: 0,
+            holders: 0,
             shed_log: OverloadLog::default(),
             draining: None,
             fresh_until: None,
@@ -268,8 +273,13 @@ impl Reactor {
                             };
                         }
                         // (`close` subtracts what a closed connection held.)
-                        self.buffered =
-                            self.buffered.saturating_sub(held_before) + conn.buffered_bytes();
+                        let held_after = conn.buffered_bytes();
+                        self.buffered = self.buffered.saturating_sub(held_before) + held_after;
+                        match (held_before, held_after) {
+                            (0, 1..) => self.holders += 1,
+                            (1.., 0) => self.holders = self.holders.saturating_sub(1),
+                            _ => {}
+                        }
                         match outcome {
                             // Draining: a connection whose requests are all
                             // answered and sent leaves at this frame
@@ -292,7 +302,7 @@ impl Reactor {
                             Ok(false) => {}
                             Err(reason) => self.close(key, reason),
                         }
-                        if self.buffered > self.limits.max_buffered_bytes {
+                        if self.buffered > self.limits.max_buffered_bytes && self.holders > 1 {
                             self.shed(now);
                         }
                     }
@@ -585,7 +595,11 @@ impl Reactor {
     fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
-        self.buffered = self.buffered.saturating_sub(conn.buffered_bytes());
+        let held = conn.buffered_bytes();
+        self.buffered = self.buffered.saturating_sub(held);
+        if held > 0 {
+            self.holders = self.holders.saturating_sub(1);
+        }
         self.slot.stats.connections_open.sub(1);
         if let Close::Protocol(_) | Close::Proxy(_) = reason {
             self.slot.stats.protocol_errors.add(1);
@@ -601,9 +615,10 @@ impl Reactor {
         self.slot
             .track(listener.plugin, || plugin.connection_closed(&described));
         // Unmarked only now: a child the plugin forks in its close hook
-        // must not get the client's socket either.
+        // must not get the client's socket either. (The socket closes when
+        // `conn` drops, after the log line below: a client that sees the
+        // close can rely on the line being written.)
         crate::fork_guard::release(conn.stream_mut().as_raw_fd());
-        drop(conn);
         match reason {
             Close::PeerClosed => tracing::debug!(%peer, "connection closed by the client"),
             Close::Shutdown => tracing::debug!(%peer, "connection closed: worker stopping"),
@@ -646,6 +661,7 @@ impl Reactor {
                 self.limits.max_buffered_bytes
             ),
         }
+        drop(conn);
         if self.accepting == Accepting::Full {
             self.resume_accepting();
         }
@@ -655,8 +671,8 @@ impl Reactor {
     /// together: closes the connections holding the most, largest first,
     /// until they hold no more than that. One connection alone is never
     /// closed for it (`max_frame_bytes` and `max_pending_output_bytes`
-    /// bound its memory), so a budget of at least one frame always lets a
-    /// large frame through.
+    /// bound its memory), so a lone large frame always gets through; next
+    /// to others, the largest holder goes first.
     #[cold]
     #[inline(never)]
     fn shed(&mut self, now: Instant) {
@@ -786,6 +802,13 @@ impl Reactor {
         for (index, plugin) in self.plugins.iter_mut().enumerate() {
             self.slot.track(index, || plugin.shutdown());
         }
+        // The event loop's own descriptors close with it: unmarked first,
+        // as the plugins' destroy hooks may open (and fork with) their own.
+        crate::fork_guard::release(self.poll.as_raw_fd());
+        crate::fork_guard::release(self.signals.raw_fd());
+        if let Some(control) = &self.control {
+            crate::fork_guard::release(control.as_raw_fd());
+        }
         self.plugins
     }
 
@@ -847,6 +870,9 @@ impl Reactor {
                     let _ = self.poll.registry().deregister(socket);
                 }
                 if why == Accepting::Closed {
+                    // Unmarked before it closes: the number may be reused
+                    // by a plugin's own descriptor.
+                    crate::fork_guard::release(socket.as_raw_fd());
                     listener.socket = None;
                 }
             }
