@@ -83,6 +83,9 @@ pub struct Artifacts {
     /// C test plugin that exits, tampers, forks and closes descriptors on
     /// request (`plugins/testing/c/hostile.c`).
     pub hostile_so: PathBuf,
+    /// C test plugin answering "<worker pid> <peer> <listener>"
+    /// (`plugins/testing/c/whoami.c`).
+    pub whoami_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -196,6 +199,7 @@ fn build_now() -> Artifacts {
         echo_c_so: c_plugin("plugins/echo-c/echo.c", "libecho_c.so"),
         counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
         hostile_so: c_plugin("plugins/testing/c/hostile.c", "libhostile.so"),
+        whoami_so: c_plugin("plugins/testing/c/whoami.c", "libwhoami.so"),
         nbnet,
     }
 }
@@ -622,6 +626,7 @@ impl Sandbox {
                 "echo_c" => path(&a.echo_c_so),
                 "counter_c" => path(&a.counter_c_so),
                 "hostile" => path(&a.hostile_so),
+                "whoami" => path(&a.whoami_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);

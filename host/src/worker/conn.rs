@@ -286,6 +286,12 @@ impl Connection {
         self.flags = NBNET_CONN_HANDED_OVER;
     }
 
+    /// After `on_open`: "handed over" described how it arrived; calls from
+    /// now on see no flag until it leaves.
+    pub fn opened(&mut self) {
+        self.flags = 0;
+    }
+
     /// The connection as a plugin sees it; borrows this connection's text.
     pub fn describe<'a>(&'a self, listener_addr: &'a CStr) -> RawConnection {
         RawConnection {

@@ -430,6 +430,7 @@ impl Reactor {
         let described = conn.describe(&listener.addr_text);
         self.slot
             .track(listener.plugin, || plugin.connection_opened(&described));
+        self.connections[key].opened();
         self.deadlines.push(&mut self.connections, key, deadline);
     }
 

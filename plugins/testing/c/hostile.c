@@ -15,6 +15,9 @@
  *   only_worker = I      do the above only in worker I (the host's check
  *                        loads plugins as worker 0, so I > 0 passes it)
  *
+ * Its on_open and on_close hooks log "hook open|close id=N flags=F" (F is
+ * nbnet_conn.flags: 1 when the connection is handed over between workers).
+ *
  * The request picks what process does:
  *   "exit:N"     _exit(N)
  *   "tamper"     answers "tampered", then points every host callback of the
@@ -23,6 +26,7 @@
  *   "forge"      fails with a message that holds a newline and a fake log line
  *   "flood"      fails with a 1 MiB message
  *   "overflow"   recurses until the stack overflows
+ *   "pid"        answers the worker's pid
  *   anything else -> answered "ok:" + the request
  */
 #define _DEFAULT_SOURCE
@@ -55,9 +59,34 @@ static pid_t spawn_daemon(void) {
     return pid;
 }
 
+/* The host's logger, kept from init (valid until destroy returns). */
+static void (*host_log)(const void *, int, const char *, size_t);
+static const void *host_log_handle;
+
+static void log_hook(const char *what, const nbnet_conn *conn) {
+    char line[96];
+    int n = snprintf(line, sizeof line, "hook %s id=%llu flags=%u", what,
+                     (unsigned long long)conn->id, (unsigned)conn->flags);
+    if (host_log != NULL && n > 0) {
+        host_log(host_log_handle, NBNET_LOG_INFO, line, (size_t)n);
+    }
+}
+
+static void hostile_on_open(void *state, const nbnet_conn *conn) {
+    (void)state;
+    log_hook("open", conn);
+}
+
+static void hostile_on_close(void *state, const nbnet_conn *conn) {
+    (void)state;
+    log_hook("close", conn);
+}
+
 static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
     const char *value;
     *state = NULL;
+    host_log = ctx->log;
+    host_log_handle = ctx->log_handle;
     if ((value = ctx->config_get(ctx, "only_worker")) != NULL &&
         (uint32_t)atol(value) != ctx->worker_index) {
         return NBNET_OK;
@@ -141,6 +170,11 @@ static int hostile_process(void *state, const uint8_t *req, size_t len, nbnet_re
     if (strcmp(text, "overflow") == 0) {
         return recurse(0);
     }
+    if (strcmp(text, "pid") == 0) {
+        char out[32];
+        int k = snprintf(out, sizeof out, "%d", (int)getpid());
+        return nbnet_write(resp, out, (size_t)k);
+    }
     if (nbnet_write(resp, "ok:", 3) != NBNET_OK) {
         return NBNET_ERR;
     }
@@ -156,6 +190,8 @@ static const nbnet_plugin table = {
     .init = hostile_init,
     .process = hostile_process,
     .destroy = NULL,
+    .on_open = hostile_on_open,
+    .on_close = hostile_on_close,
 };
 
 NBNET_EXPORT const nbnet_plugin *nbnet_plugin_entry(void) {

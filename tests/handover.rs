@@ -1,0 +1,501 @@
+//! Connections handed over between workers (issue 11, part 1): a reload, a
+//! worker's recycling, SIGTTOU — none of them may cost a persistent client
+//! its connection or a request. Every test keeps clients connected through
+//! the change and checks every answer.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nbnet_tests::{frame, Client, Sandbox, Server};
+
+/// Two plugins (`upper`, `echo`) and one listener on `{port}` served by
+/// `plugin`, with extra `[server]` lines.
+fn config(server: &str, plugin: &str) -> String {
+    format!(
+        r#"[server]
+{server}
+shutdown_timeout = "10s"
+
+[[plugins]]
+name = "upper"
+path = "{{upper}}"
+
+[[plugins]]
+name = "echo"
+path = "{{echo}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "{plugin}"
+"#
+    )
+}
+
+/// What the clients of a [`Load`] saw.
+#[derive(Debug, Default)]
+struct Seen {
+    answered: u64,
+    /// Connections that ended (EOF, reset, timeout) while the load ran.
+    closed: Vec<String>,
+    /// Answers that were neither the request upper-cased nor echoed.
+    mismatched: Vec<String>,
+    /// Which logic answered: "upper", "echo".
+    forms: BTreeSet<&'static str>,
+}
+
+/// Clients that stay connected and keep sending until stopped: `depth1`
+/// of them one request at a time, `pipelined` of them `depth` at a time.
+/// Every payload is unique and every answer is checked.
+struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, depth1: usize, pipelined: usize, depth: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut threads = Vec::new();
+        for i in 0..depth1 + pipelined {
+            let depth = if i < depth1 { 1 } else { depth };
+            let (stop, seen) = (stop.clone(), seen.clone());
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            threads.push(thread::spawn(move || {
+                client_loop(i, depth, stream, &stop, &seen)
+            }));
+        }
+        Load {
+            stop,
+            seen,
+            threads,
+        }
+    }
+
+    fn answered(&self) -> u64 {
+        self.seen.lock().unwrap().answered
+    }
+
+    fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("client thread");
+        }
+        Arc::try_unwrap(self.seen).unwrap().into_inner().unwrap()
+    }
+}
+
+fn client_loop(
+    i: usize,
+    depth: usize,
+    mut stream: TcpStream,
+    stop: &AtomicBool,
+    seen: &Mutex<Seen>,
+) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let payloads: Vec<String> = (0..depth)
+            .map(|k| format!("client{i}-request{}", seq + k as u64))
+            .collect();
+        seq += depth as u64;
+        let mut out = Vec::new();
+        for p in &payloads {
+            out.extend_from_slice(&frame(p.as_bytes()));
+        }
+        if let Err(e) = stream.write_all(&out) {
+            seen.lock()
+                .unwrap()
+                .closed
+                .push(format!("client {i}: write: {e}"));
+            return;
+        }
+        for p in &payloads {
+            match read_frame(&mut stream) {
+                Ok(answer) => {
+                    let mut seen = seen.lock().unwrap();
+                    seen.answered += 1;
+                    if answer == p.as_bytes() {
+                        seen.forms.insert("echo");
+                    } else if answer == p.to_ascii_uppercase().as_bytes() {
+                        seen.forms.insert("upper");
+                    } else {
+                        seen.mismatched.push(format!(
+                            "client {i}: {p} answered {}",
+                            String::from_utf8_lossy(&answer)
+                        ));
+                    }
+                }
+                Err(e) => {
+                    seen.lock()
+                        .unwrap()
+                        .closed
+                        .push(format!("client {i} after {p}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut header = [0u8; 10];
+    stream.read_exact(&mut header)?;
+    let len: usize = std::str::from_utf8(&header)
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad header"))?;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    Ok(payload)
+}
+
+/// Waits until `needle` has appeared `n` times in the log.
+fn wait_for_count(server: &Server, needle: &str, n: usize) {
+    server.wait_for(&format!("{n} log lines with {needle:?}"), || {
+        (server.log_count(needle) >= n).then_some(())
+    });
+}
+
+/// Waits until the clients have had `more` answers beyond what they had.
+fn wait_for_progress(server: &Server, load: &Load, more: u64) {
+    let target = load.answered() + more;
+    server.wait_for("the clients to make progress", || {
+        (load.answered() >= target).then_some(())
+    });
+}
+
+fn assert_nothing_lost(seen: &Seen, server: &Server) {
+    assert!(
+        seen.closed.is_empty(),
+        "connections were closed: {:?}\n{}",
+        seen.closed,
+        server.log()
+    );
+    assert!(
+        seen.mismatched.is_empty(),
+        "wrong answers: {:?}",
+        &seen.mismatched[..seen.mismatched.len().min(5)]
+    );
+}
+
+// ------------------------------------------------------------------- reloads
+
+/// The issue's scenario: 20 clients at depth 1 and 5 pipelining at depth 16
+/// through 10 reloads alternating the plugin, then SIGTTIN and SIGTTOU:
+/// no connection closed, no request unanswered or wrongly answered, and
+/// the answers switch to the new logic.
+#[test]
+fn persistent_clients_lose_nothing_across_reloads_and_ttin_ttou() {
+    let mut server = Server::start(&config("workers = 2", "upper"));
+    let load = Load::start(server.port(), 20, 5, 16);
+    wait_for_progress(&server, &load, 200);
+    for round in 1..=10 {
+        let plugin = if round % 2 == 1 { "echo" } else { "upper" };
+        server
+            .sandbox_mut()
+            .write_config(&config("workers = 2", plugin));
+        server.signal(libc::SIGHUP);
+        wait_for_count(&server, "reload complete in", round);
+        wait_for_progress(&server, &load, 100);
+    }
+    server.signal(libc::SIGTTIN);
+    wait_for_progress(&server, &load, 200);
+    server.signal(libc::SIGTTOU);
+    wait_for_count(&server, "being replaced: handing", 11);
+    wait_for_progress(&server, &load, 200);
+    let seen = load.finish();
+    assert_nothing_lost(&seen, &server);
+    assert_eq!(
+        seen.forms,
+        BTreeSet::from(["echo", "upper"]),
+        "the answers must switch with the reloads"
+    );
+    assert!(seen.answered > 2_000, "{seen:?}");
+    assert_eq!(server.log_count("closed instead of handed over"), 0);
+    server.stop();
+}
+
+/// Workers recycled by `max_requests_per_worker` hand their connections over
+/// too.
+#[test]
+fn recycled_workers_hand_their_connections_over() {
+    let server = Server::start(&config(
+        "workers = 2\nmax_requests_per_worker = 400",
+        "upper",
+    ));
+    let load = Load::start(server.port(), 10, 0, 1);
+    wait_for_count(&server, "served max_requests_per_worker", 3);
+    wait_for_count(&server, "being replaced: handing", 3);
+    wait_for_progress(&server, &load, 200);
+    let seen = load.finish();
+    assert_nothing_lost(&seen, &server);
+    server.stop();
+}
+
+// ------------------------------------------------------- frames in progress
+
+/// A connection in the middle of a frame when its worker is replaced
+/// finishes the frame with the old worker (and its logic), then moves.
+#[test]
+fn a_connection_mid_frame_finishes_its_frame_then_moves() {
+    let mut server = Server::start(&config("workers = 1", "upper"));
+    let mut client = server.client();
+    assert_eq!(client.request(b"before"), b"BEFORE");
+    let whole = frame(b"split request");
+    client.send_raw(&whole[..14]).unwrap();
+    server
+        .sandbox_mut()
+        .write_config(&config("workers = 1", "echo"));
+    server.signal(libc::SIGHUP);
+    wait_for_count(&server, "reload complete in", 1);
+    wait_for_count(&server, "finishing a frame first", 1);
+    client.send_raw(&whole[14..]).unwrap();
+    assert_eq!(client.read_frame().unwrap(), b"SPLIT REQUEST", "old logic");
+    // Then it is handed over: the new logic answers, on the same connection.
+    server.wait_for("the new worker to answer", || {
+        let answer = client.request(b"after");
+        (answer == b"after").then_some(())
+    });
+    server.stop();
+}
+
+// -------------------------------------------------- PROXY, Unix, plugin hooks
+
+/// A PROXY-protocol connection keeps its real client address across the
+/// hand-over (one that has not sent its PROXY header yet sends it to the
+/// new worker), and a Unix-socket connection moves too.
+#[test]
+fn proxy_protocol_and_unix_socket_connections_are_handed_over() {
+    let sandbox = Sandbox::new();
+    let socket = sandbox.path().join("nbnet.sock");
+    // Not a {port} placeholder: the start-up probe sends no PROXY header.
+    let proxied_port = nbnet_tests::free_port();
+    let template = format!(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "whoami"
+path = "{{whoami}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "whoami"
+
+[[listeners]]
+addr = "127.0.0.1:{{port2}}"
+plugin = "whoami"
+proxy_protocol = true
+
+[[listeners]]
+addr = "unix:{}"
+plugin = "whoami"
+"#,
+        socket.display()
+    );
+    let mut server = sandbox.start(&template.replace("{port2}", &proxied_port.to_string()));
+    let ask = |stream: &mut dyn ReadWrite| -> Vec<String> {
+        stream.write_all(&frame(b"who")).unwrap();
+        let mut header = [0u8; 10];
+        stream.read_exact(&mut header).unwrap();
+        let len: usize = std::str::from_utf8(&header).unwrap().parse().unwrap();
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).unwrap();
+        String::from_utf8(body)
+            .unwrap()
+            .split(' ')
+            .map(str::to_string)
+            .collect()
+    };
+    let proxy_header = b"PROXY TCP4 192.0.2.7 192.0.2.8 4242 80\r\n";
+    let mut proxied = TcpStream::connect(("127.0.0.1", proxied_port)).unwrap();
+    proxied
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    proxied.write_all(proxy_header).unwrap();
+    let before = ask(&mut proxied);
+    assert_eq!(before[1], "192.0.2.7:4242");
+    // Connected, PROXY header not sent yet.
+    let mut late = TcpStream::connect(("127.0.0.1", proxied_port)).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut unix = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let unix_before = ask(&mut unix);
+
+    let old_pid = before[0].clone();
+    server.signal(libc::SIGHUP);
+    wait_for_count(&server, "reload complete in", 1);
+    wait_for_count(&server, "being replaced: handing 3 connection(s)", 1);
+    let after = server.wait_for("the proxied connection to reach the new worker", || {
+        let after = ask(&mut proxied);
+        (after[0] != old_pid).then_some(after)
+    });
+    assert_eq!(after[1], "192.0.2.7:4242", "the PROXY address must survive");
+    late.write_all(proxy_header).unwrap();
+    let late_answer = ask(&mut late);
+    assert_eq!(late_answer[1], "192.0.2.7:4242");
+    assert_ne!(late_answer[0], old_pid);
+    let unix_after = ask(&mut unix);
+    assert_ne!(unix_after[0], unix_before[0], "the Unix connection moved");
+    assert_eq!(server.log_count("closed instead of handed over"), 0);
+    server.stop();
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The old instance sees `on_close` and the new one `on_open`, both with
+/// `NBNET_CONN_HANDED_OVER` in `flags`, for the same connection id.
+#[test]
+fn plugins_see_a_handed_over_connection_close_and_open_with_the_flag() {
+    let server = Server::start(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "hostile"
+path = "{hostile}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "hostile"
+"#,
+    );
+    let mut client = server.client();
+    let old_pid = client.request(b"pid");
+    server.signal(libc::SIGHUP);
+    wait_for_count(&server, "reload complete in", 1);
+    server.wait_for("the connection to move", || {
+        (client.request(b"pid") != old_pid).then_some(())
+    });
+    let log = server.log();
+    let handed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hook") && l.contains("flags=1"))
+        .collect();
+    let id = |line: &str| {
+        line.split(" id=")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .map(str::to_string)
+    };
+    let closes: Vec<_> = handed.iter().filter(|l| l.contains("hook close")).collect();
+    let opens: Vec<_> = handed.iter().filter(|l| l.contains("hook open")).collect();
+    assert_eq!((closes.len(), opens.len()), (1, 1), "{log}");
+    assert_eq!(id(closes[0]), id(opens[0]), "the same connection id");
+    server.stop();
+}
+
+// ------------------------------------------------------------------ failures
+
+/// Connections of a listener the reload removes cannot move (no new worker
+/// listens there): they are closed at a frame boundary and counted, and
+/// the others move.
+#[test]
+fn connections_whose_listener_is_removed_close_at_a_frame_boundary_and_are_counted() {
+    let two = r#"[server]
+workers = 1
+
+[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[admin]
+addr = "127.0.0.1:{admin}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+
+[[listeners]]
+addr = "127.0.0.1:{port2}"
+plugin = "upper"
+"#;
+    let mut server = Server::start(two);
+    let mut kept = server.client();
+    let mut removed = Client::connect(server.port_n(1));
+    assert_eq!(removed.request(b"a"), b"A");
+    assert_eq!(kept.request(b"b"), b"B");
+    let one = two.replace(
+        "\n[[listeners]]\naddr = \"127.0.0.1:{port2}\"\nplugin = \"upper\"\n",
+        "",
+    );
+    server.sandbox_mut().write_config(&one);
+    server.signal(libc::SIGHUP);
+    wait_for_count(&server, "reload complete in", 1);
+    removed.expect_closed();
+    assert_eq!(kept.request(b"c"), b"C");
+    wait_for_count(
+        &server,
+        "closed: its listener is not in this worker's config",
+        1,
+    );
+    let metrics = ureq_metrics(server.admin_port());
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nbnet_handover_failures_total{worker=\"all\"} 1")),
+        "{metrics}"
+    );
+    server.stop();
+}
+
+/// `GET /metrics` with a plain socket.
+fn ureq_metrics(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `kill -9` of a worker that is taking connections over: only the
+/// connections in its hands fail; nothing is misdelivered and the server
+/// keeps serving.
+#[test]
+fn killing_the_new_worker_during_a_hand_over_costs_only_its_connections() {
+    let mut server = Server::start(&config("workers = 2", "upper"));
+    let load = Load::start(server.port(), 20, 0, 1);
+    wait_for_progress(&server, &load, 200);
+    let old: Vec<i32> = server.live_workers().iter().map(|p| p.pid).collect();
+    server.signal(libc::SIGHUP);
+    let started = Instant::now();
+    // The first new worker, as soon as it exists.
+    let victim = server.wait_for("a new worker", || {
+        server
+            .live_workers()
+            .into_iter()
+            .find(|p| !old.contains(&p.pid))
+    });
+    wait_for_count(&server, "reload complete in", 1);
+    unsafe { libc::kill(victim.pid, libc::SIGKILL) };
+    server.wait_for_workers(2);
+    thread::sleep(Duration::from_millis(300));
+    let seen = load.finish();
+    assert!(
+        seen.mismatched.is_empty(),
+        "misdelivered: {:?}",
+        seen.mismatched
+    );
+    assert!(
+        seen.closed.len() < 20,
+        "every connection failed: {:?} ({:?} after the reload)",
+        seen.closed,
+        started.elapsed()
+    );
+    let mut fresh = server.client();
+    assert_eq!(fresh.request(b"still"), b"STILL");
+    server.stop();
+}
