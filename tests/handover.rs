@@ -65,7 +65,7 @@ impl Load {
         for i in 0..depth1 + pipelined {
             let depth = if i < depth1 { 1 } else { depth };
             let (stop, seen) = (stop.clone(), seen.clone());
-            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
             stream
                 .set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
@@ -301,7 +301,7 @@ plugin = "whoami"
 "#,
         socket.display()
     );
-    let mut server = sandbox.start(&template.replace("{port2}", &proxied_port.to_string()));
+    let server = sandbox.start(&template.replace("{port2}", &proxied_port.to_string()));
     let ask = |stream: &mut dyn ReadWrite| -> Vec<String> {
         stream.write_all(&frame(b"who")).unwrap();
         let mut header = [0u8; 10];
@@ -466,7 +466,7 @@ fn ureq_metrics(port: u16) -> String {
 /// keeps serving.
 #[test]
 fn killing_the_new_worker_during_a_hand_over_costs_only_its_connections() {
-    let mut server = Server::start(&config("workers = 2", "upper"));
+    let server = Server::start(&config("workers = 2", "upper"));
     let load = Load::start(server.port(), 20, 0, 1);
     wait_for_progress(&server, &load, 200);
     let old: Vec<i32> = server.live_workers().iter().map(|p| p.pid).collect();
