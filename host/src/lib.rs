@@ -37,4 +37,5 @@ pub mod proxy;
 pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;
+pub mod systemd;
 pub mod worker;

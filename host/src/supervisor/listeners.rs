@@ -2,14 +2,99 @@
 //! every worker inherits them), kept across reloads when their address is
 //! unchanged (so no connection is refused), one per slot with `reuseport`.
 
+use std::os::fd::OwnedFd;
+
 use crate::config::{Config, ListenerSpec};
 use crate::listener::{Endpoint, ListenSocket};
 
-/// Binds every listener of `config` (at startup; reloads bind only new ones).
-pub(super) fn bind_listeners(config: &Config) -> Result<Vec<Bound>, String> {
+/// Listening sockets this process was given when it started — by systemd
+/// (socket activation), or by the master of an older nbnet binary during
+/// an upgrade — by the address each is bound to. A listener of the config
+/// with that address uses the socket instead of binding a new one, so no
+/// connection waiting in its backlog is lost.
+#[derive(Default)]
+pub(super) struct Inherited(Vec<(Endpoint, ListenSocket)>);
+
+impl Inherited {
+    /// Takes what `$LISTEN_FDS` passed (see [`crate::systemd`]).
+    pub(super) fn take() -> Inherited {
+        let mut inherited = Vec::new();
+        for (name, fd) in crate::systemd::take_listen_fds() {
+            match listening_socket(fd) {
+                Ok((addr, socket)) => {
+                    tracing::info!("using the inherited listening socket {addr}");
+                    inherited.push((addr, socket));
+                }
+                Err(why) => tracing::warn!(
+                    "inherited descriptor {name:?} is not usable as a listener ({why}): closed"
+                ),
+            }
+        }
+        Inherited(inherited)
+    }
+
+    /// The inherited socket bound to `addr`, if any.
+    fn claim(&mut self, addr: &Endpoint) -> Option<ListenSocket> {
+        let at = self.0.iter().position(|(a, _)| a == addr)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    /// Closes the inherited sockets no listener of the config uses.
+    pub(super) fn close_unused(&mut self) {
+        for (addr, _) in self.0.drain(..) {
+            tracing::warn!("inherited listening socket {addr} is not in the config: closed");
+        }
+    }
+}
+
+/// What a passed descriptor is: a listening TCP or Unix stream socket, and
+/// the address it is bound to.
+fn listening_socket(fd: OwnedFd) -> Result<(Endpoint, ListenSocket), String> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrLike, SockaddrStorage};
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| e.to_string())?;
+    if !listening {
+        return Err("not a listening socket".into());
+    }
+    let addr: SockaddrStorage =
+        getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(|e| e.to_string())?;
+    if let Some(v4) = addr.as_sockaddr_in() {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let addr = std::net::SocketAddr::V4((*v4).into());
+        return Ok((
+            Endpoint::Tcp(addr),
+            ListenSocket::Tcp(mio::net::TcpListener::from_std(listener)),
+        ));
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let addr = std::net::SocketAddr::V6((*v6).into());
+        return Ok((
+            Endpoint::Tcp(addr),
+            ListenSocket::Tcp(mio::net::TcpListener::from_std(listener)),
+        ));
+    }
+    if let Some(path) = addr.as_unix_addr().and_then(|u| u.path()) {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        return Ok((
+            Endpoint::Unix(path.to_path_buf()),
+            ListenSocket::Unix(mio::net::UnixListener::from_std(listener)),
+        ));
+    }
+    Err(format!("an address of family {:?}", addr.family()))
+}
+
+/// Binds every listener of `config` (at startup; reloads bind only new
+/// ones), taking inherited sockets where their address matches.
+pub(super) fn bind_listeners(
+    config: &Config,
+    inherited: &mut Inherited,
+) -> Result<Vec<Bound>, String> {
     let mut bound: Vec<Bound> = Vec::with_capacity(config.listeners.len());
     for spec in &config.listeners {
-        match Bound::bind(spec, config) {
+        match Bound::bind(spec, config, inherited) {
             Ok(listener) => bound.push(listener),
             Err(message) => {
                 // Do not leave the socket files of the ones already bound.
@@ -31,11 +116,26 @@ pub(super) struct Bound {
     pub(super) addr: Endpoint,
     pub(super) reuseport: bool,
     pub(super) sockets: Vec<ListenSocket>,
+    /// Bound by someone else (systemd, an older master): a Unix socket's
+    /// file is theirs to remove, not ours.
+    pub(super) inherited: bool,
 }
 
 impl Bound {
     /// Binds the listener's (first) socket.
-    pub(super) fn bind(spec: &ListenerSpec, config: &Config) -> Result<Bound, String> {
+    pub(super) fn bind(
+        spec: &ListenerSpec,
+        config: &Config,
+        inherited: &mut Inherited,
+    ) -> Result<Bound, String> {
+        if let Some(socket) = inherited.claim(&spec.addr) {
+            return Ok(Bound {
+                addr: spec.addr.clone(),
+                reuseport: spec.reuseport,
+                sockets: vec![socket],
+                inherited: true,
+            });
+        }
         let socket = match &spec.addr {
             Endpoint::Tcp(addr) => ListenSocket::bind_tcp(*addr, spec.reuseport),
             Endpoint::Unix(path) => ListenSocket::bind_unix(path, spec.mode),
@@ -52,6 +152,7 @@ impl Bound {
             addr: spec.addr.clone(),
             reuseport: spec.reuseport,
             sockets: vec![socket],
+            inherited: false,
         })
     }
 
@@ -80,9 +181,10 @@ impl Bound {
         }
     }
 
-    /// Closes the listener for good: a Unix socket's file is removed.
+    /// Closes the listener for good: a Unix socket's file is removed (if
+    /// this process made it).
     pub(super) fn close(self) {
-        if let Endpoint::Unix(path) = &self.addr {
+        if let (Endpoint::Unix(path), false) = (&self.addr, self.inherited) {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -210,6 +210,9 @@ pub struct Master {
     /// on a worker that fails to start is restarted like any crash (see
     /// [`decision::on_worker_exit`]).
     up: bool,
+    /// `RELOADING=1` was sent to systemd: `READY=1` follows once the reload
+    /// is over (done, aborted or rolled back) and the server is up.
+    reloading: bool,
     /// Children the process had before it started serving (not ours to
     /// sweep at the end of a stop).
     children_before: Vec<Pid>,
@@ -227,6 +230,9 @@ pub fn serve(mut config: Config) -> i32 {
     }
 
     let children_before = reap::children();
+    // Listening sockets passed by systemd (or by an older master handing
+    // over to this binary), taken before anything else can touch them.
+    let mut inherited = listeners::Inherited::take();
 
     // 1. Every plugin must load before anything is forked: a broken plugin
     //    is one clear error now, not a restart loop later.
@@ -239,7 +245,9 @@ pub fn serve(mut config: Config) -> i32 {
     }
 
     // 2. Bind every listener before forking: workers inherit the sockets.
-    let listeners = match bind_listeners(&config) {
+    let bound = bind_listeners(&config, &mut inherited);
+    inherited.close_unused();
+    let listeners = match bound {
         Ok(listeners) => listeners,
         Err(message) => {
             tracing::error!("{message}");
@@ -316,6 +324,7 @@ pub fn serve(mut config: Config) -> i32 {
         relay_next: 0,
         relay_waiting: VecDeque::new(),
         up: false,
+        reloading: false,
         children_before,
     };
     tracing::info!(
@@ -589,6 +598,7 @@ impl Master {
         if let Phase::Stopping { .. } = self.phase {
             return;
         }
+        crate::systemd::notify("STOPPING=1");
         let (signal, allowed) = match how {
             Stop::Graceful => (
                 Signal::SIGTERM,

@@ -24,6 +24,15 @@ impl Master {
                     .and_then(|pid| self.workers.get(&pid))
                     .is_some_and(|w| self.scoreboard.slot(w.board).is_ready())
             });
+            if self.up && !self.reloading {
+                // The first time: the service is up (systemd Type=notify).
+                crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
+            }
+        }
+        if self.reloading && self.up && self.reload.is_none() {
+            // A reload is over (done, aborted or rolled back).
+            self.reloading = false;
+            crate::systemd::notify("READY=1");
         }
         let mut retiring = Vec::new();
         for (&pid, worker) in self.workers.iter_mut() {

@@ -33,6 +33,8 @@ impl Master {
             tracing::warn!("SIGHUP received while a reload is in progress: ignored");
             return;
         }
+        crate::systemd::notify_reloading();
+        self.reloading = true;
         let file = self.config.file.clone();
         tracing::info!("SIGHUP received: reloading {}", file.display());
         let mut config = match config::load(&file) {
@@ -69,7 +71,7 @@ impl Master {
                 }
                 continue;
             }
-            match Bound::bind(spec, &config) {
+            match Bound::bind(spec, &config, &mut super::listeners::Inherited::default()) {
                 Ok(bound) => fresh.push(bound),
                 Err(message) => {
                     tracing::error!("{message}");

@@ -1,0 +1,151 @@
+//! nbnet under systemd (issue 11, part 2): readiness notifications
+//! (`Type=notify`: READY, RELOADING, STOPPING, MAINPID) and socket
+//! activation (`LISTEN_FDS`), each checked against the real binary with
+//! what systemd itself would do: a notify socket, descriptors from 3 on.
+
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nbnet_tests::{build, Client, Proc, Sandbox};
+
+const CONFIG: &str = r#"[server]
+workers = 1
+
+[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+"#;
+
+/// Receives datagrams until one contains `needle` (at most 15 s).
+fn expect_notification(socket: &UnixDatagram, needle: &str) -> String {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let mut buf = [0u8; 512];
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if text.contains(needle) {
+                    return text;
+                }
+                seen.push(text);
+            }
+            Err(e) => panic!("no {needle:?} notification ({e}); got {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn nbnet_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    let mut sandbox = Sandbox::new();
+    let config = sandbox.write_config(CONFIG);
+    let notify = sandbox.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
+    let mut master = sandbox
+        .command()
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ready = expect_notification(&socket, "READY=1");
+    assert!(
+        ready.contains(&format!("MAINPID={}", master.id())),
+        "{ready}"
+    );
+    // Ready means serving.
+    assert_eq!(Client::connect(sandbox.port(0)).request(b"hi"), b"HI");
+    nbnet_tests::send_signal(master.id() as i32, libc::SIGHUP);
+    let reloading = expect_notification(&socket, "RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    expect_notification(&socket, "READY=1");
+    nbnet_tests::send_signal(master.id() as i32, libc::SIGTERM);
+    expect_notification(&socket, "STOPPING=1");
+    let status = master.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// systemd binds the port and passes the socket as descriptor 3: nbnet
+/// serves on it, including a client that connected before nbnet started
+/// (it waited in the socket's backlog).
+#[test]
+fn a_socket_passed_by_systemd_is_served_without_losing_waiting_clients() {
+    let mut sandbox = Sandbox::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = sandbox.write_config(&CONFIG.replace("{port}", &port.to_string()));
+    // A client connects and sends before nbnet runs.
+    let mut early = Client::connect(port);
+    early.send_frame(b"early").unwrap();
+    let fd = listener.as_raw_fd();
+    let log_path = sandbox.path().join("nbnet.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // `exec` keeps the shell's PID, so $$ is nbnet's PID: LISTEN_PID.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=upper exec \"$0\" --config \"$1\"")
+        .arg(&build().nbnet)
+        .arg(&config)
+        .current_dir(sandbox.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: dup2 and fcntl are async-signal-safe. The copy at 3 has no
+    // CLOEXEC, so nbnet inherits it, as from systemd (dup2 onto itself
+    // would keep the flag: then it is cleared instead).
+    unsafe {
+        command.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut master = command.spawn().unwrap();
+    drop(listener);
+    let answer = early.read_frame();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(
+        answer.as_deref().ok(),
+        Some(&b"EARLY"[..]),
+        "{answer:?}\n{}",
+        log()
+    );
+    assert_eq!(Client::connect(port).request(b"later"), b"LATER");
+    let log = log();
+    assert!(
+        log.contains(&format!(
+            "using the inherited listening socket 127.0.0.1:{port}"
+        )),
+        "{log}"
+    );
+    let workers: Vec<Proc> = nbnet_tests::children_of(master.id() as i32)
+        .into_iter()
+        .filter_map(Proc::of)
+        .collect();
+    nbnet_tests::send_signal(master.id() as i32, libc::SIGTERM);
+    let status = master.wait().unwrap();
+    for worker in workers {
+        worker.kill_if_alive();
+    }
+    assert!(status.success(), "{status:?}");
+}
