@@ -24,6 +24,7 @@
 //! # Records
 //!
 //! `H` — hand your connections over and leave (master → worker).
+//! `R` — replace me: I served `max_requests_per_worker` (worker → master).
 //! `C kind flags id:u64 listener:u16+bytes peer:u16+bytes` with one file
 //! descriptor — a connection (worker → master → worker); `flags` bit 0: it
 //! pipelines, bit 1: it still owes its PROXY header. Integers are
@@ -70,6 +71,9 @@ pub struct Connection {
 pub enum Message {
     /// Master → worker: hand every connection over, then exit.
     HandOver,
+    /// Worker → master: "replace me" (it served `max_requests_per_worker`;
+    /// the scoreboard says so too — this wakes the master at once).
+    Retire,
     /// A connection, and its descriptor.
     Connection(Connection, OwnedFd),
 }
@@ -91,6 +95,11 @@ pub fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Sends "hand your connections over". `WouldBlock` when the channel is full.
 pub fn send_hand_over(channel: BorrowedFd<'_>) -> io::Result<()> {
     send(channel, b"H", None)
+}
+
+/// Sends "replace me". `WouldBlock` when the channel is full.
+pub fn send_retire(channel: BorrowedFd<'_>) -> io::Result<()> {
+    send(channel, b"R", None)
 }
 
 /// Sends `conn` with its descriptor `fd` (which stays open here: the
@@ -186,6 +195,7 @@ pub fn recv(channel: BorrowedFd<'_>) -> io::Result<Option<Message>> {
 fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
     match record.first()? {
         b'H' if record.len() == 1 && fds.is_empty() => Some(Message::HandOver),
+        b'R' if record.len() == 1 && fds.is_empty() => Some(Message::Retire),
         b'C' if fds.len() == 1 => {
             let kind = match record.get(1)? {
                 0 => StreamKind::Tcp,

@@ -63,7 +63,9 @@ impl Master {
             };
             match handover::recv(control.as_fd()) {
                 Ok(Some(Message::Connection(record, fd))) => self.relay(record, fd, from),
-                Ok(Some(Message::HandOver)) => {}
+                // "Replace me": the scoreboard says so too; this event woke
+                // the loop, which now looks (watch_workers).
+                Ok(Some(Message::HandOver | Message::Retire)) => {}
                 Ok(None) => {
                     // The worker closed its end (it is exiting).
                     if let Some(control) =

@@ -315,7 +315,9 @@ impl Reactor {
                 tracing::info!("answered {} requests: asking to be replaced", self.served);
                 self.slot.request_retirement();
                 // Wake the master now rather than at its next periodic look.
-                let _ = nix::sys::signal::kill(nix::unistd::getppid(), Signal::SIGUSR2);
+                if let Some(control) = &self.control {
+                    let _ = handover::send_retire(control.as_fd());
+                }
                 self.retire_after = None;
             }
             if self.fresh_until.is_some_and(|until| now >= until) {
@@ -443,6 +445,7 @@ impl Reactor {
             };
             match handover::recv(control.as_fd()) {
                 Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
+                Ok(Some(handover::Message::Retire)) => {}
                 Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
                 Ok(None) => {
                     // The master is gone (this worker follows: its parent-
