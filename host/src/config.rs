@@ -140,6 +140,10 @@ pub struct ServerConfig {
     /// How long a graceful stop (SIGTERM) may take: connections still busy
     /// after it are cut. 1 ms ..= 1 day.
     pub shutdown_timeout: Duration,
+    /// On a graceful stop, how long the master keeps serving normally while
+    /// `/healthz` answers `503 draining` (a lame-duck period for load
+    /// balancers) before the stop begins. 0 ..= 1 day.
+    pub drain_delay: Duration,
     /// Replace a worker after it has answered this many requests (0 = never),
     /// to bound the effect of slow leaks in plugins (gunicorn's max_requests).
     /// `0 ..= MAX_REQUESTS`.
@@ -166,6 +170,7 @@ impl Default for ServerConfig {
             max_pending_output_bytes: 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_requests_per_worker: 0,
             max_requests_jitter: 0,
             pid_file: None,
@@ -401,6 +406,7 @@ struct RawServer {
     max_pending_output_bytes: Option<Spanned<Int>>,
     max_buffered_bytes: Option<Spanned<Int>>,
     shutdown_timeout: Option<Spanned<Dur>>,
+    drain_delay: Option<Spanned<Dur>>,
     max_requests_per_worker: Option<Spanned<Int>>,
     max_requests_jitter: Option<Spanned<Int>>,
     pid_file: Option<Spanned<String>>,
@@ -930,12 +936,24 @@ impl Checker<'_, '_> {
     /// `[server] key`: a duration from [`MIN_DURATION`] to [`MAX_DURATION`],
     /// or `default`.
     fn duration(&mut self, key: &str, value: &Option<Spanned<Dur>>, default: Duration) -> Duration {
+        self.duration_from(key, value, default, MIN_DURATION)
+    }
+
+    /// [`Checker::duration`] with another lower bound (`drain_delay` may
+    /// be 0).
+    fn duration_from(
+        &mut self,
+        key: &str,
+        value: &Option<Spanned<Dur>>,
+        default: Duration,
+        min: Duration,
+    ) -> Duration {
         let Some(value) = value else {
             return default;
         };
         let bounds = format!(
             "{} and {}",
-            humantime::format_duration(MIN_DURATION),
+            humantime::format_duration(min),
             humantime::format_duration(MAX_DURATION)
         );
         let start = value.span().start;
@@ -960,7 +978,7 @@ impl Checker<'_, '_> {
             },
         };
         match parsed {
-            Some(d) if (MIN_DURATION..=MAX_DURATION).contains(&d) => d,
+            Some(d) if (min..=MAX_DURATION).contains(&d) => d,
             _ => {
                 self.out_of_range(key, start, &shown, &bounds);
                 default
@@ -1040,6 +1058,12 @@ impl Checker<'_, '_> {
                 "shutdown_timeout",
                 &raw.shutdown_timeout,
                 d.shutdown_timeout,
+            ),
+            drain_delay: self.duration_from(
+                "drain_delay",
+                &raw.drain_delay,
+                d.drain_delay,
+                Duration::ZERO,
             ),
             max_requests_per_worker: self.count(
                 "max_requests_per_worker",
@@ -1706,6 +1730,42 @@ plugin = "upper"
                 }
             }
         }
+    }
+
+    #[test]
+    fn drain_delay_defaults_to_zero_and_ranges_from_zero_to_a_day() {
+        let delay = |value: &str| {
+            parse_str(&format!("[server]\ndrain_delay = {value}\n{MINIMAL}"))
+                .map(|c| c.server.drain_delay)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parse_str(MINIMAL).unwrap().server.drain_delay,
+            Duration::ZERO
+        );
+        for (value, expected) in [
+            ("0", Duration::ZERO),
+            ("\"0s\"", Duration::ZERO),
+            ("\"2s\"", Duration::from_secs(2)),
+            ("\"500ms\"", Duration::from_millis(500)),
+            ("86400", MAX_DURATION),
+        ] {
+            assert_eq!(delay(value), Ok(expected), "drain_delay = {value}");
+        }
+        for value in ["86401", "-1", "\"25h\"", "18446744073709551615"] {
+            let err = delay(value).unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    ":2: [server] drain_delay = {value} is out of range: must be between 0s and 1day"
+                )),
+                "{err}"
+            );
+        }
+        let err = delay("\"soon\"").unwrap_err();
+        assert!(
+            err.contains(":2: [server] drain_delay: invalid duration"),
+            "{err}"
+        );
     }
 
     proptest::proptest! {

@@ -54,7 +54,11 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     // The running master's shutdown_timeout may differ from the file's (or
     // the file may no longer parse): wait for the default or the file's.
     let wait = config::load(config_file)
-        .map_or(Duration::from_secs(30), |c| c.server.shutdown_timeout)
+        .map_or(Duration::from_secs(30), |c| {
+            c.server
+                .shutdown_timeout
+                .saturating_add(c.server.drain_delay)
+        })
         .saturating_add(Duration::from_secs(10));
     let (pid, file) = match master_pid(config_file) {
         Ok(found) => found,

@@ -671,6 +671,7 @@ impl Sandbox {
         let mut cmd = Command::new(&build().nbnet);
         cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
             .env_remove("RUST_LOG")
+            .env_remove("NBNET_CONFIG")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
         if let Some(limit) = self.fd_limit {

@@ -198,6 +198,9 @@ pub struct Master {
     last_exits: BTreeMap<usize, String>,
     /// Watchdog kills per plugin.
     timeouts: BTreeMap<String, u64>,
+    /// A graceful stop waiting out `drain_delay` (serving, `/healthz` 503)
+    /// until this instant.
+    lame_duck: Option<Instant>,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -296,6 +299,7 @@ pub fn serve(mut config: Config) -> i32 {
         restarts_total: 0,
         last_exits: BTreeMap::new(),
         timeouts: BTreeMap::new(),
+        lame_duck: None,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -376,6 +380,9 @@ impl Master {
                     other => tracing::debug!("ignoring {other}"),
                 }
             }
+            if self.lame_duck.is_some_and(|until| Instant::now() >= until) {
+                self.begin_stop("drain_delay is over", Stop::Graceful);
+            }
             self.reap_workers();
             if let Some(code) = self.manage_workers() {
                 return code;
@@ -389,7 +396,7 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
-        [self.next_wakeup_for_workers(), admin]
+        [self.next_wakeup_for_workers(), admin, self.lame_duck]
             .into_iter()
             .flatten()
             .min()
@@ -447,6 +454,7 @@ impl Master {
                     .values()
                     .any(|w| w.role != Role::Draining && self.scoreboard.slot(w.board).is_ready());
                 match (self.phase, ready) {
+                    (Phase::Serving, _) if self.lame_duck.is_some() => text(503, "draining\n"),
                     (Phase::Serving, true) => text(200, "ok\n"),
                     (Phase::Serving, false) => text(503, "no worker ready\n"),
                     (Phase::Stopping { .. }, _) => text(503, "stopping\n"),
@@ -492,11 +500,12 @@ impl Master {
         }
     }
 
-    /// SIGTERM or SIGQUIT: graceful stop — workers stop accepting, finish
-    /// the frames they are in, deliver every answer, then exit; the master
-    /// exits 0 when all are gone. SIGINT: fast stop — workers close every
-    /// connection at once. A second stop signal while stopping kills the
-    /// workers.
+    /// SIGTERM or SIGQUIT: graceful stop — after `drain_delay` (serving on
+    /// while `/healthz` answers 503, so load balancers stop sending), workers
+    /// stop accepting, finish the frames they are in, deliver every answer,
+    /// then exit; the master exits 0 when all are gone. SIGINT: fast stop —
+    /// workers close every connection at once. A stop signal during
+    /// `drain_delay` ends it; a second one while stopping kills the workers.
     fn handle_stop(&mut self, signal: Signal) {
         match self.phase {
             Phase::Serving => {
@@ -505,16 +514,15 @@ impl Master {
                 } else {
                     Stop::Graceful
                 };
-                tracing::info!(
-                    "{signal} received: {} stop of {} worker(s)",
-                    if how == Stop::Fast {
-                        "fast"
-                    } else {
-                        "graceful"
-                    },
-                    self.workers.len()
-                );
-                self.halt(exit_code::OK, how);
+                let delay = self.config.server.drain_delay;
+                if how == Stop::Graceful && !delay.is_zero() && self.lame_duck.is_none() {
+                    self.lame_duck = Some(config::deadline(Instant::now(), delay));
+                    tracing::info!(
+                        "{signal} received: /healthz answers 503 draining; serving on for drain_delay = {delay:?}, then a graceful stop (SIGTERM again: stop now; SIGINT: fast stop)"
+                    );
+                    return;
+                }
+                self.begin_stop(&format!("{signal} received"), how);
             }
             Phase::Stopping { code, .. } => {
                 tracing::warn!("{signal} received again: killing the remaining workers");
@@ -524,6 +532,20 @@ impl Master {
                 };
             }
         }
+    }
+
+    /// Logs why, then [`Master::halt`]s with exit code 0.
+    fn begin_stop(&mut self, why: &str, how: Stop) {
+        tracing::info!(
+            "{why}: {} stop of {} worker(s)",
+            if how == Stop::Fast {
+                "fast"
+            } else {
+                "graceful"
+            },
+            self.workers.len()
+        );
+        self.halt(exit_code::OK, how);
     }
 
     /// SIGTTIN: one worker more.
@@ -557,6 +579,7 @@ impl Master {
         if let Phase::Stopping { .. } = self.phase {
             return;
         }
+        self.lame_duck = None;
         let (signal, allowed) = match how {
             Stop::Graceful => (
                 Signal::SIGTERM,

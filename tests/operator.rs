@@ -1,0 +1,251 @@
+//! Operator traps (issue 11, section 3), each reproduced as an operator
+//! would hit it and shown harmless: `--config` before or after the
+//! subcommand and `NBNET_CONFIG`; `drain_delay` (a lame-duck period before a
+//! graceful stop); the locked PID file (a second master is refused, a stale
+//! file never gets an unrelated process signalled); `[log] file` reopened
+//! on SIGUSR1 by the master and its workers; a lost log stream counted, not
+//! fatal; plugins' children start with an empty signal mask.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nbnet_tests::{describe, wait_until, Outcome, Sandbox, Server, IO_TIMEOUT, SIGTERM};
+
+/// One upper plugin on `{port}`, with `server` as the `[server]` keys and
+/// `extra` appended (e.g. an `[admin]` or `[log]` table).
+fn config(server: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+{server}
+
+[[plugins]]
+name = "upper"
+path = "{{upper}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "upper"
+
+{extra}
+"#
+    )
+}
+
+/// Runs an `nbnet` command built by the caller (in the sandbox, with its
+/// environment) and waits at most 15 s for it; files, not pipes, hold its
+/// output, so nothing blocks.
+fn run(sandbox: &Sandbox, what: &str, configure: impl FnOnce(&mut Command)) -> Outcome {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let (out, err) = (out_dir.path().join("out"), out_dir.path().join("err"));
+    let mut cmd = sandbox.command();
+    cmd.stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn nbnet");
+    let status = wait_until(Duration::from_secs(15), what, || {
+        child.try_wait().expect("try_wait")
+    });
+    Outcome {
+        status,
+        stdout: fs::read_to_string(&out).unwrap_or_default(),
+        stderr: fs::read_to_string(&err).unwrap_or_default(),
+    }
+}
+
+fn assert_code(outcome: &Outcome, code: i32, what: &str) {
+    assert_eq!(
+        outcome.status.code(),
+        Some(code),
+        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        describe(&outcome.status),
+        outcome.stdout,
+        outcome.stderr
+    );
+}
+
+/// `GET path` on the admin port: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to admin");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Waits until the master has exited and returns how.
+fn expect_exit(server: &mut Server, within: Duration, what: &str) -> ExitStatus {
+    server.wait_exit(within).unwrap_or_else(|| {
+        panic!(
+            "the master did not exit within {within:?} after {what}\n--- log ---\n{}",
+            server.log()
+        )
+    })
+}
+
+// ------------------------------------------------ --config and NBNET_CONFIG
+
+/// `nbnet -c FILE reload` used the default config/nbnet.toml: the flag is
+/// now taken before and after the subcommand, and `NBNET_CONFIG` names the
+/// file when no flag does (a flag wins).
+#[test]
+fn config_is_taken_before_or_after_the_subcommand_and_from_nbnet_config() {
+    let mut server = Server::start(&config("workers = 1\npid_file = \"nbnet.pid\"", ""));
+    let file = server.dir().join("nbnet.toml");
+    let file = file.to_str().unwrap().to_string();
+    // Run from a folder without config/nbnet.toml: the default finds nothing.
+    let elsewhere = server.sandbox_mut().mkdir("elsewhere");
+    server.sandbox_mut().set_cwd(&elsewhere);
+
+    // Each form reloads this master (one reload at a time: a SIGHUP during
+    // a reload is not queued).
+    let forms: [(&str, Option<&str>, Vec<&str>); 3] = [
+        ("nbnet -c FILE reload", None, vec!["-c", &file, "reload"]),
+        (
+            "nbnet reload --config FILE",
+            None,
+            vec!["reload", "--config", &file],
+        ),
+        (
+            "NBNET_CONFIG=FILE nbnet reload",
+            Some(&file),
+            vec!["reload"],
+        ),
+    ];
+    for (n, (what, env, args)) in forms.into_iter().enumerate() {
+        let outcome = run(server.sandbox_mut(), what, |cmd| {
+            if let Some(file) = env {
+                cmd.env("NBNET_CONFIG", file);
+            }
+            cmd.args(args);
+        });
+        assert_code(&outcome, 0, what);
+        server.wait_for(&format!("reload {} ({what})", n + 1), || {
+            (server.log_count("reload complete in") == n + 1).then_some(())
+        });
+    }
+    let sandbox = server.sandbox_mut();
+    let check = run(sandbox, "NBNET_CONFIG=FILE nbnet --check", |cmd| {
+        cmd.env("NBNET_CONFIG", &file).arg("--check");
+    });
+    assert_code(&check, 0, "NBNET_CONFIG=FILE nbnet --check");
+    assert!(check.stdout.contains(&file), "{}", check.stdout);
+    // A flag wins over the environment.
+    let flag_wins = run(
+        sandbox,
+        "NBNET_CONFIG=missing nbnet -c FILE --check",
+        |cmd| {
+            cmd.env("NBNET_CONFIG", "missing.toml")
+                .args(["-c", &file, "--check"]);
+        },
+    );
+    assert_code(
+        &flag_wins,
+        0,
+        "NBNET_CONFIG=missing.toml nbnet -c FILE --check",
+    );
+    // The environment wins over the default (which does not exist here).
+    let missing = run(sandbox, "NBNET_CONFIG=missing nbnet --check", |cmd| {
+        cmd.env("NBNET_CONFIG", "missing.toml").arg("--check");
+    });
+    assert_code(&missing, 3, "NBNET_CONFIG=missing.toml nbnet --check");
+    assert!(
+        missing.stderr.contains("missing.toml"),
+        "{}",
+        missing.stderr
+    );
+
+    // `nbnet -c FILE stop` stops this master (reaped here meanwhile).
+    let sandbox = server.sandbox_mut();
+    let mut stop = sandbox
+        .command()
+        .args(["-c", &file, "stop"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nbnet stop");
+    let status = expect_exit(&mut server, Duration::from_secs(15), "nbnet -c FILE stop");
+    assert!(status.success(), "{}", describe(&status));
+    let stopped = wait_until(Duration::from_secs(10), "nbnet stop to exit", || {
+        stop.try_wait().expect("try_wait")
+    });
+    assert!(
+        stopped.success(),
+        "nbnet -c FILE stop: {}",
+        describe(&stopped)
+    );
+}
+
+// --------------------------------------------------------------- drain_delay
+
+/// A load balancer needs time to see `/healthz` fail before the listeners
+/// close: for `drain_delay` after SIGTERM the server answers `503 draining`
+/// there while it serves new connections as usual; then it stops.
+#[test]
+fn drain_delay_serves_on_while_healthz_says_draining_then_stops() {
+    let mut server = Server::start(&config(
+        "workers = 1\ndrain_delay = \"2s\"\nshutdown_timeout = \"5s\"",
+        "[admin]\naddr = \"127.0.0.1:{admin}\"",
+    ));
+    let admin = server.admin_port();
+    assert_eq!(http_get(admin, "/healthz"), (200, "ok\n".to_string()));
+    let mut before = server.client();
+    assert_eq!(before.request(b"before"), b"BEFORE");
+
+    server.signal(SIGTERM);
+    let (status, body) = wait_until(Duration::from_secs(5), "/healthz to turn 503", || {
+        let reply = http_get(admin, "/healthz");
+        (reply.0 != 200).then_some(reply)
+    });
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "draining\n"),
+        "{}",
+        server.log()
+    );
+    // Still serving: a new connection and an old one get answers.
+    let mut fresh = server.client();
+    assert_eq!(fresh.request(b"fresh"), b"FRESH");
+    assert_eq!(before.request(b"again"), b"AGAIN");
+    assert!(
+        server.wait_exit(Duration::ZERO).is_none(),
+        "the master must wait out drain_delay\n{}",
+        server.log()
+    );
+
+    // Then the graceful stop proceeds as without a delay.
+    let status = expect_exit(&mut server, Duration::from_secs(15), "drain_delay");
+    assert!(status.success(), "{}\n{}", describe(&status), server.log());
+    server.wait_for_log_line(&["drain_delay is over", "graceful stop"]);
+}
+
+/// A second SIGTERM (or a SIGINT) during `drain_delay` stops at once.
+#[test]
+fn a_second_sigterm_skips_drain_delay() {
+    let mut server = Server::start(&config(
+        "workers = 1\ndrain_delay = \"1day\"",
+        "[admin]\naddr = \"127.0.0.1:{admin}\"",
+    ));
+    let admin = server.admin_port();
+    server.signal(SIGTERM);
+    wait_until(Duration::from_secs(5), "/healthz to say draining", || {
+        (http_get(admin, "/healthz") == (503, "draining\n".to_string())).then_some(())
+    });
+    server.signal(SIGTERM);
+    let status = expect_exit(&mut server, Duration::from_secs(10), "a second SIGTERM");
+    assert!(status.success(), "{}\n{}", describe(&status), server.log());
+}
