@@ -249,3 +249,124 @@ fn a_second_sigterm_skips_drain_delay() {
     let status = expect_exit(&mut server, Duration::from_secs(10), "a second SIGTERM");
     assert!(status.success(), "{}\n{}", describe(&status), server.log());
 }
+
+// ------------------------------------------------------------------ pid_file
+
+/// With `reuseport` a second master could bind the same port; it overwrote
+/// the PID file, and `nbnet stop` then stopped only the second. Now the
+/// first master's lock refuses the second, which names the file and the
+/// running master, and the file keeps leading to the first.
+#[test]
+fn a_second_master_with_the_same_pid_file_is_refused() {
+    let mut server = Server::start(
+        r#"
+[server]
+workers = 1
+pid_file = "nbnet.pid"
+
+[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+reuseport = true
+"#,
+    );
+    let pid_file = server.dir().join("nbnet.pid");
+    let file = server.dir().join("nbnet.toml");
+    let second = server
+        .sandbox_mut()
+        .run(&["--config", file.to_str().unwrap()]);
+    assert_code(&second, 1, "a second master on the same pid_file");
+    for needle in [
+        pid_file.to_str().unwrap(),
+        &format!("pid {}", server.pid()),
+        "another nbnet master",
+    ] {
+        assert!(
+            second.stderr.contains(needle),
+            "the refusal should mention {needle:?}: {}",
+            second.stderr
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(&pid_file).unwrap().trim(),
+        server.pid().to_string(),
+        "the PID file must still name the first master"
+    );
+    assert_eq!(server.client().request(b"still"), b"STILL");
+
+    // `nbnet stop` reaches the first master through the file.
+    let mut stop = server
+        .sandbox_mut()
+        .command()
+        .args(["stop", "--config", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nbnet stop");
+    let status = expect_exit(&mut server, Duration::from_secs(15), "nbnet stop");
+    assert!(status.success(), "{}", describe(&status));
+    let stopped = wait_until(Duration::from_secs(10), "nbnet stop to exit", || {
+        stop.try_wait().expect("try_wait")
+    });
+    assert!(stopped.success(), "nbnet stop: {}", describe(&stopped));
+    assert!(!pid_file.exists(), "the master removes its PID file");
+}
+
+/// A PID file left behind (a master killed with SIGKILL) may name a process
+/// that is not nbnet: `nbnet stop` and `nbnet reload` killed it. Now they
+/// see that nobody holds the file's lock and signal nothing.
+#[test]
+fn a_stale_pid_file_naming_another_process_signals_nothing() {
+    let mut sandbox = Sandbox::new();
+    let file = sandbox.write_config(&config("workers = 1\npid_file = \"nbnet.pid\"", ""));
+    let mut bystander = Bystander(
+        Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    let bystander = &mut bystander.0;
+    let pid_file = sandbox.write("nbnet.pid", format!("{}\n", bystander.id()).as_bytes());
+    for command in ["stop", "reload"] {
+        let outcome = sandbox.run(&[command, "--config", file.to_str().unwrap()]);
+        let alive = bystander.try_wait().expect("try_wait").is_none();
+        if !alive {
+            panic!(
+                "nbnet {command} killed the unrelated process named in a stale PID file\n{}{}",
+                outcome.stdout, outcome.stderr
+            );
+        }
+        assert_code(
+            &outcome,
+            1,
+            &format!("nbnet {command} with a stale PID file"),
+        );
+        for needle in [pid_file.to_str().unwrap(), "stale", "nothing was signalled"] {
+            assert!(
+                outcome.stderr.contains(needle),
+                "nbnet {command} should mention {needle:?}: {}",
+                outcome.stderr
+            );
+        }
+    }
+    // A master started now takes the stale file over.
+    let server = sandbox.start(&config("workers = 1\npid_file = \"nbnet.pid\"", ""));
+    assert_eq!(
+        fs::read_to_string(&pid_file).unwrap().trim(),
+        server.pid().to_string()
+    );
+}
+
+/// A process killed when the test ends, however it ends.
+struct Bystander(std::process::Child);
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -43,7 +43,6 @@ use reload::PendingReload;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
@@ -186,7 +185,9 @@ pub struct Master {
     reload: Option<PendingReload>,
     /// The config generation new workers are started with.
     generation: u64,
-    pid_file: Option<PathBuf>,
+    /// Locked while the master runs; removed when it is dropped.
+    #[expect(dead_code, reason = "held for its lock; dropping it removes the file")]
+    pid_file: Option<crate::pid_file::PidFile>,
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
     admin: Option<admin::Admin>,
@@ -205,6 +206,22 @@ pub struct Master {
 
 /// Serves `config` until stopped; returns the process exit code.
 pub fn serve(mut config: Config) -> i32 {
+    // First the PID file's lock: a second master with the same file is
+    // refused before it binds anything (with `reuseport` it could).
+    let pid_file = match config
+        .server
+        .pid_file
+        .as_deref()
+        .map(crate::pid_file::PidFile::acquire)
+    {
+        None => None,
+        Some(Ok(locked)) => Some(locked),
+        Some(Err(message)) => {
+            tracing::error!("{message}");
+            return exit_code::FAILURE;
+        }
+    };
+
     // 0. Processes that plugins start and that outlive their worker become
     //    the master's children (not init's), so that the master can reap
     //    them and sweep them away when it stops.
@@ -269,14 +286,6 @@ pub fn serve(mut config: Config) -> i32 {
         None => None,
     };
 
-    let pid_file = config.server.pid_file.clone();
-    if let Some(path) = &pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", getpid())) {
-            tracing::error!("cannot write pid_file {}: {e}", path.display());
-            return exit_code::FAILURE;
-        }
-    }
-
     let now = Instant::now();
     let worker_count = config.server.worker_count();
     let mut master = Master {
@@ -307,9 +316,8 @@ pub fn serve(mut config: Config) -> i32 {
         master.config.file.display()
     );
     let code = master.run();
-    if let Some(path) = &master.pid_file {
-        let _ = std::fs::remove_file(path);
-    }
+    // Removes the PID file (and releases its lock).
+    drop(master);
     code
 }
 
