@@ -9,8 +9,9 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nbnet_tests::{describe, wait_until, Outcome, Sandbox, Server, IO_TIMEOUT, SIGTERM};
 
@@ -85,6 +86,17 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string());
     (status, body)
+}
+
+/// The value of the sample `series` (a name with its labels, if any).
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Waits until the master has exited and returns how.
@@ -369,4 +381,169 @@ impl Drop for Bystander {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+// ------------------------------------------------------------------ logging
+
+/// Waits (at most 10 s) until the file at `path` has a line containing all
+/// of `parts`; returns the file's text.
+fn wait_for_line(path: &Path, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| parts.iter().all(|p| l.contains(p))) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {parts:?} in {} within 10 s:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// logrotate renames the file and sends SIGUSR1 (`postrotate kill -USR1`):
+/// it killed the master and every worker without a word. Now the master
+/// reopens `[log] file` and passes the signal on; the master's and the
+/// workers' later lines land in the new file.
+#[test]
+fn sigusr1_reopens_the_log_file_in_the_master_and_its_workers() {
+    let sandbox = Sandbox::new();
+    sandbox.mkdir("logs");
+    let server = sandbox.start(&config("workers = 2", "[log]\nfile = \"logs/nbnet.log\""));
+    let log = server.dir().join("logs/nbnet.log");
+    let rotated = server.dir().join("logs/nbnet.log.1");
+    let workers = server.wait_for_workers(2);
+    wait_for_line(&log, &["worker 1 started"]);
+
+    fs::rename(&log, &rotated).expect("rotate the log file");
+    server.signal(libc::SIGUSR1);
+    wait_for_line(&log, &["SIGUSR1 received: reopened the log file"]);
+    for worker in &workers {
+        wait_for_line(
+            &log,
+            &[&format!("pid={}", worker.pid), "SIGUSR1 received: reopened"],
+        );
+    }
+    // A worker's own line after the rotation: a protocol error.
+    let mut client = server.client();
+    client.send_raw(b"00000000x1").unwrap();
+    client.expect_closed();
+    let text = wait_for_line(&log, &["protocol error"]);
+    assert!(text.contains("worker{"), "{text}");
+    let old = fs::read_to_string(&rotated).unwrap();
+    assert!(
+        !old.contains("protocol error") && !old.contains("reopened"),
+        "lines after the rotation went to the old file:\n{old}"
+    );
+    assert_eq!(server.live_workers(), workers, "nobody died of SIGUSR1");
+    assert_eq!(server.client().request(b"rotated"), b"ROTATED");
+    server.stop();
+}
+
+/// Without `[log] file`, SIGUSR1 (to the master or a worker) changes
+/// nothing.
+#[test]
+fn sigusr1_without_a_log_file_is_harmless() {
+    let server = Server::start(&config("workers = 1", ""));
+    let workers = server.wait_for_workers(1);
+    server.signal(libc::SIGUSR1);
+    nbnet_tests::send_signal(workers[0].pid, libc::SIGUSR1);
+    server.wait_for_log_line(&["SIGUSR1 received", "no log file to reopen"]);
+    assert_eq!(server.client().request(b"fine"), b"FINE");
+    assert_eq!(server.live_workers(), workers);
+    server.stop();
+}
+
+/// A log file on a full disk (here: a link to /dev/full): lines are
+/// dropped and counted in /metrics, the server serves on; once the file
+/// can be written again (reopened on SIGUSR1) one line says how many were
+/// lost.
+#[test]
+fn a_log_file_on_a_full_disk_drops_and_counts_lines_and_says_so_once_it_works() {
+    let sandbox = Sandbox::new();
+    sandbox.mkdir("logs");
+    let log = sandbox.path().join("logs/nbnet.log");
+    std::os::unix::fs::symlink("/dev/full", &log).expect("symlink to /dev/full");
+    let server = sandbox.start(&config(
+        "workers = 1",
+        "[admin]\naddr = \"127.0.0.1:{admin}\"\n[log]\nfile = \"logs/nbnet.log\"",
+    ));
+    let admin = server.admin_port();
+    server.signal(libc::SIGTTIN);
+    server.wait_for_workers(2);
+    let dropped = wait_until(Duration::from_secs(5), "dropped lines in /metrics", || {
+        let (_, body) = http_get(admin, "/metrics");
+        metric(&body, "nbnet_log_lines_dropped_total").filter(|&n| n >= 2.0)
+    });
+    assert_eq!(server.client().request(b"full"), b"FULL");
+
+    fs::remove_file(&log).unwrap();
+    server.signal(libc::SIGUSR1);
+    let text = wait_for_line(&log, &["log line(s) of process", "could not be written"]);
+    assert!(
+        text.contains("No space left on device"),
+        "the note should say why:\n{text}"
+    );
+    let (_, body) = http_get(admin, "/metrics");
+    assert!(metric(&body, "nbnet_log_lines_dropped_total").unwrap() >= dropped);
+    server.stop();
+}
+
+/// When stderr's reader goes away (a closed pipe) the master once panicked
+/// at the next log line. It serves on, and counts what it could not log.
+#[test]
+fn a_closed_stderr_pipe_never_stops_the_server_and_dropped_lines_are_counted() {
+    let mut sandbox = Sandbox::new();
+    let file = sandbox.write_config(&config(
+        "workers = 1",
+        "[admin]\naddr = \"127.0.0.1:{admin}\"",
+    ));
+    let (port, admin) = (sandbox.port(0), sandbox.admin_port());
+    let mut master = sandbox
+        .command()
+        .arg("--config")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nbnet");
+    drop(master.stderr.take()); // the reader goes away
+    let guard = Bystander(master);
+    let pid = guard.0.id() as i32;
+    wait_until(Duration::from_secs(10), "the server to answer", || {
+        let mut client = nbnet_tests::Client::try_connect(port).ok()?;
+        (client.request(b"up") == b"UP").then_some(())
+    });
+    nbnet_tests::send_signal(pid, libc::SIGTTIN);
+    let dropped = wait_until(Duration::from_secs(5), "dropped lines in /metrics", || {
+        let (_, body) = http_get(admin, "/metrics");
+        metric(&body, "nbnet_log_lines_dropped_total").filter(|&n| n >= 1.0)
+    });
+    assert!(dropped >= 1.0);
+    assert_eq!(nbnet_tests::Client::connect(port).request(b"on"), b"ON");
+    let mut guard = guard;
+    nbnet_tests::send_signal(pid, SIGTERM);
+    let status = wait_until(Duration::from_secs(10), "the master to stop", || {
+        guard.0.try_wait().expect("try_wait")
+    });
+    assert_eq!(status.code(), Some(0), "{}", describe(&status));
+}
+
+/// A `[log] file` that cannot be opened stops the start, saying which and
+/// why, on the terminal that started it.
+#[test]
+fn a_log_file_that_cannot_be_opened_is_a_clear_startup_failure() {
+    let (status, stderr) = nbnet_tests::expect_startup_failure(&config(
+        "workers = 1",
+        "[log]\nfile = \"no-such-folder/nbnet.log\"",
+    ));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the [log] file")
+            && stderr.contains("no-such-folder/nbnet.log")
+            && stderr.contains("does not exist: create it"),
+        "{stderr}"
+    );
 }

@@ -226,11 +226,21 @@ pub fn deadline(from: Instant, after: Duration) -> Instant {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default)]
 pub struct LogConfig {
     /// Log level; `RUST_LOG` overrides it.
     pub level: LogLevel,
+    /// Log to this file (appended; reopened on SIGUSR1) instead of stderr;
+    /// relative to the config file's folder.
+    pub file: Option<PathBuf>,
+}
+
+/// `[log]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: LogLevel,
+    file: Option<Spanned<String>>,
 }
 
 /// A log level name as written in the config.
@@ -380,7 +390,7 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
-    log: LogConfig,
+    log: RawLog,
     #[serde(default)]
     admin: Option<RawAdmin>,
     #[serde(default)]
@@ -648,6 +658,22 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     };
     let base = file.parent().unwrap_or(Path::new("."));
     let server = check.server(&raw.server, base);
+    let log = LogConfig {
+        level: raw.log.level,
+        file: check.path("[log] file", &raw.log.file, base, "log to stderr"),
+    };
+    if let (Some(log_file), Some(pid_file)) = (&log.file, &server.pid_file) {
+        if log_file == pid_file {
+            let line = raw.log.file.as_ref().map(|f| lines.line_of(f.span().start));
+            check.problem(
+                line,
+                format!(
+                    "[log] file is the same file as [server] pid_file ({}): give each its own path",
+                    pid_file.display()
+                ),
+            );
+        }
+    }
     if server.max_buffered_bytes < server.max_frame_bytes {
         let key = raw
             .server
@@ -859,7 +885,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     Ok(Config {
         file: file.to_path_buf(),
         server,
-        log: raw.log,
+        log,
         admin,
         plugins,
         listeners,
@@ -986,38 +1012,45 @@ impl Checker<'_, '_> {
         }
     }
 
+    /// A file path `key` (e.g. `[server] pid_file`), resolved against
+    /// `base` and checked; `without` says what leaving the key out means.
+    fn path(
+        &mut self,
+        key: &str,
+        value: &Option<Spanned<String>>,
+        base: &Path,
+        without: &str,
+    ) -> Option<PathBuf> {
+        let text = value.as_ref()?;
+        let line = Some(self.lines.line_of(text.span().start));
+        let written = text.get_ref();
+        let path = std::path::absolute(base.join(written)).unwrap_or_else(|_| base.join(written));
+        let why = if written.is_empty() {
+            Some(format!("is empty; remove the key for {without}"))
+        } else if written.contains(char::is_control) {
+            Some("contains a control character".to_string())
+        } else if path.as_os_str().len() > MAX_PATH_BYTES {
+            Some(format!(
+                "is {} bytes long once resolved, over the system's limit of {MAX_PATH_BYTES}",
+                path.as_os_str().len()
+            ))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                self.problem(line, format!("{key} = {} {why}", quote(written)));
+                None
+            }
+            None => Some(path),
+        }
+    }
+
     /// `[server]`, each key checked against its range.
     fn server(&mut self, raw: &RawServer, base: &Path) -> ServerConfig {
         let d = ServerConfig::default();
         let max_bytes = MAX_DECLARED;
-        let pid_file = raw.pid_file.as_ref().and_then(|text| {
-            let line = Some(self.lines.line_of(text.span().start));
-            let written = text.get_ref();
-            let path =
-                std::path::absolute(base.join(written)).unwrap_or_else(|_| base.join(written));
-            let why = if written.is_empty() {
-                Some("is empty; remove the key for no PID file".to_string())
-            } else if written.contains(char::is_control) {
-                Some("contains a control character".to_string())
-            } else if path.as_os_str().len() > MAX_PATH_BYTES {
-                Some(format!(
-                    "is {} bytes long once resolved, over the system's limit of {MAX_PATH_BYTES}",
-                    path.as_os_str().len()
-                ))
-            } else {
-                None
-            };
-            match why {
-                Some(why) => {
-                    self.problem(
-                        line,
-                        format!("[server] pid_file = {} {why}", quote(written)),
-                    );
-                    None
-                }
-                None => Some(path),
-            }
-        });
+        let pid_file = self.path("[server] pid_file", &raw.pid_file, base, "no PID file");
         ServerConfig {
             workers: self.count_usize("workers", &raw.workers, 0..=MAX_WORKERS as u64, d.workers),
             max_restarts: self.count(
@@ -1730,6 +1763,41 @@ plugin = "upper"
                 }
             }
         }
+    }
+
+    #[test]
+    fn log_file_is_resolved_against_the_config_folder_and_checked() {
+        let log = |text: &str| {
+            parse_str(&format!("{text}\n{MINIMAL}"))
+                .map(|c| c.log)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(log("").unwrap().file, None);
+        assert_eq!(
+            log("[log]\nfile = \"logs/nbnet.log\"").unwrap().file,
+            Some(PathBuf::from("/etc/nbnet/logs/nbnet.log"))
+        );
+        assert_eq!(
+            log("[log]\nfile = \"/var/log/nbnet.log\"\nlevel = \"warn\"")
+                .unwrap()
+                .file,
+            Some(PathBuf::from("/var/log/nbnet.log"))
+        );
+        let err = log("[log]\nfile = \"\"").unwrap_err();
+        assert!(
+            err.contains(":2: [log] file = \"\" is empty; remove the key for log to stderr"),
+            "{err}"
+        );
+        let err = log("[log]\nfile = \"a\\nb\"").unwrap_err();
+        assert!(
+            err.contains(":2: [log] file = ") && err.contains("control character"),
+            "{err}"
+        );
+        let err = log("[server]\npid_file = \"x\"\n[log]\nfile = \"/etc/nbnet/x\"").unwrap_err();
+        assert!(
+            err.contains(":4: [log] file is the same file as [server] pid_file (/etc/nbnet/x)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -234,10 +234,19 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             return exit_code::CONFIG_INVALID;
         }
     };
-    logging::init(config.log.level);
     if !check_only {
+        // Before the subscriber exists: it asks whether stderr is a
+        // terminal (colours), and from now on stderr is the file.
+        if let Some(file) = &config.log.file {
+            if let Err(message) = logging::to_file(file) {
+                eprintln!("nbnet: {message} ({})", config.file.display());
+                return exit_code::FAILURE;
+            }
+        }
+        logging::init(config.log.level);
         return supervisor::serve(config);
     }
+    logging::init(config.log.level);
     let report = supervisor::check::check_plugins(&mut config);
     for line in &report.loaded {
         println!("ok: {line}");

@@ -315,6 +315,8 @@ pub fn serve(mut config: Config) -> i32 {
         getpid(),
         master.config.file.display()
     );
+    // From here on the log file alone gets the lines (with `[log] file`).
+    crate::logging::started();
     let code = master.run();
     // Removes the PID file (and releases its lock).
     drop(master);
@@ -381,9 +383,7 @@ impl Master {
                     // Reaping and retirement requests are handled below,
                     // whatever woke us.
                     Signal::SIGCHLD | Signal::SIGUSR2 => {}
-                    Signal::SIGUSR1 => tracing::info!(
-                        "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
-                    ),
+                    Signal::SIGUSR1 => self.handle_usr1(),
                     Signal::SIGWINCH => tracing::info!("SIGWINCH received: ignored"),
                     other => tracing::debug!("ignoring {other}"),
                 }
@@ -505,6 +505,7 @@ impl Master {
             restarts: self.restarts_total,
             last_exits: self.last_exits.clone(),
             timeouts: self.timeouts.clone(),
+            log_lines_dropped: crate::logging::dropped_lines(),
         }
     }
 
@@ -554,6 +555,26 @@ impl Master {
             self.workers.len()
         );
         self.halt(exit_code::OK, how);
+    }
+
+    /// SIGUSR1 (logrotate's `postrotate`): reopen the `[log] file` and have
+    /// every worker reopen it too; harmless when logging to stderr.
+    fn handle_usr1(&self) {
+        match crate::logging::reopen() {
+            Ok(None) => tracing::info!(
+                "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
+            ),
+            Ok(Some(path)) => {
+                tracing::info!(
+                    "SIGUSR1 received: reopened the log file {}; the workers reopen it too",
+                    path.display()
+                );
+                self.signal_workers(Signal::SIGUSR1);
+            }
+            Err(message) => {
+                tracing::error!("SIGUSR1 received: {message}; logging on to the file open before")
+            }
+        }
     }
 
     /// SIGTTIN: one worker more.

@@ -193,6 +193,10 @@ impl Reactor {
                 match event.token() {
                     SIGNALS => {
                         for signal in self.signals.pending() {
+                            if signal == Signal::SIGUSR1 {
+                                crate::logging::reopen_in_worker();
+                                continue;
+                            }
                             if signal == Signal::SIGINT {
                                 tracing::info!(
                                     "SIGINT received: stopping now ({} connection(s) closed)",
