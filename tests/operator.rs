@@ -547,3 +547,56 @@ fn a_log_file_that_cannot_be_opened_is_a_clear_startup_failure() {
         "{stderr}"
     );
 }
+
+// ------------------------------------------------- plugins' children's mask
+
+/// A worker blocks the signals it reads from its signalfd (and inherits the
+/// master's blocked set); a child a plugin forked inherited that mask, so
+/// SIGTERM did not stop it. A plugin's forked child now starts with nothing
+/// blocked and nothing ignored (SIGPIPE too: Rust ignores it in nbnet).
+#[test]
+fn a_child_a_plugin_forks_starts_with_no_signal_blocked_or_ignored() {
+    let server = Server::start(
+        r#"
+[server]
+workers = 1
+
+[[plugins]]
+name = "sigmask"
+path = "{sigmask}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "sigmask"
+"#,
+    );
+    let mut client = server.client();
+    let worker = signal_state(&client.request(b"self"));
+    let child = signal_state(&client.request(b"fork"));
+    assert_eq!(
+        child,
+        expected_child_state(server.pid()),
+        "the signal state (blocked, ignored) of a child forked by a plugin; the worker's: {worker:x?}"
+    );
+}
+
+/// (blocked, ignored) from the `SigBlk:` and `SigIgn:` lines of a status.
+fn signal_state(status: &[u8]) -> (u64, u64) {
+    let text = String::from_utf8_lossy(status);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+    };
+    (field("SigBlk:"), field("SigIgn:"))
+}
+
+/// What a plugin's child should start with: nothing blocked, and ignored
+/// only what the master inherited from whoever started it (the master's
+/// ignored set without SIGPIPE, which the Rust runtime ignores in nbnet).
+fn expected_child_state(master: i32) -> (u64, u64) {
+    let status = fs::read(format!("/proc/{master}/status")).unwrap();
+    let (_, ignored) = signal_state(&status);
+    (0, ignored & !(1 << (libc::SIGPIPE - 1)))
+}

@@ -83,6 +83,9 @@ pub struct Artifacts {
     /// C test plugin that exits, tampers, forks and closes descriptors on
     /// request (`plugins/testing/c/hostile.c`).
     pub hostile_so: PathBuf,
+    /// C test plugin answering with the signal mask of a child it starts
+    /// (`plugins/testing/c/sigmask.c`).
+    pub sigmask_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -196,6 +199,7 @@ fn build_now() -> Artifacts {
         echo_c_so: c_plugin("plugins/echo-c/echo.c", "libecho_c.so"),
         counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
         hostile_so: c_plugin("plugins/testing/c/hostile.c", "libhostile.so"),
+        sigmask_so: c_plugin("plugins/testing/c/sigmask.c", "libsigmask.so"),
         nbnet,
     }
 }
@@ -502,7 +506,7 @@ pub struct Outcome {
 /// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
-/// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
+/// `{system_lib}`, `{hostile}`, `{sigmask}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -622,6 +626,7 @@ impl Sandbox {
                 "echo_c" => path(&a.echo_c_so),
                 "counter_c" => path(&a.counter_c_so),
                 "hostile" => path(&a.hostile_so),
+                "sigmask" => path(&a.sigmask_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);
