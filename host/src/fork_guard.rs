@@ -11,11 +11,12 @@
 //! child handler that closes every descriptor marked here.
 //!
 //! The same handler gives the child the signal state of an ordinary
-//! process: the worker blocks the signals it reads from its `signalfd` (and
-//! inherits the master's blocked set), Rust ignores SIGPIPE, and the worker
-//! catches SIGSEGV/SIGBUS; a child inheriting that would ignore SIGTERM
-//! (and keep it blocked across `exec`). The handler restores the default
-//! action of those signals and unblocks every signal. glibc runs it in
+//! process: the worker catches SIGTERM and others with handlers that write
+//! into its self-pipe (see [`crate::signals`]), the Rust runtime ignores
+//! SIGPIPE, and the worker catches SIGSEGV/SIGBUS; a forked child keeps
+//! all of that until it `exec`s (and an ignored signal even after). The
+//! handler restores the default action of each of those signals and
+//! unblocks every signal. glibc runs it in
 //! the child of every `fork()` made through libc (including `popen` and
 //! `system` where they fork); `posix_spawn` and `vfork` children skip it,
 //! but they `exec` at once and close-on-exec (set on all of the host's
@@ -145,11 +146,18 @@ extern "C" fn in_child() {
 /// runtime), SIGSEGV and SIGBUS (caught: see `signals::report_stack_overflow`).
 const CHANGED_ACTIONS: [libc::c_int; 3] = [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS];
 
-/// Default actions for [`CHANGED_ACTIONS`], then nothing blocked. Only
-/// async-signal-safe calls.
+/// Default actions for [`CHANGED_ACTIONS`] and every signal the worker
+/// catches, then nothing blocked. Only async-signal-safe calls.
 fn default_signal_state() {
     for signal in CHANGED_ACTIONS {
         // SAFETY: `signal` is async-signal-safe; SIG_DFL is always valid.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let mut caught = crate::signals::caught();
+    while caught != 0 {
+        let signal = caught.trailing_zeros() as libc::c_int + 1;
+        caught &= caught - 1;
+        // SAFETY: as above.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
     // SAFETY: an emptied local set; pthread_sigmask is async-signal-safe.

@@ -79,7 +79,7 @@ pub fn run(
         }
     }
 
-    let signals = match Signals::block(&[
+    let signals = match Signals::catch(&[
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGQUIT,

@@ -22,7 +22,7 @@ use crate::plugin::Plugin;
 use crate::scoreboard::{PluginStats, Slot};
 use crate::signals::Signals;
 
-/// The worker's `signalfd`: SIGTERM/SIGQUIT drain, SIGINT stops at once.
+/// The worker's signals (self-pipe): SIGTERM/SIGQUIT drain, SIGINT stops at once, SIGUSR1 reopens the log.
 const SIGNALS: Token = Token(0);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
 const FIRST_LISTENER: usize = 1;
