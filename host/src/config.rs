@@ -140,6 +140,10 @@ pub struct ServerConfig {
     /// How long a graceful stop (SIGTERM) may take: connections still busy
     /// after it are cut. 1 ms ..= 1 day.
     pub shutdown_timeout: Duration,
+    /// On a graceful stop, how long the master keeps serving normally while
+    /// `/healthz` answers `503 draining` (a lame-duck period for load
+    /// balancers) before the stop begins. 0 ..= 1 day.
+    pub drain_delay: Duration,
     /// Replace a worker after it has answered this many requests (0 = never),
     /// to bound the effect of slow leaks in plugins (gunicorn's max_requests).
     /// `0 ..= MAX_REQUESTS`.
@@ -166,6 +170,7 @@ impl Default for ServerConfig {
             max_pending_output_bytes: 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_requests_per_worker: 0,
             max_requests_jitter: 0,
             pid_file: None,
@@ -221,11 +226,21 @@ pub fn deadline(from: Instant, after: Duration) -> Instant {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default)]
 pub struct LogConfig {
     /// Log level; `RUST_LOG` overrides it.
     pub level: LogLevel,
+    /// Log to this file (appended; reopened on SIGUSR1) instead of stderr;
+    /// relative to the config file's folder.
+    pub file: Option<PathBuf>,
+}
+
+/// `[log]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: LogLevel,
+    file: Option<Spanned<String>>,
 }
 
 /// A log level name as written in the config.
@@ -375,7 +390,7 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
-    log: LogConfig,
+    log: RawLog,
     #[serde(default)]
     admin: Option<RawAdmin>,
     #[serde(default)]
@@ -401,6 +416,7 @@ struct RawServer {
     max_pending_output_bytes: Option<Spanned<Int>>,
     max_buffered_bytes: Option<Spanned<Int>>,
     shutdown_timeout: Option<Spanned<Dur>>,
+    drain_delay: Option<Spanned<Dur>>,
     max_requests_per_worker: Option<Spanned<Int>>,
     max_requests_jitter: Option<Spanned<Int>>,
     pid_file: Option<Spanned<String>>,
@@ -642,6 +658,22 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     };
     let base = file.parent().unwrap_or(Path::new("."));
     let server = check.server(&raw.server, base);
+    let log = LogConfig {
+        level: raw.log.level,
+        file: check.path("[log] file", &raw.log.file, base, "log to stderr"),
+    };
+    if let (Some(log_file), Some(pid_file)) = (&log.file, &server.pid_file) {
+        if log_file == pid_file {
+            let line = raw.log.file.as_ref().map(|f| lines.line_of(f.span().start));
+            check.problem(
+                line,
+                format!(
+                    "[log] file is the same file as [server] pid_file ({}): give each its own path",
+                    pid_file.display()
+                ),
+            );
+        }
+    }
     if server.max_buffered_bytes < server.max_frame_bytes {
         let key = raw
             .server
@@ -853,7 +885,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     Ok(Config {
         file: file.to_path_buf(),
         server,
-        log: raw.log,
+        log,
         admin,
         plugins,
         listeners,
@@ -930,12 +962,24 @@ impl Checker<'_, '_> {
     /// `[server] key`: a duration from [`MIN_DURATION`] to [`MAX_DURATION`],
     /// or `default`.
     fn duration(&mut self, key: &str, value: &Option<Spanned<Dur>>, default: Duration) -> Duration {
+        self.duration_from(key, value, default, MIN_DURATION)
+    }
+
+    /// [`Checker::duration`] with another lower bound (`drain_delay` may
+    /// be 0).
+    fn duration_from(
+        &mut self,
+        key: &str,
+        value: &Option<Spanned<Dur>>,
+        default: Duration,
+        min: Duration,
+    ) -> Duration {
         let Some(value) = value else {
             return default;
         };
         let bounds = format!(
             "{} and {}",
-            humantime::format_duration(MIN_DURATION),
+            humantime::format_duration(min),
             humantime::format_duration(MAX_DURATION)
         );
         let start = value.span().start;
@@ -960,7 +1004,7 @@ impl Checker<'_, '_> {
             },
         };
         match parsed {
-            Some(d) if (MIN_DURATION..=MAX_DURATION).contains(&d) => d,
+            Some(d) if (min..=MAX_DURATION).contains(&d) => d,
             _ => {
                 self.out_of_range(key, start, &shown, &bounds);
                 default
@@ -968,38 +1012,45 @@ impl Checker<'_, '_> {
         }
     }
 
+    /// A file path `key` (e.g. `[server] pid_file`), resolved against
+    /// `base` and checked; `without` says what leaving the key out means.
+    fn path(
+        &mut self,
+        key: &str,
+        value: &Option<Spanned<String>>,
+        base: &Path,
+        without: &str,
+    ) -> Option<PathBuf> {
+        let text = value.as_ref()?;
+        let line = Some(self.lines.line_of(text.span().start));
+        let written = text.get_ref();
+        let path = std::path::absolute(base.join(written)).unwrap_or_else(|_| base.join(written));
+        let why = if written.is_empty() {
+            Some(format!("is empty; remove the key for {without}"))
+        } else if written.contains(char::is_control) {
+            Some("contains a control character".to_string())
+        } else if path.as_os_str().len() > MAX_PATH_BYTES {
+            Some(format!(
+                "is {} bytes long once resolved, over the system's limit of {MAX_PATH_BYTES}",
+                path.as_os_str().len()
+            ))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                self.problem(line, format!("{key} = {} {why}", quote(written)));
+                None
+            }
+            None => Some(path),
+        }
+    }
+
     /// `[server]`, each key checked against its range.
     fn server(&mut self, raw: &RawServer, base: &Path) -> ServerConfig {
         let d = ServerConfig::default();
         let max_bytes = MAX_DECLARED;
-        let pid_file = raw.pid_file.as_ref().and_then(|text| {
-            let line = Some(self.lines.line_of(text.span().start));
-            let written = text.get_ref();
-            let path =
-                std::path::absolute(base.join(written)).unwrap_or_else(|_| base.join(written));
-            let why = if written.is_empty() {
-                Some("is empty; remove the key for no PID file".to_string())
-            } else if written.contains(char::is_control) {
-                Some("contains a control character".to_string())
-            } else if path.as_os_str().len() > MAX_PATH_BYTES {
-                Some(format!(
-                    "is {} bytes long once resolved, over the system's limit of {MAX_PATH_BYTES}",
-                    path.as_os_str().len()
-                ))
-            } else {
-                None
-            };
-            match why {
-                Some(why) => {
-                    self.problem(
-                        line,
-                        format!("[server] pid_file = {} {why}", quote(written)),
-                    );
-                    None
-                }
-                None => Some(path),
-            }
-        });
+        let pid_file = self.path("[server] pid_file", &raw.pid_file, base, "no PID file");
         ServerConfig {
             workers: self.count_usize("workers", &raw.workers, 0..=MAX_WORKERS as u64, d.workers),
             max_restarts: self.count(
@@ -1040,6 +1091,12 @@ impl Checker<'_, '_> {
                 "shutdown_timeout",
                 &raw.shutdown_timeout,
                 d.shutdown_timeout,
+            ),
+            drain_delay: self.duration_from(
+                "drain_delay",
+                &raw.drain_delay,
+                d.drain_delay,
+                Duration::ZERO,
             ),
             max_requests_per_worker: self.count(
                 "max_requests_per_worker",
@@ -1706,6 +1763,77 @@ plugin = "upper"
                 }
             }
         }
+    }
+
+    #[test]
+    fn log_file_is_resolved_against_the_config_folder_and_checked() {
+        let log = |text: &str| {
+            parse_str(&format!("{text}\n{MINIMAL}"))
+                .map(|c| c.log)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(log("").unwrap().file, None);
+        assert_eq!(
+            log("[log]\nfile = \"logs/nbnet.log\"").unwrap().file,
+            Some(PathBuf::from("/etc/nbnet/logs/nbnet.log"))
+        );
+        assert_eq!(
+            log("[log]\nfile = \"/var/log/nbnet.log\"\nlevel = \"warn\"")
+                .unwrap()
+                .file,
+            Some(PathBuf::from("/var/log/nbnet.log"))
+        );
+        let err = log("[log]\nfile = \"\"").unwrap_err();
+        assert!(
+            err.contains(":2: [log] file = \"\" is empty; remove the key for log to stderr"),
+            "{err}"
+        );
+        let err = log("[log]\nfile = \"a\\nb\"").unwrap_err();
+        assert!(
+            err.contains(":2: [log] file = ") && err.contains("control character"),
+            "{err}"
+        );
+        let err = log("[server]\npid_file = \"x\"\n[log]\nfile = \"/etc/nbnet/x\"").unwrap_err();
+        assert!(
+            err.contains(":4: [log] file is the same file as [server] pid_file (/etc/nbnet/x)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn drain_delay_defaults_to_zero_and_ranges_from_zero_to_a_day() {
+        let delay = |value: &str| {
+            parse_str(&format!("[server]\ndrain_delay = {value}\n{MINIMAL}"))
+                .map(|c| c.server.drain_delay)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parse_str(MINIMAL).unwrap().server.drain_delay,
+            Duration::ZERO
+        );
+        for (value, expected) in [
+            ("0", Duration::ZERO),
+            ("\"0s\"", Duration::ZERO),
+            ("\"2s\"", Duration::from_secs(2)),
+            ("\"500ms\"", Duration::from_millis(500)),
+            ("86400", MAX_DURATION),
+        ] {
+            assert_eq!(delay(value), Ok(expected), "drain_delay = {value}");
+        }
+        for value in ["86401", "-1", "\"25h\"", "18446744073709551615"] {
+            let err = delay(value).unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    ":2: [server] drain_delay = {value} is out of range: must be between 0s and 1day"
+                )),
+                "{err}"
+            );
+        }
+        let err = delay("\"soon\"").unwrap_err();
+        assert!(
+            err.contains(":2: [server] drain_delay: invalid duration"),
+            "{err}"
+        );
     }
 
     proptest::proptest! {

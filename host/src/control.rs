@@ -54,7 +54,11 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     // The running master's shutdown_timeout may differ from the file's (or
     // the file may no longer parse): wait for the default or the file's.
     let wait = config::load(config_file)
-        .map_or(Duration::from_secs(30), |c| c.server.shutdown_timeout)
+        .map_or(Duration::from_secs(30), |c| {
+            c.server
+                .shutdown_timeout
+                .saturating_add(c.server.drain_delay)
+        })
         .saturating_add(Duration::from_secs(10));
     let (pid, file) = match master_pid(config_file) {
         Ok(found) => found,
@@ -84,6 +88,8 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
 ///
 /// Only `[server] pid_file` is read, so `nbnet stop` works even when the
 /// config has been edited into an invalid state since the server started.
+/// The PID is returned only if that process holds the file's lock (see
+/// [`crate::pid_file`]).
 fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     let text = config::read_text(config_file)
         .map_err(|(_, message)| format!("{}: {message}", config_file.display()))?;
@@ -106,27 +112,9 @@ fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     };
     let base = config_file.parent().unwrap_or(Path::new("."));
     let file = std::path::absolute(base.join(pid_file)).unwrap_or_else(|_| base.join(pid_file));
-    let text = std::fs::read_to_string(&file).map_err(|e| {
-        format!(
-            "cannot read the PID file {}: {e}; is nbnet running with {}?",
-            file.display(),
-            config_file.display()
-        )
-    })?;
-    let pid: i32 = text.trim().parse().map_err(|_| {
-        format!(
-            "the PID file {} does not hold a process id ({})",
-            file.display(),
-            config::quote(text.trim())
-        )
-    })?;
-    // 0 and -1 would signal a whole process group or every process.
-    if pid <= 1 {
-        return Err(format!(
-            "the PID file {} holds {pid}, which is not a server's process id",
-            file.display()
-        ));
-    }
+    // Only the process that holds the file's lock (the master that wrote
+    // it) is ever signalled: a stale file may name an unrelated process.
+    let pid = crate::pid_file::holder(&file, config_file)?;
     Ok((Pid::from_raw(pid), file))
 }
 

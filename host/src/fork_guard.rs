@@ -8,7 +8,15 @@
 //! keep a client's connection open after the worker closed it.
 //!
 //! So the worker (and the `--check` child) registers a `pthread_atfork`
-//! child handler that closes every descriptor marked here. glibc runs it in
+//! child handler that closes every descriptor marked here.
+//!
+//! The same handler gives the child the signal state of an ordinary
+//! process: the worker catches SIGTERM and others with handlers that write
+//! into its self-pipe (see [`crate::signals`]), the Rust runtime ignores
+//! SIGPIPE, and the worker catches SIGSEGV/SIGBUS; a forked child keeps
+//! all of that until it `exec`s (and an ignored signal even after). The
+//! handler restores the default action of each of those signals and
+//! unblocks every signal. glibc runs it in
 //! the child of every `fork()` made through libc (including `popen` and
 //! `system` where they fork); `posix_spawn` and `vfork` children skip it,
 //! but they `exec` at once and close-on-exec (set on all of the host's
@@ -59,9 +67,10 @@ pub fn install() {
         };
         WORDS.store(words, Ordering::Relaxed);
         BITS.store(mapped.as_ptr().cast(), Ordering::Release);
-        // SAFETY: `close_marked` is async-signal-safe (atomic loads and
-        // `close`), as a handler that runs in a forked child must be.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_marked)) };
+        // SAFETY: `in_child` is async-signal-safe (atomic loads, `close`,
+        // `signal`, `pthread_sigmask`), as a handler that runs in a forked
+        // child must be.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
         if rc != 0 {
             tracing::warn!("pthread_atfork failed ({rc}): processes plugins fork may inherit the worker's sockets");
         }
@@ -126,8 +135,41 @@ fn marked() -> impl Iterator<Item = RawFd> {
     })
 }
 
-/// The fork handler: closes every marked descriptor in the new child.
-extern "C" fn close_marked() {
+/// The fork handler: in the new child, closes every marked descriptor and
+/// restores a plain signal state.
+extern "C" fn in_child() {
+    close_marked();
+    default_signal_state();
+}
+
+/// Signals whose action the host changes: SIGPIPE (ignored by the Rust
+/// runtime), SIGSEGV and SIGBUS (caught: see `signals::report_stack_overflow`).
+const CHANGED_ACTIONS: [libc::c_int; 3] = [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS];
+
+/// Default actions for [`CHANGED_ACTIONS`] and every signal the worker
+/// catches, then nothing blocked. Only async-signal-safe calls.
+fn default_signal_state() {
+    for signal in CHANGED_ACTIONS {
+        // SAFETY: `signal` is async-signal-safe; SIG_DFL is always valid.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let mut caught = crate::signals::caught();
+    while caught != 0 {
+        let signal = caught.trailing_zeros() as libc::c_int + 1;
+        caught &= caught - 1;
+        // SAFETY: as above.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    // SAFETY: an emptied local set; pthread_sigmask is async-signal-safe.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// Closes every marked descriptor (in a new child).
+fn close_marked() {
     let bits = BITS.load(Ordering::Acquire);
     if bits.is_null() {
         return;

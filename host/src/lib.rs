@@ -14,6 +14,7 @@
 //! - [`proxy`]: PROXY protocol v1/v2 header parser (pure).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`control`]: `nbnet reload|stop`, signalling a running master.
+//! - [`pid_file`]: the master's locked PID file.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
 //! - [`authoring`]: `nbnet plugin info|run|new`, tools for plugin authors.
@@ -32,6 +33,7 @@ pub mod fork_guard;
 pub mod handover;
 pub mod listener;
 pub mod logging;
+pub mod pid_file;
 pub mod plugin;
 pub mod proxy;
 pub mod scoreboard;

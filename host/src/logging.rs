@@ -1,32 +1,255 @@
-//! Log setup: `tracing` to stderr, level from `[log] level`, `RUST_LOG` wins.
+//! Log setup: `tracing` to stderr (or to `[log] file`), level from
+//! `[log] level`, `RUST_LOG` wins.
 //!
-//! The writer is a plain blocking stderr: `tracing_appender::non_blocking`
-//! runs a writer thread, which does not exist in a forked worker (its logs
-//! would be lost) and which a master that forks must not have (see
-//! `shared/notes/dependencies.md`). Log lines are short and rare (never per
-//! request at `info`), so blocking writes cost nothing that matters.
+//! The writer is a plain blocking `write(2)` on descriptor 2: a
+//! `tracing_appender::non_blocking` writer thread would not exist in a
+//! forked worker (its logs would be lost), and a master that forks must not
+//! have one (see `shared/notes/dependencies.md`). Log lines are short and
+//! rare (never per request at `info`), so blocking writes cost nothing that
+//! matters.
+//!
+//! **`[log] file`**: [`to_file`] opens it (append) and puts it *on*
+//! descriptor 2 (`dup2`), so the host's lines, what plugins write to
+//! stderr and what processes they start write there all land in the file.
+//! [`reopen`] (SIGUSR1, after logrotate renamed the file) opens the path
+//! again and swaps it onto descriptor 2 the same way; each process has its
+//! own descriptor 2, so the master passes SIGUSR1 on to its workers, which
+//! reopen too. While the master starts ([`started`] not yet called) every
+//! line also goes to the original stderr, so the operator who started it
+//! sees why a start failed.
+//!
+//! **A lost log stream never stops the server.** A line that cannot be
+//! written (closed pipe, hung-up terminal, full disk) is dropped and
+//! counted in a counter shared by the master and all its workers
+//! ([`dropped_lines`], `nbnet_log_lines_dropped_total`); the first line
+//! that gets through again is followed by one that says how many were lost.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
 
-/// Installs the global subscriber. Call once, in the master, before forking.
+/// Installs the global subscriber. Call once, in the master, before forking
+/// (and after [`to_file`], if logging to a file).
 pub fn init(level: LogLevel) {
+    shared_counter();
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
         _ => EnvFilter::new(level.as_str()),
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // When stderr's reader is gone (a closed pipe, a hung-up terminal)
-        // a write fails; tracing-subscriber would then report that with
-        // eprintln!, which panics on the same broken stderr and took the
-        // master down. A lost log stream must never stop the server.
+        // A write that fails is counted by `LogWriter`, which reports
+        // success; tracing-subscriber would otherwise report it with
+        // eprintln!, which panics on the same broken stderr (that took the
+        // master down).
         .log_internal_errors(false)
         .try_init();
+}
+
+/// The `[log] file`, once [`to_file`] opened it.
+static FILE: OnceLock<PathBuf> = OnceLock::new();
+/// The original stderr while the master starts (-1 otherwise).
+static STARTUP_STDERR: AtomicI32 = AtomicI32::new(-1);
+
+/// Sends every later write to descriptor 2 (the host's log lines, and what
+/// plugins write to stderr) to `path`, appended, created if missing (mode
+/// 0640). Until [`started`], lines also go to the original stderr.
+pub fn to_file(path: &Path) -> Result<(), String> {
+    // SAFETY: dup of descriptor 2 (valid or not: then -1 and no tee).
+    let original = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+    put_on_stderr(path)?;
+    STARTUP_STDERR.store(original, Ordering::Relaxed);
+    let _ = FILE.set(path.to_path_buf());
+    Ok(())
+}
+
+/// The master is up: lines no longer go to the original stderr as well
+/// (and workers, forked after this, never hold it).
+pub fn started() {
+    let fd = STARTUP_STDERR.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: our own duplicate, closed once.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Opens the `[log] file` again (after it was renamed or removed) and puts
+/// it on descriptor 2. `Ok(None)` when not logging to a file.
+pub fn reopen() -> Result<Option<&'static Path>, String> {
+    match FILE.get() {
+        None => Ok(None),
+        Some(path) => put_on_stderr(path).map(|()| Some(path.as_path())),
+    }
+}
+
+/// A worker's SIGUSR1 (passed on by the master): [`reopen`], and say so.
+pub fn reopen_in_worker() {
+    match reopen() {
+        Ok(None) => tracing::debug!("SIGUSR1 received: no log file to reopen"),
+        Ok(Some(path)) => tracing::info!("SIGUSR1 received: reopened {}", path.display()),
+        Err(message) => {
+            tracing::error!("SIGUSR1 received: {message}; logging on to the file open before")
+        }
+    }
+}
+
+fn put_on_stderr(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| {
+            let folder = path.parent().filter(|folder| !folder.is_dir());
+            match folder {
+                Some(folder) => format!(
+                    "cannot open the [log] file {}: {e} (the folder {} does not exist: create it)",
+                    path.display(),
+                    folder.display()
+                ),
+                None => format!("cannot open the [log] file {}: {e}", path.display()),
+            }
+        })?;
+    // SAFETY: both descriptors are open; dup2 atomically replaces 2 (a
+    // concurrent writer sees the old file or the new one). The copy on 2 is
+    // not close-on-exec, like any stderr.
+    if unsafe { libc::dup2(file.as_raw_fd(), 2) } == -1 {
+        return Err(format!(
+            "cannot put the [log] file {} on stderr: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Log lines that could not be written, by the master and all its workers.
+pub fn dropped_lines() -> u64 {
+    shared_counter().load(Ordering::Relaxed)
+}
+
+/// The dropped-lines counter: in a shared anonymous mapping made before the
+/// master forks, so every worker adds to the same one (a process-local one
+/// if the mapping fails).
+fn shared_counter() -> &'static AtomicU64 {
+    static LOCAL: AtomicU64 = AtomicU64::new(0);
+    static SHARED: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a fresh shared anonymous mapping of one page, zero-filled
+        // (a valid AtomicU64 of 0), never unmapped.
+        let mapped = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                std::num::NonZeroUsize::new(4096).expect("not zero"),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+            )
+        };
+        if let Ok(mapped) = mapped {
+            SHARED.store(mapped.as_ptr().cast(), Ordering::Release);
+        }
+    });
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() {
+        &LOCAL
+    } else {
+        // SAFETY: the mapping lives as long as the process.
+        unsafe { &*shared }
+    }
+}
+
+/// Lines this process dropped since it last got one through, and the
+/// process they were counted in (a worker inherits the master's count at
+/// fork, which is not its to report), and the last error.
+static UNREPORTED: AtomicU64 = AtomicU64::new(0);
+static UNREPORTED_PID: AtomicI32 = AtomicI32::new(0);
+static LAST_ERROR: AtomicI32 = AtomicI32::new(0);
+
+/// The writer of every log line: one `write_all` per line.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let original = STARTUP_STDERR.load(Ordering::Relaxed);
+        if original >= 0 {
+            let _ = write_fd(original, line);
+        }
+        match write_fd(2, line) {
+            Ok(()) => {
+                if UNREPORTED.load(Ordering::Relaxed) > 0 {
+                    report_dropped();
+                }
+            }
+            Err(e) => {
+                shared_counter().fetch_add(1, Ordering::Relaxed);
+                let me = std::process::id() as i32;
+                if UNREPORTED_PID.swap(me, Ordering::Relaxed) != me {
+                    UNREPORTED.store(0, Ordering::Relaxed);
+                }
+                UNREPORTED.fetch_add(1, Ordering::Relaxed);
+                LAST_ERROR.store(e.raw_os_error().unwrap_or(0), Ordering::Relaxed);
+            }
+        }
+        // Never an error: tracing must not react to a lost log stream.
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// After lines were dropped, the first line that got through is followed by
+/// one saying how many were lost and why.
+fn report_dropped() {
+    let count = UNREPORTED.swap(0, Ordering::Relaxed);
+    if count == 0 || UNREPORTED_PID.load(Ordering::Relaxed) != std::process::id() as i32 {
+        return;
+    }
+    let error = std::io::Error::from_raw_os_error(LAST_ERROR.load(Ordering::Relaxed));
+    let note = format!(
+        "{}  WARN {count} log line(s) of process {} could not be written ({error}) and were dropped; the server kept running (nbnet_log_lines_dropped_total counts them)\n",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+        std::process::id()
+    );
+    if write_fd(2, note.as_bytes()).is_err() {
+        UNREPORTED.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes.
+fn write_fd(fd: RawFd, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: writes from a valid slice; a bad descriptor is an error.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
 }
 
 /// Longest text from a plugin or a client that goes into one log line; the

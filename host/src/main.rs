@@ -23,9 +23,11 @@ use clap::{Parser, Subcommand};
     after_long_help = AFTER_HELP
 )]
 struct Cli {
-    /// The config file to serve or check.
-    #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// The config file to serve, check, reload or stop (also accepted after
+    /// `reload` and `stop`). Default: $NBNET_CONFIG if set, else
+    /// config/nbnet.toml.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
 
     /// Print the version and the plugin ABI versions this nbnet loads.
     #[arg(short = 'V', long)]
@@ -44,18 +46,30 @@ struct Cli {
 /// the exit status means.
 const AFTER_HELP: &str = "\
 Signals to the master:
-  SIGTERM, SIGQUIT   graceful stop: finish the frames in progress, answer them, exit 0
+  SIGTERM, SIGQUIT   graceful stop: serve on for [server] drain_delay while
+                     /healthz answers 503 draining, then finish the frames in
+                     progress, answer them, exit 0 (a second one skips the delay)
   SIGINT             fast stop: close every connection now, exit 0
   SIGHUP             reload config and plugins without refusing a connection
   SIGTTIN / SIGTTOU  one worker more / fewer
-  SIGUSR1, SIGWINCH  logged and ignored (logs go to stderr: nothing to reopen)
+  SIGUSR1            reopen the [log] file (logrotate's postrotate); ignored
+                     when logging to stderr
+  SIGWINCH           logged and ignored
+
+The config file is --config FILE (before or after `reload`/`stop`), else
+$NBNET_CONFIG, else config/nbnet.toml. The master locks its [server]
+pid_file: a second master with the same file refuses to start, and
+`nbnet stop`/`reload` signal only the master holding that lock.
 
 Exit status: 0 stopped cleanly or check passed, 1 other failure (e.g. cannot
-listen), 2 bad command line, 3 invalid config, 4 a plugin failed to load or
-init, 5 too many worker restarts.
+listen, another master holds the pid_file), 2 bad command line, 3 invalid
+config, 4 a plugin failed to load or init, 5 too many worker restarts.
 
-Logs go to stderr; [log] level in the config sets the level, RUST_LOG
-overrides it. The README and docs/plugins.md explain the rest.";
+Logs go to stderr, or to [log] file (appended); [log] level in the config
+sets the level, RUST_LOG overrides it. A lost log stream never stops the
+server: lines that cannot be written are counted
+(nbnet_log_lines_dropped_total). The README and docs/plugins.md explain the
+rest.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -81,16 +95,18 @@ enum Command {
     /// starts new workers, and drains the old ones; an invalid config
     /// changes nothing.
     Reload {
-        /// The config file the server was started with.
-        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
+        /// The config file the server was started with (default:
+        /// $NBNET_CONFIG, else config/nbnet.toml).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Stop the running server gracefully (SIGTERM to the master found
     /// through the config's pid_file) and wait until it has exited.
     Stop {
-        /// The config file the server was started with.
-        #[arg(short, long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
+        /// The config file the server was started with (default:
+        /// $NBNET_CONFIG, else config/nbnet.toml).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Stop at once (SIGINT): close connections without draining.
         #[arg(long)]
         fast: bool,
@@ -155,12 +171,33 @@ fn main() {
         }) => client::send(&addr, payload.as_bytes(), timeout),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
-        Some(Command::Reload { config }) => control::reload(&config),
-        Some(Command::Stop { config, fast }) => control::stop(&config, fast),
-        None => serve_or_check(&cli.config, cli.check),
+        Some(Command::Reload { config }) => control::reload(&config_file(config, cli.config)),
+        Some(Command::Stop { config, fast }) => {
+            control::stop(&config_file(config, cli.config), fast)
+        }
+        None => serve_or_check(&config_file(None, cli.config), cli.check),
     };
     std::process::exit(code);
 }
+
+/// The config file a command works on: `--config` after the subcommand,
+/// else `--config` before it, else `$NBNET_CONFIG` (when set and not
+/// empty), else [`config::DEFAULT_PATH`]. A flag wins over the environment,
+/// the environment over the default.
+fn config_file(after: Option<PathBuf>, before: Option<PathBuf>) -> PathBuf {
+    after
+        .or(before)
+        .or_else(|| {
+            std::env::var_os(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+/// The environment variable naming the config file when `--config` is not
+/// given.
+const CONFIG_ENV: &str = "NBNET_CONFIG";
 
 fn plugin_command(command: PluginCommand) -> i32 {
     match command {
@@ -197,10 +234,19 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             return exit_code::CONFIG_INVALID;
         }
     };
-    logging::init(config.log.level);
     if !check_only {
+        // Before the subscriber exists: it asks whether stderr is a
+        // terminal (colours), and from now on stderr is the file.
+        if let Some(file) = &config.log.file {
+            if let Err(message) = logging::to_file(file) {
+                eprintln!("nbnet: {message} ({})", config.file.display());
+                return exit_code::FAILURE;
+            }
+        }
+        logging::init(config.log.level);
         return supervisor::serve(config);
     }
+    logging::init(config.log.level);
     let report = supervisor::check::check_plugins(&mut config);
     for line in &report.loaded {
         println!("ok: {line}");

@@ -1,22 +1,102 @@
-//! Signals as readable events: block them, read them from a `signalfd`
-//! registered in the process's `mio::Poll`.
+//! Signals as readable events in the process's `mio::Poll`.
 //!
-//! Nothing runs in signal-handler context, so nothing needs to be
-//! async-signal-safe: the master and each worker see signals as ordinary
-//! events in their one loop, between other work (gunicorn's "handlers only
-//! record; one loop dispatches", without even the handler). The mask is
-//! inherited over fork; each worker makes its own `signalfd`.
+//! The master ([`Signals::block`]) blocks them and reads them from a
+//! `signalfd`: nothing runs in signal-handler context (gunicorn's "handlers
+//! only record; one loop dispatches", without even the handler). The mask
+//! is inherited over fork.
+//!
+//! A worker runs plugin code, and whatever plugins start inherits the
+//! worker's signal mask — through `fork`, but also through `posix_spawn`,
+//! `system` and `popen`, which skip `pthread_atfork` handlers and keep the
+//! mask across `exec`. A blocked SIGTERM there means a helper process that
+//! SIGTERM does not stop. So a worker ([`Signals::catch`]) blocks nothing:
+//! it catches the signals it acts on with a handler that writes their
+//! number to a pipe (the self-pipe trick; the loop reads the pipe), and the
+//! others the master takes (SIGHUP, SIGTTIN, …) plus SIGPIPE with a handler
+//! that does nothing, so that they cannot kill the worker. `exec` resets
+//! caught signals to their default action (unlike ignored ones), so every
+//! process a plugin starts begins with nothing blocked and nothing
+//! ignored; a child forked without `exec` is reset by the `pthread_atfork`
+//! handler (see [`crate::fork_guard`] and [`caught`]).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-/// A set of blocked signals, delivered through a non-blocking `signalfd`.
+/// A set of signals, delivered through a non-blocking `signalfd` (the
+/// master) or a self-pipe (a worker).
 pub struct Signals {
-    fd: SignalFd,
+    source: Source,
+}
+
+enum Source {
+    Fd(SignalFd),
+    /// The read end; the write end is the handler's (kept open for the
+    /// process's life).
+    Pipe(OwnedFd, #[allow(dead_code)] OwnedFd),
+}
+
+/// Signals a worker does not act on but must survive (the master's other
+/// signals, which an operator may send a worker by mistake, and SIGPIPE,
+/// ignored by the Rust runtime): caught by a handler that does nothing.
+const QUIET: [Signal; 7] = [
+    Signal::SIGHUP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGPIPE,
+];
+
+/// The self-pipe's write end, and the process it belongs to (a child
+/// forked by a plugin still has the handler until the atfork handler
+/// resets it, and must not write into the worker's pipe).
+static PIPE: AtomicI32 = AtomicI32::new(-1);
+static OWNER: AtomicI32 = AtomicI32::new(0);
+/// Bit `n - 1` set: signal `n` has one of our handlers.
+static CAUGHT: AtomicU64 = AtomicU64::new(0);
+
+/// The signals this process catches with a handler (bit `n - 1` for signal
+/// `n`), for the `pthread_atfork` child handler to reset.
+pub fn caught() -> u64 {
+    CAUGHT.load(Ordering::Relaxed)
+}
+
+/// The handler of caught signals: their number into the pipe.
+extern "C" fn on_signal(signal: libc::c_int) {
+    // SAFETY: getpid, write and errno access are async-signal-safe; a
+    // full pipe (signals coalesce anyway) or a closed one changes nothing.
+    unsafe {
+        let errno = *libc::__errno_location();
+        if libc::getpid() == OWNER.load(Ordering::Relaxed) {
+            let byte = signal as u8;
+            libc::write(PIPE.load(Ordering::Relaxed), (&byte as *const u8).cast(), 1);
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// The handler of [`QUIET`] signals.
+extern "C" fn on_quiet(_signal: libc::c_int) {}
+
+/// Installs `handler` for `signal` (restarting interrupted system calls).
+fn install(signal: Signal, handler: extern "C" fn(libc::c_int)) -> nix::Result<()> {
+    // SAFETY: a zeroed sigaction with an async-signal-safe handler.
+    let rc = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(signal as libc::c_int, &action, std::ptr::null_mut())
+    };
+    nix::errno::Errno::result(rc).map(drop)?;
+    CAUGHT.fetch_or(1 << (signal as u32 - 1), Ordering::Relaxed);
+    Ok(())
 }
 
 impl Signals {
@@ -29,29 +109,80 @@ impl Signals {
         }
         mask.thread_block()?;
         let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        Ok(Signals { fd })
+        Ok(Signals {
+            source: Source::Fd(fd),
+        })
     }
 
-    /// Registers the `signalfd` for READABLE under `token`.
+    /// For a worker (single-threaded when called, before plugins load):
+    /// catches `signals` (reported by [`Signals::pending`]) and the
+    /// [`QUIET`] ones (dropped), then unblocks every signal, so that plugin
+    /// code and the processes it starts run with an empty mask. Signals
+    /// blocked until now (inherited from the master) and pending are
+    /// delivered at that moment, so none is lost. Both pipe ends are marked
+    /// for [`crate::fork_guard`] (call its `install` first).
+    pub fn catch(signals: &[Signal]) -> nix::Result<Signals> {
+        use nix::fcntl::OFlag;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        crate::fork_guard::protect(read.as_raw_fd());
+        crate::fork_guard::protect(write.as_raw_fd());
+        PIPE.store(write.as_raw_fd(), Ordering::Relaxed);
+        OWNER.store(nix::unistd::getpid().as_raw(), Ordering::Relaxed);
+        for &signal in signals {
+            install(signal, on_signal)?;
+        }
+        for signal in QUIET {
+            if !signals.contains(&signal) {
+                install(signal, on_quiet)?;
+            }
+        }
+        SigSet::empty().thread_set_mask()?;
+        Ok(Signals {
+            source: Source::Pipe(read, write),
+        })
+    }
+
+    /// The descriptor to wait on.
+    fn readable(&self) -> i32 {
+        match &self.source {
+            Source::Fd(fd) => fd.as_raw_fd(),
+            Source::Pipe(read, _) => read.as_raw_fd(),
+        }
+    }
+
+    /// Registers the `signalfd` (or pipe) for READABLE under `token`.
     pub fn register(&self, registry: &Registry, token: Token) -> std::io::Result<()> {
-        registry.register(
-            &mut SourceFd(&self.fd.as_raw_fd()),
-            token,
-            Interest::READABLE,
-        )
+        registry.register(&mut SourceFd(&self.readable()), token, Interest::READABLE)
     }
 
     /// The raw descriptor (a forked child closes its inherited copy).
     pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
+        self.readable()
     }
 
-    /// Every signal received since the last call, in arrival order.
+    /// Every signal received since the last call, in arrival order (a
+    /// signal received several times since then, once).
     pub fn pending(&mut self) -> Vec<Signal> {
         let mut received = Vec::new();
-        while let Ok(Some(info)) = self.fd.read_signal() {
-            if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
-                received.push(signal);
+        match &mut self.source {
+            Source::Fd(fd) => {
+                while let Ok(Some(info)) = fd.read_signal() {
+                    if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
+                        received.push(signal);
+                    }
+                }
+            }
+            Source::Pipe(read, _) => {
+                let mut bytes = [0u8; 64];
+                while let Ok(n @ 1..) = nix::unistd::read(&*read, &mut bytes) {
+                    for &byte in &bytes[..n] {
+                        if let Ok(signal) = Signal::try_from(i32::from(byte)) {
+                            if !received.contains(&signal) {
+                                received.push(signal);
+                            }
+                        }
+                    }
+                }
             }
         }
         received

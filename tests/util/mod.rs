@@ -86,6 +86,9 @@ pub struct Artifacts {
     /// C test plugin answering "<worker pid> <peer> <listener>"
     /// (`plugins/testing/c/whoami.c`).
     pub whoami_so: PathBuf,
+    /// C test plugin answering with the signal mask of a child it starts
+    /// (`plugins/testing/c/sigmask.c`).
+    pub sigmask_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -200,6 +203,7 @@ fn build_now() -> Artifacts {
         counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
         hostile_so: c_plugin("plugins/testing/c/hostile.c", "libhostile.so"),
         whoami_so: c_plugin("plugins/testing/c/whoami.c", "libwhoami.so"),
+        sigmask_so: c_plugin("plugins/testing/c/sigmask.c", "libsigmask.so"),
         nbnet,
     }
 }
@@ -506,7 +510,7 @@ pub struct Outcome {
 /// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
-/// `{system_lib}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
+/// `{system_lib}`, `{hostile}`, `{sigmask}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -627,6 +631,7 @@ impl Sandbox {
                 "counter_c" => path(&a.counter_c_so),
                 "hostile" => path(&a.hostile_so),
                 "whoami" => path(&a.whoami_so),
+                "sigmask" => path(&a.sigmask_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);
@@ -676,6 +681,7 @@ impl Sandbox {
         let mut cmd = Command::new(&build().nbnet);
         cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
             .env_remove("RUST_LOG")
+            .env_remove("NBNET_CONFIG")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
         if let Some(limit) = self.fd_limit {

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub last_exits: BTreeMap<usize, String>,
     /// Hung plugin calls killed by the watchdog, per plugin.
     pub timeouts: BTreeMap<String, u64>,
+    /// Log lines the master and its workers could not write.
+    pub log_lines_dropped: u64,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -75,6 +77,17 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Workers restarted after dying.",
     );
     let _ = writeln!(out, "nbnet_worker_restarts_total {}", snapshot.restarts);
+    family(
+        &mut out,
+        "nbnet_log_lines_dropped_total",
+        "counter",
+        "Log lines the master and its workers could not write (log stream lost: closed pipe, hung-up terminal, full disk); the server kept running.",
+    );
+    let _ = writeln!(
+        out,
+        "nbnet_log_lines_dropped_total {}",
+        snapshot.log_lines_dropped
+    );
     family(
         &mut out,
         "nbnet_worker_last_exit_info",
@@ -279,11 +292,13 @@ mod tests {
             restarts: 2,
             last_exits: [(0, "killed by SIGSEGV".to_string())].into(),
             timeouts: [("upper".to_string(), 1)].into(),
+            log_lines_dropped: 7,
         };
         let text = render(&snapshot);
         for line in [
             "nbnet_workers{role=\"serving\"} 1",
             "nbnet_worker_restarts_total 2",
+            "nbnet_log_lines_dropped_total 7",
             "nbnet_worker_last_exit_info{worker=\"0\",reason=\"killed by SIGSEGV\"} 1",
             "nbnet_connections_total{worker=\"0\",pid=\"42\"} 4",
             "nbnet_connections_total{worker=\"all\"} 4",

@@ -44,7 +44,6 @@ use reload::PendingReload;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
@@ -190,7 +189,9 @@ pub struct Master {
     reload: Option<PendingReload>,
     /// The config generation new workers are started with.
     generation: u64,
-    pid_file: Option<PathBuf>,
+    /// Locked while the master runs; removed when it is dropped.
+    #[expect(dead_code, reason = "held for its lock; dropping it removes the file")]
+    pid_file: Option<crate::pid_file::PidFile>,
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
     admin: Option<admin::Admin>,
@@ -216,10 +217,29 @@ pub struct Master {
     /// Children the process had before it started serving (not ours to
     /// sweep at the end of a stop).
     children_before: Vec<Pid>,
+    /// A graceful stop waiting out `drain_delay` (serving, `/healthz` 503)
+    /// until this instant.
+    lame_duck: Option<Instant>,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
 pub fn serve(mut config: Config) -> i32 {
+    // First the PID file's lock: a second master with the same file is
+    // refused before it binds anything (with `reuseport` it could).
+    let pid_file = match config
+        .server
+        .pid_file
+        .as_deref()
+        .map(crate::pid_file::PidFile::acquire)
+    {
+        None => None,
+        Some(Ok(locked)) => Some(locked),
+        Some(Err(message)) => {
+            tracing::error!("{message}");
+            return exit_code::FAILURE;
+        }
+    };
+
     // 0. Processes that plugins start and that outlive their worker become
     //    the master's children (not init's), so that the master can reap
     //    them and sweep them away when it stops.
@@ -291,14 +311,6 @@ pub fn serve(mut config: Config) -> i32 {
         None => None,
     };
 
-    let pid_file = config.server.pid_file.clone();
-    if let Some(path) = &pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", getpid())) {
-            tracing::error!("cannot write pid_file {}: {e}", path.display());
-            return exit_code::FAILURE;
-        }
-    }
-
     let now = Instant::now();
     let worker_count = config.server.worker_count();
     let mut master = Master {
@@ -326,16 +338,18 @@ pub fn serve(mut config: Config) -> i32 {
         up: false,
         reloading: false,
         children_before,
+        lame_duck: None,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
         getpid(),
         master.config.file.display()
     );
+    // From here on the log file alone gets the lines (with `[log] file`).
+    crate::logging::started();
     let code = master.run();
-    if let Some(path) = &master.pid_file {
-        let _ = std::fs::remove_file(path);
-    }
+    // Removes the PID file (and releases its lock).
+    drop(master);
     code
 }
 
@@ -410,12 +424,13 @@ impl Master {
                     // Reaping and retirement requests are handled below,
                     // whatever woke us.
                     Signal::SIGCHLD | Signal::SIGUSR2 => {}
-                    Signal::SIGUSR1 => tracing::info!(
-                        "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
-                    ),
+                    Signal::SIGUSR1 => self.handle_usr1(),
                     Signal::SIGWINCH => tracing::info!("SIGWINCH received: ignored"),
                     other => tracing::debug!("ignoring {other}"),
                 }
+            }
+            if self.lame_duck.is_some_and(|until| Instant::now() >= until) {
+                self.begin_stop("drain_delay is over", Stop::Graceful);
             }
             self.reap_workers();
             if let Some(code) = self.manage_workers() {
@@ -430,10 +445,15 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
-        [self.next_wakeup_for_workers(), admin, self.relay_wakeup()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.next_wakeup_for_workers(),
+            admin,
+            self.relay_wakeup(),
+            self.lame_duck,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn next_wakeup_for_workers(&self) -> Option<Instant> {
@@ -488,6 +508,7 @@ impl Master {
                     .values()
                     .any(|w| w.role != Role::Draining && self.scoreboard.slot(w.board).is_ready());
                 match (self.phase, ready) {
+                    (Phase::Serving, _) if self.lame_duck.is_some() => text(503, "draining\n"),
                     (Phase::Serving, true) => text(200, "ok\n"),
                     (Phase::Serving, false) => text(503, "no worker ready\n"),
                     (Phase::Stopping { .. }, _) => text(503, "stopping\n"),
@@ -530,14 +551,16 @@ impl Master {
             restarts: self.restarts_total,
             last_exits: self.last_exits.clone(),
             timeouts: self.timeouts.clone(),
+            log_lines_dropped: crate::logging::dropped_lines(),
         }
     }
 
-    /// SIGTERM or SIGQUIT: graceful stop — workers stop accepting, finish
-    /// the frames they are in, deliver every answer, then exit; the master
-    /// exits 0 when all are gone. SIGINT: fast stop — workers close every
-    /// connection at once. A second stop signal while stopping kills the
-    /// workers.
+    /// SIGTERM or SIGQUIT: graceful stop — after `drain_delay` (serving on
+    /// while `/healthz` answers 503, so load balancers stop sending), workers
+    /// stop accepting, finish the frames they are in, deliver every answer,
+    /// then exit; the master exits 0 when all are gone. SIGINT: fast stop —
+    /// workers close every connection at once. A stop signal during
+    /// `drain_delay` ends it; a second one while stopping kills the workers.
     fn handle_stop(&mut self, signal: Signal) {
         match self.phase {
             Phase::Serving => {
@@ -546,16 +569,15 @@ impl Master {
                 } else {
                     Stop::Graceful
                 };
-                tracing::info!(
-                    "{signal} received: {} stop of {} worker(s)",
-                    if how == Stop::Fast {
-                        "fast"
-                    } else {
-                        "graceful"
-                    },
-                    self.workers.len()
-                );
-                self.halt(exit_code::OK, how);
+                let delay = self.config.server.drain_delay;
+                if how == Stop::Graceful && !delay.is_zero() && self.lame_duck.is_none() {
+                    self.lame_duck = Some(config::deadline(Instant::now(), delay));
+                    tracing::info!(
+                        "{signal} received: /healthz answers 503 draining; serving on for drain_delay = {delay:?}, then a graceful stop (SIGTERM again: stop now; SIGINT: fast stop)"
+                    );
+                    return;
+                }
+                self.begin_stop(&format!("{signal} received"), how);
             }
             Phase::Stopping { code, .. } => {
                 tracing::warn!("{signal} received again: killing the remaining workers");
@@ -563,6 +585,40 @@ impl Master {
                     code,
                     deadline: Instant::now(),
                 };
+            }
+        }
+    }
+
+    /// Logs why, then [`Master::halt`]s with exit code 0.
+    fn begin_stop(&mut self, why: &str, how: Stop) {
+        tracing::info!(
+            "{why}: {} stop of {} worker(s)",
+            if how == Stop::Fast {
+                "fast"
+            } else {
+                "graceful"
+            },
+            self.workers.len()
+        );
+        self.halt(exit_code::OK, how);
+    }
+
+    /// SIGUSR1 (logrotate's `postrotate`): reopen the `[log] file` and have
+    /// every worker reopen it too; harmless when logging to stderr.
+    fn handle_usr1(&self) {
+        match crate::logging::reopen() {
+            Ok(None) => tracing::info!(
+                "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
+            ),
+            Ok(Some(path)) => {
+                tracing::info!(
+                    "SIGUSR1 received: reopened the log file {}; the workers reopen it too",
+                    path.display()
+                );
+                self.signal_workers(Signal::SIGUSR1);
+            }
+            Err(message) => {
+                tracing::error!("SIGUSR1 received: {message}; logging on to the file open before")
             }
         }
     }
@@ -599,6 +655,7 @@ impl Master {
             return;
         }
         crate::systemd::notify("STOPPING=1");
+        self.lame_duck = None;
         let (signal, allowed) = match how {
             Stop::Graceful => (
                 Signal::SIGTERM,

@@ -80,7 +80,12 @@ pub fn run(
         }
     }
 
-    let signals = match Signals::block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT]) {
+    let signals = match Signals::catch(&[
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ]) {
         Ok(signals) => signals,
         Err(e) => {
             tracing::error!("cannot set up signal handling: {e}");

@@ -23,7 +23,7 @@ use crate::plugin::Plugin;
 use crate::scoreboard::{PluginStats, Slot};
 use crate::signals::Signals;
 
-/// The worker's `signalfd`: SIGTERM/SIGQUIT drain, SIGINT stops at once.
+/// The worker's signals (self-pipe): SIGTERM/SIGQUIT drain, SIGINT stops at once, SIGUSR1 reopens the log.
 const SIGNALS: Token = Token(0);
 /// The control channel from the master: "hand your connections over", and
 /// connections handed to this worker (see [`crate::handover`]).
@@ -223,6 +223,10 @@ impl Reactor {
                 match event.token() {
                     SIGNALS => {
                         for signal in self.signals.pending() {
+                            if signal == Signal::SIGUSR1 {
+                                crate::logging::reopen_in_worker();
+                                continue;
+                            }
                             if signal == Signal::SIGINT {
                                 tracing::info!(
                                     "SIGINT received: stopping now ({} connection(s) closed)",
