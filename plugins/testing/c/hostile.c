@@ -12,6 +12,9 @@
  *                        can and sleeps forever (without exec)
  *   init_close_fds = true  close descriptors 3..1023 in init
  *   init_error = "text"  fail init with this message (may hold newlines)
+ *   catch_term = true    install a SIGTERM handler that does nothing and
+ *                        unblock SIGTERM, so the worker's signalfd never sees
+ *                        it: the worker ignores "drain" and keeps serving
  *   only_worker = I      do the above only in worker I (the host's check
  *                        loads plugins as worker 0, so I > 0 passes it)
  *
@@ -55,6 +58,10 @@ static pid_t spawn_daemon(void) {
     return pid;
 }
 
+static void ignore_term(int sig) {
+    (void)sig;
+}
+
 static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
     const char *value;
     *state = NULL;
@@ -75,6 +82,17 @@ static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
         for (int fd = 3; fd < 1024; fd++) {
             close(fd);
         }
+    }
+    if ((value = ctx->config_get(ctx, "catch_term")) != NULL && strcmp(value, "true") == 0) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_handler = ignore_term;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGTERM, &action, NULL);
+        sigset_t term;
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        sigprocmask(SIG_UNBLOCK, &term, NULL);
     }
     if ((value = ctx->config_get(ctx, "init_error")) != NULL) {
         ctx->set_error(ctx, value, strlen(value));
