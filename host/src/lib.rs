@@ -33,6 +33,7 @@ pub mod listener;
 pub mod logging;
 pub mod plugin;
 pub mod proxy;
+pub mod reload_status;
 pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;
