@@ -1,4 +1,5 @@
-//! Log setup: `tracing` to stderr, level from `[log] level`, `RUST_LOG` wins.
+//! Log setup: `tracing` to stderr, level from `[log] level` (changed by a
+//! reload), `RUST_LOG` wins.
 //!
 //! The writer is a plain blocking stderr: `tracing_appender::non_blocking`
 //! runs a writer thread, which does not exist in a forked worker (its logs
@@ -10,13 +11,19 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
 
+/// Changes the level of the installed subscriber (see [`set_level`]);
+/// unset when `RUST_LOG` chose the filter.
+type SetLevel = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
+static SET_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber. Call once, in the master, before forking.
 pub fn init(level: LogLevel) {
+    let from_env = matches!(std::env::var("RUST_LOG"), Ok(d) if !d.trim().is_empty());
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
         _ => EnvFilter::new(level.as_str()),
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -26,7 +33,26 @@ pub fn init(level: LogLevel) {
         // eprintln!, which panics on the same broken stderr and took the
         // master down. A lost log stream must never stop the server.
         .log_internal_errors(false)
-        .try_init();
+        // A reload may change `[log] level` (workers forked afterwards
+        // inherit the new filter).
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() && !from_env {
+        let _ = SET_LEVEL.set(Box::new(move |level: LogLevel| {
+            handle
+                .reload(EnvFilter::new(level.as_str()))
+                .map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// Sets the level `[log] level` names (a reload changed it). `Err` says why
+/// it cannot be changed: `RUST_LOG` overrides `[log] level`.
+pub fn set_level(level: LogLevel) -> Result<(), String> {
+    match SET_LEVEL.get() {
+        Some(set) => set(level),
+        None => Err("RUST_LOG is set, and it overrides [log] level".to_string()),
+    }
 }
 
 /// Longest text from a plugin or a client that goes into one log line; the
