@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub last_exits: BTreeMap<usize, String>,
     /// Hung plugin calls killed by the watchdog, per plugin.
     pub timeouts: BTreeMap<String, u64>,
+    /// Workers killed because they were still draining past
+    /// `shutdown_timeout` and the grace period.
+    pub drain_kills: u64,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -75,6 +78,13 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Workers restarted after dying.",
     );
     let _ = writeln!(out, "nbnet_worker_restarts_total {}", snapshot.restarts);
+    family(
+        &mut out,
+        "nbnet_drain_kills_total",
+        "counter",
+        "Workers killed because they were still draining past shutdown_timeout plus the grace period.",
+    );
+    let _ = writeln!(out, "nbnet_drain_kills_total {}", snapshot.drain_kills);
     family(
         &mut out,
         "nbnet_worker_last_exit_info",
@@ -261,11 +271,13 @@ mod tests {
             restarts: 2,
             last_exits: [(0, "killed by SIGSEGV".to_string())].into(),
             timeouts: [("upper".to_string(), 1)].into(),
+            drain_kills: 3,
         };
         let text = render(&snapshot);
         for line in [
             "nbnet_workers{role=\"serving\"} 1",
             "nbnet_worker_restarts_total 2",
+            "nbnet_drain_kills_total 3",
             "nbnet_worker_last_exit_info{worker=\"0\",reason=\"killed by SIGSEGV\"} 1",
             "nbnet_connections_total{worker=\"0\",pid=\"42\"} 4",
             "nbnet_connections_total{worker=\"all\"} 4",

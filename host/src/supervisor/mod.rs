@@ -142,6 +142,13 @@ struct Worker {
     watched_since: Instant,
     /// Set when the watchdog killed it: (plugin, elapsed).
     hung: Option<(usize, Duration)>,
+    /// When it was told to drain.
+    draining_since: Option<Instant>,
+    /// Its config's `shutdown_timeout`: how long it may drain (plus
+    /// [`STOP_GRACE`]) before the master kills it.
+    shutdown_timeout: Duration,
+    /// Killed for draining too long.
+    drain_killed: bool,
 }
 
 /// One slot of the worker pool.
@@ -198,6 +205,8 @@ pub struct Master {
     last_exits: BTreeMap<usize, String>,
     /// Watchdog kills per plugin.
     timeouts: BTreeMap<String, u64>,
+    /// Workers killed for draining too long.
+    drain_kills: u64,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -296,6 +305,7 @@ pub fn serve(mut config: Config) -> i32 {
         restarts_total: 0,
         last_exits: BTreeMap::new(),
         timeouts: BTreeMap::new(),
+        drain_kills: 0,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -377,6 +387,7 @@ impl Master {
                 }
             }
             self.reap_workers();
+            self.kill_overdue_drains();
             if let Some(code) = self.manage_workers() {
                 return code;
             }
@@ -389,10 +400,14 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
-        [self.next_wakeup_for_workers(), admin]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.next_wakeup_for_workers(),
+            admin,
+            self.next_drain_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn next_wakeup_for_workers(&self) -> Option<Instant> {
@@ -489,6 +504,7 @@ impl Master {
             restarts: self.restarts_total,
             last_exits: self.last_exits.clone(),
             timeouts: self.timeouts.clone(),
+            drain_kills: self.drain_kills,
         }
     }
 

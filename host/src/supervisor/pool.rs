@@ -116,10 +116,58 @@ impl Master {
         }
     }
 
+    /// Kills every worker still draining past its `shutdown_timeout` plus
+    /// [`STOP_GRACE`] (its plugins catch or block SIGTERM, say, or its
+    /// drain hangs), serving or stopping: an old worker must not live on
+    /// beside its replacements.
+    pub(super) fn kill_overdue_drains(&mut self) {
+        let now = Instant::now();
+        for (&pid, worker) in self.workers.iter_mut() {
+            let Some(since) = worker.draining_since else {
+                continue;
+            };
+            let drained = now.duration_since(since);
+            let allowed = worker.shutdown_timeout.saturating_add(STOP_GRACE);
+            if worker.drain_killed || drained < allowed {
+                continue;
+            }
+            let open = self
+                .scoreboard
+                .slot(worker.board)
+                .stats
+                .connections_open
+                .get();
+            tracing::error!(
+                "old worker {} (pid {pid}) still running {drained:.1?} after it was told to drain, past shutdown_timeout = {:?} + {STOP_GRACE:?} grace, with {open} connection(s) open: killing it (does a plugin catch or block SIGTERM?)",
+                worker.index,
+                worker.shutdown_timeout
+            );
+            worker.drain_killed = true;
+            self.drain_kills += 1;
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// When the next draining worker runs out of time.
+    pub(super) fn next_drain_deadline(&self) -> Option<Instant> {
+        self.workers
+            .values()
+            .filter(|w| !w.drain_killed)
+            .filter_map(|w| {
+                let since = w.draining_since?;
+                Some(config::deadline(
+                    since,
+                    w.shutdown_timeout.saturating_add(STOP_GRACE),
+                ))
+            })
+            .min()
+    }
+
     /// Tells one worker to drain (SIGTERM) and stop counting it as serving.
     pub(super) fn drain(&mut self, pid: Pid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.role = Role::Draining;
+            worker.draining_since.get_or_insert_with(Instant::now);
             let _ = kill(pid, Signal::SIGTERM);
         }
     }
@@ -162,6 +210,8 @@ impl Master {
                         "{} worker(s) still running past the stop deadline: sending SIGKILL",
                         self.workers.len()
                     );
+                    self.drain_kills +=
+                        self.workers.values().filter(|w| !w.drain_killed).count() as u64;
                     self.signal_workers(Signal::SIGKILL);
                     // Wait for the kills to be reaped.
                     self.phase = Phase::Stopping {
@@ -218,6 +268,9 @@ impl Master {
                         watched_calls: 0,
                         watched_since: now,
                         hung: None,
+                        draining_since: None,
+                        shutdown_timeout: self.config.server.shutdown_timeout,
+                        drain_killed: false,
                     },
                 );
                 tracing::info!("worker {index} started (pid {child})");
