@@ -2,19 +2,20 @@
 //! user would: a reload whose plugin check is slow must not hold up the
 //! master; old workers that ignore SIGTERM are killed once their drain time
 //! is up; reloads queue (and coalesce) instead of piling up generations of
-//! workers or being ignored; `[admin] addr`, `[server] pid_file` and
-//! `[log] level` take effect; and `nbnet reload` waits for the outcome of
+//! workers or being ignored; and `nbnet reload` waits for the outcome of
 //! its reload and exits non-zero with the master's reason.
 //!
 //! The hostile C plugin (`plugins/testing/c/hostile.c`) plays the slow or
 //! stubborn plugin: `init_sleep_ms`, `catch_term`, `init_exit`.
 
+use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{wait_until, Server};
+use nbnet_tests::{describe, send_signal, wait_until, Server, SIGKILL};
 
 /// One listener serving the hostile plugin, whose `[plugins.config]` lines
 /// are `init`, with `[server]` lines `server` and an admin listener.
@@ -81,6 +82,109 @@ fn wait_log(server: &Server, needle: &str, n: usize, timeout: Duration) {
     }
 }
 
+/// Starts `nbnet reload --config nbnet.toml` in the background (stdout and
+/// stderr to files in the sandbox).
+fn spawn_reload(server: &mut Server, name: &str) -> Child {
+    let dir = server.dir().to_path_buf();
+    server
+        .sandbox_mut()
+        .command()
+        .args(["reload", "--config", "nbnet.toml"])
+        .stdout(fs::File::create(dir.join(format!("{name}.out"))).unwrap())
+        .stderr(fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+        .spawn()
+        .expect("spawn nbnet reload")
+}
+
+/// Waits (bounded) for a background `nbnet reload`: exit code, stdout, stderr.
+fn finish_reload(server: &Server, mut child: Child, name: &str) -> (Option<i32>, String, String) {
+    let status = wait_until(Duration::from_secs(20), "nbnet reload to exit", || {
+        child.try_wait().expect("try_wait")
+    });
+    let read = |ext: &str| {
+        fs::read_to_string(server.dir().join(format!("{name}.{ext}"))).unwrap_or_default()
+    };
+    (status.code(), read("out"), read("err"))
+}
+
+// ---------------------------------------------- 1. the master never waits
+
+/// A reload whose plugin takes 4 s to initialise: meanwhile both workers
+/// are `kill -9`ed. The master must replace them and answer `/healthz`
+/// while the new config's plugins are still being checked — before, it sat
+/// in the check, so killing the workers then was a full outage until the
+/// check was over.
+#[test]
+fn a_slow_plugin_check_does_not_hold_up_reaping_replacing_or_healthz() {
+    let server_section = "workers = 2";
+    let mut server = Server::start(&hostile(server_section, ""));
+    let admin = server.admin_port();
+    let old = server.wait_for_workers(2);
+
+    server
+        .sandbox_mut()
+        .write_config(&hostile(server_section, "init_sleep_ms = 4000"));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "SIGHUP received", 1, Duration::from_secs(10));
+    for worker in &old {
+        send_signal(worker.pid, SIGKILL);
+    }
+    // Healthy again (replacement workers of the running config ready)…
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log_when_healthy = loop {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz did not answer 200 within 10 s of the workers being killed\n--- nbnet log ---\n{}",
+            server.log()
+        );
+        if let Some((200, _)) = http_get(admin, "/healthz", Duration::from_secs(10)) {
+            break server.log();
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    // …while the reload was still checking its plugins.
+    assert!(
+        !log_when_healthy.contains("reload: starting"),
+        "the master answered /healthz only after the plugin check was over: it waited on it\n--- nbnet log ---\n{log_when_healthy}"
+    );
+    let started = log_when_healthy
+        .lines()
+        .filter(|l| l.contains("started (pid"))
+        .count();
+    assert!(
+        started >= 3,
+        "a killed worker should have been replaced during the check\n{log_when_healthy}"
+    );
+    // The reload itself completes.
+    wait_log(&server, "reload complete", 1, Duration::from_secs(20));
+    assert_eq!(count(&server, "reload aborted"), 0, "{}", server.log());
+}
+
+/// A SIGHUP while a reload is under way was ignored; now it is queued and
+/// runs afterwards (with the config as it is then).
+#[test]
+fn a_sighup_during_a_reload_is_queued_not_ignored() {
+    let server_section = "workers = 1";
+    let mut server = Server::start(&hostile(server_section, ""));
+    server
+        .sandbox_mut()
+        .write_config(&hostile(server_section, "init_sleep_ms = 1500"));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "SIGHUP received", 1, Duration::from_secs(10));
+    server
+        .sandbox_mut()
+        .write_config(&hostile(server_section, "init_sleep_ms = 1"));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "SIGHUP received", 2, Duration::from_secs(10));
+    wait_log(&server, "reload complete", 2, Duration::from_secs(20));
+    let log = server.log();
+    assert!(
+        log.contains("queued"),
+        "the second SIGHUP should have been queued\n{log}"
+    );
+    assert_eq!(count(&server, "reload aborted"), 0, "{log}");
+}
+
 // ------------------------------------ 2. old workers that never finish draining
 
 /// A plugin that catches SIGTERM keeps its worker from ever draining. The
@@ -124,4 +228,143 @@ fn old_workers_that_ignore_sigterm_are_killed_when_their_drain_time_is_up() {
     // The new workers serve.
     let mut client = server.client();
     assert_eq!(client.request(b"again"), b"ok:again");
+}
+
+// ------------------------------------------- 3. bounded generations, queued reloads
+
+/// Old workers that never drain (their plugin catches SIGTERM): after two
+/// reloads, two old generations are draining, so a third reload waits —
+/// `nbnet reload` says it is queued — and further SIGHUPs join it; once an
+/// old generation is gone it runs, once. Before, every SIGHUP started one
+/// more generation beside all the others (200 workers and ten reloads ran
+/// the 1 024-entry scoreboard out).
+#[test]
+fn reloads_beyond_two_draining_generations_are_queued_and_coalesced() {
+    let server_section = "workers = 1\nshutdown_timeout = \"60s\"\npid_file = \"nbnet.pid\"";
+    let mut server = Server::start(&hostile(server_section, "catch_term = true"));
+    let first = server.wait_for_workers(1);
+    for n in 1..=2 {
+        server.signal(libc::SIGHUP);
+        wait_log(&server, "reload complete", n, Duration::from_secs(15));
+    }
+    let reload = spawn_reload(&mut server, "third");
+    wait_log(&server, "queued", 1, Duration::from_secs(10));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "joins it", 1, Duration::from_secs(10));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "joins it", 2, Duration::from_secs(10));
+    assert_eq!(
+        server.live_workers().len(),
+        3,
+        "the serving worker and two old generations\n{}",
+        server.log()
+    );
+    assert_eq!(count(&server, "reload complete"), 2, "{}", server.log());
+
+    // The oldest generation goes: the queued reload runs, once.
+    send_signal(first[0].pid, SIGKILL);
+    let (code, stdout, stderr) = finish_reload(&server, reload, "third");
+    assert_eq!(code, Some(0), "nbnet reload: {stdout}{stderr}");
+    assert!(
+        stdout.contains("queued") && stdout.contains("reload complete"),
+        "nbnet reload should say it was queued, then that it completed: {stdout:?}"
+    );
+    wait_log(&server, "reload complete", 3, Duration::from_secs(15));
+    let log = server.log();
+    assert!(
+        !log.contains("reload 4"),
+        "the SIGHUPs that joined the queued reload must not start another\n{log}"
+    );
+    assert_eq!(server.live_workers().len(), 3, "{log}");
+}
+
+/// The scoreboard is sized at startup (twice the workers, at least 8 per
+/// generation): a reload asking for more workers than that is refused with
+/// a message saying a restart is needed, rather than running out of
+/// entries later.
+#[test]
+fn a_reload_asking_for_more_workers_than_the_scoreboard_holds_is_refused() {
+    let mut server = Server::start(&hostile("workers = 1\npid_file = \"nbnet.pid\"", ""));
+    server
+        .sandbox_mut()
+        .write_config(&hostile("workers = 9\npid_file = \"nbnet.pid\"", ""));
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "nbnet reload: {}\n{}{}",
+        describe(&out.status),
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("workers = 9") && out.stderr.contains("restart"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(server.live_workers().len(), 1, "{}", server.log());
+}
+
+// ---------------------------------------------- 5. `nbnet reload` waits
+
+/// `nbnet reload` reports the outcome of its reload: 0 when the new config
+/// serves; non-zero with the master's reason when the master refused it
+/// (a plugin whose init fails, a listener address in use) or rolled it back
+/// (a new worker that could not start). It used to print `reload requested`
+/// and exit 0 whatever happened.
+#[test]
+fn nbnet_reload_waits_for_the_outcome_and_reports_the_masters_reason() {
+    let server_section = "workers = 2\npid_file = \"nbnet.pid\"";
+    let mut server = Server::start(&hostile(server_section, ""));
+    let reload = |server: &mut Server, init: &str, extra: &str| {
+        let text = hostile(server_section, init) + extra;
+        server.sandbox_mut().write_config(&text);
+        server
+            .sandbox_mut()
+            .run(&["reload", "--config", "nbnet.toml"])
+    };
+
+    // The plugin check fails: refused, exit 4, with the plugin's words.
+    let out = reload(&mut server, "init_error = \"no database\"", "");
+    assert_eq!(out.status.code(), Some(4), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("reload refused") && out.stderr.contains("no database"),
+        "{}",
+        out.stderr
+    );
+
+    // A good one: exit 0.
+    let out = reload(&mut server, "init_sleep_ms = 1", "");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("reload complete"), "{}", out.stdout);
+
+    // A new listener whose address is taken: refused, naming it.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let extra = format!("\n[[listeners]]\naddr = \"127.0.0.1:{port}\"\nplugin = \"hostile\"\n");
+    let out = reload(&mut server, "", &extra);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("reload refused") && out.stderr.contains(&port.to_string()),
+        "{}",
+        out.stderr
+    );
+
+    // The check passes (it loads as worker 0) but worker 1 cannot start:
+    // rolled back.
+    let out = reload(&mut server, "only_worker = 1\ninit_exit = 3", "");
+    assert_ne!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("rolled back") && out.stderr.contains("failed to start"),
+        "{}",
+        out.stderr
+    );
+
+    // And the server still serves, and still reloads.
+    let out = reload(&mut server, "", "");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let mut client = server.client();
+    assert_eq!(client.request(b"still"), b"ok:still");
 }

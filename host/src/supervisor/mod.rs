@@ -19,7 +19,9 @@
 //! whose address is unchanged are shared by both.
 //!
 //! The master stays single-threaded and never loads a plugin, so forking is
-//! always safe; plugins are validated in a short-lived child ([`check`]).
+//! always safe; plugins are validated in a short-lived child ([`check`]),
+//! which during a reload is one more event source of the loop: the master
+//! never waits on it (see `reload.rs`).
 //!
 //! Files: this one holds the state, the loop and the signal handlers;
 //! `pool.rs` forks and watches workers; `reap.rs` handles their exits;
@@ -39,7 +41,8 @@ mod reload;
 use listeners::{bind_listeners, Bound};
 pub(crate) use reap::sweep_group;
 use reap::sweep_orphans;
-use reload::PendingReload;
+pub(crate) use reload::outcome_within as reload_outcome_within;
+use reload::{Checking, PendingReload, ReloadLog, MAX_OLD_GENERATIONS};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -60,14 +63,29 @@ use decision::{Boot, Decision, Exit};
 
 /// The master's `signalfd`.
 const SIGNALS: Token = Token(0);
+/// The report pipe of a reload's plugin checker.
+const CHECK: Token = Token(1);
 /// The admin listener; its clients take the tokens above it.
-const ADMIN: usize = 1;
+const ADMIN: usize = 2;
 /// How long workers get beyond their own deadline (`shutdown_timeout` for a
 /// graceful stop, none for a fast one) before the master kills them.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Scoreboard entries: enough for every worker alive at once, including
-/// outgoing and draining ones during reloads and SIGTTIN growth.
-const SCOREBOARD_ENTRIES: usize = 1024;
+/// Workers one generation may have, for sizing the scoreboard at startup:
+/// twice the workers the master starts with, at least 8, so that a reload
+/// or SIGTTIN may add some. More needs a restart.
+fn worker_room(workers: usize) -> usize {
+    workers.saturating_mul(2).max(8)
+}
+
+/// Scoreboard entries for `room` workers per generation: every generation
+/// that may be alive at once (the serving one and [`MAX_OLD_GENERATIONS`]
+/// draining), each slot with its worker and, at most, the one it replaced
+/// (`max_requests_per_worker`) still draining, and a few spare. Reloads
+/// wait, and recycling and SIGTTIN hold back, rather than go past it, so
+/// a worker never lacks an entry.
+fn scoreboard_entries(room: usize) -> usize {
+    room * (MAX_OLD_GENERATIONS + 1) * 2 + 8
+}
 /// A reload whose new workers are not all ready by then is rolled back.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the master looks at the scoreboard while replacing workers.
@@ -191,8 +209,21 @@ pub struct Master {
     /// When recent restarts happened (pruned to `restart_window`).
     restarts: VecDeque<Instant>,
     reload: Option<PendingReload>,
+    /// A reload whose config's plugins are being checked in a child.
+    checking: Option<Checking>,
+    /// A reload waiting for the one under way, or for old generations to
+    /// finish draining (SIGHUPs meanwhile join it): its id.
+    queued: Option<u64>,
+    /// The reload status file `nbnet reload` waits on.
+    reloads: ReloadLog,
     /// The config generation new workers are started with.
     generation: u64,
+    /// The last generation number handed out.
+    generations: u64,
+    /// Workers one generation may have (see [`worker_room`]).
+    worker_room: usize,
+    /// Workers killed for draining too long.
+    drain_kills: u64,
     pid_file: Option<PathBuf>,
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
@@ -205,8 +236,6 @@ pub struct Master {
     last_exits: BTreeMap<usize, String>,
     /// Watchdog kills per plugin.
     timeouts: BTreeMap<String, u64>,
-    /// Workers killed for draining too long.
-    drain_kills: u64,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
@@ -242,8 +271,10 @@ pub fn serve(mut config: Config) -> i32 {
     // 3. Signals become events of the master's loop (the mask is inherited
     //    by workers, which read their own signalfd), and the scoreboard is
     //    mapped before any worker exists so that all of them share it.
+    let room = worker_room(config.server.worker_count());
+    let entries = scoreboard_entries(room);
     let setup = Signals::block(&MASTER_SIGNALS)
-        .and_then(|signals| Ok((signals, Scoreboard::new(SCOREBOARD_ENTRIES)?)))
+        .and_then(|signals| Ok((signals, Scoreboard::new(entries)?)))
         .map_err(std::io::Error::from)
         .and_then(|(signals, scoreboard)| {
             let poll = Poll::new()?;
@@ -277,11 +308,12 @@ pub fn serve(mut config: Config) -> i32 {
 
     let pid_file = config.server.pid_file.clone();
     if let Some(path) = &pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", getpid())) {
+        if let Err(e) = write_pid_file(path) {
             tracing::error!("cannot write pid_file {}: {e}", path.display());
             return exit_code::FAILURE;
         }
     }
+    let reloads = ReloadLog::new(pid_file.as_deref());
 
     let now = Instant::now();
     let worker_count = config.server.worker_count();
@@ -292,12 +324,18 @@ pub fn serve(mut config: Config) -> i32 {
         poll,
         signals,
         scoreboard,
-        free_boards: (0..SCOREBOARD_ENTRIES).rev().collect(),
+        free_boards: (0..entries).rev().collect(),
         slots: (0..worker_count).map(|_| Slot::empty(now)).collect(),
         workers: HashMap::new(),
         restarts: VecDeque::new(),
         reload: None,
+        checking: None,
+        queued: None,
+        reloads,
         generation: 0,
+        generations: 0,
+        worker_room: room,
+        drain_kills: 0,
         pid_file,
         phase: Phase::Serving,
         admin,
@@ -305,7 +343,6 @@ pub fn serve(mut config: Config) -> i32 {
         restarts_total: 0,
         last_exits: BTreeMap::new(),
         timeouts: BTreeMap::new(),
-        drain_kills: 0,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -313,10 +350,17 @@ pub fn serve(mut config: Config) -> i32 {
         master.config.file.display()
     );
     let code = master.run();
+    master.reloads.remove();
     if let Some(path) = &master.pid_file {
         let _ = std::fs::remove_file(path);
     }
     code
+}
+
+/// Writes the master's PID to `path` (at startup, and where a reload moves
+/// `pid_file`).
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, format!("{}\n", getpid()))
 }
 
 /// Loads every plugin of `config` in a child; logs what loaded and every
@@ -387,6 +431,7 @@ impl Master {
                 }
             }
             self.reap_workers();
+            self.advance_reloads();
             self.kill_overdue_drains();
             if let Some(code) = self.manage_workers() {
                 return code;
@@ -400,9 +445,11 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
+        let check = self.checking.as_ref().and_then(Checking::deadline);
         [
             self.next_wakeup_for_workers(),
             admin,
+            check,
             self.next_drain_deadline(),
         ]
         .into_iter()
@@ -547,6 +594,20 @@ impl Master {
         if self.phase != Phase::Serving {
             return;
         }
+        if self.slots.len() >= self.worker_room {
+            tracing::warn!(
+                "SIGTTIN received: keeping {} worker(s), the most this master's scoreboard was sized for at startup (twice the workers it started with, at least 8); restart nbnet with more [server] workers for more",
+                self.slots.len()
+            );
+            return;
+        }
+        if self.free_boards.len() <= self.reserved_boards() {
+            tracing::warn!(
+                "SIGTTIN received: keeping {} worker(s): old workers still draining hold the scoreboard's spare entries; try again once they have finished",
+                self.slots.len()
+            );
+            return;
+        }
         self.slots.push(Slot::empty(Instant::now()));
         tracing::info!("SIGTTIN received: {} worker(s) now", self.slots.len());
     }
@@ -592,11 +653,7 @@ impl Master {
         for bound in std::mem::take(&mut self.listeners) {
             bound.close();
         }
-        if let Some(reload) = self.reload.take() {
-            for bound in reload.previous_listeners {
-                bound.close();
-            }
-        }
+        self.cancel_reloads();
         self.signal_workers(signal);
     }
 }

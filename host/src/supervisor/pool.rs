@@ -60,6 +60,24 @@ impl Master {
             }
         }
         for pid in retiring {
+            // A worker is replaced only while the scoreboard has room
+            // beyond what empty slots and a reload being checked need, and
+            // only once its slot's previous worker (of this config) is
+            // gone: a slot never has more than one predecessor draining.
+            // Until then it keeps serving and asks again.
+            let Some(worker) = self.workers.get(&pid) else {
+                continue;
+            };
+            let (index, generation) = (worker.index, worker.generation);
+            let predecessor = self.workers.iter().any(|(&other, w)| {
+                other != pid
+                    && w.index == index
+                    && w.generation == generation
+                    && w.role != Role::Serving
+            });
+            if predecessor || self.free_boards.len() <= self.reserved_boards() {
+                continue;
+            }
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!(
                     "worker {} (pid {pid}) served max_requests_per_worker: replacing it",
@@ -92,15 +110,7 @@ impl Master {
         });
         if all_ready {
             if let Some(reload) = self.reload.take() {
-                for bound in reload.previous_listeners {
-                    bound.close();
-                }
-                tracing::info!(
-                    "reload complete in {:.1?}: {} new worker(s) serving; draining {} old worker(s)",
-                    reload.started.elapsed(),
-                    self.slots.len(),
-                    outgoing.len()
-                );
+                self.commit_reload(reload, outgoing.len());
             }
             for pid in outgoing {
                 self.drain(pid);
@@ -111,8 +121,9 @@ impl Master {
             .as_ref()
             .is_some_and(|r| r.started.elapsed() > RELOAD_TIMEOUT)
         {
-            tracing::error!("reload: the new workers were not all ready within {RELOAD_TIMEOUT:?}");
-            self.roll_back_reload();
+            let why = format!("the new workers were not all ready within {RELOAD_TIMEOUT:?}");
+            tracing::error!("reload: {why}");
+            self.roll_back_reload(exit_code::FAILURE, why);
         }
     }
 
@@ -229,7 +240,8 @@ impl Master {
         let master = getpid();
         let Some(board) = self.free_boards.pop() else {
             tracing::error!(
-                "no free scoreboard entry for worker {index} ({SCOREBOARD_ENTRIES} workers alive?)"
+                "no free scoreboard entry for worker {index} ({} workers alive?)",
+                self.scoreboard.len()
             );
             return Err(Errno::EAGAIN);
         };
@@ -302,6 +314,7 @@ impl Master {
                 // never called, so no socket file is removed).
                 drop(available);
                 self.reload = None;
+                self.checking = None;
                 let who = worker::Identity {
                     index,
                     count: self.slots.len(),
