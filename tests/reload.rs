@@ -2,7 +2,8 @@
 //! user would: a reload whose plugin check is slow must not hold up the
 //! master; old workers that ignore SIGTERM are killed once their drain time
 //! is up; reloads queue (and coalesce) instead of piling up generations of
-//! workers or being ignored; and `nbnet reload` waits for the outcome of
+//! workers or being ignored; `[admin] addr`, `[server] pid_file` and
+//! `[log] level` take effect; and `nbnet reload` waits for the outcome of
 //! its reload and exits non-zero with the master's reason.
 //!
 //! The hostile C plugin (`plugins/testing/c/hostile.c`) plays the slow or
@@ -11,7 +12,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -305,6 +306,123 @@ fn a_reload_asking_for_more_workers_than_the_scoreboard_holds_is_refused() {
         out.stderr
     );
     assert_eq!(server.live_workers().len(), 1, "{}", server.log());
+}
+
+// ------------------------------------------------- 4. every key takes effect
+
+/// `[admin] addr` moves with a reload (it used to be ignored while the log
+/// said `reload complete`).
+#[test]
+fn a_reload_moves_the_admin_listener() {
+    let server_section = "workers = 1\npid_file = \"nbnet.pid\"";
+    let mut server = Server::start(&hostile(server_section, ""));
+    let old_admin = server.admin_port();
+    assert_eq!(
+        http_get(old_admin, "/healthz", Duration::from_secs(5)).map(|r| r.0),
+        Some(200)
+    );
+    let moved = hostile(server_section, "").replace("{admin}", "{port2}");
+    server.sandbox_mut().write_config(&moved);
+    let new_admin = server.sandbox_mut().port(1);
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        http_get(new_admin, "/healthz", Duration::from_secs(5)).map(|r| r.0),
+        Some(200),
+        "the new admin address should answer\n{}",
+        server.log()
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", old_admin)).is_err(),
+        "the old admin address should be closed\n{}",
+        server.log()
+    );
+}
+
+/// A reload whose new admin address cannot be bound is refused, naming it.
+#[test]
+fn a_reload_to_an_admin_address_in_use_is_refused() {
+    let server_section = "workers = 1\npid_file = \"nbnet.pid\"";
+    let mut server = Server::start(&hostile(server_section, ""));
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let moved = hostile(server_section, "").replace("{admin}", &port.to_string());
+    server.sandbox_mut().write_config(&moved);
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("[admin] addr") && out.stderr.contains(&port.to_string()),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        http_get(server.admin_port(), "/healthz", Duration::from_secs(5)).map(|r| r.0),
+        Some(200),
+        "the old admin address still serves"
+    );
+}
+
+/// `[server] pid_file` moves with a reload, so that `nbnet stop` with the
+/// new config finds the master (it used to stay at the old path).
+#[test]
+fn a_reload_moves_the_pid_file() {
+    let mut server = Server::start(&hostile("workers = 1\npid_file = \"a.pid\"", ""));
+    let (a, b) = (server.dir().join("a.pid"), server.dir().join("b.pid"));
+    assert!(a.exists());
+    server
+        .sandbox_mut()
+        .write_config(&hostile("workers = 1\npid_file = \"b.pid\"", ""));
+    // The new config names b.pid, which does not exist yet: signal by hand.
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "reload complete", 1, Duration::from_secs(15));
+    let text =
+        fs::read_to_string(&b).unwrap_or_else(|e| panic!("{}: {e}\n{}", b.display(), server.log()));
+    assert_eq!(text.trim(), server.pid().to_string());
+    assert!(!a.exists(), "the old pid file should be gone");
+    assert!(server.dir().join("b.pid.reload").exists());
+    assert!(!server.dir().join("a.pid.reload").exists());
+
+    let mut stop = server
+        .sandbox_mut()
+        .command()
+        .args(["stop", "--config", "nbnet.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nbnet stop");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "nbnet stop should stop the master through b.pid\n{}",
+        server.log()
+    );
+    let out = wait_until(Duration::from_secs(10), "nbnet stop to exit", || {
+        stop.try_wait().expect("try_wait")
+    });
+    assert!(out.success());
+    assert!(!b.exists());
+}
+
+/// `[log] level` changes with a reload: from `info` to `debug`, the new
+/// workers' debug lines appear.
+#[test]
+fn a_reload_changes_the_log_level() {
+    let server_section = |level: &str| format!("workers = 1\n\n[log]\nlevel = \"{level}\"");
+    let mut server = Server::start(&hostile(&server_section("info"), ""));
+    assert_eq!(count(&server, " DEBUG "), 0, "{}", server.log());
+    server
+        .sandbox_mut()
+        .write_config(&hostile(&server_section("debug"), ""));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "reload complete", 1, Duration::from_secs(15));
+    let mut client = server.client();
+    assert_eq!(client.request(b"x"), b"ok:x");
+    wait_log(&server, " DEBUG ", 1, Duration::from_secs(10));
 }
 
 // ---------------------------------------------- 5. `nbnet reload` waits

@@ -12,6 +12,15 @@
 //! the old ones serve until all are ready) → *done*, *refused*, *rolled
 //! back* or *cancelled*. Each step is written to the status file that
 //! `nbnet reload` waits on ([`crate::reload_status`]).
+//!
+//! Every config key takes effect: listeners, workers and every `[server]`
+//! limit through the new workers; `[log] level` at once (workers started
+//! from then on inherit it); `[admin] addr` and `[server] pid_file` move
+//! when the reload completes (the new address is bound, and the new file
+//! written, before the reload goes ahead, so either failing refuses it).
+//! What cannot change without a restart (a listener's `reuseport`, more
+//! workers than the scoreboard was sized for) refuses the reload, naming
+//! the key.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,6 +31,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::*;
+use crate::logging;
 use crate::reload_status::{self, Record, State, Status};
 
 /// Older worker generations that may still be draining when a reload
@@ -63,6 +73,22 @@ pub(super) struct PendingReload {
     pub(super) previous_listeners: Vec<Bound>,
     pub(super) previous_slots: usize,
     pub(super) started: Instant,
+    /// What happens to the admin listener when the reload completes.
+    pub(super) admin: AdminChange,
+    /// The previous `pid_file`, when the reload moves it (the new one is
+    /// written already; the old one goes when the reload completes).
+    pub(super) moved_pid_file: Option<Option<PathBuf>>,
+}
+
+/// A change of `[admin] addr`, applied when the reload completes.
+pub(super) enum AdminChange {
+    /// Unchanged.
+    Keep,
+    /// Removed from the config: stop serving it.
+    Close,
+    /// A new address, bound already (so a reload that could not bind it was
+    /// refused before anything changed).
+    Move(std::net::TcpListener),
 }
 
 /// A reload whose config's plugins are being loaded in a checker child.
@@ -182,6 +208,13 @@ impl ReloadLog {
             r.code = code;
             r.message = message;
         });
+    }
+
+    /// `pid_file` moved: so does the status file.
+    fn move_to(&mut self, pid_file: Option<&Path>) {
+        self.remove();
+        self.path = pid_file.map(reload_status::path_for);
+        self.save();
     }
 
     /// Removes the file (the master exits).
@@ -384,7 +417,8 @@ impl Master {
     }
 
     /// The plugins of the new config loaded: bind new listeners (keeping
-    /// the sockets of unchanged ones), then start a new worker per slot with the new config and `.so`
+    /// the sockets of unchanged ones), the new admin address and pid file,
+    /// then start a new worker per slot with the new config and `.so`
     /// files; the old workers drain once every new one is ready.
     fn apply_reload(&mut self, id: u64, config: Config) {
         let wanted = config.server.worker_count();
@@ -434,6 +468,57 @@ impl Master {
                 }
             }
         }
+        let admin = match (self.config.admin, config.admin) {
+            (old, new) if old == new => AdminChange::Keep,
+            (_, None) => AdminChange::Close,
+            (_, Some(addr)) => match admin::bind_std(addr) {
+                Ok(listener) => AdminChange::Move(listener),
+                Err(e) => {
+                    give_back(fresh);
+                    self.refuse(
+                        id,
+                        exit_code::FAILURE,
+                        format!(
+                            "cannot listen on [admin] addr {addr} ({}): {e}",
+                            config.file.display()
+                        ),
+                    );
+                    return;
+                }
+            },
+        };
+        let moved_pid_file = if config.server.pid_file == self.pid_file {
+            None
+        } else {
+            if let Some(path) = &config.server.pid_file {
+                if let Err(e) = write_pid_file(path) {
+                    give_back(fresh);
+                    self.refuse(
+                        id,
+                        exit_code::FAILURE,
+                        format!(
+                            "cannot write [server] pid_file {} ({}): {e}",
+                            path.display(),
+                            config.file.display()
+                        ),
+                    );
+                    return;
+                }
+            }
+            Some(self.pid_file.clone())
+        };
+        if config.log.level != self.config.log.level {
+            match logging::set_level(config.log.level) {
+                Ok(()) => tracing::info!(
+                    "[log] level is now {} (workers started from now on use it)",
+                    config.log.level.as_str()
+                ),
+                Err(why) => tracing::warn!(
+                    "[log] level {} not applied: {why}",
+                    config.log.level.as_str()
+                ),
+            }
+        }
         // Unchanged addresses keep their sockets (shared by old and new
         // workers, so no connection is refused); removed ones are kept aside
         // until the old workers are gone, in case the reload rolls back.
@@ -481,6 +566,8 @@ impl Master {
             previous_listeners: removed,
             previous_slots: self.slots.len(),
             started: Instant::now(),
+            admin,
+            moved_pid_file,
         });
         self.listeners = listeners;
         // Every current worker becomes outgoing; every slot gets a new one.
@@ -501,10 +588,46 @@ impl Master {
     }
 
     /// Every new worker is ready: the new config serves. Closes removed
-    /// listeners.
+    /// listeners, moves the admin listener and the pid file.
     pub(super) fn commit_reload(&mut self, reload: PendingReload, outgoing: usize) {
         for bound in reload.previous_listeners {
             bound.close();
+        }
+        match reload.admin {
+            AdminChange::Keep => {}
+            AdminChange::Close => {
+                if let Some(admin) = self.admin.take() {
+                    tracing::info!("admin: no longer listening on {}", admin.addr());
+                }
+            }
+            AdminChange::Move(listener) => {
+                let registry = self.poll.registry();
+                let moved = match self.admin.as_mut() {
+                    Some(admin) => admin.replace_listener(listener, registry),
+                    None => admin::Admin::from_std(listener, registry, ADMIN)
+                        .map(|admin| self.admin = Some(admin)),
+                };
+                match (moved, &self.admin) {
+                    (Ok(()), Some(admin)) => {
+                        tracing::info!("admin: now http://{}/metrics and /healthz", admin.addr())
+                    }
+                    (Err(e), _) => tracing::error!("admin: cannot serve the new address: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(old) = reload.moved_pid_file {
+            if let Some(path) = &old {
+                let _ = std::fs::remove_file(path);
+            }
+            self.pid_file = self.config.server.pid_file.clone();
+            self.reloads.move_to(self.pid_file.as_deref());
+            tracing::info!(
+                "pid_file: now {}",
+                self.pid_file
+                    .as_deref()
+                    .map_or("none".into(), |p| p.display().to_string())
+            );
         }
         let summary = format!(
             "reload complete in {:.1?}: {} new worker(s) serving; draining {outgoing} old worker(s)",
@@ -551,6 +674,16 @@ impl Master {
         }
         listeners.extend(reload.previous_listeners);
         self.listeners = listeners;
+        // The new admin socket (if any) closes with `reload.admin`; a new
+        // pid file goes; the previous level comes back.
+        if reload.moved_pid_file.is_some() {
+            if let Some(path) = &self.config.server.pid_file {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if reload.previous.log.level != self.config.log.level {
+            let _ = logging::set_level(reload.previous.log.level);
+        }
         self.config = reload.previous;
         self.plugin_names = plugin_names(&self.config);
         self.generation = reload.previous_generation;
@@ -596,6 +729,11 @@ impl Master {
         if let Some(reload) = self.reload.take() {
             for bound in reload.previous_listeners {
                 bound.close();
+            }
+            if reload.moved_pid_file.is_some() {
+                if let Some(path) = &self.config.server.pid_file {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             self.reloads
                 .finish(reload.id, State::Cancelled, exit_code::FAILURE, WHY);
