@@ -425,6 +425,26 @@ fn a_reload_changes_the_log_level() {
     wait_log(&server, " DEBUG ", 1, Duration::from_secs(10));
 }
 
+/// The `mode` of a Unix listener whose socket a reload keeps changes too.
+#[test]
+fn a_reload_changes_a_kept_unix_sockets_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let with_mode = |mode: &str| {
+        hostile("workers = 1", "")
+            + &format!(
+                "\n[[listeners]]\naddr = \"unix:{{dir}}/s.sock\"\nplugin = \"hostile\"\nmode = \"{mode}\"\n"
+            )
+    };
+    let mut server = Server::start(&with_mode("0600"));
+    let socket = server.dir().join("s.sock");
+    let mode = |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    server.sandbox_mut().write_config(&with_mode("0660"));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "reload complete", 1, Duration::from_secs(15));
+    assert_eq!(mode(&socket), 0o660, "{}", server.log());
+}
+
 // ---------------------------------------------- 5. `nbnet reload` waits
 
 /// `nbnet reload` reports the outcome of its reload: 0 when the new config

@@ -14,8 +14,8 @@
 //! `nbnet reload` waits on ([`crate::reload_status`]).
 //!
 //! Every config key takes effect: listeners, workers and every `[server]`
-//! limit through the new workers; `[log] level` at once (workers started
-//! from then on inherit it); `[admin] addr` and `[server] pid_file` move
+//! limit through the new workers; `[log] level` and a kept Unix socket's
+//! `mode` at once (workers started from then on inherit the level); `[admin] addr` and `[server] pid_file` move
 //! when the reload completes (the new address is bound, and the new file
 //! written, before the reload goes ahead, so either failing refuses it).
 //! What cannot change without a restart (a listener's `reuseport`, more
@@ -519,6 +519,9 @@ impl Master {
                 ),
             }
         }
+        // A kept Unix socket whose `mode` changed gets it now (and back on
+        // a rollback).
+        set_unix_modes(&self.config, &config);
         // Unchanged addresses keep their sockets (shared by old and new
         // workers, so no connection is refused); removed ones are kept aside
         // until the old workers are gone, in case the reload rolls back.
@@ -684,6 +687,7 @@ impl Master {
         if reload.previous.log.level != self.config.log.level {
             let _ = logging::set_level(reload.previous.log.level);
         }
+        set_unix_modes(&self.config, &reload.previous);
         self.config = reload.previous;
         self.plugin_names = plugin_names(&self.config);
         self.generation = reload.previous_generation;
@@ -746,6 +750,39 @@ impl Master {
         let slots = self.slots.len();
         for bound in &mut self.listeners {
             bound.truncate(slots);
+        }
+    }
+}
+
+/// Applies `to`'s `mode` to each Unix listener that `from` had too (its
+/// socket is kept) with another mode. A mode removed from the config leaves
+/// the socket's permissions as they are (said in the log).
+fn set_unix_modes(from: &Config, to: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    for spec in &to.listeners {
+        let Endpoint::Unix(path) = &spec.addr else {
+            continue;
+        };
+        let Some(before) = from.listeners.iter().find(|l| l.addr == spec.addr) else {
+            continue;
+        };
+        match (before.mode, spec.mode) {
+            (old, new) if old == new => {}
+            (_, Some(mode)) => {
+                match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                    Ok(()) => tracing::info!("listener {}: mode is now {mode:04o}", spec.addr),
+                    Err(e) => tracing::error!(
+                        "listener {}: cannot set mode {mode:04o} ({}:{}): {e}",
+                        spec.addr,
+                        to.file.display(),
+                        spec.line
+                    ),
+                }
+            }
+            (_, None) => tracing::info!(
+                "listener {}: mode no longer set; the socket keeps its permissions until a restart",
+                spec.addr
+            ),
         }
     }
 }
