@@ -1,5 +1,7 @@
 //! `nbnet reload` and `nbnet stop`: find the running master through the
-//! config's `pid_file` and signal it, as `nginx -s reload|quit` does.
+//! config's `pid_file` and signal it, as `nginx -s reload|quit` does; then
+//! wait for the outcome (`reload`, through the reload status file) or the
+//! exit (`stop`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +12,7 @@ use nix::unistd::Pid;
 
 use crate::config;
 use crate::exit_code;
+use crate::reload_status;
 use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
 
 /// `nbnet --version`: the version and the plugin ABIs this build loads.
@@ -22,24 +25,92 @@ pub fn version_line() -> String {
 }
 
 /// `nbnet reload`: SIGHUP to the master, after checking the config here
-/// (the master would refuse an invalid one too, but this says why at once).
+/// (the master would refuse an invalid one too, but this says why at once),
+/// then wait for the outcome of the reload that covers this request (see
+/// [`reload_status`]): exit 0 once the new config serves; otherwise print
+/// the master's reason and exit non-zero (3 invalid config, 4 a plugin
+/// failed, 1 anything else).
 pub fn reload(config_file: &Path) -> i32 {
-    if let Err(e) = config::load(config_file) {
-        eprintln!("nbnet reload: not reloading, the config is invalid:\n{e}");
-        return exit_code::CONFIG_INVALID;
-    }
-    match master_pid(config_file).and_then(|(pid, file)| {
-        send(pid, Signal::SIGHUP, &file)?;
-        Ok(pid)
-    }) {
-        Ok(pid) => {
-            println!("reload requested (SIGHUP to master {pid}); its log says whether the new config was taken");
-            exit_code::OK
+    let config = match config::load(config_file) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("nbnet reload: not reloading, the config is invalid:\n{e}");
+            return exit_code::CONFIG_INVALID;
         }
+    };
+    let (pid, pid_file) = match master_pid(config_file) {
+        Ok(found) => found,
         Err(message) => {
             eprintln!("nbnet reload: {message}");
-            exit_code::FAILURE
+            return exit_code::FAILURE;
         }
+    };
+    let status_path = reload_status::path_for(&pid_file);
+    let reports = matches!(
+        reload_status::read(&status_path),
+        Ok(Some(status)) if status.master == pid.as_raw()
+    );
+    let sent = reload_status::monotonic_ns();
+    if let Err(message) = send(pid, Signal::SIGHUP, &pid_file) {
+        eprintln!("nbnet reload: {message}");
+        return exit_code::FAILURE;
+    }
+    if !reports {
+        println!(
+            "reload requested (SIGHUP to master {pid}); it does not report outcomes ({} is missing: an older nbnet?), so its log says whether the new config was taken",
+            status_path.display()
+        );
+        return exit_code::OK;
+    }
+    let limit = crate::supervisor::reload_outcome_within(&config);
+    let deadline = config::deadline(Instant::now(), limit);
+    let mut said_queued = false;
+    loop {
+        if let Ok(Some(status)) = reload_status::read(&status_path) {
+            if let Some(record) = status
+                .covering(sent)
+                .filter(|_| status.master == pid.as_raw())
+            {
+                if let (Some(why), false) = (&record.queued, said_queued) {
+                    println!("reload {} queued: {why}", record.id);
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    said_queued = true;
+                }
+                if record.state.is_final() {
+                    return outcome(pid, record);
+                }
+            }
+        }
+        if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
+            eprintln!("nbnet reload: master {pid} exited before the reload finished");
+            return exit_code::FAILURE;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "nbnet reload: no outcome from master {pid} within {limit:?}; the reload may still finish: the master's log says how it went"
+            );
+            return exit_code::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Prints how reload `record` ended; its exit status.
+fn outcome(pid: Pid, record: &reload_status::Record) -> i32 {
+    if record.state == reload_status::State::Done {
+        println!("reload {} (master {pid}): {}", record.id, record.message);
+        return exit_code::OK;
+    }
+    eprintln!(
+        "nbnet reload: {} (reload {}, master {pid}): {}",
+        record.state.describe(),
+        record.id,
+        record.message
+    );
+    if record.code == exit_code::OK {
+        exit_code::FAILURE
+    } else {
+        record.code
     }
 }
 

@@ -36,6 +36,7 @@ pub mod logging;
 pub mod pid_file;
 pub mod plugin;
 pub mod proxy;
+pub mod reload_status;
 pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;

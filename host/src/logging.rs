@@ -1,5 +1,5 @@
 //! Log setup: `tracing` to stderr (or to `[log] file`), level from
-//! `[log] level`, `RUST_LOG` wins.
+//! `[log] level` (changed by a reload), `RUST_LOG` wins.
 //!
 //! The writer is a plain blocking `write(2)` on descriptor 2: a
 //! `tracing_appender::non_blocking` writer thread would not exist in a
@@ -33,15 +33,21 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
 
+/// Changes the level of the installed subscriber (see [`set_level`]);
+/// unset when `RUST_LOG` chose the filter.
+type SetLevel = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
+static SET_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber. Call once, in the master, before forking
 /// (and after [`to_file`], if logging to a file).
 pub fn init(level: LogLevel) {
     shared_counter();
+    let from_env = matches!(std::env::var("RUST_LOG"), Ok(d) if !d.trim().is_empty());
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
         _ => EnvFilter::new(level.as_str()),
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter)
         .with_target(false)
@@ -51,7 +57,26 @@ pub fn init(level: LogLevel) {
         // eprintln!, which panics on the same broken stderr (that took the
         // master down).
         .log_internal_errors(false)
-        .try_init();
+        // A reload may change `[log] level` (workers forked afterwards
+        // inherit the new filter).
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if builder.try_init().is_ok() && !from_env {
+        let _ = SET_LEVEL.set(Box::new(move |level: LogLevel| {
+            handle
+                .reload(EnvFilter::new(level.as_str()))
+                .map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// Sets the level `[log] level` names (a reload changed it). `Err` says why
+/// it cannot be changed: `RUST_LOG` overrides `[log] level`.
+pub fn set_level(level: LogLevel) -> Result<(), String> {
+    match SET_LEVEL.get() {
+        Some(set) => set(level),
+        None => Err("RUST_LOG is set, and it overrides [log] level".to_string()),
+    }
 }
 
 /// The `[log] file`, once [`to_file`] opened it.

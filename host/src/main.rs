@@ -93,7 +93,9 @@ enum Command {
     /// Reload the running server: signal its master (found through the
     /// config's pid_file) with SIGHUP. It re-reads the config and plugins,
     /// starts new workers, and drains the old ones; an invalid config
-    /// changes nothing.
+    /// changes nothing. Waits for the outcome: exit 0 once the new config
+    /// serves, else the master's reason (3 invalid config, 4 a plugin
+    /// failed, 1 otherwise); says so if the reload was queued.
     Reload {
         /// The config file the server was started with (default:
         /// $NBNET_CONFIG, else config/nbnet.toml).

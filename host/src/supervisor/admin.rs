@@ -43,6 +43,13 @@ const LINGER_BYTES: usize = 256 * 1024;
 const CROWD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// Binds the admin address (non-blocking, `SO_REUSEADDR`), without serving it yet.
+pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// What the master answers for a path.
 pub struct Reply {
     /// HTTP status code.
@@ -96,7 +103,18 @@ impl Admin {
     /// Binds `addr` and registers it under `Token(base)`; clients get the
     /// tokens above.
     pub fn bind(addr: SocketAddr, registry: &Registry, base: usize) -> io::Result<Admin> {
-        let mut listener = TcpListener::bind(addr)?;
+        Admin::from_std(bind_std(addr)?, registry, base)
+    }
+
+    /// Serves a socket bound by [`bind_std`] (a reload binds the new
+    /// address first, and serves it once the reload is complete).
+    pub fn from_std(
+        listener: std::net::TcpListener,
+        registry: &Registry,
+        base: usize,
+    ) -> io::Result<Admin> {
+        let addr = listener.local_addr()?;
+        let mut listener = TcpListener::from_std(listener);
         registry.register(&mut listener, Token(base), Interest::READABLE)?;
         Ok(Admin {
             listener,
@@ -106,6 +124,23 @@ impl Admin {
             next_seq: 0,
             crowd_warned: None,
         })
+    }
+
+    /// Listens on `listener` (bound by [`bind_std`]) instead: a reload
+    /// moved `[admin] addr`. Clients of the old socket are still answered;
+    /// the old socket closes.
+    pub fn replace_listener(
+        &mut self,
+        listener: std::net::TcpListener,
+        registry: &Registry,
+    ) -> io::Result<()> {
+        let addr = listener.local_addr()?;
+        let mut listener = TcpListener::from_std(listener);
+        registry.register(&mut listener, Token(self.base), Interest::READABLE)?;
+        let mut old = std::mem::replace(&mut self.listener, listener);
+        let _ = registry.deregister(&mut old);
+        self.addr = addr;
+        Ok(())
     }
 
     /// The address it listens on.

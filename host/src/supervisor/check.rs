@@ -1,5 +1,7 @@
 //! Loads every configured plugin in a short-lived child process and reports
-//! what happened, for `--check` and before the master forks its workers.
+//! what happened: for `--check` and before the master forks its workers
+//! (blocking, [`check_plugins`]), and for a reload, where the master's loop
+//! drives the same [`Check`] without waiting on it.
 //!
 //! Why a child: the master must never load plugins (a plugin's initializers
 //! or threads could leave the dynamic loader locked when the master forks,
@@ -7,12 +9,13 @@
 //! that crashes while loading must not take the master with it.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult};
+use nix::unistd::{fork, ForkResult, Pid};
 
 use super::decision::Exit;
 use crate::config::Config;
@@ -29,81 +32,256 @@ pub struct Report {
 
 /// Takes an image of each plugin file of `config` (see
 /// [`crate::plugin::image`]: what the workers of this config will load),
-/// then loads (and destroys) each plugin in a child process.
+/// then loads (and destroys) each plugin in a child process, and waits for
+/// the child's report.
+///
+/// The blocking driver of [`Check`], for startup and `--check`, where
+/// nothing else needs the process meanwhile. A reload drives the same
+/// [`Check`] from the master's event loop instead, so that reaping,
+/// replacing and watching workers and answering `/healthz` go on while the
+/// plugins load.
 pub fn check_plugins(config: &mut Config) -> Report {
-    let mut report = Report {
-        errors: image::snapshot_all(config),
-        ..Report::default()
+    let mut check = match Check::start(config) {
+        Ok(check) => check,
+        Err(report) => return report,
     };
-    let (mut reader, writer) = match std::io::pipe() {
-        Ok(pipe) => pipe,
-        Err(e) => {
-            report
-                .errors
-                .push(format!("cannot create a pipe to check plugins: {e}"));
-            return report;
-        }
-    };
-    // SAFETY: the master is single-threaded (it starts no threads and loads
-    // no plugins), so the child may allocate and run arbitrary code.
-    match unsafe { fork() } {
-        Err(e) => {
-            report
-                .errors
-                .push(format!("cannot fork to check plugins: {e}"));
-            report
-        }
-        Ok(ForkResult::Child) => {
-            drop(reader);
-            let code = child(config, writer);
-            std::process::exit(code)
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(writer);
-            let limit = config.server.init_timeout;
-            let (text, outcome) = watch(child, &mut reader, limit);
-            // Whatever the plugins started in the child's process group
-            // goes with it (a daemon forked in init, say).
-            super::sweep_group(child);
-            let mut loading: Option<&str> = None;
-            for line in text.lines() {
-                match line.split_once('\t') {
-                    Some(("LOADING", what)) => loading = Some(what),
-                    Some(("OK", what)) => {
-                        loading = None;
-                        report.loaded.push(what.to_string());
-                    }
-                    Some(("ERROR", what)) => {
-                        loading = None;
-                        report.errors.push(what.to_string());
-                    }
-                    _ => {}
+    loop {
+        check.read_available();
+        match waitpid(check.pid(), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            Ok(status) => {
+                if let Some(exit) = Exit::from_wait(status) {
+                    check.exited(exit);
                 }
             }
-            match (outcome, loading) {
-                (Outcome::TimedOut, Some(what)) => report.errors.push(format!(
-                    "{what}: did not finish loading within init_timeout = {limit:?} (does its init block? raise [server] init_timeout if it legitimately takes longer)"
-                )),
-                (Outcome::Exited(Exit::Code(0)), None) => {}
-                (Outcome::Exited(Exit::Code(DESCRIPTORS_CLOSED)), Some(what)) => {
-                    report.errors.push(format!(
-                        "{what}: its init closed file descriptors it did not open (the host's); a plugin must close only descriptors it opened itself"
-                    ))
-                }
-                (Outcome::Exited(exit), Some(what)) => report.errors.push(format!(
-                    "{what}: ended the process while loading: {}",
-                    exit.inside_plugin()
-                )),
-                (outcome, None) => report
+            Err(_) => check.lost(),
+        }
+        if check.is_done() {
+            return check.finish();
+        }
+        check.enforce_deadline(Instant::now());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A plugin check under way: the checker child, what it has reported so
+/// far, and its deadline. Driven either by [`check_plugins`] (blocking) or
+/// by the master's loop (the report pipe is registered in its `Poll`, and
+/// the master's reaper hands the child's exit over with [`Check::exited`]).
+///
+/// Each plugin gets `init_timeout` to load: the deadline moves on with
+/// every `LOADING` line. A checker past it is killed, and reported as such
+/// once it has been reaped.
+#[derive(Debug)]
+pub struct Check {
+    child: Pid,
+    reader: std::io::PipeReader,
+    bytes: Vec<u8>,
+    /// Complete `LOADING` lines seen (progress).
+    loading_lines: usize,
+    /// Where the last incomplete line starts in `bytes`.
+    line_start: usize,
+    limit: Duration,
+    deadline: Instant,
+    killed: bool,
+    /// How the child ended, once it has been reaped.
+    outcome: Option<Outcome>,
+    /// Problems found before the child started (unreadable plugin files).
+    report: Report,
+}
+
+impl Check {
+    /// Takes the plugin images of `config` and forks the checker. `Err`
+    /// when no checker could be started (the report says why).
+    pub fn start(config: &mut Config) -> Result<Check, Report> {
+        let mut report = Report {
+            errors: image::snapshot_all(config),
+            ..Report::default()
+        };
+        let (reader, writer) = match std::io::pipe() {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                report
                     .errors
-                    .push(format!("the plugin checker failed ({outcome})")),
-                (Outcome::Lost, Some(what)) => report.errors.push(format!(
-                    "{what}: the plugin checker failed ({})",
-                    Outcome::Lost
-                )),
+                    .push(format!("cannot create a pipe to check plugins: {e}"));
+                return Err(report);
             }
-            report
+        };
+        let _ = nix::fcntl::fcntl(
+            reader.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        // SAFETY: the master is single-threaded (it starts no threads and
+        // loads no plugins), so the child may allocate and run arbitrary code.
+        match unsafe { fork() } {
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("cannot fork to check plugins: {e}"));
+                Err(report)
+            }
+            Ok(ForkResult::Child) => {
+                drop(reader);
+                let code = child(config, writer);
+                std::process::exit(code)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(writer);
+                let limit = config.server.init_timeout;
+                Ok(Check {
+                    child,
+                    reader,
+                    bytes: Vec::new(),
+                    loading_lines: 0,
+                    line_start: 0,
+                    limit,
+                    deadline: crate::config::deadline(Instant::now(), limit),
+                    killed: false,
+                    outcome: None,
+                    report,
+                })
+            }
         }
+    }
+
+    /// The checker's process id (the master's reaper hands its exit over).
+    pub fn pid(&self) -> Pid {
+        self.child
+    }
+
+    /// The report pipe, to register in a `Poll` (edge-triggered: call
+    /// [`Check::read_available`] on every readiness event).
+    pub fn fd(&self) -> RawFd {
+        self.reader.as_raw_fd()
+    }
+
+    /// Reads what the checker has written so far, without blocking. A
+    /// `LOADING` line is progress: the next plugin gets its own
+    /// `init_timeout`. At most [`MAX_REPORT_BYTES`] are kept (a flood is
+    /// cut, and stops counting as progress), and one call reads at most
+    /// that much, so a flood cannot hold the caller.
+    pub fn read_available(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let mut read = 0;
+        while read < MAX_REPORT_BYTES {
+            match self.reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    read += n;
+                    let room = MAX_REPORT_BYTES.saturating_sub(self.bytes.len());
+                    self.bytes.extend_from_slice(&chunk[..n.min(room)]);
+                    self.count_progress();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn count_progress(&mut self) {
+        while let Some(end) = self.bytes[self.line_start..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let line = &self.bytes[self.line_start..self.line_start + end];
+            if line.starts_with(b"LOADING\t") {
+                self.loading_lines += 1;
+                if !self.killed {
+                    self.deadline = crate::config::deadline(Instant::now(), self.limit);
+                }
+            }
+            self.line_start += end + 1;
+        }
+    }
+
+    /// The checker exited (reaped by the caller).
+    pub fn exited(&mut self, exit: Exit) {
+        self.outcome = Some(if self.killed {
+            Outcome::TimedOut
+        } else {
+            Outcome::Exited(exit)
+        });
+    }
+
+    /// The checker's status could not be read.
+    pub fn lost(&mut self) {
+        self.outcome = Some(Outcome::Lost);
+    }
+
+    /// Whether the checker has been reaped: [`Check::finish`] gives the report.
+    pub fn is_done(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// When the checker will be killed if it makes no progress; `None`
+    /// once it has been killed (it is then only waited for).
+    pub fn deadline(&self) -> Option<Instant> {
+        (!self.killed && self.outcome.is_none()).then_some(self.deadline)
+    }
+
+    /// Kills the checker if it is past its deadline (the caller still reaps it).
+    pub fn enforce_deadline(&mut self, now: Instant) {
+        if !self.killed && self.outcome.is_none() && now >= self.deadline {
+            let _ = nix::sys::signal::kill(self.child, Signal::SIGKILL);
+            self.killed = true;
+        }
+    }
+
+    /// Stops a check that is no longer wanted (the server is stopping):
+    /// kills the checker and what it started. The caller reaps it.
+    pub fn abort(self) {
+        let _ = nix::sys::signal::kill(self.child, Signal::SIGKILL);
+        super::sweep_group(self.child);
+    }
+
+    /// The report of a reaped checker.
+    pub fn finish(mut self) -> Report {
+        // Whatever it wrote just before exiting.
+        self.read_available();
+        // Whatever the plugins started in the child's process group goes
+        // with it (a daemon forked in init, say).
+        super::sweep_group(self.child);
+        let text = String::from_utf8_lossy(&self.bytes).into_owned();
+        let limit = self.limit;
+        let mut report = self.report;
+        let mut loading: Option<&str> = None;
+        for line in text.lines() {
+            match line.split_once('\t') {
+                Some(("LOADING", what)) => loading = Some(what),
+                Some(("OK", what)) => {
+                    loading = None;
+                    report.loaded.push(what.to_string());
+                }
+                Some(("ERROR", what)) => {
+                    loading = None;
+                    report.errors.push(what.to_string());
+                }
+                _ => {}
+            }
+        }
+        match (self.outcome.unwrap_or(Outcome::Lost), loading) {
+            (Outcome::TimedOut, Some(what)) => report.errors.push(format!(
+                "{what}: did not finish loading within init_timeout = {limit:?} (does its init block? raise [server] init_timeout if it legitimately takes longer)"
+            )),
+            (Outcome::Exited(Exit::Code(0)), None) => {}
+            (Outcome::Exited(Exit::Code(DESCRIPTORS_CLOSED)), Some(what)) => {
+                report.errors.push(format!(
+                    "{what}: its init closed file descriptors it did not open (the host's); a plugin must close only descriptors it opened itself"
+                ))
+            }
+            (Outcome::Exited(exit), Some(what)) => report.errors.push(format!(
+                "{what}: ended the process while loading: {}",
+                exit.inside_plugin()
+            )),
+            (outcome, None) => report
+                .errors
+                .push(format!("the plugin checker failed ({outcome})")),
+            (Outcome::Lost, Some(what)) => report.errors.push(format!(
+                "{what}: the plugin checker failed ({})",
+                Outcome::Lost
+            )),
+        }
+        report
     }
 }
 
@@ -111,7 +289,7 @@ pub fn check_plugins(config: &mut Config) -> Report {
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Exited(Exit),
-    /// No report line for longer than the limit: killed.
+    /// No progress for longer than the limit: killed.
     TimedOut,
     /// `waitpid` failed.
     Lost,
@@ -124,70 +302,6 @@ impl std::fmt::Display for Outcome {
             Outcome::TimedOut => f.write_str("timed out"),
             Outcome::Lost => f.write_str("its status could not be read"),
         }
-    }
-}
-
-/// Collects the checker's report until the checker exits, killing it when
-/// it says nothing for `limit` (each plugin gets `limit` to load).
-///
-/// Ends when the *child* ends, not at end-of-file: a plugin that forked a
-/// long-lived process in init could keep a copy of the pipe open forever.
-fn watch(
-    child: nix::unistd::Pid,
-    reader: &mut std::io::PipeReader,
-    limit: std::time::Duration,
-) -> (String, Outcome) {
-    use std::os::fd::AsFd;
-    let _ = nix::fcntl::fcntl(
-        reader.as_fd(),
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    );
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut deadline = crate::config::deadline(std::time::Instant::now(), limit);
-    let mut killed = false;
-    loop {
-        // Everything written so far (the child may be gone already).
-        loop {
-            match reader.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => {
-                    bytes.extend_from_slice(&chunk[..n]);
-                    // Progress: the next plugin gets its own `limit`. (The
-                    // report is a few lines per plugin; a flood is cut.)
-                    deadline = crate::config::deadline(std::time::Instant::now(), limit);
-                    bytes.truncate(MAX_REPORT_BYTES);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {}
-            Ok(status) => {
-                if let Some(exit) = Exit::from_wait(status) {
-                    // Whatever it wrote just before exiting.
-                    while let Ok(n @ 1..) = reader.read(&mut chunk) {
-                        bytes.extend_from_slice(&chunk[..n]);
-                        bytes.truncate(MAX_REPORT_BYTES);
-                    }
-                    let text = String::from_utf8_lossy(&bytes).into_owned();
-                    let outcome = if killed {
-                        Outcome::TimedOut
-                    } else {
-                        Outcome::Exited(exit)
-                    };
-                    return (text, outcome);
-                }
-            }
-            Err(Errno::EINTR) => {}
-            Err(_) => return (String::from_utf8_lossy(&bytes).into_owned(), Outcome::Lost),
-        }
-        if !killed && std::time::Instant::now() >= deadline {
-            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-            killed = true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 

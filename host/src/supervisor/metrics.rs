@@ -40,6 +40,9 @@ pub struct Snapshot {
     pub timeouts: BTreeMap<String, u64>,
     /// Log lines the master and its workers could not write.
     pub log_lines_dropped: u64,
+    /// Workers killed because they were still draining past
+    /// `shutdown_timeout` and the grace period.
+    pub drain_kills: u64,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -88,6 +91,13 @@ pub fn render(snapshot: &Snapshot) -> String {
         "nbnet_log_lines_dropped_total {}",
         snapshot.log_lines_dropped
     );
+    family(
+        &mut out,
+        "nbnet_drain_kills_total",
+        "counter",
+        "Workers killed because they were still draining past shutdown_timeout plus the grace period.",
+    );
+    let _ = writeln!(out, "nbnet_drain_kills_total {}", snapshot.drain_kills);
     family(
         &mut out,
         "nbnet_worker_last_exit_info",
@@ -293,12 +303,14 @@ mod tests {
             last_exits: [(0, "killed by SIGSEGV".to_string())].into(),
             timeouts: [("upper".to_string(), 1)].into(),
             log_lines_dropped: 7,
+            drain_kills: 3,
         };
         let text = render(&snapshot);
         for line in [
             "nbnet_workers{role=\"serving\"} 1",
             "nbnet_worker_restarts_total 2",
             "nbnet_log_lines_dropped_total 7",
+            "nbnet_drain_kills_total 3",
             "nbnet_worker_last_exit_info{worker=\"0\",reason=\"killed by SIGSEGV\"} 1",
             "nbnet_connections_total{worker=\"0\",pid=\"42\"} 4",
             "nbnet_connections_total{worker=\"all\"} 4",

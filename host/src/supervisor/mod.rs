@@ -19,7 +19,9 @@
 //! whose address is unchanged are shared by both.
 //!
 //! The master stays single-threaded and never loads a plugin, so forking is
-//! always safe; plugins are validated in a short-lived child ([`check`]).
+//! always safe; plugins are validated in a short-lived child ([`check`]),
+//! which during a reload is one more event source of the loop: the master
+//! never waits on it (see `reload.rs`).
 //!
 //! Files: this one holds the state, the loop and the signal handlers;
 //! `pool.rs` forks and watches workers; `reap.rs` handles their exits;
@@ -40,7 +42,8 @@ mod reload;
 use listeners::{bind_listeners, Bound};
 pub(crate) use reap::sweep_group;
 use reap::sweep_orphans;
-use reload::PendingReload;
+pub(crate) use reload::outcome_within as reload_outcome_within;
+use reload::{Checking, PendingReload, ReloadLog, MAX_OLD_GENERATIONS};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -60,14 +63,29 @@ use decision::{Boot, Decision, Exit};
 
 /// The master's `signalfd`.
 const SIGNALS: Token = Token(0);
+/// The report pipe of a reload's plugin checker.
+const CHECK: Token = Token(1);
 /// The admin listener; its clients take the tokens above it.
-const ADMIN: usize = 1;
+const ADMIN: usize = 2;
 /// How long workers get beyond their own deadline (`shutdown_timeout` for a
 /// graceful stop, none for a fast one) before the master kills them.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Scoreboard entries: enough for every worker alive at once, including
-/// outgoing and draining ones during reloads and SIGTTIN growth.
-const SCOREBOARD_ENTRIES: usize = 1024;
+/// Workers one generation may have, for sizing the scoreboard at startup:
+/// twice the workers the master starts with, at least 8, so that a reload
+/// or SIGTTIN may add some. More needs a restart.
+fn worker_room(workers: usize) -> usize {
+    workers.saturating_mul(2).max(8)
+}
+
+/// Scoreboard entries for `room` workers per generation: every generation
+/// that may be alive at once (the serving one and [`MAX_OLD_GENERATIONS`]
+/// draining), each slot with its worker and, at most, the one it replaced
+/// (`max_requests_per_worker`) still draining, and a few spare. Reloads
+/// wait, and recycling and SIGTTIN hold back, rather than go past it, so
+/// a worker never lacks an entry.
+fn scoreboard_entries(room: usize) -> usize {
+    room * (MAX_OLD_GENERATIONS + 1) * 2 + 8
+}
 /// A reload whose new workers are not all ready by then is rolled back.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the master looks at the scoreboard while replacing workers.
@@ -145,6 +163,13 @@ struct Worker {
     /// The master's end of its control channel (see [`relay`]); `None`
     /// if it could not be made, or once the worker closed it.
     control: Option<std::os::fd::OwnedFd>,
+    /// When it was told to drain.
+    draining_since: Option<Instant>,
+    /// Its config's `shutdown_timeout`: how long it may drain (plus
+    /// [`STOP_GRACE`]) before the master kills it.
+    shutdown_timeout: Duration,
+    /// Killed for draining too long.
+    drain_killed: bool,
 }
 
 /// One slot of the worker pool.
@@ -187,10 +212,23 @@ pub struct Master {
     /// When recent restarts happened (pruned to `restart_window`).
     restarts: VecDeque<Instant>,
     reload: Option<PendingReload>,
+    /// A reload whose config's plugins are being checked in a child.
+    checking: Option<Checking>,
+    /// A reload waiting for the one under way, or for old generations to
+    /// finish draining (SIGHUPs meanwhile join it): its id.
+    queued: Option<u64>,
+    /// The reload status file `nbnet reload` waits on.
+    reloads: ReloadLog,
     /// The config generation new workers are started with.
     generation: u64,
-    /// Locked while the master runs; removed when it is dropped.
-    #[expect(dead_code, reason = "held for its lock; dropping it removes the file")]
+    /// The last generation number handed out.
+    generations: u64,
+    /// Workers one generation may have (see [`worker_room`]).
+    worker_room: usize,
+    /// Workers killed for draining too long.
+    drain_kills: u64,
+    /// Locked while the master runs; removed when it is dropped (a reload
+    /// that moves it swaps in the new one when it completes).
     pid_file: Option<crate::pid_file::PidFile>,
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
@@ -278,8 +316,10 @@ pub fn serve(mut config: Config) -> i32 {
     // 3. Signals become events of the master's loop (the mask is inherited
     //    by workers, which read their own signalfd), and the scoreboard is
     //    mapped before any worker exists so that all of them share it.
+    let room = worker_room(config.server.worker_count());
+    let entries = scoreboard_entries(room);
     let setup = Signals::block(&MASTER_SIGNALS)
-        .and_then(|signals| Ok((signals, Scoreboard::new(SCOREBOARD_ENTRIES)?)))
+        .and_then(|signals| Ok((signals, Scoreboard::new(entries)?)))
         .map_err(std::io::Error::from)
         .and_then(|(signals, scoreboard)| {
             let poll = Poll::new()?;
@@ -311,6 +351,8 @@ pub fn serve(mut config: Config) -> i32 {
         None => None,
     };
 
+    let reloads = ReloadLog::new(pid_file.as_ref().map(|p| p.path()));
+
     let now = Instant::now();
     let worker_count = config.server.worker_count();
     let mut master = Master {
@@ -320,12 +362,18 @@ pub fn serve(mut config: Config) -> i32 {
         poll,
         signals,
         scoreboard,
-        free_boards: (0..SCOREBOARD_ENTRIES).rev().collect(),
+        free_boards: (0..entries).rev().collect(),
         slots: (0..worker_count).map(|_| Slot::empty(now)).collect(),
         workers: HashMap::new(),
         restarts: VecDeque::new(),
         reload: None,
+        checking: None,
+        queued: None,
+        reloads,
         generation: 0,
+        generations: 0,
+        worker_room: room,
+        drain_kills: 0,
         pid_file,
         phase: Phase::Serving,
         admin,
@@ -348,6 +396,7 @@ pub fn serve(mut config: Config) -> i32 {
     // From here on the log file alone gets the lines (with `[log] file`).
     crate::logging::started();
     let code = master.run();
+    master.reloads.remove();
     // Removes the PID file (and releases its lock).
     drop(master);
     code
@@ -433,6 +482,8 @@ impl Master {
                 self.begin_stop("drain_delay is over", Stop::Graceful);
             }
             self.reap_workers();
+            self.advance_reloads();
+            self.kill_overdue_drains();
             if let Some(code) = self.manage_workers() {
                 return code;
             }
@@ -445,9 +496,12 @@ impl Master {
     /// deadline, or the stop deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let admin = self.admin.as_ref().and_then(admin::Admin::next_deadline);
+        let check = self.checking.as_ref().and_then(Checking::deadline);
         [
             self.next_wakeup_for_workers(),
             admin,
+            check,
+            self.next_drain_deadline(),
             self.relay_wakeup(),
             self.lame_duck,
         ]
@@ -552,6 +606,7 @@ impl Master {
             last_exits: self.last_exits.clone(),
             timeouts: self.timeouts.clone(),
             log_lines_dropped: crate::logging::dropped_lines(),
+            drain_kills: self.drain_kills,
         }
     }
 
@@ -628,6 +683,20 @@ impl Master {
         if self.phase != Phase::Serving {
             return;
         }
+        if self.slots.len() >= self.worker_room {
+            tracing::warn!(
+                "SIGTTIN received: keeping {} worker(s), the most this master's scoreboard was sized for at startup (twice the workers it started with, at least 8); restart nbnet with more [server] workers for more",
+                self.slots.len()
+            );
+            return;
+        }
+        if self.free_boards.len() <= self.reserved_boards() {
+            tracing::warn!(
+                "SIGTTIN received: keeping {} worker(s): old workers still draining hold the scoreboard's spare entries; try again once they have finished",
+                self.slots.len()
+            );
+            return;
+        }
         self.slots.push(Slot::empty(Instant::now()));
         tracing::info!("SIGTTIN received: {} worker(s) now", self.slots.len());
     }
@@ -675,11 +744,7 @@ impl Master {
         for bound in std::mem::take(&mut self.listeners) {
             bound.close();
         }
-        if let Some(reload) = self.reload.take() {
-            for bound in reload.previous_listeners {
-                bound.close();
-            }
-        }
+        self.cancel_reloads();
         self.signal_workers(signal);
     }
 }

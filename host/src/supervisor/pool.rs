@@ -29,7 +29,7 @@ impl Master {
                 crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
             }
         }
-        if self.reloading && self.up && self.reload.is_none() {
+        if self.reloading && self.up && self.reload.is_none() && self.checking.is_none() {
             // A reload is over (done, aborted or rolled back).
             self.reloading = false;
             crate::systemd::notify("READY=1");
@@ -76,6 +76,24 @@ impl Master {
             }
         }
         for pid in retiring {
+            // A worker is replaced only while the scoreboard has room
+            // beyond what empty slots and a reload being checked need, and
+            // only once its slot's previous worker (of this config) is
+            // gone: a slot never has more than one predecessor draining.
+            // Until then it keeps serving and asks again.
+            let Some(worker) = self.workers.get(&pid) else {
+                continue;
+            };
+            let (index, generation) = (worker.index, worker.generation);
+            let predecessor = self.workers.iter().any(|(&other, w)| {
+                other != pid
+                    && w.index == index
+                    && w.generation == generation
+                    && w.role != Role::Serving
+            });
+            if predecessor || self.free_boards.len() <= self.reserved_boards() {
+                continue;
+            }
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!(
                     "worker {} (pid {pid}) served max_requests_per_worker: replacing it",
@@ -108,15 +126,7 @@ impl Master {
         });
         if all_ready {
             if let Some(reload) = self.reload.take() {
-                for bound in reload.previous_listeners {
-                    bound.close();
-                }
-                tracing::info!(
-                    "reload complete in {:.1?}: {} new worker(s) serving; draining {} old worker(s)",
-                    reload.started.elapsed(),
-                    self.slots.len(),
-                    outgoing.len()
-                );
+                self.commit_reload(reload, outgoing.len());
             }
             for pid in outgoing {
                 self.drain(pid);
@@ -127,15 +137,64 @@ impl Master {
             .as_ref()
             .is_some_and(|r| r.started.elapsed() > RELOAD_TIMEOUT)
         {
-            tracing::error!("reload: the new workers were not all ready within {RELOAD_TIMEOUT:?}");
-            self.roll_back_reload();
+            let why = format!("the new workers were not all ready within {RELOAD_TIMEOUT:?}");
+            tracing::error!("reload: {why}");
+            self.roll_back_reload(exit_code::FAILURE, why);
         }
+    }
+
+    /// Kills every worker still draining past its `shutdown_timeout` plus
+    /// [`STOP_GRACE`] (its plugins catch or block SIGTERM, say, or its
+    /// drain hangs), serving or stopping: an old worker must not live on
+    /// beside its replacements.
+    pub(super) fn kill_overdue_drains(&mut self) {
+        let now = Instant::now();
+        for (&pid, worker) in self.workers.iter_mut() {
+            let Some(since) = worker.draining_since else {
+                continue;
+            };
+            let drained = now.duration_since(since);
+            let allowed = worker.shutdown_timeout.saturating_add(STOP_GRACE);
+            if worker.drain_killed || drained < allowed {
+                continue;
+            }
+            let open = self
+                .scoreboard
+                .slot(worker.board)
+                .stats
+                .connections_open
+                .get();
+            tracing::error!(
+                "old worker {} (pid {pid}) still running {drained:.1?} after it was told to drain, past shutdown_timeout = {:?} + {STOP_GRACE:?} grace, with {open} connection(s) open: killing it (does a plugin catch or block SIGTERM?)",
+                worker.index,
+                worker.shutdown_timeout
+            );
+            worker.drain_killed = true;
+            self.drain_kills += 1;
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// When the next draining worker runs out of time.
+    pub(super) fn next_drain_deadline(&self) -> Option<Instant> {
+        self.workers
+            .values()
+            .filter(|w| !w.drain_killed)
+            .filter_map(|w| {
+                let since = w.draining_since?;
+                Some(config::deadline(
+                    since,
+                    w.shutdown_timeout.saturating_add(STOP_GRACE),
+                ))
+            })
+            .min()
     }
 
     /// Tells one worker to drain (SIGTERM) and stop counting it as serving.
     pub(super) fn drain(&mut self, pid: Pid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.role = Role::Draining;
+            worker.draining_since.get_or_insert_with(Instant::now);
             // Its connections move to the serving workers rather than
             // close (SIGTERM, the fallback, closes them at frame boundaries).
             self.ask_to_hand_over(pid);
@@ -180,6 +239,8 @@ impl Master {
                         "{} worker(s) still running past the stop deadline: sending SIGKILL",
                         self.workers.len()
                     );
+                    self.drain_kills +=
+                        self.workers.values().filter(|w| !w.drain_killed).count() as u64;
                     self.signal_workers(Signal::SIGKILL);
                     // Wait for the kills to be reaped.
                     self.phase = Phase::Stopping {
@@ -197,7 +258,8 @@ impl Master {
         let master = getpid();
         let Some(board) = self.free_boards.pop() else {
             tracing::error!(
-                "no free scoreboard entry for worker {index} ({SCOREBOARD_ENTRIES} workers alive?)"
+                "no free scoreboard entry for worker {index} ({} workers alive?)",
+                self.scoreboard.len()
             );
             return Err(Errno::EAGAIN);
         };
@@ -251,6 +313,9 @@ impl Master {
                         watched_since: now,
                         hung: None,
                         control: ours,
+                        draining_since: None,
+                        shutdown_timeout: self.config.server.shutdown_timeout,
+                        drain_killed: false,
                     },
                 );
                 tracing::info!("worker {index} started (pid {child})");
@@ -285,7 +350,14 @@ impl Master {
                 // here does not close them in the master (and `close` is
                 // never called, so no socket file is removed).
                 drop(available);
-                self.reload = None;
+                // The pending reload's sockets and images are the master's;
+                // but a PidFile removes its file when dropped: this copy
+                // must never run that (the worker exits without dropping
+                // `self`, so only what is dropped here matters).
+                if let Some(mut reload) = self.reload.take() {
+                    std::mem::forget(reload.moved_pid_file.take());
+                }
+                self.checking = None;
                 let who = worker::Identity {
                     index,
                     count: self.slots.len(),

@@ -88,6 +88,11 @@ impl Master {
             let (Some(pid), Some(exit)) = (status.pid(), Exit::from_wait(status)) else {
                 continue;
             };
+            // A reload's plugin checker: its report is complete.
+            if let Some(checking) = self.checking.as_mut().filter(|c| c.pid() == pid) {
+                checking.exited(exit);
+                continue;
+            }
             // Not one of ours (an orphan a plugin left behind, adopted by
             // the master as subreaper): reaped, nothing else to do.
             // Connections it handed over just before exiting may still wait
@@ -187,8 +192,9 @@ impl Master {
             .as_ref()
             .is_some_and(|r| r.generation == worker.generation);
         if of_pending_reload && boot != Boot::Served {
-            tracing::error!("new worker {index} (pid {pid}) failed to start: {cause}");
-            self.roll_back_reload();
+            let why = format!("new worker {index} (pid {pid}) failed to start: {cause}");
+            tracing::error!("{why}");
+            self.roll_back_reload(exit_code::PLUGIN_LOAD_FAILED, why);
             return;
         }
         self.last_exits.insert(index, cause.clone());

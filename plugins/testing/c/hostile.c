@@ -12,6 +12,11 @@
  *                        can and sleeps forever (without exec)
  *   init_close_fds = true  close descriptors 3..1023 in init
  *   init_error = "text"  fail init with this message (may hold newlines)
+ *   catch_term = true    install a SIGTERM handler that does nothing and
+ *                        unblock SIGTERM, so the worker's signalfd never sees
+ *                        it: the worker ignores "drain" and keeps serving
+ *   destroy_hang = true  destroy never returns (a worker that can never
+ *                        finish stopping by itself)
  *   only_worker = I      do the above only in worker I (the host's check
  *                        loads plugins as worker 0, so I > 0 passes it)
  *
@@ -82,6 +87,20 @@ static void hostile_on_close(void *state, const nbnet_conn *conn) {
     log_hook("close", conn);
 }
 
+/* destroy_hang: set in init, read in destroy. */
+static int hang_in_destroy;
+
+static void hostile_destroy(void *state) {
+    (void)state;
+    while (hang_in_destroy) {
+        sleep_ms(1000);
+    }
+}
+
+static void ignore_term(int sig) {
+    (void)sig;
+}
+
 static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
     const char *value;
     *state = NULL;
@@ -104,6 +123,20 @@ static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
         for (int fd = 3; fd < 1024; fd++) {
             close(fd);
         }
+    }
+    if ((value = ctx->config_get(ctx, "destroy_hang")) != NULL && strcmp(value, "true") == 0) {
+        hang_in_destroy = 1;
+    }
+    if ((value = ctx->config_get(ctx, "catch_term")) != NULL && strcmp(value, "true") == 0) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_handler = ignore_term;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGTERM, &action, NULL);
+        sigset_t term;
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        sigprocmask(SIG_UNBLOCK, &term, NULL);
     }
     if ((value = ctx->config_get(ctx, "init_error")) != NULL) {
         ctx->set_error(ctx, value, strlen(value));
@@ -189,7 +222,7 @@ static const nbnet_plugin table = {
     .version = "0.1.0",
     .init = hostile_init,
     .process = hostile_process,
-    .destroy = NULL,
+    .destroy = hostile_destroy,
     .on_open = hostile_on_open,
     .on_close = hostile_on_close,
 };
