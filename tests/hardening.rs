@@ -308,9 +308,7 @@ fn an_init_that_closes_the_hosts_descriptors_is_named_in_check_and_in_a_worker()
     assert_eq!(outcome.status.code(), Some(4), "{}", outcome.stderr);
     assert!(
         outcome.stderr.contains("plugin \"hostile\"")
-            && outcome
-                .stderr
-                .contains("closed file descriptors it did not open"),
+            && outcome.stderr.contains("its init closed file descriptor"),
         "{}",
         outcome.stderr
     );

@@ -113,6 +113,132 @@ pub fn first_closed() -> Option<RawFd> {
     })
 }
 
+/// What a descriptor was before plugin code ran: its number and the
+/// (device, inode) it refers to.
+type Identity = (RawFd, u64, u64);
+
+/// The host's descriptors (every marked one, and the standard 0, 1, 2) as
+/// they were at one moment: a plugin's init that closes one of them, or
+/// replaces it (`dup2` over it), is found by comparing.
+#[derive(Debug)]
+pub struct Snapshot(Vec<Identity>);
+
+/// How a plugin changed one of the host's descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tampered {
+    /// It closed it.
+    Closed(RawFd),
+    /// It put another file on its number (`dup2`).
+    Replaced(RawFd),
+}
+
+impl std::fmt::Display for Tampered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, fd) = match self {
+            Tampered::Closed(fd) => ("closed", fd),
+            Tampered::Replaced(fd) => ("replaced (dup2 over it)", fd),
+        };
+        let name = match fd {
+            0 => " (stdin)",
+            1 => " (stdout)",
+            2 => " (stderr)",
+            _ => "",
+        };
+        write!(f, "{what} file descriptor {fd}{name}")
+    }
+}
+
+fn identity(fd: RawFd) -> Option<Identity> {
+    // SAFETY: fstat on a descriptor number only reads its metadata; an
+    // invalid number gives an error.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::sys::stat::fstat(borrowed)
+        .ok()
+        .map(|st| (fd, st.st_dev, st.st_ino))
+}
+
+/// Takes a [`Snapshot`] of the host's descriptors now.
+pub fn snapshot() -> Snapshot {
+    Snapshot(
+        (0..3)
+            .chain(marked().filter(|&fd| fd > 2))
+            .filter_map(identity)
+            .collect(),
+    )
+}
+
+impl Snapshot {
+    /// The first of the host's descriptors a plugin closed or replaced
+    /// since the snapshot, if any.
+    pub fn first_tampered(&self) -> Option<Tampered> {
+        self.0
+            .iter()
+            .find_map(|&(fd, dev, ino)| match identity(fd) {
+                None => Some(Tampered::Closed(fd)),
+                Some((_, d, i)) if (d, i) != (dev, ino) => Some(Tampered::Replaced(fd)),
+                Some(_) => None,
+            })
+    }
+}
+
+/// A connection accepted (or handed over) onto descriptor 0, 1 or 2 —
+/// which happens only when a plugin closed one of them — is moved above 2,
+/// and `/dev/null` is put back in its place: otherwise the worker's log
+/// lines (descriptor 2) would be written into a client's connection.
+/// Returns the descriptor to use instead, if it moved (the caller wraps
+/// it and lets go of the old one without closing it).
+pub fn keep_off_stdio(fd: RawFd) -> Option<RawFd> {
+    if !(0..=2).contains(&fd) {
+        return None;
+    }
+    // SAFETY: plain descriptor operations on numbers this process owns:
+    // dup above 2 (close-on-exec), then /dev/null onto the low number
+    // (dup2 closes the socket's low copy; the duplicate keeps the socket).
+    unsafe {
+        let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+        if high < 0 {
+            return None;
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, fd);
+            if null != fd {
+                libc::close(null);
+            }
+            // The standard descriptors are inherited on exec.
+            libc::fcntl(fd, libc::F_SETFD, 0);
+        }
+        Some(high)
+    }
+}
+
+/// [`keep_off_stdio`] for a client connection: the same stream on a
+/// descriptor above 2. Says so once per worker (a plugin closed the
+/// worker's standard descriptors).
+pub fn stream_off_stdio(stream: crate::listener::Stream) -> crate::listener::Stream {
+    use crate::listener::Stream;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let Some(high) = keep_off_stdio(stream.as_raw_fd()) else {
+        return stream;
+    };
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "a plugin closed one of the worker's standard descriptors (0, 1, 2): a client connection landed on it; moved it, and put /dev/null back (output written there by then is lost)"
+        );
+    }
+    // SAFETY: `high` is the fresh duplicate made above, owned by nobody
+    // else; the old number now holds /dev/null and must not be closed as
+    // the stream's, so the old stream is forgotten.
+    let fd = unsafe { OwnedFd::from_raw_fd(high) };
+    let moved = match &stream {
+        Stream::Tcp(_) => Stream::Tcp(mio::net::TcpStream::from_std(fd.into())),
+        Stream::Unix(_) => Stream::Unix(mio::net::UnixStream::from_std(fd.into())),
+    };
+    std::mem::forget(stream);
+    moved
+}
+
 /// Every marked descriptor, in order.
 fn marked() -> impl Iterator<Item = RawFd> {
     let bits = BITS.load(Ordering::Acquire);

@@ -25,6 +25,7 @@
 //!
 //! `H` — hand your connections over and leave (master → worker).
 //! `R` — replace me: I served `max_requests_per_worker` (worker → master).
+//! `S`, `F` — the server stops, gracefully or fast (master → worker).
 //! `C kind flags id:u64 listener:u16+bytes peer:u16+bytes` with one file
 //! descriptor — a connection (worker → master → worker); `flags` bit 0: it
 //! pipelines, bit 1: it still owes its PROXY header. Integers are
@@ -74,6 +75,13 @@ pub enum Message {
     /// Worker → master: "replace me" (it served `max_requests_per_worker`;
     /// the scoreboard says so too — this wakes the master at once).
     Retire,
+    /// Master → worker: the server stops — gracefully (close connections
+    /// at frame boundaries) or fast. Sent besides the signal (SIGTERM or
+    /// SIGINT), which a plugin can catch or block; this it cannot.
+    Stop {
+        /// Close everything now (SIGINT's stop).
+        fast: bool,
+    },
     /// A connection, and its descriptor.
     Connection(Connection, OwnedFd),
 }
@@ -100,6 +108,11 @@ pub fn send_hand_over(channel: BorrowedFd<'_>) -> io::Result<()> {
 /// Sends "replace me". `WouldBlock` when the channel is full.
 pub fn send_retire(channel: BorrowedFd<'_>) -> io::Result<()> {
     send(channel, b"R", None)
+}
+
+/// Sends "stop" (graceful, or fast). `WouldBlock` when the channel is full.
+pub fn send_stop(channel: BorrowedFd<'_>, fast: bool) -> io::Result<()> {
+    send(channel, if fast { b"F" } else { b"S" }, None)
 }
 
 /// Sends `conn` with its descriptor `fd` (which stays open here: the
@@ -196,6 +209,8 @@ fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
     match record.first()? {
         b'H' if record.len() == 1 && fds.is_empty() => Some(Message::HandOver),
         b'R' if record.len() == 1 && fds.is_empty() => Some(Message::Retire),
+        b'S' if record.len() == 1 && fds.is_empty() => Some(Message::Stop { fast: false }),
+        b'F' if record.len() == 1 && fds.is_empty() => Some(Message::Stop { fast: true }),
         b'C' if fds.len() == 1 => {
             let kind = match record.get(1)? {
                 0 => StreamKind::Tcp,

@@ -53,6 +53,23 @@ const QUIET: [Signal; 7] = [
     Signal::SIGPIPE,
 ];
 
+/// Signals nbnet has no use for whose default action ends the process, and
+/// which a server receives without anyone meaning it to stop: timers
+/// (SIGALRM, SIGVTALRM, SIGPROF), resource limits (SIGXCPU, SIGXFSZ — the
+/// kernel sends it when a log file reaches `ulimit -f`), UPS tools
+/// (SIGPWR), SIGIO, SIGSTKFLT. The master logs and ignores them; a worker
+/// ignores them (a plugin may install its own handler, e.g. for `alarm`).
+pub const STRAY: [Signal; 8] = [
+    Signal::SIGALRM,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+    Signal::SIGPWR,
+    Signal::SIGIO,
+    Signal::SIGSTKFLT,
+];
+
 /// The self-pipe's write end, and the process it belongs to (a child
 /// forked by a plugin still has the handler until the atfork handler
 /// resets it, and must not write into the worker's pipe).
@@ -131,7 +148,7 @@ impl Signals {
         for &signal in signals {
             install(signal, on_signal)?;
         }
-        for signal in QUIET {
+        for signal in QUIET.into_iter().chain(STRAY) {
             if !signals.contains(&signal) {
                 install(signal, on_quiet)?;
             }
@@ -158,6 +175,24 @@ impl Signals {
     /// The raw descriptor (a forked child closes its inherited copy).
     pub fn raw_fd(&self) -> i32 {
         self.readable()
+    }
+
+    /// Every signal received since the last call, with the PID of the
+    /// process that sent it (0 when the kernel did, or unknown), in arrival
+    /// order. Only the master's `signalfd` knows senders.
+    pub fn pending_with_senders(&mut self) -> Vec<(Signal, i32)> {
+        match &mut self.source {
+            Source::Fd(fd) => {
+                let mut received = Vec::new();
+                while let Ok(Some(info)) = fd.read_signal() {
+                    if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
+                        received.push((signal, info.ssi_pid as i32));
+                    }
+                }
+                received
+            }
+            Source::Pipe(..) => self.pending().into_iter().map(|s| (s, 0)).collect(),
+        }
     }
 
     /// Every signal received since the last call, in arrival order (a

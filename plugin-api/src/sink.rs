@@ -482,10 +482,10 @@ impl ResponseSink {
     /// the host's.
     #[inline(always)]
     fn window_intact(&self) -> bool {
-        // `cap` is not compared: the host bounds `len` by its own copy, so
-        // a plugin that raises `cap` only gets caught by that bound.
-        // Non-short-circuit `&`: two comparisons, one branch.
-        (self.raw.len <= self.lent_cap) & (self.raw.data == self.lent_data)
+        // Non-short-circuit `&`: three comparisons, one branch.
+        (self.raw.len <= self.lent_cap)
+            & (self.raw.data == self.lent_data)
+            & (self.raw.cap == self.lent_cap)
     }
 
     /// The window was broken (`len` past `cap`, or `data`/`cap` changed by
@@ -496,6 +496,11 @@ impl ResponseSink {
         self.misuse.get_or_insert_with(|| {
             if self.raw.data != self.lent_data {
                 "changed the response's data (only len is the plugin's to change; call grow for more room)".to_string()
+            } else if self.raw.cap != self.lent_cap {
+                format!(
+                    "changed the response's cap from {} to {} (only len is the plugin's to change; call grow for more room)",
+                    self.lent_cap, self.raw.cap
+                )
             } else {
                 format!(
                     "set the response's len to {} past its cap of {} (write only into data[len..cap]; call grow for more room)",
@@ -602,9 +607,16 @@ impl ResponseSink {
 /// `response` must be a [`RawResponse`] returned by [`ResponseSink::begin`]
 /// whose sink is alive and has not moved.
 unsafe fn sink<'s>(response: *mut RawResponse) -> &'s mut ResponseSink {
+    // The sink is found from the response's own address (the response is
+    // the first field of the `#[repr(C)]` sink), not from its `host` field,
+    // which the plugin can overwrite.
     // SAFETY: guaranteed by the caller.
-    unsafe { &mut *(*response).host.cast::<ResponseSink>() }
+    unsafe { &mut *response.cast::<ResponseSink>() }
 }
+
+/// The most bytes of a plugin's message that are read (longer ones are cut
+/// anyway when logged): a wrong `len` then costs no huge copy.
+const MAX_MESSAGE: usize = 1 << 20;
 
 unsafe extern "C" fn sink_grow(response: *mut RawResponse, additional: usize) -> i32 {
     // SAFETY: plugins get responses made by `ResponseSink::begin` for the call.
@@ -626,6 +638,11 @@ unsafe extern "C" fn sink_write(response: *mut RawResponse, data: *const u8, len
     // A write moves the end of the response (and may move the buffer): an
     // outstanding reservation is void.
     sink.reserved = None;
+    if data.is_null() && len > 0 {
+        sink.misuse
+            .get_or_insert_with(|| format!("write(NULL, {len}): no bytes to append"));
+        return NBNET_ERR;
+    }
     sink.absorb();
     // Bytes from the response itself ("say it twice") must be found again
     // after `make_room`, which may move the buffer.
@@ -700,8 +717,10 @@ unsafe extern "C" fn sink_set_error(response: *mut RawResponse, msg: *const u8, 
     sink.error = Some(if msg.is_null() || len == 0 {
         String::new()
     } else {
-        // SAFETY: the plugin passes `len` readable bytes at `msg`.
-        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+        // SAFETY: the plugin passes `len` readable bytes at `msg` (at most
+        // MAX_MESSAGE of them are read).
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len.min(MAX_MESSAGE)) })
+            .into_owned()
     });
 }
 
@@ -989,7 +1008,7 @@ mod tests {
         }
         let result = sink.finish(NBNET_OK, HEADER.len());
         assert!(
-            matches!(&result, Err(SinkError::Misuse(m)) if m.contains("past its cap")),
+            matches!(&result, Err(SinkError::Misuse(m)) if m.contains("changed the response's cap")),
             "a raised cap does not lift the host's bound: {result:?}"
         );
         assert_eq!(sink.buffer(), b"earlier");

@@ -555,16 +555,26 @@ unsafe extern "C" fn config_get(ctx: *const RawInitContext, key: *const c_char) 
 }
 
 unsafe extern "C" fn plugin_log(handle: *const c_void, level: i32, msg: *const u8, len: usize) {
-    // SAFETY: `handle` is the plugin's boxed `LogTag`, alive until the instance drops.
-    let tag = unsafe { &*handle.cast::<LogTag>() };
     let message = crate::logging::untrusted(&lossy(msg, len));
+    if handle.is_null() || !handle.cast::<LogTag>().is_aligned() {
+        tracing::warn!("a plugin logged with an invalid log_handle (not the one its init context gave it): {message}");
+        return;
+    }
+    // SAFETY: `handle` is the plugin's boxed `LogTag` (checked non-null and
+    // aligned: a plugin passing anything else is its own bug), alive until
+    // the instance drops.
+    let tag = unsafe { &*handle.cast::<LogTag>() };
     let plugin = tag.plugin.as_str();
     match level {
         NBNET_LOG_ERROR => tracing::error!(plugin, "{message}"),
         NBNET_LOG_WARN => tracing::warn!(plugin, "{message}"),
         NBNET_LOG_INFO => tracing::info!(plugin, "{message}"),
         NBNET_LOG_DEBUG => tracing::debug!(plugin, "{message}"),
-        _ => tracing::trace!(plugin, "{message}"),
+        // Not one of NBNET_LOG_*: said loudly rather than dropped.
+        other => tracing::warn!(
+            plugin,
+            "(log level {other} is not one of NBNET_LOG_ERROR..NBNET_LOG_DEBUG) {message}"
+        ),
     }
 }
 
@@ -573,6 +583,8 @@ fn lossy(msg: *const u8, len: usize) -> String {
     if msg.is_null() || len == 0 {
         return String::new();
     }
-    // SAFETY: callers pass `len` readable bytes at `msg` (checked non-null).
-    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+    // SAFETY: callers pass `len` readable bytes at `msg` (checked non-null);
+    // at most 1 MiB is read (longer messages are cut when logged anyway).
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len.min(1 << 20)) })
+        .into_owned()
 }

@@ -88,6 +88,64 @@ pub struct Check {
     outcome: Option<Outcome>,
     /// Problems found before the child started (unreadable plugin files).
     report: Report,
+    /// Where the checker says a plugin tampered with its descriptors.
+    verdict: Verdict,
+}
+
+/// A word of memory shared with the checker, where it writes which of its
+/// descriptors a plugin closed or replaced — the report pipe may be the
+/// one, and an exit status could be a plugin's own `exit(N)`.
+#[derive(Debug)]
+struct Verdict(std::ptr::NonNull<std::sync::atomic::AtomicU64>);
+
+impl Verdict {
+    fn new() -> Option<Verdict> {
+        // SAFETY: a fresh shared anonymous mapping of one page, zero-filled
+        // (a valid AtomicU64 of 0), unmapped only in Drop.
+        let page = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                std::num::NonZeroUsize::new(8)?,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+            )
+        };
+        page.ok().map(|p| Verdict(p.cast()))
+    }
+
+    fn word(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: mapped until Drop; atomics only.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// In the checker: plugin `index` tampered with a descriptor.
+    fn set(&self, index: usize, tampered: crate::fork_guard::Tampered) {
+        let (kind, fd) = match tampered {
+            crate::fork_guard::Tampered::Closed(fd) => (1u64, fd),
+            crate::fork_guard::Tampered::Replaced(fd) => (2u64, fd),
+        };
+        let value = kind << 56 | (index as u64 & 0xff_ffff) << 32 | (fd as u32 as u64);
+        self.word()
+            .store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// In the master, once the checker is gone.
+    fn get(&self) -> Option<crate::fork_guard::Tampered> {
+        let value = self.word().load(std::sync::atomic::Ordering::SeqCst);
+        let fd = value as u32 as i32;
+        match value >> 56 {
+            1 => Some(crate::fork_guard::Tampered::Closed(fd)),
+            2 => Some(crate::fork_guard::Tampered::Replaced(fd)),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.0.cast(), 8) };
+    }
 }
 
 impl Check {
@@ -111,6 +169,12 @@ impl Check {
             reader.as_fd(),
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
+        let Some(verdict) = Verdict::new() else {
+            report
+                .errors
+                .push("cannot map memory to check plugins".to_string());
+            return Err(report);
+        };
         // SAFETY: the master is single-threaded (it starts no threads and
         // loads no plugins), so the child may allocate and run arbitrary code.
         match unsafe { fork() } {
@@ -122,7 +186,7 @@ impl Check {
             }
             Ok(ForkResult::Child) => {
                 drop(reader);
-                let code = child(config, writer);
+                let code = child(config, writer, &verdict);
                 std::process::exit(code)
             }
             Ok(ForkResult::Parent { child }) => {
@@ -139,6 +203,7 @@ impl Check {
                     killed: false,
                     outcome: None,
                     report,
+                    verdict,
                 })
             }
         }
@@ -184,7 +249,7 @@ impl Check {
             .position(|&b| b == b'\n')
         {
             let line = &self.bytes[self.line_start..self.line_start + end];
-            if line.starts_with(b"LOADING\t") {
+            if line.starts_with(b"LOADING\t") || line.starts_with(b"DESTROYING\t") {
                 self.loading_lines += 1;
                 if !self.killed {
                     self.deadline = crate::config::deadline(Instant::now(), self.limit);
@@ -245,13 +310,21 @@ impl Check {
         let limit = self.limit;
         let mut report = self.report;
         let mut loading: Option<&str> = None;
+        // The plugin whose destroy runs (after a good load).
+        let mut destroying: Option<&str> = None;
+        let mut names: Vec<&str> = Vec::new();
         for line in text.lines() {
             match line.split_once('\t') {
-                Some(("LOADING", what)) => loading = Some(what),
+                Some(("LOADING", what)) => {
+                    loading = Some(what);
+                    destroying = None;
+                    names.push(what);
+                }
                 Some(("OK", what)) => {
                     loading = None;
                     report.loaded.push(what.to_string());
                 }
+                Some(("DESTROYING", what)) => destroying = Some(what),
                 Some(("ERROR", what)) => {
                     loading = None;
                     report.errors.push(what.to_string());
@@ -259,16 +332,37 @@ impl Check {
                 _ => {}
             }
         }
-        match (self.outcome.unwrap_or(Outcome::Lost), loading) {
+        let outcome = self.outcome.unwrap_or(Outcome::Lost);
+        if let Some(tampered) = self.verdict.get() {
+            // Whatever it exited with: its descriptors were tampered with.
+            let who = loading.or(destroying).unwrap_or("a plugin");
+            report.errors.push(format!(
+                "{who}: its init {tampered}, which belongs to the host; a plugin must close or replace only descriptors it opened itself"
+            ));
+            return report;
+        }
+        if let Some(what) = destroying.filter(|_| loading.is_none()) {
+            match outcome {
+                Outcome::Exited(Exit::Code(0)) => {}
+                Outcome::TimedOut => report.errors.push(format!(
+                    "{what}: its destroy did not return within init_timeout = {limit:?} (does it wait for something?)"
+                )),
+                Outcome::Exited(exit) => report.errors.push(format!(
+                    "{what}: ended the process in its destroy: {}",
+                    exit.inside_plugin()
+                )),
+                Outcome::Lost => report.errors.push(format!(
+                    "{what}: the plugin checker failed ({})",
+                    Outcome::Lost
+                )),
+            }
+            return report;
+        }
+        match (outcome, loading) {
             (Outcome::TimedOut, Some(what)) => report.errors.push(format!(
                 "{what}: did not finish loading within init_timeout = {limit:?} (does its init block? raise [server] init_timeout if it legitimately takes longer)"
             )),
             (Outcome::Exited(Exit::Code(0)), None) => {}
-            (Outcome::Exited(Exit::Code(DESCRIPTORS_CLOSED)), Some(what)) => {
-                report.errors.push(format!(
-                    "{what}: its init closed file descriptors it did not open (the host's); a plugin must close only descriptors it opened itself"
-                ))
-            }
             (Outcome::Exited(exit), Some(what)) => report.errors.push(format!(
                 "{what}: ended the process while loading: {}",
                 exit.inside_plugin()
@@ -309,7 +403,7 @@ impl std::fmt::Display for Outcome {
 const MAX_REPORT_BYTES: usize = 1 << 20;
 
 /// The child: report `LOADING`, then `OK` or `ERROR`, per plugin, one line each.
-fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
+fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i32 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // Its own process group, swept by the master afterwards.
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
@@ -330,32 +424,40 @@ fn child(config: &Config, mut out: std::io::PipeWriter) -> i32 {
         crate::fork_guard::protect(fd);
     }
     let count = config.server.worker_count() as u32;
-    for spec in &config.plugins {
+    let descriptors = crate::fork_guard::snapshot();
+    for (index, spec) in config.plugins.iter().enumerate() {
         if spec.image.is_none() {
             // Its file could not be read: already reported.
             continue;
         }
-        let what = format!("plugin {:?} ({})", spec.name, spec.path.display());
-        let _ = writeln!(out, "LOADING\t{}", one_line(&what));
+        let what = one_line(&format!("plugin {:?} ({})", spec.name, spec.path.display()));
+        let _ = writeln!(out, "LOADING\t{what}");
         let _ = out.flush();
-        let line = match Plugin::load(spec, 0, count) {
-            Ok(plugin) => format!("OK\t{}", one_line(&plugin.describe())),
-            Err(e) => format!("ERROR\t{}", one_line(&e.to_string())),
-        };
-        if crate::fork_guard::first_closed().is_some() {
-            // The report pipe may be gone with them: say it by exit status
-            // (and do not close it again: std aborts on a double close).
+        let loaded = Plugin::load(spec, 0, count);
+        if let Some(tampered) = descriptors.first_tampered() {
+            // The report pipe may be the one: say it through the shared
+            // word (and do not close anything again: std aborts on a
+            // double close).
+            verdict.set(index, tampered);
             std::mem::forget(out);
-            return DESCRIPTORS_CLOSED;
+            std::mem::forget(loaded);
+            return 1;
         }
-        let _ = writeln!(out, "{line}");
+        match loaded {
+            Ok(plugin) => {
+                let _ = writeln!(out, "OK\t{}", one_line(&plugin.describe()));
+                // Its destroy runs now: a hang or crash there is its own.
+                let _ = writeln!(out, "DESTROYING\t{what}");
+                let _ = out.flush();
+                drop(plugin);
+            }
+            Err(e) => {
+                let _ = writeln!(out, "ERROR\t{}", one_line(&e.to_string()));
+            }
+        }
     }
     0
 }
-
-/// The checker's exit status when a plugin's init closed the checker's
-/// own descriptors (its report pipe among them).
-const DESCRIPTORS_CLOSED: i32 = 75;
 
 /// Closes every descriptor of this process but `keep`.
 fn close_all_but(keep: &[RawFd]) {

@@ -91,12 +91,12 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the master looks at the scoreboard while replacing workers.
 const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
 
-/// The signals the master handles. SIGUSR2 is internal: a worker that
-/// wants to be replaced (`max_requests_per_worker`) sends it to wake the
-/// master at once. SIGUSR1 (what logrotate scripts send nginx and gunicorn)
-/// and SIGWINCH (nginx's "retire workers") are taken so that they cannot
-/// kill the master: their default action would end it silently.
-const MASTER_SIGNALS: [Signal; 10] = [
+/// The signals the master handles. SIGUSR1 reopens the log file (what
+/// logrotate scripts send nginx and gunicorn); SIGUSR2 (nginx's binary
+/// upgrade) and SIGWINCH (nginx's "retire workers") are taken so that they
+/// cannot kill the master — their default action would end it silently —
+/// and so are the other signals nobody means to stop a server with.
+const MASTER_SIGNALS: [Signal; 18] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -107,6 +107,15 @@ const MASTER_SIGNALS: [Signal; 10] = [
     Signal::SIGUSR2,
     Signal::SIGUSR1,
     Signal::SIGWINCH,
+    // And the ones nobody means to stop a server with (logged, ignored).
+    Signal::SIGALRM,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+    Signal::SIGPWR,
+    Signal::SIGIO,
+    Signal::SIGSTKFLT,
 ];
 
 /// Whether the master is serving or winding down.
@@ -170,6 +179,9 @@ struct Worker {
     shutdown_timeout: Duration,
     /// Killed for draining too long.
     drain_killed: bool,
+    /// Killed by the master at the stop deadline (not by the OOM killer or
+    /// an operator, as a bare SIGKILL would suggest).
+    killed_at_stop: bool,
 }
 
 /// One slot of the worker pool.
@@ -464,18 +476,32 @@ impl Master {
                 self.on_control(board);
             }
             self.relay_retry();
-            for signal in self.signals.pending() {
+            for (signal, sender) in self.signals.pending_with_senders() {
                 match signal {
-                    Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.handle_stop(signal),
+                    Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
+                        if let Some(who) = self.sender_is_ours(sender) {
+                            // An operator's signal is routine; one from our
+                            // own worker means a plugin sent it.
+                            tracing::warn!(
+                                "{signal} comes from {who}: a plugin stopped the server"
+                            );
+                        }
+                        self.handle_stop(signal)
+                    }
                     Signal::SIGHUP => self.handle_hup(),
                     Signal::SIGTTIN => self.handle_ttin(),
                     Signal::SIGTTOU => self.handle_ttou(),
-                    // Reaping and retirement requests are handled below,
-                    // whatever woke us.
-                    Signal::SIGCHLD | Signal::SIGUSR2 => {}
+                    // Reaping is done below, whatever woke us.
+                    Signal::SIGCHLD => {}
+                    Signal::SIGUSR2 => tracing::info!(
+                        "SIGUSR2 received: ignored (nbnet cannot upgrade its binary in place yet: restart it, under systemd with socket activation to refuse nothing)"
+                    ),
                     Signal::SIGUSR1 => self.handle_usr1(),
                     Signal::SIGWINCH => tracing::info!("SIGWINCH received: ignored"),
-                    other => tracing::debug!("ignoring {other}"),
+                    other => tracing::warn!(
+                        "{other} received{}: ignored (nbnet has no use for it; its default action would have ended the master)",
+                        if sender > 0 { format!(" from pid {sender}") } else { String::new() }
+                    ),
                 }
             }
             if self.lame_duck.is_some_and(|until| Instant::now() >= until) {
@@ -642,6 +668,24 @@ impl Master {
                 };
             }
         }
+    }
+
+    /// `pid`, when it is one of this master's workers (or something one of
+    /// them started: its process group), described for a log line.
+    fn sender_is_ours(&self, pid: i32) -> Option<String> {
+        if pid <= 0 {
+            return None;
+        }
+        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
+        self.workers.iter().find_map(|(worker_pid, w)| {
+            if worker_pid.as_raw() == pid {
+                Some(format!("worker {} (pid {pid}) itself", w.index))
+            } else if pgid == Some(*worker_pid) {
+                Some(format!("pid {pid}, a process worker {} started", w.index))
+            } else {
+                None
+            }
+        })
     }
 
     /// Logs why, then [`Master::halt`]s with exit code 0.

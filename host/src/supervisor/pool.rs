@@ -165,7 +165,7 @@ impl Master {
                 .connections_open
                 .get();
             tracing::error!(
-                "old worker {} (pid {pid}) still running {drained:.1?} after it was told to drain, past shutdown_timeout = {:?} + {STOP_GRACE:?} grace, with {open} connection(s) open: killing it (does a plugin catch or block SIGTERM?)",
+                "replaced worker {} (pid {pid}) still running {drained:.1?} after it was told to drain, past shutdown_timeout = {:?} + {STOP_GRACE:?} grace, with {open} connection(s) open: killing it (a plugin call or a connection that never ends?)",
                 worker.index,
                 worker.shutdown_timeout
             );
@@ -241,6 +241,9 @@ impl Master {
                     );
                     self.drain_kills +=
                         self.workers.values().filter(|w| !w.drain_killed).count() as u64;
+                    for worker in self.workers.values_mut() {
+                        worker.killed_at_stop = true;
+                    }
                     self.signal_workers(Signal::SIGKILL);
                     // Wait for the kills to be reaped.
                     self.phase = Phase::Stopping {
@@ -316,6 +319,7 @@ impl Master {
                         draining_since: None,
                         shutdown_timeout: self.config.server.shutdown_timeout,
                         drain_killed: false,
+                        killed_at_stop: false,
                     },
                 );
                 tracing::info!("worker {index} started (pid {child})");
@@ -376,8 +380,18 @@ impl Master {
     }
 
     pub(super) fn signal_workers(&self, signal: Signal) {
-        for &pid in self.workers.keys() {
+        for (&pid, worker) in &self.workers {
             let _ = kill(pid, signal);
+            // A plugin can catch or block the signal; the control channel
+            // it cannot touch.
+            let stop = match signal {
+                Signal::SIGTERM => Some(false),
+                Signal::SIGINT => Some(true),
+                _ => None,
+            };
+            if let (Some(fast), Some(control)) = (stop, &worker.control) {
+                let _ = crate::handover::send_stop(std::os::fd::AsFd::as_fd(control), fast);
+            }
         }
     }
 }

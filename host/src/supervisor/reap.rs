@@ -137,15 +137,26 @@ impl Master {
             None => String::new(),
         };
         if let Phase::Stopping { .. } = self.phase {
-            tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
+            if worker.killed_at_stop {
+                tracing::warn!(
+                    "worker {index} (pid {pid}) killed by the master: still running at the stop deadline (shutdown_timeout + {STOP_GRACE:?}){}",
+                    if running.is_empty() {
+                        " (no plugin call in flight: a plugin catching SIGTERM, or connections that never finished?)".to_string()
+                    } else {
+                        running.clone()
+                    }
+                );
+            } else {
+                tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
+            }
             return;
         }
         if worker.role != Role::Serving {
             let level_ok = exit == Exit::Code(exit_code::OK);
             if level_ok {
-                tracing::info!("old worker {index} (pid {pid}) finished draining and exited");
+                tracing::info!("replaced worker {index} (pid {pid}) finished draining and exited");
             } else {
-                tracing::warn!("old worker {index} (pid {pid}) exited: {exit}{running}");
+                tracing::warn!("replaced worker {index} (pid {pid}) exited: {exit}{running}");
             }
             return;
         }

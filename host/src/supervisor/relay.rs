@@ -65,7 +65,7 @@ impl Master {
                 Ok(Some(Message::Connection(record, fd))) => self.relay(record, fd, from),
                 // "Replace me": the scoreboard says so too; this event woke
                 // the loop, which now looks (watch_workers).
-                Ok(Some(Message::HandOver | Message::Retire)) => {}
+                Ok(Some(Message::HandOver | Message::Retire | Message::Stop { .. })) => {}
                 Ok(None) => {
                     // The worker closed its end (it is exiting).
                     if let Some(control) =

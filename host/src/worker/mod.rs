@@ -95,6 +95,8 @@ pub fn run(
     crate::fork_guard::protect(signals.raw_fd());
 
     let mut plugins = Vec::with_capacity(config.plugins.len());
+    // The worker's descriptors as they are before any plugin code runs.
+    let descriptors = crate::fork_guard::snapshot();
     for (index, spec) in config.plugins.iter().enumerate() {
         // Tracked like every plugin call: a crash or hang in init is
         // attributed to the plugin too.
@@ -104,15 +106,15 @@ pub fn run(
         // An init that closed the worker's own descriptors (a "close every
         // fd" loop, say) leaves a worker that cannot serve: name the plugin
         // now rather than fail obscurely later.
-        let closed = loaded
+        let tampered = loaded
             .as_ref()
             .ok()
-            .and_then(|_| crate::fork_guard::first_closed());
+            .and_then(|_| descriptors.first_tampered());
         match loaded {
-            Ok(plugin) if closed.is_some() => {
-                let fd = closed.unwrap_or(-1);
+            Ok(plugin) if tampered.is_some() => {
+                let what = tampered.map_or(String::new(), |t| t.to_string());
                 tracing::error!(
-                    "{}: its init closed file descriptor {fd}, which belongs to the worker (a listening socket or the worker's signal or plugin descriptor); a plugin must close only descriptors it opened",
+                    "{}: its init {what}, which belongs to the worker (a standard descriptor, a listening socket, or the worker's signal, control or plugin descriptor); a plugin must close or replace only descriptors it opened",
                     plugin.describe()
                 );
                 slot.set_load_failed(index);

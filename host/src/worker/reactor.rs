@@ -131,6 +131,8 @@ pub struct Reactor {
     handing_over: bool,
     /// A hand-over found the channel full: when to try again.
     handover_retry: Option<Instant>,
+    /// The master said "stop now" (a fast stop) over the control channel.
+    stop_now: bool,
     /// Requests answered so far.
     served: u64,
     /// Ask to be replaced after this many requests (max_requests_per_worker
@@ -192,6 +194,7 @@ impl Reactor {
             control,
             handing_over: false,
             handover_retry: None,
+            stop_now: false,
             served: 0,
             retire_after: limits.retire_after,
             next_connection_id: u64::from(std::process::id()) << 32,
@@ -312,6 +315,13 @@ impl Reactor {
                     }
                 }
             }
+            if self.stop_now {
+                tracing::info!(
+                    "fast stop: closing {} connection(s) now",
+                    self.connections.len()
+                );
+                return Ok(self.shut_down());
+            }
             self.expire(now);
             if self.retire_after.is_some_and(|limit| self.served >= limit) {
                 // The master starts a replacement and drains this worker once
@@ -372,6 +382,7 @@ impl Reactor {
             };
             match socket.accept() {
                 Ok((stream, peer)) => {
+                    let stream = crate::fork_guard::stream_off_stdio(stream);
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
@@ -450,6 +461,12 @@ impl Reactor {
             match handover::recv(control.as_fd()) {
                 Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
                 Ok(Some(handover::Message::Retire)) => {}
+                // The server stops: as SIGTERM/SIGINT would say, but no
+                // plugin's signal handler can hide this.
+                Ok(Some(handover::Message::Stop { fast: false })) => {
+                    self.begin_drain(Signal::SIGTERM, now)
+                }
+                Ok(Some(handover::Message::Stop { fast: true })) => self.stop_now = true,
                 Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
                 Ok(None) => {
                     // The master is gone (this worker follows: its parent-
@@ -514,6 +531,7 @@ impl Reactor {
                 crate::listener::Stream::Unix(mio::net::UnixStream::from_std(stream))
             }
         };
+        let stream = crate::fork_guard::stream_off_stdio(stream);
         self.slot.stats.connections_adopted.add(1);
         tracing::debug!(
             peer = %record.peer,
