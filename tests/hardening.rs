@@ -425,3 +425,171 @@ fn signals_an_operator_might_send_do_not_kill_nbnet() {
     assert_serving(&mut server, "SIGUSR1 and SIGWINCH");
     server.stop();
 }
+
+// ------------------------------------------------- second hostile pass
+
+/// Signals nobody means to stop a server with (timers, resource limits,
+/// UPS tools) ended the master silently by their default action, workers
+/// with it.
+#[test]
+fn stray_signals_to_the_master_or_a_worker_are_logged_and_ignored() {
+    let mut server = Server::start(&config("workers = 1", ""));
+    let worker = server.wait_for_workers(1)[0];
+    for signal in [
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGPWR,
+        libc::SIGIO,
+        libc::SIGSTKFLT,
+    ] {
+        server.signal(signal);
+        nbnet_tests::send_signal(worker.pid, signal);
+    }
+    server.wait_for_log_line(&["SIGXFSZ received from pid", "ignored"]);
+    assert!(worker.alive(), "the worker died\n{}", server.log());
+    assert_serving(&mut server, "stray signals");
+    server.stop();
+}
+
+/// A plugin that closed descriptors 0-2 made the next client sockets land
+/// on them, and the worker's log lines (descriptor 2) went into a client's
+/// connection, naming other clients.
+#[test]
+fn after_a_plugin_closes_stdio_no_log_line_reaches_a_client() {
+    let server = Server::start(&config("workers = 1", ""));
+    assert_eq!(server.client().request(b"close-stdio"), b"closed");
+    let mut clients: Vec<Client> = (0..3).map(|_| server.client()).collect();
+    for client in &mut clients {
+        assert_eq!(client.request(b"x"), b"ok:x", "the worker serves on");
+    }
+    // Log lines: a protocol error on another connection.
+    let mut bad = server.client();
+    bad.send_raw(b"not-digits").unwrap();
+    bad.expect_closed();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.set_read_timeout(Duration::from_millis(300));
+        let mut buf = [0u8; 256];
+        match std::io::Read::read(&mut client.stream, &mut buf) {
+            Ok(0) => panic!("connection {i} was closed"),
+            Ok(n) => panic!(
+                "connection {i} received bytes nobody sent it: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(_) => {} // Nothing: as it should be.
+        }
+    }
+    server.stop();
+}
+
+#[test]
+fn an_init_that_closes_stdio_or_dup2s_over_host_descriptors_is_refused_by_check() {
+    for (init, says) in [
+        (
+            "init_close_stdio = true",
+            "its init closed file descriptor 0 (stdin)",
+        ),
+        (
+            "init_dup2 = true",
+            "its init replaced (dup2 over it) file descriptor",
+        ),
+    ] {
+        let outcome = Sandbox::new().check(&config("workers = 1", init));
+        assert_eq!(outcome.status.code(), Some(4), "{init}: {}", outcome.stderr);
+        assert!(
+            outcome.stderr.contains(says) && outcome.stderr.contains("plugin \"hostile\""),
+            "{init}: {}",
+            outcome.stderr
+        );
+    }
+}
+
+/// A hang or crash in `destroy` (which the check runs after a good init)
+/// was reported as an init problem.
+#[test]
+fn a_destroy_that_hangs_or_crashes_is_named_as_destroy_by_check() {
+    let outcome = Sandbox::new().check(&config(
+        "workers = 1\ninit_timeout = \"1s\"",
+        "destroy_hang = true",
+    ));
+    assert_eq!(outcome.status.code(), Some(4), "{}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .contains("its destroy did not return within init_timeout = 1s"),
+        "{}",
+        outcome.stderr
+    );
+    let outcome = Sandbox::new().check(&config("workers = 1", "destroy_crash = true"));
+    assert_eq!(outcome.status.code(), Some(4), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("ended the process in its destroy")
+            && outcome.stderr.contains("SIGABRT"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+/// Garbage from a plugin — a raised `cap`, `write(NULL, n)`, an overwritten
+/// `host`, `log` with a NULL handle or an unknown level — fails that
+/// request (or is logged) instead of panicking the host.
+#[test]
+fn garbage_arguments_from_a_plugin_fail_the_request_not_the_worker() {
+    let mut server = Server::start(&config("workers = 1", ""));
+    let worker = server.wait_for_workers(1)[0];
+    for (request, says) in [
+        (&b"cap"[..], "changed the response's cap"),
+        (b"write-null", "write(NULL, 10)"),
+        (b"host", "changed the response's host"),
+    ] {
+        expect_no_answer(server.port(), request);
+        server.wait_for_log_line(&[says, "hostile"]);
+    }
+    assert_eq!(server.client().request(b"log-null"), b"logged");
+    server.wait_for_log_line(&["invalid log_handle", "from a NULL handle"]);
+    assert_eq!(server.client().request(b"log-99"), b"logged");
+    server.wait_for_log_line(&["log level 99 is not one of", "at level 99"]);
+    assert!(worker.alive(), "the worker died\n{}", server.log());
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    assert_serving(&mut server, "garbage arguments");
+    server.stop();
+}
+
+/// A plugin that sent SIGTERM to the master stopped the server with only
+/// "SIGTERM received" in the log.
+#[test]
+fn a_stop_signal_from_a_plugin_is_named_as_such() {
+    let mut server = Server::start(&config("workers = 1", ""));
+    let worker = server.wait_for_workers(1)[0];
+    assert_eq!(server.client().request(b"kill-master"), b"sent");
+    server.wait_for_log_line(&[
+        &format!("SIGTERM comes from worker 0 (pid {}) itself", worker.pid),
+        "a plugin stopped the server",
+    ]);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+/// A plugin that catches SIGTERM kept its worker accepting and serving
+/// during a graceful stop, until the master killed it at the deadline
+/// (blamed on "the OOM killer, or an operator?"). The stop now also goes
+/// over the control channel, which no plugin can intercept.
+#[test]
+fn a_plugin_catching_sigterm_does_not_hold_up_a_graceful_stop() {
+    let mut server = Server::start(&config(
+        "workers = 1\nshutdown_timeout = \"20s\"",
+        "catch_term = true",
+    ));
+    assert_eq!(server.client().request(b"a"), b"ok:a");
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the stop should finish long before shutdown_timeout\n{}",
+        server.log()
+    );
+    assert!(!server.log().contains("OOM"), "{}", server.log());
+}

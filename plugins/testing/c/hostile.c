@@ -17,6 +17,9 @@
  *                        it: the worker ignores "drain" and keeps serving
  *   destroy_hang = true  destroy never returns (a worker that can never
  *                        finish stopping by itself)
+ *   destroy_crash = true destroy calls abort()
+ *   init_dup2 = true     init puts /dev/null over descriptors 3..63 (dup2)
+ *   init_close_stdio = true  init closes descriptors 0, 1 and 2
  *   only_worker = I      do the above only in worker I (the host's check
  *                        loads plugins as worker 0, so I > 0 passes it)
  *
@@ -32,6 +35,13 @@
  *   "flood"      fails with a 1 MiB message
  *   "overflow"   recurses until the stack overflows
  *   "pid"        answers the worker's pid
+ *   "close-stdio"  closes descriptors 0, 1 and 2, answers "closed"
+ *   "cap"        raises resp->cap by 1000, writes 10 bytes in place
+ *   "log-null"   calls the host's log with a NULL handle, answers "logged"
+ *   "log-99"     logs with level 99, answers "logged"
+ *   "write-null" calls resp->write(resp, NULL, 10)
+ *   "host"       overwrites resp->host, then writes through resp->write
+ *   "kill-master" sends SIGTERM to its parent (the master), answers "sent"
  *   anything else -> answered "ok:" + the request
  */
 #define _DEFAULT_SOURCE
@@ -40,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "nbnet_plugin.h"
@@ -87,11 +98,15 @@ static void hostile_on_close(void *state, const nbnet_conn *conn) {
     log_hook("close", conn);
 }
 
-/* destroy_hang: set in init, read in destroy. */
+/* destroy_hang / destroy_crash: set in init, read in destroy. */
 static int hang_in_destroy;
+static int crash_in_destroy;
 
 static void hostile_destroy(void *state) {
     (void)state;
+    if (crash_in_destroy) {
+        abort();
+    }
     while (hang_in_destroy) {
         sleep_ms(1000);
     }
@@ -126,6 +141,22 @@ static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
     }
     if ((value = ctx->config_get(ctx, "destroy_hang")) != NULL && strcmp(value, "true") == 0) {
         hang_in_destroy = 1;
+    }
+    if ((value = ctx->config_get(ctx, "destroy_crash")) != NULL && strcmp(value, "true") == 0) {
+        crash_in_destroy = 1;
+    }
+    if ((value = ctx->config_get(ctx, "init_dup2")) != NULL && strcmp(value, "true") == 0) {
+        int null = open("/dev/null", O_RDWR);
+        for (int fd = 3; fd < 64; fd++) {
+            if (fd != null) {
+                dup2(null, fd);
+            }
+        }
+    }
+    if ((value = ctx->config_get(ctx, "init_close_stdio")) != NULL && strcmp(value, "true") == 0) {
+        close(0);
+        close(1);
+        close(2);
     }
     if ((value = ctx->config_get(ctx, "catch_term")) != NULL && strcmp(value, "true") == 0) {
         struct sigaction action;
@@ -202,6 +233,44 @@ static int hostile_process(void *state, const uint8_t *req, size_t len, nbnet_re
     }
     if (strcmp(text, "overflow") == 0) {
         return recurse(0);
+    }
+    if (strcmp(text, "close-stdio") == 0) {
+        close(0);
+        close(1);
+        close(2);
+        return nbnet_write(resp, "closed", 6);
+    }
+    if (strcmp(text, "cap") == 0) {
+        if (nbnet_ensure(resp, 10) != NBNET_OK) {
+            return NBNET_ERR;
+        }
+        resp->cap += 1000;
+        memcpy(resp->data + resp->len, "0123456789", 10);
+        resp->len += 10;
+        return NBNET_OK;
+    }
+    if (strcmp(text, "log-null") == 0) {
+        if (host_log != NULL) {
+            host_log(NULL, NBNET_LOG_WARN, "from a NULL handle", 18);
+        }
+        return nbnet_write(resp, "logged", 6);
+    }
+    if (strcmp(text, "log-99") == 0) {
+        if (host_log != NULL) {
+            host_log(host_log_handle, 99, "at level 99", 11);
+        }
+        return nbnet_write(resp, "logged", 6);
+    }
+    if (strcmp(text, "write-null") == 0) {
+        return resp->write(resp, NULL, 10);
+    }
+    if (strcmp(text, "host") == 0) {
+        resp->host = (void *)1;
+        return resp->write(resp, (const uint8_t *)"x", 1);
+    }
+    if (strcmp(text, "kill-master") == 0) {
+        kill(getppid(), SIGTERM);
+        return nbnet_write(resp, "sent", 4);
     }
     if (strcmp(text, "pid") == 0) {
         char out[32];
