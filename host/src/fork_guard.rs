@@ -104,15 +104,6 @@ pub fn release(fd: RawFd) {
     }
 }
 
-/// The first marked descriptor that is no longer open (a plugin closed it),
-/// if any.
-pub fn first_closed() -> Option<RawFd> {
-    marked().find(|&fd| {
-        // SAFETY: F_GETFD only asks whether `fd` is open.
-        unsafe { libc::fcntl(fd, libc::F_GETFD) == -1 }
-    })
-}
-
 /// What a descriptor was before plugin code ran: its number and the
 /// (device, inode) it refers to.
 type Identity = (RawFd, u64, u64);

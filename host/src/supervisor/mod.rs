@@ -86,8 +86,23 @@ fn worker_room(workers: usize) -> usize {
 fn scoreboard_entries(room: usize) -> usize {
     room * (MAX_OLD_GENERATIONS + 1) * 2 + 8
 }
-/// A reload whose new workers are not all ready by then is rolled back.
+/// A reload whose new workers are not all ready by then is rolled back
+/// (at least; see [`ready_within`]).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the new workers of `config` may take to be ready before a
+/// reload is rolled back: [`RELOAD_TIMEOUT`], or more when every plugin's
+/// init may legitimately take up to `init_timeout` (each worker loads them
+/// one after the other).
+fn ready_within(config: &Config) -> Duration {
+    let plugins = u32::try_from(config.plugins.len()).unwrap_or(u32::MAX);
+    config
+        .server
+        .init_timeout
+        .saturating_mul(plugins)
+        .saturating_add(Duration::from_secs(10))
+        .max(RELOAD_TIMEOUT)
+}
 /// How often the master looks at the scoreboard while replacing workers.
 const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
 
@@ -182,6 +197,10 @@ struct Worker {
     /// Killed by the master at the stop deadline (not by the OOM killer or
     /// an operator, as a bare SIGKILL would suggest).
     killed_at_stop: bool,
+    /// Its config's `plugin_timeout` and `init_timeout`: the watchdog
+    /// holds each worker to its own config's, not to a later reload's.
+    plugin_timeout: Duration,
+    init_timeout: Duration,
 }
 
 /// One slot of the worker pool.

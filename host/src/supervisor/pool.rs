@@ -41,9 +41,9 @@ impl Master {
             // (its config's: a reload may have changed it meanwhile, but
             // both are in force for their own workers).
             let (timeout, key) = if board.is_ready() {
-                (self.config.server.plugin_timeout, "plugin_timeout")
+                (worker.plugin_timeout, "plugin_timeout")
             } else {
-                (self.config.server.init_timeout, "init_timeout")
+                (worker.init_timeout, "init_timeout")
             };
             // The watchdog: a call in flight whose counter has not moved for
             // plugin_timeout is hung; SIGKILL, since a hung plugin would not
@@ -135,9 +135,12 @@ impl Master {
         } else if self
             .reload
             .as_ref()
-            .is_some_and(|r| r.started.elapsed() > RELOAD_TIMEOUT)
+            .is_some_and(|r| r.started.elapsed() > ready_within(&self.config))
         {
-            let why = format!("the new workers were not all ready within {RELOAD_TIMEOUT:?}");
+            let why = format!(
+                "the new workers were not all ready within {:?}",
+                ready_within(&self.config)
+            );
             tracing::error!("reload: {why}");
             self.roll_back_reload(exit_code::FAILURE, why);
         }
@@ -320,6 +323,8 @@ impl Master {
                         shutdown_timeout: self.config.server.shutdown_timeout,
                         drain_killed: false,
                         killed_at_stop: false,
+                        plugin_timeout: self.config.server.plugin_timeout,
+                        init_timeout: self.config.server.init_timeout,
                     },
                 );
                 tracing::info!("worker {index} started (pid {child})");

@@ -41,7 +41,7 @@ pub(crate) const MAX_OLD_GENERATIONS: usize = 2;
 /// How long `nbnet reload` waits for the outcome of a reload of `config`
 /// by default: long enough for a reload queued behind draining
 /// generations, a plugin check that uses every `init_timeout`, and new
-/// workers that take [`RELOAD_TIMEOUT`] to be ready.
+/// workers that take [`ready_within`] to be ready.
 pub(crate) fn outcome_within(config: &Config) -> std::time::Duration {
     let plugins = u32::try_from(config.plugins.len() + 1).unwrap_or(u32::MAX);
     let drains = config
@@ -54,7 +54,7 @@ pub(crate) fn outcome_within(config: &Config) -> std::time::Duration {
         .init_timeout
         .saturating_mul(plugins)
         .saturating_add(drains)
-        .saturating_add(RELOAD_TIMEOUT)
+        .saturating_add(ready_within(config))
         .saturating_add(std::time::Duration::from_secs(10))
 }
 
