@@ -4,22 +4,38 @@
 //! whether this host loads it, run it on inputs without a server, and start a
 //! new plugin from a template that builds as is.
 
+use std::collections::HashSet;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
 
 use crate::codec::FrameReader;
 use crate::config::PluginSpec;
 use crate::exit_code;
+use crate::logging::untrusted;
 use crate::plugin::{self, Plugin, RawConnection, ResponseSink};
+use crate::{errln, outln};
 use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
 
 /// `nbnet plugin info FILE`: kind, own name and version, ABI, and whether
 /// this host can load it (and why not). Exit 0 when it can.
+///
+/// What the library says about itself (its name and version, and a loader
+/// error, which may quote it) is escaped and bounded with
+/// [`untrusted`]: a plugin cannot send control sequences to the terminal,
+/// forge output lines, or flood it.
 pub fn info(file: &Path) -> i32 {
     let path = absolute(file);
+    // Loading the library runs its constructors, which may start processes.
+    let leftovers = Leftovers::watch();
     let report = plugin::inspect(&path);
-    println!("file:     {}", path.display());
-    println!(
+    leftovers.sweep_and_report("nbnet plugin info");
+    outln!("file:     {}", path.display());
+    outln!(
         "kind:     {}",
         match report.kind {
             Some(plugin::Kind::Rust) => "Rust plugin (abi_stable root module, export_plugin!)",
@@ -28,24 +44,24 @@ pub fn info(file: &Path) -> i32 {
         }
     );
     if let Some((name, version)) = &report.name_version {
-        println!("name:     {name}");
-        println!("version:  {version}");
+        outln!("name:     {}", untrusted(name));
+        outln!("version:  {}", untrusted(version));
     }
     match report.abi {
-        Some((major, minor)) => println!(
+        Some((major, minor)) => outln!(
             "abi:      {major}.{minor} (this host loads {ABI_MAJOR}.0 to {ABI_MAJOR}.{ABI_MINOR})"
         ),
         None => {
-            println!("abi:      unknown (this host loads {ABI_MAJOR}.0 to {ABI_MAJOR}.{ABI_MINOR})")
+            outln!("abi:      unknown (this host loads {ABI_MAJOR}.0 to {ABI_MAJOR}.{ABI_MINOR})")
         }
     }
     match report.verdict {
         Ok(()) => {
-            println!("loadable: yes");
+            outln!("loadable: yes");
             exit_code::OK
         }
         Err(reason) => {
-            println!("loadable: no: {reason}");
+            outln!("loadable: no: {}", untrusted(&reason));
             exit_code::PLUGIN_LOAD_FAILED
         }
     }
@@ -66,8 +82,19 @@ pub struct RunOptions {
 
 /// `nbnet plugin run`: loads the plugin as worker 0 of 1 and answers each
 /// input (one payload per line, or frames) on stdout. Plugin errors go to
-/// stderr and the run continues; exit 1 if any request failed.
+/// stderr and the run continues; exit 1 if any request failed, or if stdout
+/// could not be written (the run stops there: see [`crate::output`]).
+/// Processes the plugin started and left running are killed at the end
+/// (see [`Leftovers`]).
 pub fn run(options: &RunOptions) -> i32 {
+    let leftovers = Leftovers::watch();
+    let code = run_plugin(options);
+    leftovers.sweep_and_report("nbnet plugin run");
+    code
+}
+
+/// [`run`] until the plugin has been destroyed.
+fn run_plugin(options: &RunOptions) -> i32 {
     let path = absolute(&options.file);
     let spec = PluginSpec {
         name: path.file_stem().map_or("plugin".into(), |stem| {
@@ -82,7 +109,7 @@ pub fn run(options: &RunOptions) -> i32 {
     let mut plugin = match Plugin::load(&spec, 0, 1) {
         Ok(plugin) => plugin,
         Err(e) => {
-            eprintln!("nbnet plugin run: {e}");
+            errln!("nbnet plugin run: {e}");
             return exit_code::PLUGIN_LOAD_FAILED;
         }
     };
@@ -95,7 +122,7 @@ pub fn run(options: &RunOptions) -> i32 {
     let requests = match read_requests(options) {
         Ok(requests) => requests,
         Err(message) => {
-            eprintln!("nbnet plugin run: {message}");
+            errln!("nbnet plugin run: {message}");
             return exit_code::FAILURE;
         }
     };
@@ -103,31 +130,143 @@ pub fn run(options: &RunOptions) -> i32 {
     let mut stdout = std::io::stdout().lock();
     let mut failures = 0;
     let mut sink = ResponseSink::new(Vec::new(), options.max_frame_bytes, &conn);
+    let mut written = Ok(());
     for (number, request) in requests.iter().enumerate() {
         sink.buffer_mut().clear();
-        match plugin.process(request, &mut sink) {
-            Ok(_) if options.frames => {
-                let _ = stdout.write_all(sink.buffer());
-            }
-            Ok(_) => {
-                let _ = stdout.write_all(&sink.buffer()[crate::codec::HEADER_LEN..]);
-                let _ = stdout.write_all(b"\n");
-            }
+        written = match plugin.process(request, &mut sink) {
+            Ok(_) if options.frames => stdout.write_all(sink.buffer()),
+            Ok(_) => stdout
+                .write_all(&sink.buffer()[crate::codec::HEADER_LEN..])
+                .and_then(|()| stdout.write_all(b"\n")),
             Err(e) => {
                 failures += 1;
-                let _ = stdout.flush();
-                eprintln!("request {}: error: {e}", number + 1);
+                let flushed = stdout.flush();
+                errln!("request {}: error: {e}", number + 1);
+                flushed
             }
+        };
+        if written.is_err() {
+            // Nobody gets the answers: stop feeding the plugin.
+            break;
         }
     }
-    let _ = stdout.flush();
+    let written = written.and_then(|()| stdout.flush());
+    drop(stdout);
     plugin.connection_closed(&conn);
     plugin.shutdown();
-    if failures == 0 {
-        exit_code::OK
-    } else {
-        exit_code::FAILURE
+    match written {
+        Err(e) => crate::output::failed(&e),
+        Ok(()) if failures == 0 => exit_code::OK,
+        Ok(()) => exit_code::FAILURE,
     }
+}
+
+/// Processes that plugins start and leave running when nbnet loads them
+/// outside the server (`--check`, `plugin info`, `plugin run`): a plugin
+/// whose init daemonizes (`fork` + `setsid`) would otherwise leave one
+/// process behind per run, adopted by init. The server sweeps such
+/// processes when it stops (`supervisor::reap`); this is the same for the
+/// one-shot commands.
+///
+/// [`Leftovers::watch`] makes this process a child subreaper (orphans of
+/// its descendants, even ones in their own session, become its children)
+/// and notes its children; [`Leftovers::sweep`] kills and reaps every
+/// child that was not there before. Call it after the plugins have been
+/// destroyed (so that a plugin can stop what it started itself) and before
+/// printing a report (a failed print ends the process).
+#[derive(Debug)]
+pub struct Leftovers {
+    before: Vec<Pid>,
+}
+
+impl Leftovers {
+    /// Becomes a child subreaper and notes the children there are now.
+    pub fn watch() -> Leftovers {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            errln!(
+                "nbnet: warning: cannot become a child subreaper ({e}): processes plugins start may outlive this command"
+            );
+        }
+        Leftovers { before: children() }
+    }
+
+    /// Kills (SIGKILL) and reaps every child that was not there at
+    /// [`Leftovers::watch`], repeating while that reveals more (their own
+    /// orphans), for at most [`SWEEP_LIMIT`]. Returns how many live
+    /// processes it killed.
+    pub fn sweep(&self) -> usize {
+        let deadline = Instant::now() + SWEEP_LIMIT;
+        let mut killed = HashSet::new();
+        loop {
+            let left: Vec<Pid> = children()
+                .into_iter()
+                .filter(|pid| !self.before.contains(pid))
+                .collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for &pid in &left {
+                // A zombie (a daemon's first child, exited) is only reaped.
+                if !is_zombie(pid) && kill(pid, Signal::SIGKILL).is_ok() {
+                    killed.insert(pid);
+                }
+            }
+            // Reap them (never blocking: one stuck in the kernel must not
+            // hold the command).
+            for &pid in &left {
+                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        killed.len()
+    }
+
+    /// [`Leftovers::sweep`], and a warning on stderr (prefixed `command`)
+    /// if it killed anything.
+    pub fn sweep_and_report(&self, command: &str) {
+        let killed = self.sweep();
+        if killed > 0 {
+            errln!(
+                "{command}: warning: killed {killed} process(es) that a plugin started while loaded and left running (a daemon forked in init?); a plugin must stop what it starts, in its destroy hook"
+            );
+        }
+    }
+}
+
+/// How long [`Leftovers::sweep`] keeps at it.
+pub const SWEEP_LIMIT: Duration = Duration::from_secs(2);
+
+/// This process's children now (zombies included), whichever of its
+/// threads forked them: `/proc` lists children per thread, and orphans
+/// adopted by a subreaper may go to any of its threads.
+fn children() -> Vec<Pid> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut all: Vec<Pid> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .map(Pid::from_raw)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    all.sort_unstable_by_key(|pid| pid.as_raw());
+    all.dedup();
+    all
+}
+
+/// Whether `pid` has exited and waits to be reaped (`Z` in `/proc/PID/stat`).
+fn is_zombie(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses.
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }
 
 fn read_requests(options: &RunOptions) -> Result<Vec<Vec<u8>>, String> {
@@ -186,12 +325,12 @@ pub fn new(name: &str, lang: Lang, dir: &Path, api: Option<&Path>) -> i32 {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
         || !name.starts_with(|c: char| c.is_ascii_lowercase())
     {
-        eprintln!("nbnet plugin new: {name:?} is not a valid name: use lowercase letters, digits, '-' and '_', starting with a letter");
+        errln!("nbnet plugin new: {name:?} is not a valid name: use lowercase letters, digits, '-' and '_', starting with a letter");
         return exit_code::FAILURE;
     }
     let api = api.map_or_else(plugin_api_dir, Path::to_path_buf);
     if !api.join("Cargo.toml").is_file() {
-        eprintln!(
+        errln!(
             "nbnet plugin new: cannot find nbnet's plugin-api at {}; pass --api-path DIR (the plugin-api folder of an nbnet checkout)",
             api.display()
         );
@@ -204,7 +343,7 @@ pub fn new(name: &str, lang: Lang, dir: &Path, api: Option<&Path>) -> i32 {
     match result {
         Ok(()) => exit_code::OK,
         Err(message) => {
-            eprintln!("nbnet plugin new: {message}");
+            errln!("nbnet plugin new: {message}");
             exit_code::FAILURE
         }
     }
@@ -253,16 +392,16 @@ serde = {{ version = "1", features = ["derive"] }}
         .and_then(|()| std::fs::write(root.join("Cargo.toml"), cargo_toml))
         .and_then(|()| std::fs::write(root.join("src/lib.rs"), lib_rs))
         .map_err(|e| format!("writing {}: {e}", root.display()))?;
-    println!("created {}", root.display());
-    println!("next:");
-    println!(
+    outln!("created {}", root.display());
+    outln!("next:");
+    outln!(
         "  cd {} && cargo test && cargo build --release",
         root.display()
     );
-    println!("  nbnet plugin info target/release/lib{lib}.so");
-    println!("  echo hello | nbnet plugin run target/release/lib{lib}.so");
-    println!("then add to your nbnet config:");
-    println!(
+    outln!("  nbnet plugin info target/release/lib{lib}.so");
+    outln!("  echo hello | nbnet plugin run target/release/lib{lib}.so");
+    outln!("then add to your nbnet config:");
+    outln!(
         "  [[plugins]]\n  name = \"{name}\"\n  path = \"{}/target/release/lib{lib}.so\"",
         root.display()
     );
@@ -289,9 +428,9 @@ fn new_c(name: &str, dir: &Path, api: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&file, source))
         .map_err(|e| format!("writing {}: {e}", file.display()))?;
-    println!("created {}", file.display());
-    println!("build it:\n  {build}");
-    println!("try it:\n  echo hello | nbnet plugin run {}", so.display());
+    outln!("created {}", file.display());
+    outln!("build it:\n  {build}");
+    outln!("try it:\n  echo hello | nbnet plugin run {}", so.display());
     Ok(())
 }
 

@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::codec::{encode, FrameReader, MAX_DECLARED};
+use crate::errln;
 use crate::exit_code;
 
 /// Sends `payload` to `addr`, prints the answer; returns the exit code.
@@ -12,12 +13,17 @@ pub fn send(addr: &str, payload: &[u8], timeout: Duration) -> i32 {
     match round_trip(addr, payload, timeout) {
         Ok(response) => {
             let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(&response);
-            let _ = stdout.write_all(b"\n");
-            exit_code::OK
+            match stdout
+                .write_all(&response)
+                .and_then(|()| stdout.write_all(b"\n"))
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => exit_code::OK,
+                Err(e) => crate::output::failed(&e),
+            }
         }
         Err(message) => {
-            eprintln!("nbnet send: {message}");
+            errln!("nbnet send: {message}");
             exit_code::FAILURE
         }
     }

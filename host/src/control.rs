@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 use crate::config;
 use crate::exit_code;
 use crate::reload_status;
+use crate::{errln, outln};
 use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
 
 /// `nbnet --version`: the version and the plugin ABIs this build loads.
@@ -34,14 +35,14 @@ pub fn reload(config_file: &Path) -> i32 {
     let config = match config::load(config_file) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("nbnet reload: not reloading, the config is invalid:\n{e}");
+            errln!("nbnet reload: not reloading, the config is invalid:\n{e}");
             return exit_code::CONFIG_INVALID;
         }
     };
     let (pid, pid_file) = match master_pid(config_file) {
         Ok(found) => found,
         Err(message) => {
-            eprintln!("nbnet reload: {message}");
+            errln!("nbnet reload: {message}");
             return exit_code::FAILURE;
         }
     };
@@ -52,11 +53,11 @@ pub fn reload(config_file: &Path) -> i32 {
     );
     let sent = reload_status::monotonic_ns();
     if let Err(message) = send(pid, Signal::SIGHUP, &pid_file) {
-        eprintln!("nbnet reload: {message}");
+        errln!("nbnet reload: {message}");
         return exit_code::FAILURE;
     }
     if !reports {
-        println!(
+        outln!(
             "reload requested (SIGHUP to master {pid}); it does not report outcomes ({} is missing: an older nbnet?), so its log says whether the new config was taken",
             status_path.display()
         );
@@ -72,8 +73,7 @@ pub fn reload(config_file: &Path) -> i32 {
                 .filter(|_| status.master == pid.as_raw())
             {
                 if let (Some(why), false) = (&record.queued, said_queued) {
-                    println!("reload {} queued: {why}", record.id);
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    outln!("reload {} queued: {why}", record.id);
                     said_queued = true;
                 }
                 if record.state.is_final() {
@@ -82,11 +82,11 @@ pub fn reload(config_file: &Path) -> i32 {
             }
         }
         if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
-            eprintln!("nbnet reload: master {pid} exited before the reload finished");
+            errln!("nbnet reload: master {pid} exited before the reload finished");
             return exit_code::FAILURE;
         }
         if Instant::now() >= deadline {
-            eprintln!(
+            errln!(
                 "nbnet reload: no outcome from master {pid} within {limit:?}; the reload may still finish: the master's log says how it went"
             );
             return exit_code::FAILURE;
@@ -98,10 +98,10 @@ pub fn reload(config_file: &Path) -> i32 {
 /// Prints how reload `record` ended; its exit status.
 fn outcome(pid: Pid, record: &reload_status::Record) -> i32 {
     if record.state == reload_status::State::Done {
-        println!("reload {} (master {pid}): {}", record.id, record.message);
+        outln!("reload {} (master {pid}): {}", record.id, record.message);
         return exit_code::OK;
     }
-    eprintln!(
+    errln!(
         "nbnet reload: {} (reload {}, master {pid}): {}",
         record.state.describe(),
         record.id,
@@ -134,23 +134,23 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     let (pid, file) = match master_pid(config_file) {
         Ok(found) => found,
         Err(message) => {
-            eprintln!("nbnet stop: {message}");
+            errln!("nbnet stop: {message}");
             return exit_code::FAILURE;
         }
     };
     if let Err(message) = send(pid, signal, &file) {
-        eprintln!("nbnet stop: {message}");
+        errln!("nbnet stop: {message}");
         return exit_code::FAILURE;
     }
     let deadline = config::deadline(Instant::now(), wait);
     while Instant::now() < deadline {
         if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
-            println!("stopped (master {pid})");
+            outln!("stopped (master {pid})");
             return exit_code::OK;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("nbnet stop: master {pid} is still running after {wait:?}");
+    errln!("nbnet stop: master {pid} is still running after {wait:?}");
     exit_code::FAILURE
 }
 

@@ -18,6 +18,7 @@
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
 //! - [`authoring`]: `nbnet plugin info|run|new`, tools for plugin authors.
+//! - [`output`]: printing for the command-line tools that never panics.
 //!
 //! The binary (`main.rs`) is only the command line and the dispatch to these
 //! parts; they are a library so that benchmarks can call them directly.
@@ -33,6 +34,7 @@ pub mod fork_guard;
 pub mod handover;
 pub mod listener;
 pub mod logging;
+pub mod output;
 pub mod pid_file;
 pub mod plugin;
 pub mod proxy;

@@ -1,7 +1,9 @@
 //! The `nbnet` command line: parses arguments and dispatches to the library
 //! (see `lib.rs` for the architecture).
 
-use nbnet::{authoring, bench, client, config, control, exit_code, logging, supervisor};
+use nbnet::{
+    authoring, bench, client, config, control, errln, exit_code, logging, outln, supervisor,
+};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,8 +64,9 @@ pid_file: a second master with the same file refuses to start, and
 `nbnet stop`/`reload` signal only the master holding that lock.
 
 Exit status: 0 stopped cleanly or check passed, 1 other failure (e.g. cannot
-listen, another master holds the pid_file), 2 bad command line, 3 invalid
-config, 4 a plugin failed to load or init, 5 too many worker restarts.
+listen, another master holds the pid_file, stdout could not be written), 2
+bad command line, 3 invalid config, 4 a plugin failed to load or init, 5 too
+many worker restarts.
 
 Logs go to stderr, or to [log] file (appended); [log] level in the config
 sets the level, RUST_LOG overrides it. A lost log stream never stops the
@@ -162,7 +165,7 @@ enum PluginCommand {
 fn main() {
     let cli = Cli::parse();
     if cli.version {
-        println!("{}", control::version_line());
+        outln!("{}", control::version_line());
         std::process::exit(exit_code::OK);
     }
     let code = match cli.command {
@@ -232,7 +235,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     let mut config = match config::load(file) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("nbnet: invalid config:\n{e}");
+            errln!("nbnet: invalid config:\n{e}");
             return exit_code::CONFIG_INVALID;
         }
     };
@@ -241,7 +244,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         // terminal (colours), and from now on stderr is the file.
         if let Some(file) = &config.log.file {
             if let Err(message) = logging::to_file(file) {
-                eprintln!("nbnet: {message} ({})", config.file.display());
+                errln!("nbnet: {message} ({})", config.file.display());
                 return exit_code::FAILURE;
             }
         }
@@ -249,17 +252,27 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         return supervisor::serve(config);
     }
     logging::init(config.log.level);
+    // A plugin whose init daemonizes must not leave a process behind per
+    // check: sweep them before printing (a failed print ends the process).
+    let leftovers = authoring::Leftovers::watch();
     let report = supervisor::check::check_plugins(&mut config);
+    leftovers.sweep_and_report("nbnet");
     for line in &report.loaded {
-        println!("ok: {line}");
+        outln!("ok: {line}");
     }
     let addresses = supervisor::check::probe_listeners(&config);
-    for warning in &addresses.warnings {
-        eprintln!("nbnet: warning: {warning}");
+    let files = probe_files(&config);
+    for warning in addresses.warnings.iter().chain(&files.warnings) {
+        errln!("nbnet: warning: {warning}");
     }
-    let errors: Vec<&String> = report.errors.iter().chain(&addresses.errors).collect();
+    let errors: Vec<&String> = report
+        .errors
+        .iter()
+        .chain(&addresses.errors)
+        .chain(&files.errors)
+        .collect();
     if errors.is_empty() {
-        println!(
+        outln!(
             "{}: config OK ({} plugin(s), {} listener(s))",
             config.file.display(),
             config.plugins.len(),
@@ -268,20 +281,107 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         exit_code::OK
     } else {
         for error in &errors {
-            eprintln!("nbnet: {error}");
+            errln!("nbnet: {error}");
         }
-        eprintln!(
+        errln!(
             "nbnet: {}: {} problem(s) found",
             config.file.display(),
             errors.len()
         );
         if report.errors.is_empty() {
-            // Only addresses are wrong: the same status as a start that
-            // cannot listen.
+            // Only addresses or files are wrong: the same status as a start
+            // that cannot listen or cannot create its pid_file.
             exit_code::FAILURE
         } else {
             exit_code::PLUGIN_LOAD_FAILED
         }
+    }
+}
+
+/// What `--check` finds out about the files the server would create
+/// (`[server] pid_file`, `[log] file`) without creating them.
+#[derive(Debug, Default)]
+struct FileReport {
+    /// Files the server could not create: it would not start.
+    errors: Vec<String>,
+    /// Files this user cannot write (fine if the server runs as another).
+    warnings: Vec<String>,
+}
+
+/// Checks that the server could create its `[server] pid_file` and
+/// `[log] file`: the folder exists, the path is not a folder, and this user
+/// may write there. Creates nothing.
+fn probe_files(config: &config::Config) -> FileReport {
+    let mut report = FileReport::default();
+    let files = [
+        ("[server] pid_file", config.server.pid_file.as_deref()),
+        ("[log] file", config.log.file.as_deref()),
+    ];
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        let what = format!("{key} {} ({})", path.display(), config.file.display());
+        match probe_file(path) {
+            Ok(()) => {}
+            Err(Probe::Error(why)) => report.errors.push(format!("{what}: {why}")),
+            Err(Probe::Warning(why)) => report.warnings.push(format!("{what}: {why}")),
+        }
+    }
+    report
+}
+
+/// Why a file the server creates could not be created.
+enum Probe {
+    Error(String),
+    Warning(String),
+}
+
+fn probe_file(path: &std::path::Path) -> Result<(), Probe> {
+    use std::io::ErrorKind;
+    let writable = |at: &std::path::Path, what: &str| {
+        match nix::unistd::access(
+        at,
+        nix::unistd::AccessFlags::W_OK,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e @ (nix::errno::Errno::EACCES | nix::errno::Errno::EPERM)) => Err(Probe::Warning(
+            format!("{what} is not writable by this user ({e}): the server cannot start unless it runs as a user who may write it"),
+        )),
+        Err(e) => Err(Probe::Error(format!("{what} cannot be written: {e}"))),
+    }
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(Probe::Error(
+            "is a folder; name a file (e.g. nbnet.pid inside it)".into(),
+        )),
+        Ok(_) => writable(path, "the file"),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let folder = path.parent().unwrap_or(std::path::Path::new("/"));
+            match std::fs::metadata(folder) {
+                Ok(meta) if meta.is_dir() => {
+                    writable(folder, &format!("its folder {}", folder.display()))
+                }
+                Ok(_) => Err(Probe::Error(format!(
+                    "{} is not a folder; choose a path in an existing folder",
+                    folder.display()
+                ))),
+                Err(e) if e.kind() == ErrorKind::NotFound => Err(Probe::Error(format!(
+                    "folder {} does not exist; create it, or choose a path in an existing folder",
+                    folder.display()
+                ))),
+                Err(e) if e.kind() == ErrorKind::NotADirectory => Err(Probe::Error(format!(
+                    "part of {} is not a folder; choose a path in an existing folder",
+                    folder.display()
+                ))),
+                Err(e) => Err(Probe::Warning(format!(
+                    "cannot check its folder {}: {e}",
+                    folder.display()
+                ))),
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotADirectory => Err(Probe::Error(
+            "part of the path is not a folder; choose a path in an existing folder".into(),
+        )),
+        Err(e) => Err(Probe::Warning(format!("cannot check it: {e}"))),
     }
 }
 

@@ -89,6 +89,12 @@ pub struct Artifacts {
     /// C test plugin answering with the signal mask of a child it starts
     /// (`plugins/testing/c/sigmask.c`).
     pub sigmask_so: PathBuf,
+    /// C test plugin whose init daemonizes (fork, setsid, fork) and leaves
+    /// the daemon running (`plugins/testing/c/daemonize.c`).
+    pub daemonize_so: PathBuf,
+    /// C test plugin whose own name holds an escape sequence and a newline,
+    /// and whose version is 1 MiB (`plugins/testing/c/bad_name.c`).
+    pub bad_name_so: PathBuf,
 }
 
 /// The workspace root (the parent of this package's directory).
@@ -204,6 +210,8 @@ fn build_now() -> Artifacts {
         hostile_so: c_plugin("plugins/testing/c/hostile.c", "libhostile.so"),
         whoami_so: c_plugin("plugins/testing/c/whoami.c", "libwhoami.so"),
         sigmask_so: c_plugin("plugins/testing/c/sigmask.c", "libsigmask.so"),
+        daemonize_so: c_plugin("plugins/testing/c/daemonize.c", "libdaemonize.so"),
+        bad_name_so: c_plugin("plugins/testing/c/bad_name.c", "libbad_name.so"),
         nbnet,
     }
 }
@@ -510,7 +518,8 @@ pub struct Outcome {
 /// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
-/// `{system_lib}`, `{hostile}`, `{sigmask}`, and the examples `{kv}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
+/// `{system_lib}`, `{hostile}`, `{sigmask}`, `{daemonize}`, `{bad_name}`, and the examples `{kv}`,
+/// `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -632,6 +641,8 @@ impl Sandbox {
                 "hostile" => path(&a.hostile_so),
                 "whoami" => path(&a.whoami_so),
                 "sigmask" => path(&a.sigmask_so),
+                "daemonize" => path(&a.daemonize_so),
+                "bad_name" => path(&a.bad_name_so),
                 other => panic!("unknown placeholder {{{other}}} in config template:\n{template}"),
             };
             out.push_str(&value);

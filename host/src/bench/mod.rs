@@ -27,6 +27,7 @@ use clap::Args;
 
 use crate::codec::{FrameReader, MAX_DECLARED};
 use crate::exit_code;
+use crate::{errln, out, outln};
 use driver::{Job, Phases, Tally};
 use payload::{Expect, Payloads};
 use report::{Failures, RunSettings, Summary};
@@ -81,7 +82,7 @@ pub fn run(args: &BenchArgs) -> i32 {
     match run_inner(args) {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("nbnet bench: {message}");
+            errln!("nbnet bench: {message}");
             exit_code::FAILURE
         }
     }
@@ -172,13 +173,13 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
         requests: args.requests,
     };
     if args.json {
-        println!("{}", summary.json(&settings));
+        outln!("{}", summary.json(&settings));
     } else {
-        print!("{}", summary.table(&settings));
+        out!("{}", summary.table(&settings));
     }
     let f = &summary.failures;
     if f.mismatches > 0 || f.errors() > 0 || summary.timed_out || summary.completed == 0 {
-        eprintln!(
+        errln!(
             "nbnet bench: FAILED: {} mismatched response(s), {} error(s){}{}",
             f.mismatches,
             f.errors(),
@@ -194,7 +195,7 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
             }
         );
         for m in &f.messages {
-            eprintln!("nbnet bench: {m}");
+            errln!("nbnet bench: {m}");
         }
         return Ok(exit_code::FAILURE);
     }
@@ -273,8 +274,7 @@ fn hold_idle(args: &BenchArgs, addr: SocketAddr, payloads: &Payloads) -> Result<
         }
         streams.push(stream);
     }
-    println!("ready {}", streams.len());
-    let _ = std::io::stdout().flush();
+    outln!("ready {}", streams.len());
     std::thread::sleep(args.duration);
     drop(streams);
     Ok(exit_code::OK)
