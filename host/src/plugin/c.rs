@@ -1,7 +1,7 @@
 //! C plugins: a library exporting `nbnet_plugin_entry`, loaded with libloading.
 //! The contract is `plugin-api/include/nbnet_plugin.h`.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use nbnet_plugin_api::abi::{CPlugin, C_ENTRY_SYMBOL};
 
@@ -107,8 +107,14 @@ fn static_str(text: *const c_char) -> String {
     if text.is_null() {
         return "?".into();
     }
-    // SAFETY: the header requires NUL-terminated static strings.
-    unsafe { CStr::from_ptr(text) }
-        .to_string_lossy()
-        .into_owned()
+    // At most this much is read: a string without its NUL would otherwise
+    // be read on through whatever memory follows it.
+    const MAX: usize = 4096;
+    // SAFETY: the header requires NUL-terminated static strings; strnlen
+    // stops at MAX whatever the plugin gave, and the slice is that long.
+    let bytes = unsafe {
+        let len = libc::strnlen(text, MAX);
+        std::slice::from_raw_parts(text.cast::<u8>(), len)
+    };
+    String::from_utf8_lossy(bytes).into_owned()
 }

@@ -405,6 +405,9 @@ const MAX_REPORT_BYTES: usize = 1 << 20;
 /// The child: report `LOADING`, then `OK` or `ERROR`, per plugin, one line each.
 fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i32 {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The master's blocked signals are not the plugins' business: what an
+    // init starts (a daemon, say) must not inherit them.
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     // Its own process group, swept by the master afterwards.
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     // Only the report pipe and the plugin images are this process's
