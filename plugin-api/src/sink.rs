@@ -75,9 +75,15 @@ pub struct ResponseSink {
     lent_data: *mut u8,
     lent_cap: usize,
     /// The connection the host lends, kept for the same reason: every
-    /// host-owned field of the response is put back before each call, so
-    /// one plugin's stray write cannot reach the next call (of any plugin).
+    /// host-owned field of the response is checked after each call and put
+    /// back if a plugin changed it, so one plugin's stray write cannot reach
+    /// the next call (of any plugin).
     conn: *const RawConnection,
+    /// The callbacks and `conn` as lent, folded into one word (XOR): the
+    /// check after each call is then a handful of instructions.
+    seal: usize,
+    /// The callbacks alone, folded (computed once).
+    callbacks: usize,
 }
 
 impl ResponseSink {
@@ -113,6 +119,8 @@ impl ResponseSink {
             lent_data: std::ptr::null_mut(),
             lent_cap: 0,
             conn,
+            seal: callbacks_seal() ^ conn as usize,
+            callbacks: callbacks_seal(),
         }
     }
 
@@ -122,14 +130,16 @@ impl ResponseSink {
     pub fn set_connection(&mut self, conn: *const RawConnection) {
         self.raw.conn = conn;
         self.conn = conn;
+        self.seal = self.callbacks ^ conn as usize;
     }
 
-    /// The response as the host lends it, before every call: the plugin can
-    /// write to every field, so none but `len` is trusted from a previous
-    /// call (a plugin that swapped `grow` or `write` would otherwise break
-    /// every later call of every plugin of the worker).
-    #[inline(always)]
-    fn lend(&mut self) {
+    /// Puts back every host-owned field of the response. The plugin can
+    /// write to every field: a call that changed one is caught after it
+    /// (see [`fields_intact`](Self::fields_intact)), and the fields are
+    /// lent again as they should be, so a plugin that swapped `grow` or
+    /// `write` cannot break the next call of any plugin of the worker.
+    #[cold]
+    fn lend_again(&mut self) {
         self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
         self.raw.write = sink_write;
         self.raw.set_error = sink_set_error;
@@ -137,25 +147,25 @@ impl ResponseSink {
         self.raw.reserve = sink_reserve;
         self.raw.commit = sink_commit;
         self.raw.grow = sink_grow;
-        self.raw.len = 0;
     }
 
     /// Whether the plugin left the host's fields of the response alone
-    /// (`data` and `cap` are checked by [`window_intact`](Self::window_intact)).
-    ///
-    /// Comparing function addresses is sound here: these are non-generic
-    /// `extern "C"` functions of this crate, each with one address, and
-    /// [`lend`](Self::lend) stored exactly these values.
+    /// (`data` and `cap` are checked by [`window_intact`](Self::window_intact)):
+    /// the callbacks and `conn`, folded as [`seal`](Self::seal) was, and
+    /// `host`. (A plugin could change two of them so that the fold still
+    /// matches — deliberately; a hostile plugin can corrupt its process in
+    /// any case. Every accidental change is caught.)
     #[inline(always)]
     fn fields_intact(&self) -> bool {
-        // Non-short-circuit `&`: comparisons, one branch.
-        (self.raw.host == (self as *const ResponseSink).cast_mut().cast::<c_void>())
-            & (self.raw.write as usize == sink_write as *const () as usize)
-            & (self.raw.set_error as usize == sink_set_error as *const () as usize)
-            & (self.raw.conn == self.conn)
-            & (self.raw.reserve as usize == sink_reserve as *const () as usize)
-            & (self.raw.commit as usize == sink_commit as *const () as usize)
-            & (self.raw.grow as usize == sink_grow as *const () as usize)
+        let folded = (self.raw.write as usize)
+            ^ (self.raw.set_error as usize)
+            ^ (self.raw.reserve as usize)
+            ^ (self.raw.commit as usize)
+            ^ (self.raw.grow as usize)
+            ^ (self.raw.conn as usize);
+        // Non-short-circuit `&`: two comparisons, one branch.
+        (folded == self.seal)
+            & (self.raw.host == (self as *const ResponseSink).cast_mut().cast::<c_void>())
     }
 
     /// Records which host field the plugin changed, as a misuse.
@@ -196,6 +206,7 @@ impl ResponseSink {
                     names.join(", ")
                 )
             });
+            self.lend_again();
         }
     }
 
@@ -237,7 +248,8 @@ impl ResponseSink {
         self.out.reserve(prefix.len() + size_hint);
         self.out.extend_from_slice(prefix);
         self.payload_start = self.out.len();
-        self.lend();
+        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
+        self.raw.len = 0;
         self.batch = std::ptr::null();
         // (`refused` is false here: every end of a response takes it.)
         self.reserved = None;
@@ -264,7 +276,8 @@ impl ResponseSink {
     ) -> *mut RawResponse {
         self.out.reserve(size_hint);
         self.payload_start = self.out.len();
-        self.lend();
+        self.raw.host = (self as *mut ResponseSink).cast::<c_void>();
+        self.raw.len = 0;
         self.batch = batch;
         self.batch_prefix = prefix;
         self.refused = false;
@@ -599,6 +612,16 @@ impl ResponseSink {
         }
         true
     }
+}
+
+/// The callbacks a response is lent with, folded (XOR) into one word.
+#[inline(always)]
+fn callbacks_seal() -> usize {
+    (sink_write as *const () as usize)
+        ^ (sink_set_error as *const () as usize)
+        ^ (sink_reserve as *const () as usize)
+        ^ (sink_commit as *const () as usize)
+        ^ (sink_grow as *const () as usize)
 }
 
 /// The sink behind a response.

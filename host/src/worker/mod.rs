@@ -8,7 +8,9 @@
 //! - [`reactor`] is the event loop; [`conn`] is one connection's state
 //!   machine; [`deadlines`] orders connections for the read timeout.
 
+mod budget;
 pub mod conn;
+mod control;
 pub mod deadlines;
 pub mod reactor;
 

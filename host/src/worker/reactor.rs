@@ -13,6 +13,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use slab::Slab;
 
+use super::budget::account;
 use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
 use crate::codec::FrameDecoder;
@@ -31,7 +32,7 @@ const CONTROL: Token = Token(1);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
 const FIRST_LISTENER: usize = 2;
 /// How soon a hand-over that found the channel full is tried again.
-const HANDOVER_RETRY: Duration = Duration::from_millis(5);
+pub(super) const HANDOVER_RETRY: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a just-accepted connection's first
 /// request before closing it as idle.
 const FRESH_GRACE: Duration = Duration::from_millis(200);
@@ -82,7 +83,7 @@ pub struct Listener {
 
 /// Whether the worker is taking new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accepting {
+pub(super) enum Accepting {
     /// Listeners registered; accept until WouldBlock.
     Open,
     /// `max_connections` reached: listeners deregistered until one closes.
@@ -98,52 +99,52 @@ enum Accepting {
 
 /// The worker's reactor.
 pub struct Reactor {
-    poll: Poll,
-    signals: Signals,
-    listeners: Vec<Listener>,
-    plugins: Vec<Plugin>,
-    connections: Slab<Connection>,
-    deadlines: Deadlines,
-    accepting: Accepting,
-    decoder: FrameDecoder,
-    scratch: Scratch,
-    limits: Limits,
+    pub(super) poll: Poll,
+    pub(super) signals: Signals,
+    pub(super) listeners: Vec<Listener>,
+    pub(super) plugins: Vec<Plugin>,
+    pub(super) connections: Slab<Connection>,
+    pub(super) deadlines: Deadlines,
+    pub(super) accepting: Accepting,
+    pub(super) decoder: FrameDecoder,
+    pub(super) scratch: Scratch,
+    pub(super) limits: Limits,
     /// This worker's scoreboard slot.
-    slot: &'static Slot,
+    pub(super) slot: &'static Slot,
     /// Rate limit for "cannot accept" warnings.
-    overload_log: OverloadLog,
+    pub(super) overload_log: OverloadLog,
     /// Bytes the connections' buffers hold, all together (the sum of
     /// [`Connection::buffered_bytes`], kept up to date on every event).
-    buffered: usize,
+    pub(super) buffered: usize,
     /// Connections whose buffers hold anything: shedding needs two (one
     /// alone is never closed for the budget), so this saves scanning every
     /// connection on each event while a lone large upload is over budget.
-    holders: usize,
+    pub(super) holders: usize,
     /// Rate limit for "over max_buffered_bytes" warnings.
-    shed_log: OverloadLog,
+    pub(super) shed_log: OverloadLog,
     /// While draining: when connections that never sent anything are
     /// closed too.
-    fresh_until: Option<Instant>,
+    pub(super) fresh_until: Option<Instant>,
     /// The control channel to the master (`None` once the master is gone).
-    control: Option<std::os::fd::OwnedFd>,
+    pub(super) control: Option<std::os::fd::OwnedFd>,
     /// Draining by handing connections over to another worker (a
     /// replacement), not by closing them (a stop).
-    handing_over: bool,
+    pub(super) handing_over: bool,
     /// A hand-over found the channel full: when to try again.
-    handover_retry: Option<Instant>,
+    pub(super) handover_retry: Option<Instant>,
     /// The master said "stop now" (a fast stop) over the control channel.
-    stop_now: bool,
+    pub(super) stop_now: bool,
     /// Requests answered so far.
-    served: u64,
+    pub(super) served: u64,
     /// Ask to be replaced after this many requests (max_requests_per_worker
     /// plus this worker's jitter); `None` when unlimited or already asked.
-    retire_after: Option<u64>,
+    pub(super) retire_after: Option<u64>,
     /// Set by SIGTERM/SIGQUIT: draining until every connection is done, or
     /// this deadline.
-    draining: Option<Instant>,
+    pub(super) draining: Option<Instant>,
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
-    next_connection_id: u64,
+    pub(super) next_connection_id: u64,
 }
 
 impl Reactor {
@@ -280,12 +281,17 @@ impl Reactor {
                             };
                         }
                         // (`close` subtracts what a closed connection held.)
+                        // Most events leave no buffer behind (whole frames,
+                        // answers sent at once): nothing to account then.
                         let held_after = conn.buffered_bytes();
-                        self.buffered = self.buffered.saturating_sub(held_before) + held_after;
-                        match (held_before, held_after) {
-                            (0, 1..) => self.holders += 1,
-                            (1.., 0) => self.holders = self.holders.saturating_sub(1),
-                            _ => {}
+                        let grew = held_after > held_before;
+                        if held_after != held_before {
+                            account(
+                                &mut self.buffered,
+                                &mut self.holders,
+                                held_before,
+                                held_after,
+                            );
                         }
                         match outcome {
                             // Draining: a connection whose requests are all
@@ -309,7 +315,10 @@ impl Reactor {
                             Ok(false) => {}
                             Err(reason) => self.close(key, reason),
                         }
-                        if self.buffered > self.limits.max_buffered_bytes && self.holders > 1 {
+                        if grew
+                            && self.buffered > self.limits.max_buffered_bytes
+                            && self.holders > 1
+                        {
                             self.shed(now);
                         }
                     }
@@ -362,7 +371,7 @@ impl Reactor {
 
     /// Accepts every pending connection on listener `index` (until WouldBlock:
     /// edge-triggered readiness is reported once per burst).
-    fn accept(&mut self, index: usize, now: Instant) {
+    pub(super) fn accept(&mut self, index: usize, now: Instant) {
         while self.accepting == Accepting::Open {
             if self.connections.len() >= self.limits.max_connections {
                 match self.overload_log.admit(now) {
@@ -417,7 +426,7 @@ impl Reactor {
     /// Registers a new connection (accepted here, or handed over by another
     /// worker), made by `make` from the stream and its read deadline, and
     /// tells its plugin. The one place a connection enters the slab.
-    fn admit(
+    pub(super) fn admit(
         &mut self,
         mut stream: crate::listener::Stream,
         now: Instant,
@@ -451,174 +460,8 @@ impl Reactor {
         self.deadlines.push(&mut self.connections, key, deadline);
     }
 
-    /// Reads the control channel: the master's "hand over" request, and
-    /// connections handed to this worker.
-    fn on_control(&mut self, now: Instant) {
-        loop {
-            let Some(control) = &self.control else {
-                return;
-            };
-            match handover::recv(control.as_fd()) {
-                Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
-                Ok(Some(handover::Message::Retire)) => {}
-                // The server stops: as SIGTERM/SIGINT would say, but no
-                // plugin's signal handler can hide this.
-                Ok(Some(handover::Message::Stop { fast: false })) => {
-                    self.begin_drain(Signal::SIGTERM, now)
-                }
-                Ok(Some(handover::Message::Stop { fast: true })) => self.stop_now = true,
-                Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
-                Ok(None) => {
-                    // The master is gone (this worker follows: its parent-
-                    // death signal); nothing more comes this way.
-                    if let Some(control) = self.control.take() {
-                        let _ = self
-                            .poll
-                            .registry()
-                            .deregister(&mut mio::unix::SourceFd(&control.as_raw_fd()));
-                        crate::fork_guard::release(control.as_raw_fd());
-                    }
-                    return;
-                }
-                Err(e) if handover::would_block(&e) => return,
-                Err(e) => {
-                    tracing::warn!("control channel: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Takes over a connection another worker handed over. Refused (and
-    /// closed: the client sees a close at a frame boundary, and may retry:
-    /// nothing it sent was read) when this worker no longer has its
-    /// listener, is full, or is draining itself.
-    fn adopt(&mut self, record: handover::Connection, fd: std::os::fd::OwnedFd, now: Instant) {
-        let listener = self
-            .listeners
-            .iter()
-            .position(|l| l.addr.to_string() == record.listener);
-        let index = match listener {
-            None => Err("its listener is not in this worker's config"),
-            Some(_) if self.draining.is_some() => Err("this worker is stopping"),
-            Some(_) if self.connections.len() >= self.limits.max_connections => {
-                Err("this worker is at max_connections")
-            }
-            Some(index) => Ok(index),
-        };
-        let index = match index {
-            Ok(index) => index,
-            Err(why) => {
-                self.slot.stats.handover_failures.add(1);
-                tracing::warn!(
-                    peer = %record.peer,
-                    "connection handed over from {} closed: {why}",
-                    record.listener
-                );
-                return;
-            }
-        };
-        let stream = match record.kind {
-            handover::StreamKind::Tcp => {
-                let stream = std::net::TcpStream::from(fd);
-                let _ = stream.set_nonblocking(true);
-                let _ = stream.set_nodelay(true);
-                crate::listener::Stream::Tcp(mio::net::TcpStream::from_std(stream))
-            }
-            handover::StreamKind::Unix => {
-                let stream = std::os::unix::net::UnixStream::from(fd);
-                let _ = stream.set_nonblocking(true);
-                crate::listener::Stream::Unix(mio::net::UnixStream::from_std(stream))
-            }
-        };
-        let stream = crate::fork_guard::stream_off_stdio(stream);
-        self.slot.stats.connections_adopted.add(1);
-        tracing::debug!(
-            peer = %record.peer,
-            listener = %record.listener,
-            "connection handed over to this worker"
-        );
-        self.admit(stream, now, false, |stream, deadline| {
-            Connection::adopted(stream, &record, index, deadline)
-        });
-    }
-
-    /// The master asks this worker to leave without closing its clients'
-    /// connections: stop accepting, hand every connection at a frame
-    /// boundary over now, and each of the others once its frame is
-    /// answered. `shutdown_timeout` bounds it, as for a graceful stop.
-    fn begin_hand_over(&mut self, now: Instant) {
-        if self.draining.is_some() {
-            return;
-        }
-        self.draining = Some(config::deadline(now, self.limits.shutdown_timeout));
-        self.handing_over = true;
-        self.pause_accepting(Accepting::Closed);
-        let before = self.connections.len();
-        self.hand_over_idle(now);
-        tracing::info!(
-            "being replaced: handing {before} connection(s) over to the serving workers ({} finishing a frame first)",
-            self.connections.len()
-        );
-    }
-
-    /// Hands over (or, when stopping, closes) every connection at a frame
-    /// boundary.
-    fn hand_over_idle(&mut self, now: Instant) {
-        let idle: Vec<usize> = self
-            .connections
-            .iter()
-            .filter(|(_, conn)| conn.is_idle())
-            .map(|(key, _)| key)
-            .collect();
-        for key in idle {
-            self.retire(key, now);
-        }
-    }
-
-    /// A draining worker's connection `key`, at a frame boundary, leaves:
-    /// handed over when this worker is being replaced, else closed. If the
-    /// channel is full it stays (and is tried again shortly); if the
-    /// hand-over fails it is closed (the client sees a close at a frame
-    /// boundary, as before hand-overs existed).
-    fn retire(&mut self, key: usize, now: Instant) {
-        if !self.handing_over {
-            self.close(key, Close::Shutdown);
-            return;
-        }
-        let conn = &self.connections[key];
-        let listener = &self.listeners[conn.listener];
-        let Some(record) = conn.hand_over_record(&listener.addr.to_string()) else {
-            // Not movable (a half-closed client): it ends here.
-            self.close(key, Close::Shutdown);
-            return;
-        };
-        let Some(control) = &self.control else {
-            self.slot.stats.handover_failures.add(1);
-            self.close(key, Close::Shutdown);
-            return;
-        };
-        match handover::send_connection(control.as_fd(), &record, conn.stream_fd()) {
-            Ok(()) => {
-                self.slot.stats.connections_handed_over.add(1);
-                self.close(key, Close::HandedOver);
-            }
-            Err(e) if handover::would_block(&e) => {
-                self.handover_retry.get_or_insert(now + HANDOVER_RETRY);
-            }
-            Err(e) => {
-                tracing::warn!(
-                    peer = %record.peer,
-                    "cannot hand the connection over ({e}): closing it"
-                );
-                self.slot.stats.handover_failures.add(1);
-                self.close(key, Close::Shutdown);
-            }
-        }
-    }
-
     /// Deregisters and drops connection `key`, logging why it closed.
-    fn close(&mut self, key: usize, reason: Close) {
+    pub(super) fn close(&mut self, key: usize, reason: Close) {
         self.deadlines.remove(&mut self.connections, key);
         let mut conn = self.connections.remove(key);
         let held = conn.buffered_bytes();
@@ -693,74 +536,11 @@ impl Reactor {
         }
     }
 
-    /// The connections' buffers hold more than `max_buffered_bytes`
-    /// together: closes the connections holding the most, largest first,
-    /// until they hold no more than that. One connection alone is never
-    /// closed for it (`max_frame_bytes` and `max_pending_output_bytes`
-    /// bound its memory), so a lone large frame always gets through; next
-    /// to others, the largest holder goes first.
-    #[cold]
-    #[inline(never)]
-    fn shed(&mut self, now: Instant) {
-        let budget = self.limits.max_buffered_bytes;
-        let before = self.buffered;
-        let mut holders: Vec<(usize, usize)> = self
-            .connections
-            .iter()
-            .map(|(key, conn)| (conn.buffered_bytes(), key))
-            .filter(|&(held, _)| held > 0)
-            .collect();
-        debug_assert_eq!(
-            holders.iter().map(|&(held, _)| held).sum::<usize>(),
-            before,
-            "buffered bytes accounting"
-        );
-        holders.sort_unstable_by(|a, b| b.cmp(a));
-        let mut closed: Vec<(String, usize)> = Vec::new();
-        for (left, &(held, key)) in (1..=holders.len()).rev().zip(&holders) {
-            if self.buffered <= budget || left == 1 {
-                break;
-            }
-            closed.push((self.connections[key].peer().to_string(), held));
-            self.close(key, Close::OverBudget { held });
-        }
-        if closed.is_empty() {
-            return;
-        }
-        self.slot
-            .stats
-            .buffer_budget_closes
-            .add(closed.len() as u64);
-        match self.shed_log.admit(now) {
-            Some(suppressed) => {
-                const NAMED: usize = 5;
-                let mut named: Vec<String> = closed
-                    .iter()
-                    .take(NAMED)
-                    .map(|(peer, held)| format!("{peer} ({held} bytes)"))
-                    .collect();
-                if closed.len() > NAMED {
-                    named.push(format!("and {} more", closed.len() - NAMED));
-                }
-                tracing::warn!(
-                    "this worker's connections held {before} bytes of unfinished requests and unsent responses, over max_buffered_bytes = {budget}: closed the {} holding the most: {}; raise max_buffered_bytes if legitimate clients send or receive that much at once{}",
-                    closed.len(),
-                    named.join(", "),
-                    OverloadLog::since_last(suppressed)
-                );
-            }
-            None => tracing::debug!(
-                "over max_buffered_bytes again: closed {} connection(s)",
-                closed.len()
-            ),
-        }
-    }
-
     /// SIGTERM or SIGQUIT: graceful stop. Stop accepting, close every idle
     /// connection now, and let the others finish the frame they are in and
     /// receive every answer; each is closed at its next frame boundary.
     /// `shutdown_timeout` bounds the whole drain.
-    fn begin_drain(&mut self, signal: Signal, now: Instant) {
+    pub(super) fn begin_drain(&mut self, signal: Signal, now: Instant) {
         if self.draining.is_some() {
             if self.handing_over {
                 // The server stops while this worker was being replaced:
@@ -786,7 +566,7 @@ impl Reactor {
 
     /// Closes idle connections (with `fresh`: also those that never sent
     /// anything); returns how many.
-    fn close_idle(&mut self, fresh: bool) -> usize {
+    pub(super) fn close_idle(&mut self, fresh: bool) -> usize {
         let idle: Vec<usize> = self
             .connections
             .iter()
@@ -800,7 +580,7 @@ impl Reactor {
     }
 
     /// `shutdown_timeout` ran out while draining: cut what is left, saying how much.
-    fn cut_remaining(&mut self) {
+    pub(super) fn cut_remaining(&mut self) {
         let (mut mid_frame, mut unsent) = (0, 0);
         for (_, conn) in self.connections.iter() {
             if conn.mid_frame() {
@@ -820,7 +600,7 @@ impl Reactor {
     /// Stop: closes every connection (telling the plugins), then tells each
     /// plugin the worker is shutting down. Returns the plugins; dropping them
     /// runs their `destroy`.
-    fn shut_down(mut self) -> Vec<Plugin> {
+    pub(super) fn shut_down(mut self) -> Vec<Plugin> {
         let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
         for key in keys {
             self.close(key, Close::Shutdown);
@@ -839,7 +619,7 @@ impl Reactor {
     }
 
     /// Closes every connection whose deadline has passed.
-    fn expire(&mut self, now: Instant) {
+    pub(super) fn expire(&mut self, now: Instant) {
         while let Some(key) = self.deadlines.oldest() {
             let conn = &self.connections[key];
             if conn.deadline() > now {
@@ -852,7 +632,7 @@ impl Reactor {
 
     /// How long `poll` may sleep: until the oldest deadline or the end of an
     /// accept backoff; forever when there is neither.
-    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+    pub(super) fn next_timeout(&self, now: Instant) -> Option<Duration> {
         let deadline = self
             .deadlines
             .oldest()
@@ -876,7 +656,7 @@ impl Reactor {
         wake.map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))
     }
 
-    fn register_listeners(&mut self) -> io::Result<()> {
+    pub(super) fn register_listeners(&mut self) -> io::Result<()> {
         for (i, listener) in self.listeners.iter_mut().enumerate() {
             if let Some(socket) = &mut listener.socket {
                 self.poll.registry().register(
@@ -889,7 +669,7 @@ impl Reactor {
         Ok(())
     }
 
-    fn pause_accepting(&mut self, why: Accepting) {
+    pub(super) fn pause_accepting(&mut self, why: Accepting) {
         for listener in &mut self.listeners {
             if let Some(socket) = &mut listener.socket {
                 if self.accepting == Accepting::Open {
@@ -908,7 +688,7 @@ impl Reactor {
 
     /// Registers the listeners again; pending connections are reported at
     /// once (registering a ready socket raises an event).
-    fn resume_accepting(&mut self) {
+    pub(super) fn resume_accepting(&mut self) {
         if self.accepting == Accepting::Closed {
             return;
         }
@@ -932,7 +712,7 @@ impl Reactor {
 /// `OVERLOAD_LOG_INTERVAL` without a warning; later warnings say how many
 /// were folded in.
 #[derive(Debug, Default)]
-struct OverloadLog {
+pub(super) struct OverloadLog {
     last_warning: Option<Instant>,
     suppressed: u32,
 }
@@ -943,7 +723,7 @@ const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 impl OverloadLog {
     /// `Some(suppressed)` when a warning may be logged now (with the count
     /// of warnings folded since the last one), `None` to stay quiet.
-    fn admit(&mut self, now: Instant) -> Option<u32> {
+    pub(super) fn admit(&mut self, now: Instant) -> Option<u32> {
         match self.last_warning {
             Some(last) if now.duration_since(last) < OVERLOAD_LOG_INTERVAL => {
                 self.suppressed += 1;
@@ -956,7 +736,7 @@ impl OverloadLog {
         }
     }
 
-    fn since_last(suppressed: u32) -> String {
+    pub(super) fn since_last(suppressed: u32) -> String {
         if suppressed == 0 {
             String::new()
         } else {
@@ -978,7 +758,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overload_warnings_are_one_per_burst_and_count_what_they_fold() {
+    pub(super) fn overload_warnings_are_one_per_burst_and_count_what_they_fold() {
         let t0 = Instant::now();
         let mut log = OverloadLog::default();
         assert_eq!(log.admit(t0), Some(0));

@@ -1,0 +1,186 @@
+//! The worker's side of its control channel to the master (see
+//! [`crate::handover`]): "hand your connections over", "stop", and the
+//! connections other workers hand to this one.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+
+use super::conn::{Close, Connection};
+use super::reactor::{Accepting, Reactor, HANDOVER_RETRY};
+use crate::config;
+use crate::handover;
+
+impl Reactor {
+    /// Reads the control channel: the master's "hand over" request, and
+    /// connections handed to this worker.
+    pub(super) fn on_control(&mut self, now: Instant) {
+        loop {
+            let Some(control) = &self.control else {
+                return;
+            };
+            match handover::recv(control.as_fd()) {
+                Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
+                Ok(Some(handover::Message::Retire)) => {}
+                // The server stops: as SIGTERM/SIGINT would say, but no
+                // plugin's signal handler can hide this.
+                Ok(Some(handover::Message::Stop { fast: false })) => {
+                    self.begin_drain(Signal::SIGTERM, now)
+                }
+                Ok(Some(handover::Message::Stop { fast: true })) => self.stop_now = true,
+                Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
+                Ok(None) => {
+                    // The master is gone (this worker follows: its parent-
+                    // death signal); nothing more comes this way.
+                    if let Some(control) = self.control.take() {
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut mio::unix::SourceFd(&control.as_raw_fd()));
+                        crate::fork_guard::release(control.as_raw_fd());
+                    }
+                    return;
+                }
+                Err(e) if handover::would_block(&e) => return,
+                Err(e) => {
+                    tracing::warn!("control channel: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes over a connection another worker handed over. Refused (and
+    /// closed: the client sees a close at a frame boundary, and may retry:
+    /// nothing it sent was read) when this worker no longer has its
+    /// listener, is full, or is draining itself.
+    pub(super) fn adopt(
+        &mut self,
+        record: handover::Connection,
+        fd: std::os::fd::OwnedFd,
+        now: Instant,
+    ) {
+        let listener = self
+            .listeners
+            .iter()
+            .position(|l| l.addr.to_string() == record.listener);
+        let index = match listener {
+            None => Err("its listener is not in this worker's config"),
+            Some(_) if self.draining.is_some() => Err("this worker is stopping"),
+            Some(_) if self.connections.len() >= self.limits.max_connections => {
+                Err("this worker is at max_connections")
+            }
+            Some(index) => Ok(index),
+        };
+        let index = match index {
+            Ok(index) => index,
+            Err(why) => {
+                self.slot.stats.handover_failures.add(1);
+                tracing::warn!(
+                    peer = %record.peer,
+                    "connection handed over from {} closed: {why}",
+                    record.listener
+                );
+                return;
+            }
+        };
+        let stream = match record.kind {
+            handover::StreamKind::Tcp => {
+                let stream = std::net::TcpStream::from(fd);
+                let _ = stream.set_nonblocking(true);
+                let _ = stream.set_nodelay(true);
+                crate::listener::Stream::Tcp(mio::net::TcpStream::from_std(stream))
+            }
+            handover::StreamKind::Unix => {
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                let _ = stream.set_nonblocking(true);
+                crate::listener::Stream::Unix(mio::net::UnixStream::from_std(stream))
+            }
+        };
+        let stream = crate::fork_guard::stream_off_stdio(stream);
+        self.slot.stats.connections_adopted.add(1);
+        tracing::debug!(
+            peer = %record.peer,
+            listener = %record.listener,
+            "connection handed over to this worker"
+        );
+        self.admit(stream, now, false, |stream, deadline| {
+            Connection::adopted(stream, &record, index, deadline)
+        });
+    }
+
+    /// The master asks this worker to leave without closing its clients'
+    /// connections: stop accepting, hand every connection at a frame
+    /// boundary over now, and each of the others once its frame is
+    /// answered. `shutdown_timeout` bounds it, as for a graceful stop.
+    pub(super) fn begin_hand_over(&mut self, now: Instant) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(config::deadline(now, self.limits.shutdown_timeout));
+        self.handing_over = true;
+        self.pause_accepting(Accepting::Closed);
+        let before = self.connections.len();
+        self.hand_over_idle(now);
+        tracing::info!(
+            "being replaced: handing {before} connection(s) over to the serving workers ({} finishing a frame first)",
+            self.connections.len()
+        );
+    }
+
+    /// Hands over (or, when stopping, closes) every connection at a frame
+    /// boundary.
+    pub(super) fn hand_over_idle(&mut self, now: Instant) {
+        let idle: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, conn)| conn.is_idle())
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle {
+            self.retire(key, now);
+        }
+    }
+
+    /// A draining worker's connection `key`, at a frame boundary, leaves:
+    /// handed over when this worker is being replaced, else closed. If the
+    /// channel is full it stays (and is tried again shortly); if the
+    /// hand-over fails it is closed (the client sees a close at a frame
+    /// boundary, as before hand-overs existed).
+    pub(super) fn retire(&mut self, key: usize, now: Instant) {
+        if !self.handing_over {
+            self.close(key, Close::Shutdown);
+            return;
+        }
+        let conn = &self.connections[key];
+        let listener = &self.listeners[conn.listener];
+        let Some(record) = conn.hand_over_record(&listener.addr.to_string()) else {
+            // Not movable (a half-closed client): it ends here.
+            self.close(key, Close::Shutdown);
+            return;
+        };
+        let Some(control) = &self.control else {
+            self.slot.stats.handover_failures.add(1);
+            self.close(key, Close::Shutdown);
+            return;
+        };
+        match handover::send_connection(control.as_fd(), &record, conn.stream_fd()) {
+            Ok(()) => {
+                self.slot.stats.connections_handed_over.add(1);
+                self.close(key, Close::HandedOver);
+            }
+            Err(e) if handover::would_block(&e) => {
+                self.handover_retry.get_or_insert(now + HANDOVER_RETRY);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    peer = %record.peer,
+                    "cannot hand the connection over ({e}): closing it"
+                );
+                self.slot.stats.handover_failures.add(1);
+                self.close(key, Close::Shutdown);
+            }
+        }
+    }
+}
