@@ -499,3 +499,80 @@ fn killing_the_new_worker_during_a_hand_over_costs_only_its_connections() {
     assert_eq!(fresh.request(b"still"), b"STILL");
     server.stop();
 }
+
+/// A hand-over while the only other worker is itself being replaced (it
+/// serves until its slow successor is ready) closed every connection with
+/// "no worker is serving" (second hostile pass). They go to the worker that
+/// still serves, or wait for one to be ready.
+#[test]
+fn connections_handed_over_while_every_other_worker_is_being_replaced_are_kept() {
+    let mut server = Server::start(
+        r#"[server]
+workers = 1
+max_requests_per_worker = 40
+shutdown_timeout = "10s"
+
+[[plugins]]
+name = "hostile"
+path = "{hostile}"
+
+[plugins.config]
+init_sleep_ms = 1500
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "hostile"
+"#,
+    );
+    let first = server.wait_for_workers(1)[0].pid;
+    server.signal(libc::SIGTTIN);
+    let second = server.wait_for("the second worker", || {
+        server
+            .live_workers()
+            .into_iter()
+            .map(|p| p.pid)
+            .find(|&pid| pid != first)
+    });
+    server.wait_for_log_line(&["worker 1 started"]);
+    // Clients on each worker.
+    let mut on_first = None;
+    let mut on_second = Vec::new();
+    while on_first.is_none() || on_second.len() < 3 {
+        let mut client = server.client();
+        let pid: i32 = String::from_utf8(client.request(b"pid"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        if pid == first && on_first.is_none() {
+            on_first = Some(client);
+        } else if pid == second {
+            on_second.push(client);
+        }
+    }
+    // The first worker serves its quota: it asks to be replaced, and its
+    // successor takes 1.5 s to start.
+    let mut on_first = on_first.unwrap();
+    for i in 0..40 {
+        let _ = on_first.request(format!("n{i}").as_bytes());
+    }
+    server.wait_for_log_line(&["served max_requests_per_worker"]);
+    // Now the second worker's slot goes: its connections must move.
+    server.signal(libc::SIGTTOU);
+    wait_for_count(&server, "being replaced: handing", 1);
+    for (i, client) in on_second.iter_mut().enumerate() {
+        let request = format!("still{i}");
+        assert_eq!(
+            client.request(request.as_bytes()),
+            format!("ok:{request}").as_bytes(),
+            "connection {i} of the removed worker\n{}",
+            server.log()
+        );
+    }
+    assert_eq!(
+        server.log_count("closed instead of handed over"),
+        0,
+        "{}",
+        server.log()
+    );
+    server.stop();
+}

@@ -149,3 +149,52 @@ fn a_socket_passed_by_systemd_is_served_without_losing_waiting_clients() {
     }
     assert!(status.success(), "{status:?}");
 }
+
+/// A wrapper that sets LISTEN_FDS without passing any descriptor made
+/// nbnet take (and close) descriptors it had opened itself — its pid file's,
+/// losing the lock, then aborting at exit (second hostile pass).
+#[test]
+fn listen_fds_naming_descriptors_never_passed_takes_nothing_of_nbnets_own() {
+    let mut sandbox = Sandbox::new();
+    let config = sandbox.write_config(&format!("{CONFIG}").replace(
+        "[server]\nworkers = 1\n",
+        "[server]\nworkers = 1\npid_file = \"nbnet.pid\"\n",
+    ));
+    let port = sandbox.port(0);
+    let log_path = sandbox.path().join("nbnet.log");
+    let mut master = Command::new("sh")
+        .arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=8 exec \"$0\" --config \"$1\"")
+        .arg(&build().nbnet)
+        .arg(&config)
+        .current_dir(sandbox.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut answered = false;
+    for _ in 0..100 {
+        if let Ok(mut client) = Client::try_connect(port) {
+            if client.request(b"hi") == b"HI" {
+                answered = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(answered, "nbnet did not serve\n{}", log());
+    // The pid file still locked by the master: `nbnet stop` finds it.
+    let stop = sandbox.run(&["stop", "--config", config.to_str().unwrap()]);
+    let status = master.wait().unwrap();
+    assert!(
+        stop.status.success(),
+        "nbnet stop: {}{}\n{}",
+        stop.stdout,
+        stop.stderr,
+        log()
+    );
+    assert!(status.success(), "{status:?}\n{}", log());
+    assert!(!log().contains("IO Safety"), "{}", log());
+}

@@ -163,6 +163,9 @@ enum PluginCommand {
 }
 
 fn main() {
+    // Before anything opens a file: the descriptors LISTEN_FDS names are
+    // only ours to take while nothing else can have opened them.
+    nbnet::systemd::stash_listen_fds();
     let cli = Cli::parse();
     if cli.version {
         outln!("{}", control::version_line());

@@ -37,6 +37,13 @@ pub fn notify(state: &str) {
     }
 }
 
+/// Writes `line` to stderr, ignoring failures (this runs before logging is
+/// set up).
+fn eprintln_safe(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// `RELOADING=1` with the monotonic timestamp systemd asks for.
 pub fn notify_reloading() {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -48,11 +55,34 @@ pub fn notify_reloading() {
 /// The first descriptor of `$LISTEN_FDS`.
 const LISTEN_FDS_START: RawFd = 3;
 
+/// The sockets [`stash_listen_fds`] took, until [`take_listen_fds`].
+static STASH: std::sync::Mutex<Vec<(String, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes the listening sockets passed to this process now — call it first
+/// thing in `main`, before anything opens a file: the numbers `LISTEN_FDS`
+/// names are only ours to take while nothing else has opened them.
+pub fn stash_listen_fds() {
+    let taken = take_now();
+    if let Ok(mut stash) = STASH.lock() {
+        stash.extend(taken);
+    }
+}
+
+/// The sockets [`stash_listen_fds`] took (each once).
+pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
+    STASH
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default()
+}
+
 /// Takes the listening sockets passed to this process (see the module
 /// doc), each with its name (empty when unnamed), and removes the
 /// variables so that no child sees them. Empty when none were passed, or
-/// when they were meant for another process.
-pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
+/// when they were meant for another process. A number `LISTEN_FDS` names
+/// that is not a socket (a wrapper that set the variables but passed
+/// nothing) is left alone: it may be a descriptor this process opened.
+fn take_now() -> Vec<(String, OwnedFd)> {
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
@@ -74,10 +104,23 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
         .filter_map(|i| {
             let fd = LISTEN_FDS_START + i;
             let name = names.next().unwrap_or("").to_string();
-            // SAFETY: F_GETFD only asks whether the descriptor is open.
-            if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-                tracing::warn!("LISTEN_FDS names descriptor {fd}, which is not open: ignored");
-                return None;
+            // SAFETY: fstat on a descriptor number only reads metadata; a
+            // number that is not open gives an error.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            match nix::sys::stat::fstat(borrowed) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFSOCK => {}
+                Ok(_) => {
+                    eprintln_safe(&format!(
+                        "nbnet: LISTEN_FDS names descriptor {fd}, which is not a socket: left alone"
+                    ));
+                    return None;
+                }
+                Err(_) => {
+                    eprintln_safe(&format!(
+                        "nbnet: LISTEN_FDS names descriptor {fd}, which is not open: ignored"
+                    ));
+                    return None;
+                }
             }
             // SAFETY: LISTEN_FDS hands these descriptors to this process
             // (LISTEN_PID checked above); nothing else owns them.

@@ -24,11 +24,15 @@ pub(super) const CONTROL_BASE: usize = 1 << 40;
 /// How soon connections that found every taker's channel full are tried again.
 pub(super) const RELAY_RETRY: Duration = Duration::from_millis(5);
 
-/// A connection waiting for a taker (every serving worker's channel was full).
+/// A connection waiting for a taker: every serving worker's channel was
+/// full, or no worker was ready to take it (they were all starting).
 pub(super) struct Waiting {
     record: handover::Connection,
     fd: OwnedFd,
     from: Pid,
+    /// When it first had to wait: it is closed if no taker comes within
+    /// [`ready_within`] (the time new workers get to become ready).
+    since: Instant,
 }
 
 impl Master {
@@ -88,23 +92,51 @@ impl Master {
     /// it for a moment if every one's channel is full, or closes it if no
     /// worker serves (the client sees a close at a frame boundary).
     fn relay(&mut self, record: handover::Connection, fd: OwnedFd, from: Pid) {
+        self.relay_since(record, fd, from, Instant::now());
+    }
+
+    fn relay_since(
+        &mut self,
+        record: handover::Connection,
+        fd: OwnedFd,
+        from: Pid,
+        since: Instant,
+    ) {
         if self.phase != Phase::Serving {
             self.handover_failed(&record, "the server is stopping");
             return;
         }
-        let mut takers: Vec<(usize, Pid)> = self
-            .workers
-            .iter()
-            .filter(|(pid, w)| {
-                **pid != from
-                    && w.role == Role::Serving
-                    && w.control.is_some()
-                    && self.scoreboard.slot(w.board).is_ready()
-            })
-            .map(|(pid, w)| (w.board, *pid))
-            .collect();
+        // Ready workers of the serving generation; failing those, ready
+        // workers that still serve while their replacement starts (a
+        // recycled one, say) — never one that drains.
+        let ready = |role: Role| -> Vec<(usize, Pid)> {
+            self.workers
+                .iter()
+                .filter(|(pid, w)| {
+                    **pid != from
+                        && w.role == role
+                        && w.control.is_some()
+                        && self.scoreboard.slot(w.board).is_ready()
+                })
+                .map(|(pid, w)| (w.board, *pid))
+                .collect()
+        };
+        let mut takers = ready(Role::Serving);
         if takers.is_empty() {
-            self.handover_failed(&record, "no worker is serving");
+            takers = ready(Role::Outgoing);
+        }
+        if takers.is_empty() {
+            // Every worker is starting: wait for one to be ready.
+            if since.elapsed() > ready_within(&self.config) {
+                self.handover_failed(&record, "no worker became ready to take it");
+            } else {
+                self.relay_waiting.push_back(Waiting {
+                    record,
+                    fd,
+                    from,
+                    since,
+                });
+            }
             return;
         }
         takers.sort_unstable();
@@ -122,13 +154,18 @@ impl Master {
             }
         }
         // Every channel full: wait for the takers to read theirs.
-        self.relay_waiting.push_back(Waiting { record, fd, from });
+        self.relay_waiting.push_back(Waiting {
+            record,
+            fd,
+            from,
+            since,
+        });
     }
 
-    /// Tries the connections that found every channel full again.
+    /// Tries the connections that had to wait again.
     pub(super) fn relay_retry(&mut self) {
         for waiting in std::mem::take(&mut self.relay_waiting) {
-            self.relay(waiting.record, waiting.fd, waiting.from);
+            self.relay_since(waiting.record, waiting.fd, waiting.from, waiting.since);
         }
     }
 
