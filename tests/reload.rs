@@ -467,6 +467,49 @@ fn a_reload_changes_a_kept_unix_sockets_mode() {
     assert_eq!(mode(&socket), 0o660, "{}", server.log());
 }
 
+/// A reload that changed `[log] file` reported success and changed
+/// nothing (the server logged on to the old file). It is refused now,
+/// naming the key and what to do, and `nbnet reload` exits 1 with that.
+#[test]
+fn a_reload_changing_the_log_file_is_refused_naming_it() {
+    let section =
+        |file: &str| format!("workers = 1\npid_file = \"nbnet.pid\"\n\n[log]\nfile = \"{file}\"");
+    let mut server = Server::start(&hostile(&section("nb.log"), ""));
+    let (log, other) = (server.dir().join("nb.log"), server.dir().join("other.log"));
+    server
+        .sandbox_mut()
+        .write_config(&hostile(&section("other.log"), ""));
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("reload refused")
+            && out
+                .stderr
+                .contains("[log] file cannot change without a restart (")
+            && out.stderr.contains("nbnet.toml:6)")
+            && out.stderr.contains("restart nbnet"),
+        "{}",
+        out.stderr
+    );
+    assert!(!other.exists(), "nothing should have opened other.log");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("reload aborted: [log] file cannot change"),
+        "{text}"
+    );
+    // The same file, written another way, is no change: the reload goes.
+    server
+        .sandbox_mut()
+        .write_config(&hostile(&section("./x/../nb.log"), "init_sleep_ms = 1"));
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(server.client().request(b"x"), b"ok:x");
+}
+
 // ---------------------------------------------- 5. `nbnet reload` waits
 
 /// `nbnet reload` reports the outcome of its reload: 0 when the new config

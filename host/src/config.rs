@@ -233,6 +233,20 @@ pub struct LogConfig {
     /// Log to this file (appended; reopened on SIGUSR1) instead of stderr;
     /// relative to the config file's folder.
     pub file: Option<PathBuf>,
+    /// The line of `file` in the config file, for messages.
+    pub file_line: Option<usize>,
+}
+
+impl LogConfig {
+    /// Whether `other` logs to the same place (the same file, compared
+    /// once normalised lexically, or both to stderr).
+    pub fn same_file(&self, other: &LogConfig) -> bool {
+        match (&self.file, &other.file) {
+            (None, None) => true,
+            (Some(a), Some(b)) => normalize_lexically(a) == normalize_lexically(b),
+            _ => false,
+        }
+    }
 }
 
 /// `[log]` as written.
@@ -671,6 +685,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     let log = LogConfig {
         level: raw.log.level,
         file: check.path("[log] file", &raw.log.file, base, "log to stderr"),
+        file_line: raw.log.file.as_ref().map(|f| lines.line_of(f.span().start)),
     };
     // The files nbnet writes must not be one it reads or serves: a
     // pid_file naming the config, a plugin or a socket overwrote it (and
