@@ -699,6 +699,7 @@ impl Master {
                 self.drain(pid);
             } else if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.role = Role::Draining;
+                worker.rollback_killed = true;
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
