@@ -804,7 +804,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 "the path of plugin {} ({}:{})",
                 quote(name),
                 shown(file),
-                path_line.unwrap_or(line)
+                lines.line_of(plugin.path.span().start)
             )
         });
         let config_toml = match &plugin.config {
@@ -845,7 +845,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     format!(
                         "the socket of listener {addr} ({}:{})",
                         shown(file),
-                        addr_line.unwrap_or(line)
+                        lines.line_of(listener.addr.span().start)
                     )
                 });
             }
