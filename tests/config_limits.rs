@@ -232,3 +232,108 @@ fn values_echoed_in_errors_are_cut_short_and_escaped() {
         assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     }
 }
+
+/// A `[server] pid_file` naming the config file, a plugin's `.so` or a Unix
+/// listener's socket used to pass `--check`; the server then wrote its PID
+/// over that file and removed it at stop (the plugin was gone for good).
+/// Refused now, naming both lines, and the files are left as they were.
+#[test]
+fn a_pid_file_naming_the_config_a_plugin_or_a_socket_is_refused_naming_both_lines() {
+    let mut sandbox = Sandbox::new();
+    // A copy: the old binary would destroy the plugin it is given.
+    let plugin = sandbox.path().join("libupper.so");
+    fs::copy(&nbnet_tests::build().upper_so, &plugin).expect("copy the upper plugin");
+    let plugin_bytes = fs::read(&plugin).unwrap();
+    sandbox.mkdir("sub");
+    let config = |pid_file: &str| {
+        format!(
+            "[server]\nworkers = 1\npid_file = \"{pid_file}\"\n\n[[plugins]]\nname = \"upper\"\npath = \"libupper.so\"\n\n[[listeners]]\naddr = \"unix:s.sock\"\nplugin = \"upper\"\n\n[[listeners]]\naddr = \"127.0.0.1:{{port}}\"\nplugin = \"upper\"\n"
+        )
+    };
+    for (pid_file, other) in [
+        ("nbnet.toml", "is the same file as the config file itself"),
+        (
+            "./sub/../libupper.so",
+            "is the same file as the path of plugin \"upper\" (",
+        ),
+        (
+            "sub/../s.sock",
+            "is the same file as the socket of listener unix:",
+        ),
+    ] {
+        let template = config(pid_file);
+        let stderrs = refused(&mut sandbox, &template);
+        assert_says(
+            &stderrs,
+            &[
+                "nbnet.toml:3: [server] pid_file = ",
+                other,
+                "nbnet would write its PID there",
+            ],
+        );
+        if !other.contains("itself") {
+            let line = if other.contains("plugin") {
+                ":7)"
+            } else {
+                ":10)"
+            };
+            assert_says(&stderrs, &[&format!("nbnet.toml{line}")]);
+        }
+        assert_eq!(
+            fs::read_to_string(sandbox.config_path()).unwrap(),
+            sandbox.render(&template),
+            "the config file was changed"
+        );
+        assert_eq!(
+            fs::read(&plugin).unwrap(),
+            plugin_bytes,
+            "the plugin was changed"
+        );
+    }
+}
+
+/// A config file name holding a newline (from `--config` or
+/// `NBNET_CONFIG`) used to be printed raw: each message broke in two, and
+/// a crafted name could forge a line. It is escaped now.
+#[test]
+fn a_config_file_name_holding_a_newline_is_escaped_in_messages() {
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.mkdir("a\nERROR forged");
+    let config = dir.join("nbnet.toml");
+    fs::write(&config, "[server]\nworkers = -1\n").unwrap();
+    let from_flag = sandbox.run(&["--config", config.to_str().unwrap(), "--check"]);
+    let from_env = {
+        let mut command = sandbox.command();
+        command.env("NBNET_CONFIG", &config).arg("--check");
+        let out = command.output().expect("run nbnet");
+        Outcome {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    for out in [&from_flag, &from_env] {
+        assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("a\\nERROR forged/nbnet.toml:2: [server] workers = -1"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.lines().any(|l| l.starts_with("ERROR forged")),
+            "{}",
+            out.stderr
+        );
+    }
+    // A file that cannot be read: the same.
+    let missing = dir.join("missing.toml");
+    let out = sandbox.run(&["--config", missing.to_str().unwrap(), "--check"]);
+    assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("a\\nERROR forged/missing.toml: cannot read the config file"),
+        "{}",
+        out.stderr
+    );
+}

@@ -559,6 +559,76 @@ fn a_log_file_that_cannot_be_opened_is_a_clear_startup_failure() {
     );
 }
 
+/// Makes a FIFO (named pipe) at `path`.
+fn mkfifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// A `[log] file` that is a FIFO nobody reads hung the start in `open`,
+/// silently and for good. It is refused at once now, like any log file
+/// that cannot be opened, and so is any other file that is not a regular
+/// file (or a device such as /dev/null).
+#[test]
+fn a_log_file_that_is_a_fifo_or_a_folder_is_refused_at_start_without_hanging() {
+    let mut sandbox = Sandbox::new();
+    sandbox.mkdir("logs");
+    mkfifo(&sandbox.path().join("logs/nbnet.fifo"));
+    sandbox.mkdir("logs/folder.log");
+    for (file, what) in [
+        ("logs/nbnet.fifo", "it is a FIFO (named pipe)"),
+        ("logs/folder.log", "it is a folder"),
+    ] {
+        // `run` gives up (failing the test) if nbnet does not exit.
+        let (status, stderr) = sandbox
+            .expect_startup_failure(&config("workers = 1", &format!("[log]\nfile = \"{file}\"")));
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("cannot open the [log] file")
+                && stderr.contains(file)
+                && stderr.contains(what)
+                && stderr.contains("must name a regular file"),
+            "{stderr}"
+        );
+    }
+    // A device is fine.
+    let server = sandbox.start(&config("workers = 1", "[log]\nfile = \"/dev/null\""));
+    assert_eq!(server.client().request(b"null"), b"NULL");
+    server.stop();
+}
+
+/// A FIFO put in place of the log file before SIGUSR1 hung the master in
+/// `open` (no more reaping, reloads or stops). The master now keeps
+/// logging to the file it has, says why, and does not pass the signal on.
+#[test]
+fn sigusr1_with_a_fifo_in_place_of_the_log_file_keeps_the_old_file_and_says_why() {
+    let sandbox = Sandbox::new();
+    sandbox.mkdir("logs");
+    let mut server = sandbox.start(&config("workers = 1", "[log]\nfile = \"logs/nbnet.log\""));
+    let log = server.dir().join("logs/nbnet.log");
+    let rotated = server.dir().join("logs/nbnet.log.1");
+    wait_for_line(&log, &["worker 0 started"]);
+    fs::rename(&log, &rotated).expect("rotate the log file");
+    mkfifo(&log);
+    server.signal(libc::SIGUSR1);
+    wait_for_line(
+        &rotated,
+        &[
+            "SIGUSR1 received: cannot open the [log] file",
+            "it is a FIFO (named pipe)",
+            "logging on to the file open before",
+        ],
+    );
+    // The master still works: it answers, and stops when told.
+    assert_eq!(server.client().request(b"still"), b"STILL");
+    server.signal(SIGTERM);
+    let status = expect_exit(&mut server, Duration::from_secs(10), "SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", describe(&status));
+    let text = fs::read_to_string(&rotated).unwrap();
+    assert!(text.contains("stopped"), "{text}");
+}
+
 // ------------------------------------------------- plugins' children's mask
 
 /// A worker blocked the signals it read from its signalfd (and inherited

@@ -227,11 +227,51 @@ fn old_workers_that_never_finish_stopping_are_killed_when_their_drain_time_is_up
         .filter(|l| l.contains("after it was told to drain") && l.contains("killing it"))
         .collect();
     assert_eq!(killed.len(), 1, "one line for the old worker killed\n{log}");
+    // Its exit is the master's doing, and says so (it was put down to "the
+    // OOM killer, or an operator?").
+    wait_log(
+        &server,
+        "killed by the master: still draining past shutdown_timeout = 1s",
+        1,
+        Duration::from_secs(5),
+    );
+    assert_eq!(count(&server, "OOM killer"), 0, "{}", server.log());
     let (code, body) = http_get(admin, "/metrics", Duration::from_secs(5)).expect("/metrics");
     assert_eq!(code, 200);
     assert_eq!(metric(&body, "nbnet_drain_kills_total"), Some(1), "{body}");
     // The new workers serve; the client's connection moved to them.
     assert_eq!(client.request(b"again"), b"ok:again");
+}
+
+/// A reload rolled back (a new worker could not start) kills the new
+/// workers that are not ready yet; their exits were logged as `killed by
+/// SIGKILL (the OOM killer, or an operator?)`. They say the master killed
+/// them, and why.
+#[test]
+fn new_workers_killed_by_a_rollback_are_logged_as_killed_by_the_master() {
+    // Two instances of the hostile plugin: in the new config, worker 1's
+    // exits in init (the rollback) while worker 2's is still asleep in
+    // init (killed). The plugin check loads them as worker 0: it passes.
+    let config = |one: &str, two: &str| {
+        format!(
+            "[server]\nworkers = 3\n\n[[plugins]]\nname = \"one\"\npath = \"{{hostile}}\"\n\n[plugins.config]\n{one}\n\n[[plugins]]\nname = \"two\"\npath = \"{{hostile}}\"\n\n[plugins.config]\n{two}\n\n[[listeners]]\naddr = \"127.0.0.1:{{port}}\"\nplugin = \"one\"\n"
+        )
+    };
+    let mut server = Server::start(&config("", ""));
+    server.wait_for_workers(3);
+    server.sandbox_mut().write_config(&config(
+        "only_worker = 1\ninit_exit = 3",
+        "only_worker = 2\ninit_sleep_ms = 60000",
+    ));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "reload rolled back", 1, Duration::from_secs(15));
+    let line = server.wait_for_log_line(&[
+        "new worker 2 (pid",
+        "killed by the master: the reload that started it was rolled back before it was ready",
+    ]);
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(count(&server, "OOM killer"), 0, "{}", server.log());
+    assert_eq!(server.client().request(b"still"), b"ok:still");
 }
 
 /// Clients, one on each of `n` workers, each stopped in the middle of a
@@ -465,6 +505,49 @@ fn a_reload_changes_a_kept_unix_sockets_mode() {
     server.signal(libc::SIGHUP);
     wait_log(&server, "reload complete", 1, Duration::from_secs(15));
     assert_eq!(mode(&socket), 0o660, "{}", server.log());
+}
+
+/// A reload that changed `[log] file` reported success and changed
+/// nothing (the server logged on to the old file). It is refused now,
+/// naming the key and what to do, and `nbnet reload` exits 1 with that.
+#[test]
+fn a_reload_changing_the_log_file_is_refused_naming_it() {
+    let section =
+        |file: &str| format!("workers = 1\npid_file = \"nbnet.pid\"\n\n[log]\nfile = \"{file}\"");
+    let mut server = Server::start(&hostile(&section("nb.log"), ""));
+    let (log, other) = (server.dir().join("nb.log"), server.dir().join("other.log"));
+    server
+        .sandbox_mut()
+        .write_config(&hostile(&section("other.log"), ""));
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("reload refused")
+            && out
+                .stderr
+                .contains("[log] file cannot change without a restart (")
+            && out.stderr.contains("nbnet.toml:6)")
+            && out.stderr.contains("restart nbnet"),
+        "{}",
+        out.stderr
+    );
+    assert!(!other.exists(), "nothing should have opened other.log");
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("reload aborted: [log] file cannot change"),
+        "{text}"
+    );
+    // The same file, written another way, is no change: the reload goes.
+    server
+        .sandbox_mut()
+        .write_config(&hostile(&section("./x/../nb.log"), "init_sleep_ms = 1"));
+    let out = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(server.client().request(b"x"), b"ok:x");
 }
 
 // ---------------------------------------------- 5. `nbnet reload` waits

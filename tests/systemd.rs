@@ -78,6 +78,67 @@ fn nbnet_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A `NOTIFY_SOCKET` nbnet cannot reach (a missing socket, a path too
+/// long for a Unix socket, a relative path, which sd_notify(3) does not
+/// take) was ignored without a word, leaving a `Type=notify` start to time
+/// out unexplained. One warning per process names the socket and the error.
+#[test]
+fn a_notify_socket_that_cannot_be_reached_is_warned_about_once() {
+    let mut sandbox = Sandbox::new();
+    let config = sandbox.write_config(CONFIG);
+    // A real socket, named relative to nbnet's directory: refused all the same.
+    let _relative = UnixDatagram::bind(sandbox.path().join("notify.sock")).unwrap();
+    let missing = sandbox.path().join("missing.sock");
+    let long = format!("/tmp/{}.sock", "x".repeat(200));
+    let cases = [
+        (missing.to_str().unwrap(), "No such file or directory"),
+        (
+            "notify.sock",
+            "neither an absolute path nor an @abstract name",
+        ),
+        (long.as_str(), "SUN_LEN"),
+    ];
+    for (n, (target, error)) in cases.into_iter().enumerate() {
+        let log_path = sandbox.path().join(format!("nbnet-{n}.log"));
+        let mut master = sandbox
+            .command()
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", target)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let port = sandbox.port(0);
+        nbnet_tests::wait_until(Duration::from_secs(10), "nbnet to serve", || {
+            let mut client = Client::try_connect(port).ok()?;
+            (client.request(b"up") == b"UP").then_some(())
+        });
+        // READY, RELOADING, READY and STOPPING: four tries, one warning.
+        nbnet_tests::send_signal(master.id() as i32, libc::SIGHUP);
+        nbnet_tests::wait_until(Duration::from_secs(10), "the reload", || {
+            log().contains("reload complete").then_some(())
+        });
+        nbnet_tests::send_signal(master.id() as i32, libc::SIGTERM);
+        let status = master.wait().unwrap();
+        assert!(status.success(), "{status:?}\n{}", log());
+        let log = log();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("cannot notify the service manager"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "NOTIFY_SOCKET={target}:\n{log}");
+        assert!(
+            warnings[0].contains(" WARN ")
+                && warnings[0].contains(&format!("NOTIFY_SOCKET={target}: "))
+                && warnings[0].contains(error),
+            "{}",
+            warnings[0]
+        );
+    }
+}
+
 /// systemd binds the port and passes the socket as descriptor 3: nbnet
 /// serves on it, including a client that connected before nbnet started
 /// (it waited in the socket's backlog).

@@ -233,6 +233,20 @@ pub struct LogConfig {
     /// Log to this file (appended; reopened on SIGUSR1) instead of stderr;
     /// relative to the config file's folder.
     pub file: Option<PathBuf>,
+    /// The line of `file` in the config file, for messages.
+    pub file_line: Option<usize>,
+}
+
+impl LogConfig {
+    /// Whether `other` logs to the same place (the same file, compared
+    /// once normalised lexically, or both to stderr).
+    pub fn same_file(&self, other: &LogConfig) -> bool {
+        match (&self.file, &other.file) {
+            (None, None) => true,
+            (Some(a), Some(b)) => normalize_lexically(a) == normalize_lexically(b),
+            _ => false,
+        }
+    }
 }
 
 /// `[log]` as written.
@@ -326,9 +340,10 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
+            let file = shown(&self.file);
             match line {
-                Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, message)?,
-                None => write!(f, "{}: {}", self.file.display(), message)?,
+                Some(line) => write!(f, "{file}:{line}: {message}")?,
+                None => write!(f, "{file}: {message}")?,
             }
         }
         if let Some(more) = self.problems.len().checked_sub(SHOWN_PROBLEMS) {
@@ -336,7 +351,7 @@ impl fmt::Display for ConfigError {
                 write!(
                     f,
                     "\n{}: … and {more} more problem(s) not shown; fix these first",
-                    self.file.display()
+                    shown(&self.file)
                 )?;
             }
         }
@@ -345,6 +360,15 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// A path (the config file's, or one resolved against its folder) for a
+/// message: as `display()` shows it, with control characters escaped
+/// ([`crate::logging::untrusted`]), so that a file name holding a newline
+/// (given with `--config` or `NBNET_CONFIG`) cannot break a message or
+/// forge a log line.
+pub fn shown(path: &Path) -> String {
+    crate::logging::untrusted(&path.to_string_lossy())
+}
 
 /// `text` for a message: in double quotes, with control characters, quotes
 /// and backslashes escaped, and cut after [`QUOTE_CHARS`] characters (then
@@ -661,18 +685,38 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     let log = LogConfig {
         level: raw.log.level,
         file: check.path("[log] file", &raw.log.file, base, "log to stderr"),
+        file_line: raw.log.file.as_ref().map(|f| lines.line_of(f.span().start)),
     };
-    if let (Some(log_file), Some(pid_file)) = (&log.file, &server.pid_file) {
-        if log_file == pid_file {
-            let line = raw.log.file.as_ref().map(|f| lines.line_of(f.span().start));
-            check.problem(
-                line,
-                format!(
-                    "[log] file is the same file as [server] pid_file ({}): give each its own path",
-                    pid_file.display()
-                ),
-            );
-        }
+    // The files nbnet writes must not be one it reads or serves: a
+    // pid_file naming the config, a plugin or a socket overwrote it (and
+    // removed it at stop).
+    let line_of =
+        |value: &Option<Spanned<String>>| value.as_ref().map(|v| lines.line_of(v.span().start));
+    let mut written = Vec::with_capacity(2);
+    if let Some(path) = &server.pid_file {
+        written.push(Written::new(
+            "[server] pid_file",
+            line_of(&raw.server.pid_file),
+            path,
+            "nbnet would write its PID there and remove the file when it stops",
+        ));
+    }
+    if let Some(path) = &log.file {
+        written.push(Written::new(
+            "[log] file",
+            line_of(&raw.log.file),
+            path,
+            "nbnet would append its log lines there",
+        ));
+    }
+    let config_file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    check.shared(&written, &config_file, || {
+        "the config file itself".to_string()
+    });
+    if let [pid_file, log_file] = written.as_slice() {
+        check.shared(std::slice::from_ref(log_file), pid_file.path, || {
+            format!("[server] pid_file ({})", pid_file.place(file))
+        });
     }
     if server.max_buffered_bytes < server.max_frame_bytes {
         let key = raw
@@ -755,6 +799,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 ),
             );
         }
+        check.shared(&written, &path, || {
+            format!(
+                "the path of plugin {} ({}:{})",
+                quote(name),
+                shown(file),
+                lines.line_of(plugin.path.span().start)
+            )
+        });
         let config_toml = match &plugin.config {
             Some(table) => toml::to_string(table).unwrap_or_default(),
             None => String::new(),
@@ -787,6 +839,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         if let Some(addr) = &addr {
             if let Err(why) = addresses.add(addr, reuseport, line) {
                 check.problem(addr_line, why);
+            }
+            if let Endpoint::Unix(socket) = addr {
+                check.shared(&written, socket, || {
+                    format!(
+                        "the socket of listener {addr} ({}:{})",
+                        shown(file),
+                        lines.line_of(listener.addr.span().start)
+                    )
+                });
             }
             let unix = matches!(addr, Endpoint::Unix(_));
             if let Some(reuseport) = listener.reuseport.as_ref().filter(|r| *r.get_ref() && unix) {
@@ -905,6 +966,51 @@ fn some_names(plugins: &[PluginSpec]) -> String {
     names.join(", ")
 }
 
+/// A file nbnet writes (`[server] pid_file`, `[log] file`), which nothing
+/// else in the config may name: not the config file, a plugin, a Unix
+/// listener's socket, nor the other written file.
+struct Written<'p> {
+    key: &'static str,
+    line: Option<usize>,
+    path: &'p Path,
+    /// `path` normalised lexically, to compare.
+    normal: PathBuf,
+    /// What nbnet would do to the file.
+    does: &'static str,
+}
+
+impl<'p> Written<'p> {
+    fn new(key: &'static str, line: Option<usize>, path: &'p Path, does: &'static str) -> Self {
+        Written {
+            key,
+            line,
+            path,
+            normal: normalize_lexically(path),
+            does,
+        }
+    }
+
+    /// `file:line` of its key, for a message about another key.
+    fn place(&self, file: &Path) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}", shown(file)),
+            None => shown(file),
+        }
+    }
+}
+
+/// Whether `a` (normalised lexically) and the absolute path `b` name the
+/// same file: equal once both are normalised, or the same name in the same
+/// folder once the folders are resolved through symlinks (only paths with
+/// the same file name touch the disk).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let b = normalize_lexically(b);
+    if a.file_name() != b.file_name() {
+        return false;
+    }
+    a == b || socket_file(a) == socket_file(&b)
+}
+
 /// Collects problems, each with the line it is on.
 struct Checker<'a, 'text> {
     lines: &'a Lines<'text>,
@@ -914,6 +1020,25 @@ struct Checker<'a, 'text> {
 impl Checker<'_, '_> {
     fn problem(&mut self, line: Option<usize>, message: String) {
         self.problems.push((line, message));
+    }
+
+    /// Refuses each file of `written` that is `path` (the use `what`
+    /// describes), on the written key's line.
+    fn shared(&mut self, written: &[Written], path: &Path, what: impl Fn() -> String) {
+        for file in written {
+            if same_file(&file.normal, path) {
+                self.problem(
+                    file.line,
+                    format!(
+                        "{} = {} is the same file as {}: {}; give each its own path",
+                        file.key,
+                        shown(file.path),
+                        what(),
+                        file.does
+                    ),
+                );
+            }
+        }
     }
 
     fn out_of_range(&mut self, key: &str, span_start: usize, value: &str, range: &str) {
@@ -1795,9 +1920,42 @@ plugin = "upper"
         );
         let err = log("[server]\npid_file = \"x\"\n[log]\nfile = \"/etc/nbnet/x\"").unwrap_err();
         assert!(
-            err.contains(":4: [log] file is the same file as [server] pid_file (/etc/nbnet/x)"),
+            err.contains(":4: [log] file = /etc/nbnet/x is the same file as [server] pid_file (/etc/nbnet/test.toml:2)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_written_file_naming_the_config_a_plugin_or_a_socket_is_refused_naming_both() {
+        let refused = |server: &str, log: &str| {
+            let text = format!(
+                "[server]\n{server}\n[log]\n{log}\n[[plugins]]\nname = \"upper\"\npath = \"lib/libupper.so\"\n[[listeners]]\naddr = \"unix:run/s.sock\"\nplugin = \"upper\"\n"
+            );
+            parse_str(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        // Compared once absolute and normalised lexically.
+        let err = refused("pid_file = \"./x/../test.toml\"", "").unwrap_err();
+        assert!(
+            err.contains("test.toml:2: [server] pid_file = /etc/nbnet/x/../test.toml is the same file as the config file itself: nbnet would write its PID there"),
+            "{err}"
+        );
+        let err = refused("pid_file = \"/etc/nbnet/lib/./libupper.so\"", "").unwrap_err();
+        assert!(
+            err.contains("test.toml:2: [server] pid_file = /etc/nbnet/lib/libupper.so is the same file as the path of plugin \"upper\" (/etc/nbnet/test.toml:7)"),
+            "{err}"
+        );
+        let err = refused("pid_file = \"lib/../run/s.sock\"", "").unwrap_err();
+        assert!(
+            err.contains("test.toml:2: [server] pid_file = /etc/nbnet/lib/../run/s.sock is the same file as the socket of listener unix:/etc/nbnet/run/s.sock (/etc/nbnet/test.toml:9)"),
+            "{err}"
+        );
+        let err = refused("", "file = \"lib/libupper.so\"").unwrap_err();
+        assert!(
+            err.contains("test.toml:4: [log] file = /etc/nbnet/lib/libupper.so is the same file as the path of plugin \"upper\" (/etc/nbnet/test.toml:7): nbnet would append its log lines there"),
+            "{err}"
+        );
+        // Same names in other folders are fine.
+        refused("pid_file = \"run/test.toml\"", "file = \"libupper.so\"").unwrap();
     }
 
     #[test]

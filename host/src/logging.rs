@@ -119,7 +119,7 @@ pub fn reopen() -> Result<Option<&'static Path>, String> {
 pub fn reopen_in_worker() {
     match reopen() {
         Ok(None) => tracing::debug!("SIGUSR1 received: no log file to reopen"),
-        Ok(Some(path)) => tracing::info!("SIGUSR1 received: reopened {}", path.display()),
+        Ok(Some(path)) => tracing::info!("SIGUSR1 received: reopened {}", shown(path)),
         Err(message) => {
             tracing::error!("SIGUSR1 received: {message}; logging on to the file open before")
         }
@@ -127,34 +127,98 @@ pub fn reopen_in_worker() {
 }
 
 fn put_on_stderr(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| {
-            let folder = path.parent().filter(|folder| !folder.is_dir());
-            match folder {
-                Some(folder) => format!(
-                    "cannot open the [log] file {}: {e} (the folder {} does not exist: create it)",
-                    path.display(),
-                    folder.display()
-                ),
-                None => format!("cannot open the [log] file {}: {e}", path.display()),
-            }
-        })?;
+    let file = open_log_file(path)?;
     // SAFETY: both descriptors are open; dup2 atomically replaces 2 (a
     // concurrent writer sees the old file or the new one). The copy on 2 is
     // not close-on-exec, like any stderr.
     if unsafe { libc::dup2(file.as_raw_fd(), 2) } == -1 {
         return Err(format!(
             "cannot put the [log] file {} on stderr: {}",
-            path.display(),
+            shown(path),
             std::io::Error::last_os_error()
         ));
     }
     Ok(())
+}
+
+/// Opens the `[log] file` for appending (created if missing, mode 0640),
+/// refusing anything but a regular file or a character device such as
+/// `/dev/null`. The open never blocks: it is non-blocking (a FIFO with no
+/// reader fails at once instead of hanging the master, at start or on
+/// SIGUSR1), and the descriptor is made blocking again only once it is
+/// known to be a file or a device.
+fn open_log_file(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |why: String| format!("cannot open the [log] file {}: {why}", shown(path));
+    // What is there already, for a clear message (a FIFO without a reader
+    // or a socket only gives ENXIO below).
+    if let Ok(meta) = std::fs::metadata(path) {
+        if let Some(what) = not_a_log_file(&meta.file_type()) {
+            return Err(cannot(format!(
+                "it is {what}; [log] file must name a regular file (or a device such as /dev/null)"
+            )));
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            let folder = path.parent().filter(|folder| !folder.is_dir());
+            match folder {
+                Some(folder) => cannot(format!(
+                    "{e} (the folder {} does not exist: create it)",
+                    shown(folder)
+                )),
+                None => cannot(e.to_string()),
+            }
+        })?;
+    // Checked again on what was opened: the path may have changed since.
+    let kind = file
+        .metadata()
+        .map_err(|e| cannot(e.to_string()))?
+        .file_type();
+    if let Some(what) = not_a_log_file(&kind) {
+        return Err(cannot(format!(
+            "it is {what}; [log] file must name a regular file (or a device such as /dev/null)"
+        )));
+    }
+    // Blocking again (it makes no difference to a regular file; a terminal
+    // would otherwise refuse writes with EAGAIN).
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags != -1 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// What a `[log] file` of this type is, when it cannot be one: anything
+/// but a regular file or a character device.
+fn not_a_log_file(kind: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_file() || kind.is_char_device() {
+        None
+    } else if kind.is_dir() {
+        Some("a folder")
+    } else if kind.is_fifo() {
+        Some("a FIFO (named pipe), which would block the server while nobody reads it")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else if kind.is_block_device() {
+        Some("a block device")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+/// A path for a log line, control characters escaped.
+fn shown(path: &Path) -> String {
+    untrusted(&path.to_string_lossy())
 }
 
 /// Log lines that could not be written, by the master and all its workers.

@@ -247,7 +247,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         // terminal (colours), and from now on stderr is the file.
         if let Some(file) = &config.log.file {
             if let Err(message) = logging::to_file(file) {
-                errln!("nbnet: {message} ({})", config.file.display());
+                errln!("nbnet: {message} ({})", config::shown(&config.file));
                 return exit_code::FAILURE;
             }
         }
@@ -277,7 +277,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     if errors.is_empty() {
         outln!(
             "{}: config OK ({} plugin(s), {} listener(s))",
-            config.file.display(),
+            config::shown(&config.file),
             config.plugins.len(),
             config.listeners.len()
         );
@@ -288,7 +288,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         }
         errln!(
             "nbnet: {}: {} problem(s) found",
-            config.file.display(),
+            config::shown(&config.file),
             errors.len()
         );
         if report.errors.is_empty() {
@@ -322,7 +322,11 @@ fn probe_files(config: &config::Config) -> FileReport {
     ];
     for (key, path) in files {
         let Some(path) = path else { continue };
-        let what = format!("{key} {} ({})", path.display(), config.file.display());
+        let what = format!(
+            "{key} {} ({})",
+            config::shown(path),
+            config::shown(&config.file)
+        );
         match probe_file(path) {
             Ok(()) => {}
             Err(Probe::Error(why)) => report.errors.push(format!("{what}: {why}")),
@@ -361,23 +365,23 @@ fn probe_file(path: &std::path::Path) -> Result<(), Probe> {
             let folder = path.parent().unwrap_or(std::path::Path::new("/"));
             match std::fs::metadata(folder) {
                 Ok(meta) if meta.is_dir() => {
-                    writable(folder, &format!("its folder {}", folder.display()))
+                    writable(folder, &format!("its folder {}", config::shown(folder)))
                 }
                 Ok(_) => Err(Probe::Error(format!(
                     "{} is not a folder; choose a path in an existing folder",
-                    folder.display()
+                    config::shown(folder)
                 ))),
                 Err(e) if e.kind() == ErrorKind::NotFound => Err(Probe::Error(format!(
                     "folder {} does not exist; create it, or choose a path in an existing folder",
-                    folder.display()
+                    config::shown(folder)
                 ))),
                 Err(e) if e.kind() == ErrorKind::NotADirectory => Err(Probe::Error(format!(
                     "part of {} is not a folder; choose a path in an existing folder",
-                    folder.display()
+                    config::shown(folder)
                 ))),
                 Err(e) => Err(Probe::Warning(format!(
                     "cannot check its folder {}: {e}",
-                    folder.display()
+                    config::shown(folder)
                 ))),
             }
         }

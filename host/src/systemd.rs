@@ -16,9 +16,14 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 /// Sends `state` (lines like `READY=1`) to the service manager, if there is
-/// one. Failures are logged at debug level: readiness is best effort.
+/// one. Readiness is best effort: a socket that cannot be reached (missing,
+/// a path too long for a Unix socket, not absolute) is logged once per
+/// process as a warning naming it and the error, later failures at debug
+/// level.
 pub fn notify(state: &str) {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET").filter(|t| !t.is_empty()) else {
         return;
     };
     let sent = UnixDatagram::unbound().and_then(|socket| {
@@ -29,11 +34,23 @@ pub fn notify(state: &str) {
                 let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
                 socket.send_to_addr(state.as_bytes(), &addr)
             }
+            // sd_notify(3) takes an absolute path or an @name, nothing else.
+            None if !bytes.starts_with(b"/") => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "neither an absolute path nor an @abstract name",
+            )),
             None => socket.send_to(state.as_bytes(), &target),
         }
     });
     if let Err(e) = sent {
-        tracing::debug!("sd_notify {state:?}: {e}");
+        let socket = crate::logging::untrusted(&target.to_string_lossy());
+        if WARNED.swap(true, Ordering::Relaxed) {
+            tracing::debug!("sd_notify {state:?} to NOTIFY_SOCKET={socket}: {e}");
+        } else {
+            tracing::warn!(
+                "cannot notify the service manager at NOTIFY_SOCKET={socket}: {e}; it will not hear that nbnet is ready, reloading or stopping (under systemd with Type=notify the start times out): check the variable and the unit's NotifyAccess= (said once; later failures at debug level)"
+            );
+        }
     }
 }
 

@@ -197,6 +197,9 @@ struct Worker {
     /// Killed by the master at the stop deadline (not by the OOM killer or
     /// an operator, as a bare SIGKILL would suggest).
     killed_at_stop: bool,
+    /// Killed by the master because the reload that started it rolled back
+    /// before it was ready.
+    rollback_killed: bool,
     /// Its config's `plugin_timeout` and `init_timeout`: the watchdog
     /// holds each worker to its own config's, not to a later reload's.
     plugin_timeout: Duration,

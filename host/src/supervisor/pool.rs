@@ -323,6 +323,7 @@ impl Master {
                         shutdown_timeout: self.config.server.shutdown_timeout,
                         drain_killed: false,
                         killed_at_stop: false,
+                        rollback_killed: false,
                         plugin_timeout: self.config.server.plugin_timeout,
                         init_timeout: self.config.server.init_timeout,
                     },

@@ -72,6 +72,39 @@ pub(super) fn sweep_orphans(keep: &[Pid]) {
     }
 }
 
+/// Why the master itself killed `worker`, when it did and SIGKILL is what
+/// ended it: a bare SIGKILL reads as the OOM killer's or an operator's,
+/// while the master's own line about the kill said otherwise.
+fn killed_by_master(worker: &Worker, exit: Exit) -> Option<String> {
+    if exit != Exit::Signal(Signal::SIGKILL) {
+        return None;
+    }
+    if let Some((plugin, elapsed)) = worker.hung {
+        return Some(format!(
+            "killed by the watchdog: plugin {:?} did not return for {elapsed:.1?}",
+            worker.plugins.get(plugin).map_or("?", String::as_str)
+        ));
+    }
+    if worker.drain_killed {
+        return Some(format!(
+            "killed by the master: still draining past shutdown_timeout = {:?} + {STOP_GRACE:?} grace (see the line above)",
+            worker.shutdown_timeout
+        ));
+    }
+    if worker.rollback_killed {
+        return Some(
+            "killed by the master: the reload that started it was rolled back before it was ready"
+                .to_string(),
+        );
+    }
+    if worker.killed_at_stop {
+        return Some(format!(
+            "killed by the master: still running at the stop deadline (shutdown_timeout + {STOP_GRACE:?})"
+        ));
+    }
+    None
+}
+
 impl Master {
     /// Collects every exited worker (`waitpid` until nothing is left to reap).
     pub(super) fn reap_workers(&mut self) {
@@ -146,17 +179,25 @@ impl Master {
                         running.clone()
                     }
                 );
+            } else if let Some(why) = killed_by_master(&worker, exit) {
+                tracing::warn!("worker {index} (pid {pid}) {why}{running}");
             } else {
                 tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
             }
             return;
         }
         if worker.role != Role::Serving {
-            let level_ok = exit == Exit::Code(exit_code::OK);
-            if level_ok {
-                tracing::info!("replaced worker {index} (pid {pid}) finished draining and exited");
+            let who = if worker.rollback_killed {
+                "new worker"
             } else {
-                tracing::warn!("replaced worker {index} (pid {pid}) exited: {exit}{running}");
+                "replaced worker"
+            };
+            if exit == Exit::Code(exit_code::OK) {
+                tracing::info!("{who} {index} (pid {pid}) finished draining and exited");
+            } else if let Some(why) = killed_by_master(&worker, exit) {
+                tracing::warn!("{who} {index} (pid {pid}) {why}{running}");
+            } else {
+                tracing::warn!("{who} {index} (pid {pid}) exited: {exit}{running}");
             }
             return;
         }

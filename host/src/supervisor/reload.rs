@@ -19,8 +19,8 @@
 //! when the reload completes (the new address is bound, and the new file
 //! written, before the reload goes ahead, so either failing refuses it).
 //! What cannot change without a restart (a listener's `reuseport`, more
-//! workers than the scoreboard was sized for) refuses the reload, naming
-//! the key.
+//! workers than the scoreboard was sized for, `[log] file`) refuses the
+//! reload, naming the key.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -322,7 +322,7 @@ impl Master {
         crate::systemd::notify_reloading();
         self.reloading = true;
         let file = self.config.file.clone();
-        tracing::info!("reload {id}: reading {}", file.display());
+        tracing::info!("reload {id}: reading {}", config::shown(&file));
         self.reloads.reading(id);
         let mut config = match config::load(&file) {
             Ok(config) => config,
@@ -338,6 +338,31 @@ impl Master {
                 return;
             }
         };
+        if !config.log.same_file(&self.config.log) {
+            // The master's descriptor 2, and every worker's, is the file it
+            // started with; moving it would mean reopening in every process
+            // (and there is no way back to a closed stderr). Say so rather
+            // than report a reload that changed nothing.
+            let place = match config.log.file_line {
+                Some(line) => format!("{}:{line}", config::shown(&file)),
+                None => config::shown(&file),
+            };
+            let target = |log: &config::LogConfig| {
+                log.file
+                    .as_deref()
+                    .map_or("stderr".to_string(), config::shown)
+            };
+            self.refuse(
+                id,
+                exit_code::FAILURE,
+                format!(
+                    "[log] file cannot change without a restart ({place}): the server logs to {}, the new config says {}; restart nbnet to apply it, or put [log] file back (to rotate the log file, rename it and send SIGUSR1)",
+                    target(&self.config.log),
+                    target(&config.log)
+                ),
+            );
+            return;
+        }
         let workers = config.server.worker_count();
         if workers > self.worker_room {
             self.refuse(
@@ -345,7 +370,7 @@ impl Master {
                 exit_code::FAILURE,
                 format!(
                     "[server] workers = {workers} in {} is more than the {} workers per generation this master's scoreboard was sized for at startup (twice the workers it started with, at least 8); restart nbnet to apply it",
-                    file.display(),
+                    config::shown(&file),
                     self.worker_room
                 ),
             );
@@ -456,7 +481,7 @@ impl Master {
                         format!(
                             "listener {} changes reuseport ({}:{}); that needs a restart",
                             spec.addr,
-                            config.file.display(),
+                            config::shown(&config.file),
                             spec.line
                         ),
                     );
@@ -485,7 +510,7 @@ impl Master {
                         exit_code::FAILURE,
                         format!(
                             "cannot listen on [admin] addr {addr} ({}): {e}",
-                            config.file.display()
+                            config::shown(&config.file)
                         ),
                     );
                     return;
@@ -509,7 +534,7 @@ impl Master {
                     self.refuse(
                         id,
                         exit_code::FAILURE,
-                        format!("[server] pid_file ({}): {e}", config.file.display()),
+                        format!("[server] pid_file ({}): {e}", config::shown(&config.file)),
                     );
                     return;
                 }
@@ -674,6 +699,7 @@ impl Master {
                 self.drain(pid);
             } else if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.role = Role::Draining;
+                worker.rollback_killed = true;
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
@@ -780,7 +806,7 @@ fn set_unix_modes(from: &Config, to: &Config) {
                     Err(e) => tracing::error!(
                         "listener {}: cannot set mode {mode:04o} ({}:{}): {e}",
                         spec.addr,
-                        to.file.display(),
+                        config::shown(&to.file),
                         spec.line
                     ),
                 }
