@@ -506,7 +506,7 @@ fn killing_the_new_worker_during_a_hand_over_costs_only_its_connections() {
 /// still serves, or wait for one to be ready.
 #[test]
 fn connections_handed_over_while_every_other_worker_is_being_replaced_are_kept() {
-    let mut server = Server::start(
+    let server = Server::start(
         r#"[server]
 workers = 1
 max_requests_per_worker = 40

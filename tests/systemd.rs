@@ -217,7 +217,7 @@ fn a_socket_passed_by_systemd_is_served_without_losing_waiting_clients() {
 #[test]
 fn listen_fds_naming_descriptors_never_passed_takes_nothing_of_nbnets_own() {
     let mut sandbox = Sandbox::new();
-    let config = sandbox.write_config(&format!("{CONFIG}").replace(
+    let config = sandbox.write_config(&CONFIG.replace(
         "[server]\nworkers = 1\n",
         "[server]\nworkers = 1\npid_file = \"nbnet.pid\"\n",
     ));
