@@ -559,7 +559,7 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
 /// error is `(line, message)`, for a [`ConfigError`] about `file`.
 pub fn read_text(file: &Path) -> Result<String, (Option<usize>, String)> {
     use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let cannot = |e: std::io::Error| (None, format!("cannot read the config file: {e}"));
     let opened = std::fs::OpenOptions::new()
         .read(true)
@@ -567,19 +567,7 @@ pub fn read_text(file: &Path) -> Result<String, (Option<usize>, String)> {
         .open(file)
         .map_err(cannot)?;
     let meta = opened.metadata().map_err(cannot)?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO (named pipe)"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_char_device() || kind.is_block_device() {
-            "a device"
-        } else {
-            "not a regular file"
-        };
+    if let Some(what) = not_a_file(&meta.file_type()) {
         return Err((
             None,
             format!("cannot read the config file: it is {what}; give --config a regular file"),
@@ -1503,6 +1491,25 @@ impl Addresses {
         }
         Ok(())
     }
+}
+
+/// What a file that should be a regular file is instead ("a directory",
+/// "a FIFO (named pipe)", …), for messages; `None` for a regular file.
+pub fn not_a_file(kind: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    Some(if kind.is_file() {
+        return None;
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -105,19 +105,7 @@ pub fn snapshot(path: &Path) -> Result<Image, String> {
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read the file: {e}"))?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO (named pipe)"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_char_device() || kind.is_block_device() {
-            "a device"
-        } else {
-            "not a regular file"
-        };
+    if let Some(what) = crate::config::not_a_file(&meta.file_type()) {
         return Err(format!("is {what}, not a shared library (.so) file"));
     }
     if meta.len() > MAX_IMAGE_BYTES {

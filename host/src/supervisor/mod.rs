@@ -111,7 +111,7 @@ const REPLACEMENT_TICK: Duration = Duration::from_millis(10);
 /// upgrade) and SIGWINCH (nginx's "retire workers") are taken so that they
 /// cannot kill the master — their default action would end it silently —
 /// and so are the other signals nobody means to stop a server with.
-const MASTER_SIGNALS: [Signal; 18] = [
+const MASTER_SIGNALS: [Signal; 10] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -122,15 +122,6 @@ const MASTER_SIGNALS: [Signal; 18] = [
     Signal::SIGUSR2,
     Signal::SIGUSR1,
     Signal::SIGWINCH,
-    // And the ones nobody means to stop a server with (logged, ignored).
-    Signal::SIGALRM,
-    Signal::SIGVTALRM,
-    Signal::SIGPROF,
-    Signal::SIGXCPU,
-    Signal::SIGXFSZ,
-    Signal::SIGPWR,
-    Signal::SIGIO,
-    Signal::SIGSTKFLT,
 ];
 
 /// Whether the master is serving or winding down.
@@ -352,7 +343,8 @@ pub fn serve(mut config: Config) -> i32 {
     //    mapped before any worker exists so that all of them share it.
     let room = worker_room(config.server.worker_count());
     let entries = scoreboard_entries(room);
-    let setup = Signals::block(&MASTER_SIGNALS)
+    // And the ones nobody means to stop a server with (logged, ignored).
+    let setup = Signals::block(&[&MASTER_SIGNALS[..], &crate::signals::STRAY[..]].concat())
         .and_then(|signals| Ok((signals, Scoreboard::new(entries)?)))
         .map_err(std::io::Error::from)
         .and_then(|(signals, scoreboard)| {
