@@ -576,3 +576,36 @@ plugin = "hostile"
     );
     server.stop();
 }
+
+/// A hand-over to a worker with no descriptor left lost connections with
+/// only "malformed hand-over record" in the log (second hostile pass): the
+/// log now says what happened and what to raise.
+#[test]
+fn a_connection_lost_for_want_of_a_descriptor_says_so() {
+    let mut sandbox = Sandbox::new();
+    sandbox.set_fd_limit(48);
+    let server = sandbox.start(&config("workers = 2", "upper"));
+    server.wait_for_workers(2);
+    // More connections than one worker can hold within 48 descriptors.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        match Client::try_connect(server.port()) {
+            Ok(mut client) => {
+                client.set_read_timeout(Duration::from_secs(2));
+                if client.request(b"x") == b"X" {
+                    clients.push(client);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    server.signal(libc::SIGTTOU);
+    server.wait_for_log_line(&["no file descriptor free", "ulimit -n"]);
+    assert_eq!(
+        server.log_count("malformed hand-over record"),
+        0,
+        "{}",
+        server.log()
+    );
+    drop(clients);
+}

@@ -75,6 +75,10 @@ pub enum Message {
     /// Worker → master: "replace me" (it served `max_requests_per_worker`;
     /// the scoreboard says so too — this wakes the master at once).
     Retire,
+    /// A connection was on its way here but its descriptor could not be
+    /// received: this process has no descriptor free (the kernel closed
+    /// it). What the record said of it, for the log.
+    Lost(String),
     /// Master → worker: the server stops — gracefully (close connections
     /// at frame boundaries) or fast. Sent besides the signal (SIGTERM or
     /// SIGINT), which a plugin can catch or block; this it cannot.
@@ -164,7 +168,7 @@ pub fn recv(channel: BorrowedFd<'_>) -> io::Result<Option<Message>> {
     loop {
         let mut buffer = [0u8; MAX_RECORD];
         let mut space = nix::cmsg_space!([RawFd; 4]);
-        let (bytes, fds) = {
+        let (bytes, fds, truncated) = {
             let mut iov = [IoSliceMut::new(&mut buffer)];
             let received = match recvmsg::<UnixAddr>(
                 channel.as_raw_fd(),
@@ -190,8 +194,18 @@ pub fn recv(channel: BorrowedFd<'_>) -> io::Result<Option<Message>> {
                     }
                 }
             }
-            (received.bytes, fds)
+            let truncated = received.flags.contains(MsgFlags::MSG_CTRUNC);
+            (received.bytes, fds, truncated)
         };
+        if truncated {
+            // The descriptor did not fit: the record's text says whose it was.
+            let about: String = String::from_utf8_lossy(&buffer[..bytes.min(64)])
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect();
+            drop(fds);
+            return Ok(Some(Message::Lost(about)));
+        }
         if bytes == 0 && fds.is_empty() {
             return Ok(None);
         }

@@ -70,6 +70,12 @@ impl Master {
                 // "Replace me": the scoreboard says so too; this event woke
                 // the loop, which now looks (watch_workers).
                 Ok(Some(Message::HandOver | Message::Retire | Message::Stop { .. })) => {}
+                Ok(Some(Message::Lost(about))) => {
+                    self.retired.handover_failures += 1;
+                    tracing::warn!(
+                        "a connection handed over by worker pid {from} was lost: the master has no file descriptor free (raise its limit: ulimit -n / LimitNOFILE); record {about:?}"
+                    );
+                }
                 Ok(None) => {
                     // The worker closed its end (it is exiting).
                     if let Some(control) =

@@ -23,6 +23,12 @@ impl Reactor {
             match handover::recv(control.as_fd()) {
                 Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
                 Ok(Some(handover::Message::Retire)) => {}
+                Ok(Some(handover::Message::Lost(about))) => {
+                    self.slot.stats.handover_failures.add(1);
+                    tracing::warn!(
+                        "a connection handed over to this worker was lost: no file descriptor free to receive it (raise the limit: ulimit -n / LimitNOFILE); record {about:?}"
+                    );
+                }
                 // The server stops: as SIGTERM/SIGINT would say, but no
                 // plugin's signal handler can hide this.
                 Ok(Some(handover::Message::Stop { fast: false })) => {
