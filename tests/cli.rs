@@ -287,10 +287,23 @@ fn check_reports_a_pid_file_the_server_could_not_create() {
             "missing/nbnet.log",
             "folder",
         ),
+        // A FIFO would make the server hang (or be refused at start).
+        (
+            "",
+            "[log]\nfile = \"a-fifo\"\n",
+            "[log] file",
+            "a-fifo",
+            "is a FIFO (named pipe), not a regular file",
+        ),
     ];
     for (server, log, key, path, why) in cases {
         let mut sandbox = Sandbox::new();
         sandbox.mkdir("a-folder");
+        nix::unistd::mkfifo(
+            &sandbox.path().join("a-fifo"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .unwrap();
         let config = sandbox.write_config(&format!(
             "{log}{}",
             one_plugin_config("u", "{upper_c}", server)

@@ -163,11 +163,11 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
 /// [`crate::pid_file`]).
 fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     let text = config::read_text(config_file)
-        .map_err(|(_, message)| format!("{}: {message}", config_file.display()))?;
+        .map_err(|(_, message)| format!("{}: {message}", crate::config::shown(config_file)))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         format!(
             "{} is not valid TOML ({}); cannot find its pid_file",
-            config_file.display(),
+            crate::config::shown(config_file),
             config::bounded(e.message().trim(), 2 * config::QUOTE_CHARS)
         )
     })?;
@@ -178,7 +178,7 @@ fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     let Some(pid_file) = pid_file else {
         return Err(format!(
             "{} has no [server] pid_file, so the running master cannot be found; add e.g. pid_file = \"nbnet.pid\" and restart nbnet",
-            config_file.display()
+            crate::config::shown(config_file)
         ));
     };
     let base = config_file.parent().unwrap_or(Path::new("."));

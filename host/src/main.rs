@@ -360,6 +360,17 @@ fn probe_file(path: &std::path::Path) -> Result<(), Probe> {
         Ok(meta) if meta.is_dir() => Err(Probe::Error(
             "is a folder; name a file (e.g. nbnet.pid inside it)".into(),
         )),
+        // A FIFO, a socket…: the server would refuse it (or hang on it).
+        // (A character device such as /dev/null is accepted as a log.)
+        Ok(meta)
+            if config::not_a_file(&meta.file_type()).is_some()
+                && !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) =>
+        {
+            Err(Probe::Error(format!(
+                "is {}, not a regular file",
+                config::not_a_file(&meta.file_type()).unwrap_or("not a regular file")
+            )))
+        }
         Ok(_) => writable(path, "the file"),
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let folder = path.parent().unwrap_or(std::path::Path::new("/"));
