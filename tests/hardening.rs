@@ -357,14 +357,16 @@ fn a_lost_stderr_does_not_stop_the_server() {
     let mut sandbox = Sandbox::new();
     let file = sandbox.write_config(&config("workers = 1", ""));
     let port = sandbox.port(0);
-    let mut master = sandbox
-        .command()
-        .arg("--config")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nbnet");
+    let mut master = nbnet_tests::Master(
+        sandbox
+            .command()
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nbnet"),
+    );
     // Read the first bytes of the log, then hang up.
     let mut stderr = master.stderr.take().expect("piped stderr");
     let mut first = [0u8; 16];

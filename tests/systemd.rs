@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nbnet_tests::{build, Client, Proc, Sandbox};
+use nbnet_tests::{build, Client, Master, Proc, Sandbox};
 
 const CONFIG: &str = r#"[server]
 workers = 1
@@ -52,15 +52,17 @@ fn nbnet_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     let notify = sandbox.path().join("notify.sock");
     let socket = UnixDatagram::bind(&notify).unwrap();
     let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
-    let mut master = sandbox
-        .command()
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut master = Master(
+        sandbox
+            .command()
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let ready = expect_notification(&socket, "READY=1");
     assert!(
         ready.contains(&format!("MAINPID={}", master.id())),
@@ -100,15 +102,17 @@ fn a_notify_socket_that_cannot_be_reached_is_warned_about_once() {
     ];
     for (n, (target, error)) in cases.into_iter().enumerate() {
         let log_path = sandbox.path().join(format!("nbnet-{n}.log"));
-        let mut master = sandbox
-            .command()
-            .arg("--config")
-            .arg(&config)
-            .env("NOTIFY_SOCKET", target)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap();
+        let mut master = Master(
+            sandbox
+                .command()
+                .arg("--config")
+                .arg(&config)
+                .env("NOTIFY_SOCKET", target)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         let port = sandbox.port(0);
         nbnet_tests::wait_until(Duration::from_secs(10), "nbnet to serve", || {
@@ -181,7 +185,7 @@ fn a_socket_passed_by_systemd_is_served_without_losing_waiting_clients() {
             Ok(())
         });
     }
-    let mut master = command.spawn().unwrap();
+    let mut master = Master(command.spawn().unwrap());
     drop(listener);
     let answer = early.read_frame();
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -223,17 +227,19 @@ fn listen_fds_naming_descriptors_never_passed_takes_nothing_of_nbnets_own() {
     ));
     let port = sandbox.port(0);
     let log_path = sandbox.path().join("nbnet.log");
-    let mut master = Command::new("sh")
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=8 exec \"$0\" --config \"$1\"")
-        .arg(&build().nbnet)
-        .arg(&config)
-        .current_dir(sandbox.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut master = Master(
+        Command::new("sh")
+            .arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=8 exec \"$0\" --config \"$1\"")
+            .arg(&build().nbnet)
+            .arg(&config)
+            .current_dir(sandbox.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut answered = false;
     for _ in 0..100 {

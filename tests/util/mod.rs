@@ -1066,6 +1066,39 @@ impl Drop for Server {
     }
 }
 
+/// A master started by hand: killed, with its workers, if the test ends
+/// (or fails) while it runs, so no server outlives its test.
+pub struct Master(pub std::process::Child);
+
+impl std::ops::Deref for Master {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Master {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let workers: Vec<Proc> = children_of(self.0.id() as i32)
+                .into_iter()
+                .filter_map(Proc::of)
+                .collect();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            for worker in workers {
+                worker.kill_if_alive();
+            }
+        }
+    }
+}
+
 // --------------------------------------------------------------------- client
 
 /// A blocking client of the framed protocol on 127.0.0.1, with a read timeout
