@@ -4,19 +4,16 @@
 //! whether this host loads it, run it on inputs without a server, and start a
 //! new plugin from a template that builds as is.
 
-use std::collections::HashSet;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
 use crate::codec::FrameReader;
 use crate::config::PluginSpec;
 use crate::exit_code;
 use crate::logging::untrusted;
+use crate::orphans;
 use crate::plugin::{self, Plugin, RawConnection, ResponseSink};
 use crate::{errln, outln};
 use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
@@ -187,38 +184,16 @@ impl Leftovers {
                 "nbnet: warning: cannot become a child subreaper ({e}): processes plugins start may outlive this command"
             );
         }
-        Leftovers { before: children() }
+        Leftovers {
+            before: orphans::children(),
+        }
     }
 
     /// Kills (SIGKILL) and reaps every child that was not there at
-    /// [`Leftovers::watch`], repeating while that reveals more (their own
-    /// orphans), for at most [`SWEEP_LIMIT`]. Returns how many live
+    /// [`Leftovers::watch`] (see [`orphans::sweep`]). Returns how many live
     /// processes it killed.
     pub fn sweep(&self) -> usize {
-        let deadline = Instant::now() + SWEEP_LIMIT;
-        let mut killed = HashSet::new();
-        loop {
-            let left: Vec<Pid> = children()
-                .into_iter()
-                .filter(|pid| !self.before.contains(pid))
-                .collect();
-            if left.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            for &pid in &left {
-                // A zombie (a daemon's first child, exited) is only reaped.
-                if !is_zombie(pid) && kill(pid, Signal::SIGKILL).is_ok() {
-                    killed.insert(pid);
-                }
-            }
-            // Reap them (never blocking: one stuck in the kernel must not
-            // hold the command).
-            for &pid in &left {
-                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        killed.len()
+        orphans::sweep(&self.before)
     }
 
     /// [`Leftovers::sweep`], and a warning on stderr (prefixed `command`)
@@ -231,42 +206,6 @@ impl Leftovers {
             );
         }
     }
-}
-
-/// How long [`Leftovers::sweep`] keeps at it.
-pub const SWEEP_LIMIT: Duration = Duration::from_secs(2);
-
-/// This process's children now (zombies included), whichever of its
-/// threads forked them: `/proc` lists children per thread, and orphans
-/// adopted by a subreaper may go to any of its threads.
-fn children() -> Vec<Pid> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    let mut all: Vec<Pid> = tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .map(Pid::from_raw)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    all.sort_unstable_by_key(|pid| pid.as_raw());
-    all.dedup();
-    all
-}
-
-/// Whether `pid` has exited and waits to be reaped (`Z` in `/proc/PID/stat`).
-fn is_zombie(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The state follows the command name, which is in parentheses.
-            let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|state| state == "Z")
-        })
-        .unwrap_or(false)
 }
 
 fn read_requests(options: &RunOptions) -> Result<Vec<Vec<u8>>, String> {

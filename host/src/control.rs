@@ -81,7 +81,7 @@ pub fn reload(config_file: &Path) -> i32 {
                 }
             }
         }
-        if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
+        if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {
             errln!("nbnet reload: master {pid} exited before the reload finished");
             return exit_code::FAILURE;
         }
@@ -144,7 +144,7 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
     }
     let deadline = config::deadline(Instant::now(), wait);
     while Instant::now() < deadline {
-        if kill(pid, None) == Err(Errno::ESRCH) || is_zombie(pid) {
+        if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {
             outln!("stopped (master {pid})");
             return exit_code::OK;
         }
@@ -197,17 +197,4 @@ fn send(pid: Pid, signal: Signal, file: &Path) -> Result<(), String> {
         ),
         e => format!("cannot signal process {pid} (from {}): {e}", file.display()),
     })
-}
-
-/// A process that has exited but not been reaped by its parent yet still
-/// answers `kill(pid, 0)`; `/proc/PID/stat` says `Z`.
-fn is_zombie(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // The state follows the command name, which is in parentheses.
-            let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|state| state == "Z")
-        })
-        .unwrap_or(false)
 }

@@ -34,6 +34,7 @@ pub mod fork_guard;
 pub mod handover;
 pub mod listener;
 pub mod logging;
+pub mod orphans;
 pub mod output;
 pub mod pid_file;
 pub mod plugin;

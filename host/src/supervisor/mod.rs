@@ -312,7 +312,7 @@ pub fn serve(mut config: Config) -> i32 {
         );
     }
 
-    let children_before = reap::children();
+    let children_before = crate::orphans::children();
     // Listening sockets passed by systemd (or by an older master handing
     // over to this binary), taken before anything else can touch them.
     let mut inherited = listeners::Inherited::take();

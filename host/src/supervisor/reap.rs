@@ -7,7 +7,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{getpid, Pid};
+use nix::unistd::Pid;
 
 use super::*;
 
@@ -24,49 +24,14 @@ pub(crate) fn sweep_group(leader: Pid) {
     }
 }
 
-/// The master's children now (zombies included).
-pub(super) fn children() -> Vec<Pid> {
-    let me = getpid();
-    std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .map(Pid::from_raw)
-        .collect()
-}
-
 /// At the end of a stop: kills every child the master still has except
 /// `keep` (children it had before it started serving, e.g. a log shipper
 /// started by the shell that `exec`ed nbnet) — orphans that a plugin's
 /// process left behind and that escaped their worker's process group
 /// (`setsid`), adopted by the master as subreaper — and reaps them, so
-/// that `nbnet stop` leaves no process of the server behind. Repeats while
-/// killing them reveals more (their own orphans), within a bound.
+/// that `nbnet stop` leaves no process of the server behind.
 pub(super) fn sweep_orphans(keep: &[Pid]) {
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
-    let mut killed = 0;
-    while Instant::now() < deadline {
-        let orphans: Vec<Pid> = children()
-            .into_iter()
-            .filter(|pid| !keep.contains(pid))
-            .collect();
-        if orphans.is_empty() {
-            break;
-        }
-        for &pid in &orphans {
-            if kill(pid, Signal::SIGKILL).is_ok() {
-                killed += 1;
-            }
-        }
-        // Reap what died (never blocking: a process stuck in the kernel
-        // must not hold the master's exit).
-        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let killed = crate::orphans::sweep(keep);
     if killed > 0 {
         tracing::warn!("killed {killed} process(es) that plugins started and left running");
     }
