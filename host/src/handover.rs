@@ -26,6 +26,11 @@
 //! `H` — hand your connections over and leave (master → worker).
 //! `R` — replace me: I served `max_requests_per_worker` (worker → master).
 //! `S`, `F` — the server stops, gracefully or fast (master → worker).
+//! `U version` — ready: every worker of mine serves (a new master → the
+//! master that started it, during a binary upgrade; see
+//! `supervisor/upgrade.rs`). `P` — promoted: the pid file and the service
+//! are yours; my connections follow (old master → new master). `E reason`
+//! — I could not start (a new master's child side → the old master).
 //! `C kind flags id:u64 listener:u16+bytes peer:u16+bytes` with one file
 //! descriptor — a connection (worker → master → worker); `flags` bit 0: it
 //! pipelines, bit 1: it still owes its PROXY header. Integers are
@@ -88,6 +93,15 @@ pub enum Message {
     },
     /// A connection, and its descriptor.
     Connection(Connection, OwnedFd),
+    /// New master → old master (binary upgrade): every worker of the new
+    /// master is ready; its version line.
+    Ready(String),
+    /// Old master → new master (binary upgrade): you serve now; the pid
+    /// file is unlocked for you, and the old workers' connections follow.
+    Promoted,
+    /// The process started to be the new master could not run the binary:
+    /// why.
+    Failed(String),
 }
 
 /// The longest record (two addresses of at most 4 KiB each and the rest).
@@ -142,6 +156,33 @@ pub fn send_connection(
         record.extend_from_slice(bytes);
     }
     send(channel, &record, Some(fd.as_raw_fd()))
+}
+
+/// Sends "ready" with `version` (a new master to the old one).
+pub fn send_ready(channel: BorrowedFd<'_>, version: &str) -> io::Result<()> {
+    send(channel, &text_record(b'U', version), None)
+}
+
+/// Sends "promoted" (the old master to the new one).
+pub fn send_promoted(channel: BorrowedFd<'_>) -> io::Result<()> {
+    send(channel, b"P", None)
+}
+
+/// Sends "could not start: `why`".
+pub fn send_failed(channel: BorrowedFd<'_>, why: &str) -> io::Result<()> {
+    send(channel, &text_record(b'E', why), None)
+}
+
+/// `tag` followed by `text`, cut to fit a record.
+fn text_record(tag: u8, text: &str) -> Vec<u8> {
+    let mut end = text.len().min(MAX_RECORD - 1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut record = Vec::with_capacity(1 + end);
+    record.push(tag);
+    record.extend_from_slice(&text.as_bytes()[..end]);
+    record
 }
 
 fn send(channel: BorrowedFd<'_>, record: &[u8], fd: Option<RawFd>) -> io::Result<()> {
@@ -225,6 +266,13 @@ fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
         b'R' if record.len() == 1 && fds.is_empty() => Some(Message::Retire),
         b'S' if record.len() == 1 && fds.is_empty() => Some(Message::Stop { fast: false }),
         b'F' if record.len() == 1 && fds.is_empty() => Some(Message::Stop { fast: true }),
+        b'P' if record.len() == 1 && fds.is_empty() => Some(Message::Promoted),
+        b'U' if fds.is_empty() => Some(Message::Ready(
+            String::from_utf8_lossy(&record[1..]).into_owned(),
+        )),
+        b'E' if fds.is_empty() => Some(Message::Failed(
+            String::from_utf8_lossy(&record[1..]).into_owned(),
+        )),
         b'C' if fds.len() == 1 => {
             let kind = match record.get(1)? {
                 0 => StreamKind::Tcp,
@@ -321,5 +369,33 @@ mod tests {
             "cut text"
         );
         assert!(parse(b"H", vec![fd()]).is_none(), "H carries no descriptor");
+        assert!(parse(b"P", vec![fd()]).is_none(), "P carries no descriptor");
+        assert!(parse(b"Pxyz", Vec::new()).is_none(), "P carries no text");
+    }
+
+    #[test]
+    fn the_records_between_masters_cross_the_channel() {
+        let (old, new) = channel().unwrap();
+        send_ready(new.as_fd(), "nbnet 9.9.9, plugin ABI 1.2").unwrap();
+        assert!(matches!(
+            recv(old.as_fd()).unwrap(),
+            Some(Message::Ready(v)) if v == "nbnet 9.9.9, plugin ABI 1.2"
+        ));
+        send_promoted(old.as_fd()).unwrap();
+        assert!(matches!(
+            recv(new.as_fd()).unwrap(),
+            Some(Message::Promoted)
+        ));
+        // A reason too long for a record is cut at a character boundary.
+        let long = "é".repeat(MAX_RECORD);
+        send_failed(new.as_fd(), &long).unwrap();
+        let Some(Message::Failed(why)) = recv(old.as_fd()).unwrap() else {
+            panic!("expected Failed");
+        };
+        assert!(
+            why.len() < MAX_RECORD && long.starts_with(&why),
+            "{}",
+            why.len()
+        );
     }
 }

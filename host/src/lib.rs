@@ -44,4 +44,5 @@ pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;
 pub mod systemd;
+pub mod upgrade_status;
 pub mod worker;

@@ -34,6 +34,8 @@ use std::path::{Path, PathBuf};
 pub struct PidFile {
     path: PathBuf,
     file: File,
+    /// Removed when dropped (not after [`PidFile::release`]).
+    remove: bool,
 }
 
 impl PidFile {
@@ -87,6 +89,7 @@ impl PidFile {
             return Ok(PidFile {
                 path: path.to_path_buf(),
                 file,
+                remove: true,
             });
         }
         Err(format!(
@@ -99,10 +102,19 @@ impl PidFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Unlocks the file and leaves it in place, for the master that takes
+    /// over (a binary upgrade): it locks it and writes its own PID.
+    pub fn release(mut self) {
+        self.remove = false;
+    }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
+        if !self.remove {
+            return;
+        }
         // Remove it only if it is still ours (not a file someone put there
         // since); the lock goes with the descriptor.
         let ours = self.file.metadata();

@@ -136,6 +136,11 @@ pub fn monotonic_ns() -> u64 {
 
 /// Reads the file; `Ok(None)` if there is none.
 pub fn read(path: &Path) -> io::Result<Option<Status>> {
+    read_json(path)
+}
+
+/// Reads a JSON status file; `Ok(None)` if there is none.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -148,6 +153,11 @@ pub fn read(path: &Path) -> io::Result<Option<Status>> {
 
 /// Writes the file atomically: readers see the old or the new one whole.
 pub fn write(path: &Path, status: &Status) -> io::Result<()> {
+    write_json(path, status)
+}
+
+/// Writes a JSON status file atomically (a temporary file renamed over it).
+pub fn write_json<T: Serialize>(path: &Path, status: &T) -> io::Result<()> {
     let text = serde_json::to_string_pretty(status).map_err(io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

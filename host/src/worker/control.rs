@@ -22,7 +22,13 @@ impl Reactor {
             };
             match handover::recv(control.as_fd()) {
                 Ok(Some(handover::Message::HandOver)) => self.begin_hand_over(now),
-                Ok(Some(handover::Message::Retire)) => {}
+                // Not for a worker (records between masters).
+                Ok(Some(
+                    handover::Message::Retire
+                    | handover::Message::Ready(_)
+                    | handover::Message::Promoted
+                    | handover::Message::Failed(_),
+                )) => {}
                 Ok(Some(handover::Message::Lost(about))) => {
                     self.slot.stats.handover_failures.add(1);
                     tracing::warn!(
