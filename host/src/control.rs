@@ -114,6 +114,91 @@ fn outcome(pid: Pid, record: &reload_status::Record) -> i32 {
     }
 }
 
+/// `nbnet upgrade`: SIGUSR2 to the master, then follow the upgrade through
+/// the upgrade status file (see [`crate::upgrade_status`]) until the new
+/// master serves and the old one has exited (exit 0), or the old master
+/// reports a rollback or a refusal (exit 1, its reason printed).
+pub fn upgrade(config_file: &Path) -> i32 {
+    use crate::upgrade_status::State;
+    let (pid, pid_file) = match master_pid(config_file) {
+        Ok(found) => found,
+        Err(message) => {
+            errln!("nbnet upgrade: {message}");
+            return exit_code::FAILURE;
+        }
+    };
+    // How long the old master may take: the new one gets twice a reload's
+    // time to be ready, then the old one drains.
+    let config = config::load(config_file).ok();
+    let ready = config.as_ref().map_or(Duration::from_secs(120), |c| {
+        crate::supervisor::reload_outcome_within(c).saturating_mul(2)
+    });
+    let drain = config.as_ref().map_or(Duration::from_secs(30), |c| {
+        c.server
+            .shutdown_timeout
+            .saturating_add(Duration::from_secs(10))
+    });
+    let status_path = crate::upgrade_status::path_for(&pid_file);
+    let sent = reload_status::monotonic_ns();
+    if let Err(message) = send(pid, Signal::SIGUSR2, &pid_file) {
+        errln!("nbnet upgrade: {message}");
+        return exit_code::FAILURE;
+    }
+    let deadline = config::deadline(Instant::now(), ready);
+    let status = loop {
+        if let Ok(Some(status)) = crate::upgrade_status::read(&status_path) {
+            if status.master == pid.as_raw() && status.started_ns > sent && status.state.is_final()
+            {
+                break status;
+            }
+        }
+        if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {
+            errln!("nbnet upgrade: master {pid} exited before the upgrade finished");
+            return exit_code::FAILURE;
+        }
+        if Instant::now() >= deadline {
+            errln!(
+                "nbnet upgrade: no outcome from master {pid} within {ready:?} ({} did not say; an older nbnet that cannot upgrade?): its log says what happened",
+                status_path.display()
+            );
+            return exit_code::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    match status.state {
+        State::Done => {}
+        State::Refused => {
+            errln!("nbnet upgrade: refused by master {pid}: {}", status.message);
+            return exit_code::FAILURE;
+        }
+        _ => {
+            errln!(
+                "nbnet upgrade: rolled back: {}; master {pid} serves on",
+                status.message
+            );
+            return exit_code::FAILURE;
+        }
+    }
+    outln!(
+        "upgrade: {} (from {}); the old master {pid} is handing its connections over",
+        status.message,
+        status.binary
+    );
+    // Done once the old master has handed everything over and exited.
+    let deadline = config::deadline(Instant::now(), drain);
+    while Instant::now() < deadline {
+        if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {
+            outln!("upgrade complete: the old master {pid} has exited");
+            return exit_code::OK;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    errln!(
+        "nbnet upgrade: the new master serves, but the old master {pid} is still running after {drain:?} (its workers are still draining?)"
+    );
+    exit_code::FAILURE
+}
+
 /// `nbnet stop [--fast]`: SIGTERM (or SIGINT) to the master, then wait
 /// until it has exited.
 pub fn stop(config_file: &Path, fast: bool) -> i32 {

@@ -53,6 +53,10 @@ Signals to the master:
                      progress, answer them, exit 0 (a second one skips the delay)
   SIGINT             fast stop: close every connection now, exit 0
   SIGHUP             reload config and plugins without refusing a connection
+  SIGUSR2            binary upgrade: start a new master from the nbnet binary
+                     at this master's path (a new build) with the same
+                     config; once it is ready it serves, this master hands
+                     its connections over and exits (see `nbnet upgrade`)
   SIGTTIN / SIGTTOU  one worker more / fewer
   SIGUSR1            reopen the [log] file (logrotate's postrotate); ignored
                      when logging to stderr
@@ -100,6 +104,22 @@ enum Command {
     /// serves, else the master's reason (3 invalid config, 4 a plugin
     /// failed, 1 otherwise); says so if the reload was queued.
     Reload {
+        /// The config file the server was started with (default:
+        /// $NBNET_CONFIG, else config/nbnet.toml).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Upgrade the running server to the nbnet binary now at its path (a
+    /// new build installed over the old one), refusing no connection:
+    /// SIGUSR2 to the master (found through the config's pid_file). The
+    /// master starts a new master from that binary with the same config
+    /// and listening sockets; once every new worker is ready, the new
+    /// master serves, the old one hands its connections over and exits.
+    /// If the new binary fails to start or is not ready in time, the old
+    /// master serves on (a rollback). Waits for the outcome: exit 0 once
+    /// the new master serves and the old one has exited, else the
+    /// master's reason (1).
+    Upgrade {
         /// The config file the server was started with (default:
         /// $NBNET_CONFIG, else config/nbnet.toml).
         #[arg(short, long, value_name = "FILE")]
@@ -166,6 +186,7 @@ fn main() {
     // Before anything opens a file: the descriptors LISTEN_FDS names are
     // only ours to take while nothing else can have opened them.
     nbnet::systemd::stash_listen_fds();
+    nbnet::supervisor::stash_upgrade_channel();
     let cli = Cli::parse();
     if cli.version {
         outln!("{}", control::version_line());
@@ -180,6 +201,7 @@ fn main() {
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
         Some(Command::Reload { config }) => control::reload(&config_file(config, cli.config)),
+        Some(Command::Upgrade { config }) => control::upgrade(&config_file(config, cli.config)),
         Some(Command::Stop { config, fast }) => {
             control::stop(&config_file(config, cli.config), fast)
         }

@@ -113,8 +113,17 @@ impl Admin {
         registry: &Registry,
         base: usize,
     ) -> io::Result<Admin> {
+        Admin::from_listener(TcpListener::from_std(listener), registry, base)
+    }
+
+    /// Serves a listening socket bound elsewhere (passed by an older
+    /// master during a binary upgrade).
+    pub fn from_listener(
+        mut listener: TcpListener,
+        registry: &Registry,
+        base: usize,
+    ) -> io::Result<Admin> {
         let addr = listener.local_addr()?;
-        let mut listener = TcpListener::from_std(listener);
         registry.register(&mut listener, Token(base), Interest::READABLE)?;
         Ok(Admin {
             listener,
@@ -141,6 +150,16 @@ impl Admin {
         let _ = registry.deregister(&mut old);
         self.addr = addr;
         Ok(())
+    }
+
+    /// The listening socket's descriptor (passed on in a binary upgrade).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
+    /// Stops watching the listener (its clients are dropped with it).
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
     }
 
     /// The address it listens on.

@@ -13,7 +13,15 @@ use crate::listener::{Endpoint, ListenSocket};
 /// with that address uses the socket instead of binding a new one, so no
 /// connection waiting in its backlog is lost.
 #[derive(Default)]
-pub(super) struct Inherited(Vec<(Endpoint, ListenSocket)>);
+pub(super) struct Inherited(Vec<(Endpoint, ListenSocket, bool)>);
+
+/// `LISTEN_FDNAMES` name of a socket an old master passes during a binary
+/// upgrade that the new master owns from then on (it removes a Unix
+/// socket's file when it stops).
+pub(super) const HANDED_ON: &str = "nbnet-owned";
+/// … and of one the old master had itself inherited (from systemd, say):
+/// its file is not nbnet's to remove.
+pub(super) const NOT_OURS: &str = "nbnet-inherited";
 
 impl Inherited {
     /// Takes what `$LISTEN_FDS` passed (see [`crate::systemd`]).
@@ -23,7 +31,7 @@ impl Inherited {
             match listening_socket(fd) {
                 Ok((addr, socket)) => {
                     tracing::info!("using the inherited listening socket {addr}");
-                    inherited.push((addr, socket));
+                    inherited.push((addr, socket, name == HANDED_ON));
                 }
                 Err(why) => tracing::warn!(
                     "inherited descriptor {name:?} is not usable as a listener ({why}): closed"
@@ -35,13 +43,42 @@ impl Inherited {
 
     /// The inherited socket bound to `addr`, if any.
     fn claim(&mut self, addr: &Endpoint) -> Option<ListenSocket> {
-        let at = self.0.iter().position(|(a, _)| a == addr)?;
-        Some(self.0.swap_remove(at).1)
+        self.claim_owned(addr).map(|(socket, _)| socket)
+    }
+
+    /// … and whether its file is ours to remove (see [`HANDED_ON`]).
+    fn claim_owned(&mut self, addr: &Endpoint) -> Option<(ListenSocket, bool)> {
+        let at = self.0.iter().position(|(a, _, _)| a == addr)?;
+        let (_, socket, owned) = self.0.remove(at);
+        Some((socket, owned))
+    }
+
+    /// Every further inherited socket bound to `addr` (an old master's
+    /// `reuseport` listener passes one per worker slot), in order.
+    fn claim_rest(&mut self, addr: &Endpoint) -> Vec<ListenSocket> {
+        let mut rest = Vec::new();
+        while let Some(socket) = self.claim(addr) {
+            rest.push(socket);
+        }
+        rest
+    }
+
+    /// The inherited TCP socket bound to `addr` (the `[admin]` one an old
+    /// master passes).
+    pub(super) fn claim_tcp(
+        &mut self,
+        addr: std::net::SocketAddr,
+    ) -> Result<Option<mio::net::TcpListener>, ()> {
+        match self.claim(&Endpoint::Tcp(addr)) {
+            Some(ListenSocket::Tcp(listener)) => Ok(Some(listener)),
+            Some(_) => Err(()),
+            None => Ok(None),
+        }
     }
 
     /// Closes the inherited sockets no listener of the config uses.
     pub(super) fn close_unused(&mut self) {
-        for (addr, _) in self.0.drain(..) {
+        for (addr, _, _) in self.0.drain(..) {
             tracing::warn!("inherited listening socket {addr} is not in the config: closed");
         }
     }
@@ -128,12 +165,16 @@ impl Bound {
         config: &Config,
         inherited: &mut Inherited,
     ) -> Result<Bound, String> {
-        if let Some(socket) = inherited.claim(&spec.addr) {
+        if let Some((socket, owned)) = inherited.claim_owned(&spec.addr) {
+            let mut sockets = vec![socket];
+            if spec.reuseport {
+                sockets.extend(inherited.claim_rest(&spec.addr));
+            }
             return Ok(Bound {
                 addr: spec.addr.clone(),
                 reuseport: spec.reuseport,
-                sockets: vec![socket],
-                inherited: true,
+                sockets,
+                inherited: !owned,
             });
         }
         let socket = match &spec.addr {

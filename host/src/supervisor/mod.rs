@@ -38,12 +38,15 @@ mod pool;
 mod reap;
 mod relay;
 mod reload;
+mod upgrade;
 
 use listeners::{bind_listeners, Bound};
 pub(crate) use reap::sweep_group;
 use reap::sweep_orphans;
 pub(crate) use reload::outcome_within as reload_outcome_within;
 use reload::{Checking, PendingReload, ReloadLog, MAX_OLD_GENERATIONS};
+pub use upgrade::stash_channel as stash_upgrade_channel;
+use upgrade::{Predecessor, Successor, UpgradeLog};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -283,18 +286,36 @@ pub struct Master {
     /// A graceful stop waiting out `drain_delay` (serving, `/healthz` 503)
     /// until this instant.
     lame_duck: Option<Instant>,
+    /// The binary this master runs, as its path was when it started: a
+    /// binary upgrade executes whatever is at that path now.
+    binary: std::path::PathBuf,
+    /// The new master of a binary upgrade this master started.
+    successor: Option<Successor>,
+    /// The old master this one is taking over from (a binary upgrade).
+    predecessor: Option<Predecessor>,
+    /// The upgrade status file `nbnet upgrade` waits on.
+    upgrades: UpgradeLog,
 }
 
 /// Serves `config` until stopped; returns the process exit code.
 pub fn serve(mut config: Config) -> i32 {
+    // Started by an older master to take over from it (a binary upgrade)?
+    let predecessor = Predecessor::take();
+    if let Some(predecessor) = &predecessor {
+        tracing::info!(
+            "upgrade: taking over from master {} (it serves until this one is ready)",
+            predecessor.pid()
+        );
+    }
     // First the PID file's lock: a second master with the same file is
-    // refused before it binds anything (with `reuseport` it could).
-    let pid_file = match config
+    // refused before it binds anything (with `reuseport` it could). A new
+    // master of an upgrade takes it once the old one hands it over.
+    let pid_file_path = config
         .server
         .pid_file
         .as_deref()
-        .map(crate::pid_file::PidFile::acquire)
-    {
+        .filter(|_| predecessor.is_none());
+    let pid_file = match pid_file_path.map(crate::pid_file::PidFile::acquire) {
         None => None,
         Some(Ok(locked)) => Some(locked),
         Some(Err(message)) => {
@@ -329,6 +350,10 @@ pub fn serve(mut config: Config) -> i32 {
 
     // 2. Bind every listener before forking: workers inherit the sockets.
     let bound = bind_listeners(&config, &mut inherited);
+    // An old master passes its [admin] socket too.
+    let inherited_admin = config
+        .admin
+        .and_then(|addr| inherited.claim_tcp(addr).ok().flatten());
     inherited.close_unused();
     let listeners = match bound {
         Ok(listeners) => listeners,
@@ -361,7 +386,10 @@ pub fn serve(mut config: Config) -> i32 {
     };
 
     let admin = match config.admin {
-        Some(addr) => match admin::Admin::bind(addr, poll.registry(), ADMIN) {
+        Some(addr) => match inherited_admin.map_or_else(
+            || admin::Admin::bind(addr, poll.registry(), ADMIN),
+            |socket| admin::Admin::from_listener(socket, poll.registry(), ADMIN),
+        ) {
             Ok(admin) => {
                 tracing::info!("admin: http://{addr}/metrics and /healthz");
                 Some(admin)
@@ -378,6 +406,18 @@ pub fn serve(mut config: Config) -> i32 {
     };
 
     let reloads = ReloadLog::new(pid_file.as_ref().map(|p| p.path()));
+    let upgrades = UpgradeLog::new(pid_file.as_ref().map(|p| p.path()));
+    if let Some(predecessor) = &predecessor {
+        if let Err(e) = predecessor.register(poll.registry()) {
+            tracing::error!("cannot watch the upgrade channel to the old master: {e}");
+            return exit_code::FAILURE;
+        }
+    }
+    // The path, not /proc/self/exe: an upgrade runs the build that is at
+    // that path then.
+    let binary = std::env::current_exe().unwrap_or_else(|_| {
+        std::path::PathBuf::from(std::env::args_os().next().unwrap_or_default())
+    });
 
     let now = Instant::now();
     let worker_count = config.server.worker_count();
@@ -413,6 +453,10 @@ pub fn serve(mut config: Config) -> i32 {
         reloading: false,
         children_before,
         lame_duck: None,
+        binary,
+        successor: None,
+        predecessor,
+        upgrades,
     };
     tracing::info!(
         "master {} starting {worker_count} worker(s) from {}",
@@ -423,6 +467,7 @@ pub fn serve(mut config: Config) -> i32 {
     crate::logging::started();
     let code = master.run();
     master.reloads.remove();
+    master.upgrades.remove();
     // Removes the PID file (and releases its lock).
     drop(master);
     code
@@ -469,7 +514,7 @@ impl Master {
                 let tokens: Vec<Token> = events
                     .iter()
                     .map(|e| e.token())
-                    .filter(|&t| admin.owns(t) && t.0 < relay::CONTROL_BASE)
+                    .filter(|&t| admin.owns(t) && t.0 < upgrade::PREDECESSOR.0)
                     .collect();
                 for token in tokens {
                     admin.on_event(token, self.poll.registry(), &mut |method, path| {
@@ -489,6 +534,13 @@ impl Master {
             for board in controls {
                 self.on_control(board);
             }
+            for event in events.iter() {
+                if event.token() == upgrade::SUCCESSOR {
+                    self.on_successor_channel();
+                } else if event.token() == upgrade::PREDECESSOR {
+                    self.on_predecessor_channel();
+                }
+            }
             self.relay_retry();
             for (signal, sender) in self.signals.pending_with_senders() {
                 match signal {
@@ -507,9 +559,7 @@ impl Master {
                     Signal::SIGTTOU => self.handle_ttou(),
                     // Reaping is done below, whatever woke us.
                     Signal::SIGCHLD => {}
-                    Signal::SIGUSR2 => tracing::info!(
-                        "SIGUSR2 received: ignored (nbnet cannot upgrade its binary in place yet: restart it, under systemd with socket activation to refuse nothing)"
-                    ),
+                    Signal::SIGUSR2 => self.handle_usr2(),
                     Signal::SIGUSR1 => self.handle_usr1(),
                     Signal::SIGWINCH => tracing::info!("SIGWINCH received: ignored"),
                     other => tracing::warn!(
@@ -522,6 +572,7 @@ impl Master {
                 self.begin_stop("drain_delay is over", Stop::Graceful);
             }
             self.reap_workers();
+            self.watch_successor();
             self.advance_reloads();
             self.kill_overdue_drains();
             if let Some(code) = self.manage_workers() {
@@ -544,6 +595,7 @@ impl Master {
             self.next_drain_deadline(),
             self.relay_wakeup(),
             self.lame_duck,
+            self.successor_wakeup(),
         ]
         .into_iter()
         .flatten()
@@ -561,7 +613,9 @@ impl Master {
                     .filter(|slot| slot.pid.is_none())
                     .map(|slot| slot.restart_at)
                     .min();
-                let replacing = self.workers.values().any(|w| w.role == Role::Outgoing);
+                // (A new master's first workers count: the old master waits.)
+                let replacing = self.workers.values().any(|w| w.role == Role::Outgoing)
+                    || (self.predecessor.is_some() && !self.up);
                 // Look often enough to catch a hang within a quarter of the
                 // timeout, and quickly while a replacement is starting.
                 let tick = if replacing {

@@ -24,8 +24,9 @@ impl Master {
                     .and_then(|pid| self.workers.get(&pid))
                     .is_some_and(|w| self.scoreboard.slot(w.board).is_ready())
             });
-            if self.up && !self.reloading {
-                // The first time: the service is up (systemd Type=notify).
+            // The first time: the service is up (systemd Type=notify) — or,
+            // for the new master of an upgrade, the old master is told.
+            if self.up && !self.reloading && !self.tell_predecessor_ready() {
                 crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
             }
         }
@@ -232,9 +233,20 @@ impl Master {
                 None
             }
             Phase::Stopping { code, deadline } => {
-                if self.workers.is_empty() {
+                // Connections on their way to a new master (a binary
+                // upgrade) are passed on before this master exits.
+                let relayed = self.relay_waiting.is_empty() || Instant::now() >= deadline;
+                if self.workers.is_empty() && relayed {
+                    for waiting in std::mem::take(&mut self.relay_waiting) {
+                        self.relay_abandoned(waiting);
+                    }
                     sweep_orphans(&self.children_before);
-                    tracing::info!("stopped");
+                    match &self.successor {
+                        Some(upgrade::Successor::Serving { pid, .. }) => tracing::info!(
+                            "every connection handed over to the new master (pid {pid}): this master exits"
+                        ),
+                        _ => tracing::info!("stopped"),
+                    }
                     return Some(code);
                 }
                 if Instant::now() >= deadline {
@@ -345,6 +357,7 @@ impl Master {
                 drop(ours);
                 self.workers.clear();
                 self.relay_waiting.clear();
+                self.forget_upgrade_channels();
                 // This worker's sockets, in the order of its config's listeners.
                 let mut available = std::mem::take(&mut self.listeners);
                 let sockets = self

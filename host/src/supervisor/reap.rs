@@ -91,6 +91,11 @@ impl Master {
                 checking.exited(exit);
                 continue;
             }
+            // The new master of a binary upgrade.
+            if self.successor.as_ref().is_some_and(|s| s.pid() == pid) {
+                self.successor_exited(exit);
+                continue;
+            }
             // Not one of ours (an orphan a plugin left behind, adopted by
             // the master as subreaper): reaped, nothing else to do.
             // Connections it handed over just before exiting may still wait

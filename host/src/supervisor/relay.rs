@@ -35,6 +35,22 @@ pub(super) struct Waiting {
     since: Instant,
 }
 
+impl Waiting {
+    pub(super) fn new(
+        record: handover::Connection,
+        fd: OwnedFd,
+        from: Pid,
+        since: Instant,
+    ) -> Waiting {
+        Waiting {
+            record,
+            fd,
+            from,
+            since,
+        }
+    }
+}
+
 impl Master {
     /// Registers a new worker's end of its control channel.
     pub(super) fn register_control(&self, board: usize, control: &OwnedFd) {
@@ -69,7 +85,14 @@ impl Master {
                 Ok(Some(Message::Connection(record, fd))) => self.relay(record, fd, from),
                 // "Replace me": the scoreboard says so too; this event woke
                 // the loop, which now looks (watch_workers).
-                Ok(Some(Message::HandOver | Message::Retire | Message::Stop { .. })) => {}
+                Ok(Some(
+                    Message::HandOver
+                    | Message::Retire
+                    | Message::Stop { .. }
+                    | Message::Ready(_)
+                    | Message::Promoted
+                    | Message::Failed(_),
+                )) => {}
                 Ok(Some(Message::Lost(about))) => {
                     self.retired.handover_failures += 1;
                     tracing::warn!(
@@ -97,7 +120,7 @@ impl Master {
     /// Passes a connection on to a serving worker (round robin), or keeps
     /// it for a moment if every one's channel is full, or closes it if no
     /// worker serves (the client sees a close at a frame boundary).
-    fn relay(&mut self, record: handover::Connection, fd: OwnedFd, from: Pid) {
+    pub(super) fn relay(&mut self, record: handover::Connection, fd: OwnedFd, from: Pid) {
         self.relay_since(record, fd, from, Instant::now());
     }
 
@@ -108,6 +131,10 @@ impl Master {
         from: Pid,
         since: Instant,
     ) {
+        // After a binary upgrade: to the new master.
+        let Err((record, fd)) = self.relay_to_successor(record, fd, from, since) else {
+            return;
+        };
         if self.phase != Phase::Serving {
             self.handover_failed(&record, "the server is stopping");
             return;
@@ -173,6 +200,14 @@ impl Master {
         for waiting in std::mem::take(&mut self.relay_waiting) {
             self.relay_since(waiting.record, waiting.fd, waiting.from, waiting.since);
         }
+    }
+
+    /// A connection still waiting when this master exits: closed.
+    pub(super) fn relay_abandoned(&mut self, waiting: Waiting) {
+        self.handover_failed(
+            &waiting.record,
+            "this master exits and no worker took it in time",
+        );
     }
 
     /// A connection no worker can take: closed (its descriptor dropped).

@@ -224,6 +224,20 @@ impl ReloadLog {
             let _ = std::fs::remove_file(path);
         }
     }
+
+    /// Stops writing the file, and leaves it (a binary upgrade: the new
+    /// master takes it over with the pid file).
+    pub(super) fn detach(&mut self) {
+        self.path = None;
+    }
+
+    /// Starts writing the file that goes with `pid_file` (a new master
+    /// that took the pid file over, or an old one serving again).
+    pub(super) fn attach(&mut self, pid_file: Option<&Path>) {
+        self.path = pid_file.map(reload_status::path_for);
+        self.status.master = getpid().as_raw();
+        self.save();
+    }
 }
 
 fn bounded(text: &str) -> String {
@@ -264,6 +278,12 @@ impl Master {
 
     /// Why a reload cannot start now, if it cannot.
     fn reload_blocked(&self) -> Option<String> {
+        if let Some(successor) = &self.successor {
+            return Some(format!(
+                "a binary upgrade is under way (new master pid {})",
+                successor.pid()
+            ));
+        }
         if let Some(checking) = &self.checking {
             return Some(format!(
                 "reload {} is under way (checking its plugins)",
