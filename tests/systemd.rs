@@ -80,6 +80,61 @@ fn nbnet_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A binary upgrade under systemd: the old master (the unit's main
+/// process) announces the new one with `MAINPID=` before it exits, so
+/// systemd follows the service to the new master instead of seeing it stop.
+#[test]
+fn an_upgrade_tells_systemd_the_new_main_pid() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let config = sandbox
+        .write_config(&CONFIG.replace("workers = 1", "workers = 1\npid_file = \"nbnet.pid\""));
+    let notify = sandbox.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
+    let mut master = Master(
+        sandbox
+            .command()
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    expect_notification(&socket, "READY=1");
+    let old = master.id() as i32;
+    nbnet_tests::send_signal(old, libc::SIGUSR2);
+    expect_notification(&socket, "RELOADING=1");
+    let handed = expect_notification(&socket, "MAINPID=");
+    let new: i32 = handed
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{handed}"));
+    let _new_master = KillOnDrop(new);
+    assert_ne!(new, old, "{handed}");
+    assert!(handed.contains("READY=1"), "{handed}");
+    let status = master.wait().unwrap();
+    assert!(status.success(), "the old master exits 0: {status:?}");
+    assert_eq!(Client::connect(sandbox.port(0)).request(b"hi"), b"HI");
+    // The new master is the main process now: it stops like one.
+    nbnet_tests::send_signal(new, libc::SIGTERM);
+    expect_notification(&socket, "STOPPING=1");
+}
+
+/// Kills a process (a master this test did not start) when dropped.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(process) = Proc::of(self.0) {
+            process.kill_if_alive();
+        }
+    }
+}
+
 /// A `NOTIFY_SOCKET` nbnet cannot reach (a missing socket, a path too
 /// long for a Unix socket, a relative path, which sd_notify(3) does not
 /// take) was ignored without a word, leaving a `Type=notify` start to time

@@ -16,6 +16,8 @@
 //!
 //! Every wait is bounded: a test that would hang fails instead, with the log.
 
+pub mod load;
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -527,6 +529,7 @@ pub struct Sandbox {
     runs: u32,
     cwd: Option<PathBuf>,
     fd_limit: Option<u64>,
+    binary: Option<PathBuf>,
 }
 
 impl Default for Sandbox {
@@ -550,7 +553,18 @@ impl Sandbox {
             runs: 0,
             cwd: None,
             fd_limit: None,
+            binary: None,
         }
+    }
+
+    /// Runs a copy of `nbnet` placed in the sandbox (`nbnet` there) instead
+    /// of the built one, so that a test can replace it — a binary upgrade
+    /// runs whatever is at the master's path. Returns its path.
+    pub fn use_own_binary(&mut self) -> PathBuf {
+        let path = self.path().join("nbnet");
+        fs::copy(&build().nbnet, &path).expect("copy the nbnet binary");
+        self.binary = Some(path.clone());
+        path
     }
 
     /// The temporary directory.
@@ -689,7 +703,7 @@ impl Sandbox {
     /// [`Sandbox::set_cwd`]), with a clean log environment (and the fd limit
     /// of [`Sandbox::set_fd_limit`], if any).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(&build().nbnet);
+        let mut cmd = Command::new(self.binary.as_ref().unwrap_or(&build().nbnet));
         cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
             .env_remove("RUST_LOG")
             .env_remove("NBNET_CONFIG")

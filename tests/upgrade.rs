@@ -1,0 +1,434 @@
+//! Binary upgrade (issue 11, part 2): `nbnet upgrade` / SIGUSR2 starts a
+//! new master from the binary at the old one's path, which takes the
+//! listening sockets and, once ready, the old workers' live connections;
+//! the old master exits. Persistent clients must notice nothing; a new
+//! binary that fails is rolled back; a new master killed mid-way costs only
+//! what it held.
+//!
+//! Each test runs a copy of `nbnet` placed in its sandbox, so that it can
+//! replace the file as an operator installs a new build.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nbnet_tests::load::{assert_nothing_lost, wait_for_progress, Load};
+use nbnet_tests::{children_of, Client, Outcome, Proc, Sandbox, Server};
+
+/// Two plugins, a TCP and a Unix listener served by `plugin`, an admin
+/// endpoint and a pid file; `extra` goes into `[server]`.
+fn config(plugin: &str, extra: &str) -> String {
+    format!(
+        r#"[server]
+workers = 2
+pid_file = "nbnet.pid"
+shutdown_timeout = "10s"
+{extra}
+
+[admin]
+addr = "127.0.0.1:{{admin}}"
+
+[[plugins]]
+name = "upper"
+path = "{{upper}}"
+
+[[plugins]]
+name = "echo"
+path = "{{echo}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "{plugin}"
+
+[[listeners]]
+addr = "unix:{{dir}}/nbnet.sock"
+plugin = "{plugin}"
+"#
+    )
+}
+
+/// Kills, when the test ends, every master an upgrade started (the test's
+/// `Server` only knows the first) and its workers.
+#[derive(Default)]
+struct Masters(Vec<i32>);
+
+impl Masters {
+    fn track(&mut self, pid: i32) {
+        self.0.push(pid);
+    }
+}
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let workers: Vec<Proc> = children_of(pid).into_iter().filter_map(Proc::of).collect();
+            if let Some(master) = Proc::of(pid) {
+                master.kill_if_alive();
+            }
+            for worker in workers {
+                worker.kill_if_alive();
+            }
+        }
+    }
+}
+
+/// The PID in the sandbox's pid file.
+fn pid_file(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("nbnet.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs `nbnet upgrade` against the server — the built `nbnet`, not the
+/// file at the server's path (which a test may have broken on purpose).
+fn upgrade(server: &mut Server) -> Outcome {
+    let output = std::process::Command::new(&nbnet_tests::build().nbnet)
+        .current_dir(server.dir())
+        .args(["upgrade", "--config", "nbnet.toml"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run nbnet upgrade");
+    Outcome {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Installs a new build at `path` the way `install` or a package manager
+/// does: a new file renamed over the old one.
+fn install(path: &Path, contents: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    let mut file = std::fs::File::create(&tmp).unwrap();
+    file.write_all(contents).unwrap();
+    drop(file);
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Whether `pid` runs the file now at `path` (not a replaced one).
+fn runs_current_file(pid: i32, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe"));
+    let file = std::fs::metadata(path);
+    matches!((exe, file), (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev())
+}
+
+fn built_binary(path: &PathBuf) -> Vec<u8> {
+    std::fs::read(path).expect("read the nbnet binary")
+}
+
+/// The issue's scenario, one load through every lifecycle event:
+/// persistent clients (20 at depth 1, 5 pipelining at depth 16) through 10
+/// reloads (five switching the plugin in the config, five swapping the
+/// `.so` at the same path), two binary upgrades (each a new build installed
+/// at the path), worker recycling (`max_requests_per_worker`) all along,
+/// and SIGTTIN/SIGTTOU on the last master: no connection closed, no request
+/// unanswered or wrongly answered, the answers switch with the logic; the
+/// pid file, the Unix socket and `[admin]` follow the new master, which
+/// runs the new file.
+#[test]
+fn persistent_clients_lose_nothing_through_reloads_recycles_and_two_binary_upgrades() {
+    let mut sandbox = Sandbox::new();
+    let binary = sandbox.use_own_binary();
+    let build = built_binary(&binary);
+    let a = nbnet_tests::build();
+    let (upper_so, echo_so) = (
+        std::fs::read(&a.upper_so).unwrap(),
+        std::fs::read(&a.echo_so).unwrap(),
+    );
+    let logic = sandbox.path().join("logic.so");
+    install(&logic, &upper_so, 0o644);
+    let template = |plugin: &str| {
+        config(plugin, "max_requests_per_worker = 3000").replacen(
+            "[[listeners]]",
+            "[[plugins]]\nname = \"logic\"\npath = \"{dir}/logic.so\"\n\n[[listeners]]",
+            1,
+        )
+    };
+    let mut server = Server::start_in(sandbox, &template("upper"));
+    let mut masters = Masters::default();
+    let dir = server.dir().to_path_buf();
+    let socket = dir.join("nbnet.sock");
+    let load = Load::start(server.port(), 20, 5, 16);
+    wait_for_progress(&server, &load, 200);
+
+    let mut master = server.pid();
+    for round in 1..=10 {
+        if round <= 5 {
+            let plugin = if round % 2 == 1 { "echo" } else { "upper" };
+            server.sandbox_mut().write_config(&template(plugin));
+        } else {
+            // The same path, a new build of the logic.
+            server.sandbox_mut().write_config(&template("logic"));
+            install(
+                &logic,
+                if round % 2 == 0 { &echo_so } else { &upper_so },
+                0o644,
+            );
+        }
+        let reload = server
+            .sandbox_mut()
+            .run(&["reload", "--config", "nbnet.toml"]);
+        assert!(
+            reload.status.success(),
+            "reload {round}: {reload:?}\n{}",
+            server.log()
+        );
+        wait_for_progress(&server, &load, 200);
+        if round != 3 && round != 7 {
+            continue;
+        }
+        install(&binary, &build, 0o755);
+        let outcome = upgrade(&mut server);
+        assert!(
+            outcome.status.success(),
+            "upgrade after reload {round}: {outcome:?}\n{}",
+            server.log()
+        );
+        assert!(outcome.stdout.contains("upgrade complete"), "{outcome:?}");
+        let new = pid_file(&dir).expect("the pid file names the new master");
+        masters.track(new);
+        assert_ne!(new, master, "the pid file must name the new master");
+        assert!(
+            Proc::of(master).is_none_or(|p| !p.alive()),
+            "the old master must have exited"
+        );
+        assert!(
+            runs_current_file(new, &binary),
+            "the new master must run the file installed at the path"
+        );
+        master = new;
+        wait_for_progress(&server, &load, 300);
+        // The Unix socket and the admin endpoint are the new master's.
+        let mut unix = std::os::unix::net::UnixStream::connect(&socket)
+            .expect("the Unix socket must survive the old master");
+        unix.write_all(&nbnet_tests::frame(b"via unix")).unwrap();
+        let health = ureq_healthz(server.admin_port());
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    }
+    nbnet_tests::send_signal(master, libc::SIGTTIN);
+    wait_for_progress(&server, &load, 300);
+    nbnet_tests::send_signal(master, libc::SIGTTOU);
+    server.wait_for_log_line(&["SIGTTOU received: 2 worker(s) now"]);
+    wait_for_progress(&server, &load, 300);
+    server.wait_for("workers to be recycled 5 times", || {
+        (server.log_count("served max_requests_per_worker: replacing it") >= 5).then_some(())
+    });
+
+    let seen = load.finish();
+    assert_nothing_lost(&seen, &server);
+    assert_eq!(
+        seen.forms,
+        std::collections::BTreeSet::from(["echo", "upper"]),
+        "the answers must switch with the reloads"
+    );
+    assert_eq!(server.log_count("closed instead of handed over"), 0);
+    assert_eq!(server.log_count("upgrade complete: the old master"), 2);
+
+    // The last master stops like any other, removing what it owns.
+    let stop = server
+        .sandbox_mut()
+        .run(&["stop", "--config", "nbnet.toml"]);
+    assert!(stop.status.success(), "stop: {stop:?}");
+    assert!(!dir.join("nbnet.pid").exists(), "pid file left behind");
+    assert!(!socket.exists(), "Unix socket file left behind");
+}
+
+fn ureq_healthz(port: u16) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+/// A new build that cannot start is rolled back: `nbnet upgrade` fails with
+/// the new master's exit status and says the old master serves on; it does
+/// (same pid file, same clients); a build that can then be installed and
+/// upgraded to. A file that cannot be executed is refused up front.
+#[test]
+fn a_new_binary_that_fails_is_rolled_back_and_the_old_master_serves_on() {
+    let mut sandbox = Sandbox::new();
+    let binary = sandbox.use_own_binary();
+    let build = built_binary(&binary);
+    let mut server = Server::start_in(sandbox, &config("upper", ""));
+    let mut masters = Masters::default();
+    let dir = server.dir().to_path_buf();
+    let old = server.pid();
+    let mut client = server.client();
+    assert_eq!(client.request(b"before"), b"BEFORE");
+
+    install(
+        &binary,
+        b"#!/bin/sh\necho 'this build is broken' >&2\nexit 3\n",
+        0o755,
+    );
+    let outcome = upgrade(&mut server);
+    assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("rolled back") && outcome.stderr.contains("exit status 3"),
+        "{outcome:?}"
+    );
+    assert!(outcome.stderr.contains("serves on"), "{outcome:?}");
+    assert_eq!(
+        pid_file(&dir),
+        Some(old),
+        "the pid file must stay the old master's"
+    );
+    assert_eq!(client.request(b"still here"), b"STILL HERE");
+    assert_eq!(Client::connect(server.port()).request(b"new"), b"NEW");
+
+    install(&binary, &build, 0o644);
+    let outcome = upgrade(&mut server);
+    assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("refused") && outcome.stderr.contains("Permission denied"),
+        "{outcome:?}"
+    );
+    assert_eq!(client.request(b"and here"), b"AND HERE");
+
+    install(&binary, &build, 0o755);
+    let outcome = upgrade(&mut server);
+    assert!(outcome.status.success(), "{outcome:?}\n{}", server.log());
+    let new = pid_file(&dir).unwrap();
+    masters.track(new);
+    assert_ne!(new, old);
+    assert_eq!(client.request(b"upgraded"), b"UPGRADED");
+}
+
+/// `kill -9` of the new master before it is ready (its plugin's init is
+/// slow): the old master says why, `nbnet upgrade` reports the rollback,
+/// and the persistent clients — never handed to the new master — lose
+/// nothing.
+#[test]
+fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let template = config("upper", "").replacen(
+        "[[listeners]]",
+        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
+        1,
+    );
+    let server = Server::start_in(sandbox, &template);
+    let mut masters = Masters::default();
+    let dir = server.dir().to_path_buf();
+    let old = server.pid();
+    let load = Load::start(server.port(), 10, 2, 8);
+    wait_for_progress(&server, &load, 100);
+
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
+    let new: i32 = line
+        .split("new master (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the log names the new master");
+    masters.track(new);
+    std::thread::sleep(Duration::from_millis(300));
+    nbnet_tests::send_signal(new, libc::SIGKILL);
+    server.wait_for_log_line(&["upgrade failed: the new master (pid", "serves on"]);
+    wait_for_progress(&server, &load, 200);
+    let status = std::fs::read_to_string(dir.join("nbnet.pid.upgrade")).unwrap();
+    assert!(status.contains("rolled-back"), "{status}");
+    assert!(status.contains("SIGKILL"), "{status}");
+    assert_eq!(pid_file(&dir), Some(old));
+    let seen = load.finish();
+    assert_nothing_lost(&seen, &server);
+    assert_eq!(Client::connect(server.port()).request(b"after"), b"AFTER");
+    server.stop();
+}
+
+/// `kill -9` of the new master after it took over, while an old worker is
+/// still finishing a frame: the old master serves again (pid file, admin,
+/// new workers of its own), the frame in progress is answered, and that
+/// connection goes on to the old master's new workers. Connections the
+/// dead master's workers held are lost — no more — and nothing is
+/// misdelivered.
+#[test]
+fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let server = Server::start_in(sandbox, &config("upper", ""));
+    let mut masters = Masters::default();
+    let dir = server.dir().to_path_buf();
+    let old = server.pid();
+    let load = Load::start(server.port(), 6, 0, 1);
+    wait_for_progress(&server, &load, 50);
+    // Half a frame: its worker cannot hand it over until the rest comes.
+    let mut midway = server.client();
+    assert_eq!(midway.request(b"first"), b"FIRST");
+    midway.send_raw(b"0000000012half").unwrap();
+
+    server.signal(libc::SIGUSR2);
+    server.wait_for_log_line(&["is ready: it serves now"]);
+    let new = pid_file(&dir);
+    let new = server.wait_for("the new master to take the pid file", || {
+        pid_file(&dir)
+            .filter(|&p| p != old)
+            .or(new.filter(|&p| p != old))
+    });
+    masters.track(new);
+    nbnet_tests::send_signal(new, libc::SIGKILL);
+    server.wait_for_log_line(&[
+        "while this master was handing its connections over",
+        "serves again",
+    ]);
+    server.wait_for("the old master to take the pid file back", || {
+        (pid_file(&dir) == Some(old)).then_some(())
+    });
+    // The frame in progress is answered, and its connection lives on.
+    midway.send_raw(b" a frame").unwrap();
+    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+    assert_eq!(midway.request(b"next"), b"NEXT");
+    assert_eq!(Client::connect(server.port()).request(b"fresh"), b"FRESH");
+    let health = ureq_healthz(server.admin_port());
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    let seen = load.finish();
+    assert!(seen.mismatched.is_empty(), "{:?}", seen.mismatched);
+    assert!(
+        seen.closed.len() <= 6,
+        "only connections the dead master held may fail: {:?}",
+        seen.closed
+    );
+    assert_eq!(Proc::of(old).map(|p| p.alive()), Some(true));
+    server.stop();
+}
+
+/// An upgrade asked for while one is under way, or while a reload is, is
+/// refused with the reason; a reload asked for during an upgrade waits for
+/// it.
+#[test]
+fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let template = config("upper", "").replacen(
+        "[[listeners]]",
+        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1000 }\n\n[[listeners]]",
+        1,
+    );
+    let mut server = Server::start_in(sandbox, &template);
+    let mut masters = Masters::default();
+    let dir = server.dir().to_path_buf();
+    server.signal(libc::SIGUSR2);
+    server.wait_for_log_line(&["upgrading: started a new master"]);
+    let second = upgrade(&mut server);
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    assert!(
+        second.stderr.contains("an upgrade is already under way"),
+        "{second:?}"
+    );
+    server.wait_for_log_line(&["upgrade complete: the old master"]);
+    let new = pid_file(&dir).unwrap();
+    masters.track(new);
+    assert_ne!(new, server.pid());
+    assert_eq!(Client::connect(server.port()).request(b"ok"), b"OK");
+}
