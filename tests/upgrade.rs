@@ -432,3 +432,61 @@ fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
     assert_ne!(new, server.pid());
     assert_eq!(Client::connect(server.port()).request(b"ok"), b"OK");
 }
+
+/// A stop during an upgrade stops the new master too (it was not serving
+/// yet): the old master exits 0, and no nbnet process is left.
+#[test]
+fn stopping_during_an_upgrade_stops_the_new_master_too() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let template = config("upper", "").replacen(
+        "[[listeners]]",
+        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
+        1,
+    );
+    let mut server = Server::start_in(sandbox, &template);
+    let mut masters = Masters::default();
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
+    let new: i32 = line
+        .split("new master (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the log names the new master");
+    masters.track(new);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
+    assert!(
+        Proc::of(new).is_none_or(|p| !p.alive()),
+        "the new master must not outlive the stop\n{}",
+        server.log()
+    );
+    assert!(server
+        .log()
+        .contains("stopping the new master of the upgrade under way"));
+}
+
+/// `nbnet upgrade` against a master that does not report upgrades (an
+/// older nbnet, which would log and ignore SIGUSR2 — simulated by removing
+/// the status file) says so and sends nothing, instead of waiting minutes
+/// for an outcome that never comes.
+#[test]
+fn upgrade_refuses_to_signal_a_master_that_cannot_report() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let mut server = Server::start_in(sandbox, &config("upper", ""));
+    let dir = server.dir().to_path_buf();
+    std::fs::remove_file(dir.join("nbnet.pid.upgrade"))
+        .expect("the master writes the status file at start");
+    let outcome = upgrade(&mut server);
+    assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("does not report upgrades"),
+        "{outcome:?}"
+    );
+    assert!(outcome.stderr.contains("nothing sent"), "{outcome:?}");
+    assert_eq!(server.log_count("SIGUSR2"), 0, "{}", server.log());
+    assert_eq!(pid_file(&dir), Some(server.pid()));
+}

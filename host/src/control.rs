@@ -139,6 +139,17 @@ pub fn upgrade(config_file: &Path) -> i32 {
             .saturating_add(Duration::from_secs(10))
     });
     let status_path = crate::upgrade_status::path_for(&pid_file);
+    let reports = matches!(
+        crate::upgrade_status::read(&status_path),
+        Ok(Some(status)) if status.master == pid.as_raw()
+    );
+    if !reports {
+        errln!(
+            "nbnet upgrade: master {pid} does not report upgrades ({} is missing or not its own): an nbnet older than `nbnet upgrade`, which would ignore SIGUSR2; nothing sent. Restart it instead (under systemd with socket activation to refuse nothing)",
+            status_path.display()
+        );
+        return exit_code::FAILURE;
+    }
     let sent = reload_status::monotonic_ns();
     if let Err(message) = send(pid, Signal::SIGUSR2, &pid_file) {
         errln!("nbnet upgrade: {message}");
@@ -150,6 +161,17 @@ pub fn upgrade(config_file: &Path) -> i32 {
             if status.master == pid.as_raw() && status.started_ns > sent && status.state.is_final()
             {
                 break status;
+            }
+            // The new master took the files over: it names this master.
+            if status.took_over_from == pid.as_raw() {
+                break crate::upgrade_status::Status {
+                    state: State::Done,
+                    message: format!(
+                        "new master pid {} ({}) serves",
+                        status.master, status.message
+                    ),
+                    ..status
+                };
             }
         }
         if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {

@@ -53,6 +53,12 @@ pub struct Status {
     /// The outcome; for a failure, why.
     #[serde(default)]
     pub message: String,
+    /// For a new master: the master it took over from (the old master's
+    /// `Done` record is replaced by the new master's own file the moment
+    /// it takes the pid file over, so this is how `nbnet upgrade` learns
+    /// that the upgrade it follows is done).
+    #[serde(default)]
+    pub took_over_from: i32,
 }
 
 /// The status file that goes with `pid_file`.

@@ -857,6 +857,12 @@ impl Master {
             bound.close();
         }
         self.cancel_reloads();
+        // A new master still starting goes too (one that took over is on
+        // its own: this master only hands its connections over).
+        if let Some(Successor::Starting { pid, .. }) = &self.successor {
+            tracing::info!("stopping the new master of the upgrade under way (pid {pid}) too");
+            let _ = nix::sys::signal::kill(*pid, signal);
+        }
         self.signal_workers(signal);
     }
 }

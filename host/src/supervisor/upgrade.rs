@@ -206,18 +206,23 @@ pub(super) struct UpgradeLog {
 }
 
 impl UpgradeLog {
+    /// The status file for `pid_file` (none without one), written at once
+    /// (no upgrade yet) so that `nbnet upgrade` knows this master reports.
     pub(super) fn new(pid_file: Option<&Path>) -> UpgradeLog {
-        UpgradeLog {
-            path: pid_file.map(upgrade_status::path_for),
+        let mut log = UpgradeLog {
+            path: None,
             status: upgrade_status::Status {
                 master: getpid().as_raw(),
                 started_ns: 0,
-                state: State::Refused,
+                state: State::Done,
                 successor: 0,
                 binary: String::new(),
-                message: String::new(),
+                message: "no upgrade yet".to_string(),
+                took_over_from: 0,
             },
-        }
+        };
+        log.attach(pid_file);
+        log
     }
 
     /// Writes `state` and `message` for the upgrade under way (or a new
@@ -239,8 +244,11 @@ impl UpgradeLog {
         }
     }
 
+    /// Starts writing the file that goes with `pid_file` (and writes it).
     pub(super) fn attach(&mut self, pid_file: Option<&Path>) {
         self.path = pid_file.map(upgrade_status::path_for);
+        let (state, message) = (self.status.state, self.status.message.clone());
+        self.set(false, state, &message);
     }
 
     /// Removes the file (the master stops).
@@ -519,6 +527,14 @@ impl Master {
     /// this master was handing over to it (this master serves again).
     pub(super) fn successor_exited(&mut self, exit: decision::Exit) {
         match self.successor.take() {
+            Some(Successor::Starting { pid, .. }) if self.phase != Phase::Serving => {
+                tracing::info!("upgrade cancelled: the server stops; the new master (pid {pid}) has exited ({exit})");
+                self.upgrades.set(
+                    false,
+                    State::RolledBack,
+                    &format!("cancelled: the server stopped before new master pid {pid} was ready"),
+                );
+            }
             Some(Successor::Starting { pid, failure, .. }) => {
                 let why = match failure {
                     Some(why) => why,
@@ -652,13 +668,7 @@ impl Master {
         if predecessor.state != Told::Nothing {
             return true;
         }
-        let version = format!(
-            "nbnet {}, plugin ABI {}.{}",
-            env!("CARGO_PKG_VERSION"),
-            nbnet_plugin_api::abi::ABI_MAJOR,
-            nbnet_plugin_api::abi::ABI_MINOR
-        );
-        match handover::send_ready(predecessor.channel.as_fd(), &version) {
+        match handover::send_ready(predecessor.channel.as_fd(), &version_text()) {
             Ok(()) => {
                 predecessor.state = Told::Ready;
                 tracing::info!(
@@ -693,6 +703,9 @@ impl Master {
                     tracing::info!(
                         "upgrade: the old master (pid {from}) handed the service over: this master serves; the old one's connections follow"
                     );
+                    self.upgrades.status.took_over_from = from.as_raw();
+                    self.upgrades.status.binary = self.binary.display().to_string();
+                    self.upgrades.status.message = version_text();
                     self.take_pid_file();
                     crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
                 }
@@ -769,6 +782,16 @@ impl Master {
         self.successor = None;
         self.predecessor = None;
     }
+}
+
+/// This build, for the old master's log and `nbnet upgrade`.
+fn version_text() -> String {
+    format!(
+        "nbnet {}, plugin ABI {}.{}",
+        env!("CARGO_PKG_VERSION"),
+        nbnet_plugin_api::abi::ABI_MAJOR,
+        nbnet_plugin_api::abi::ABI_MINOR
+    )
 }
 
 /// An exit status of a new master, in words.
