@@ -105,6 +105,7 @@ proxy_protocol = true
         .unwrap();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(&build().nbnet)
+            .env(nbnet_tests::ALLOW_ROOT.0, nbnet_tests::ALLOW_ROOT.1)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())

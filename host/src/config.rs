@@ -154,6 +154,12 @@ pub struct ServerConfig {
     /// Where the master writes its PID (for `nbnet reload` / `nbnet stop`);
     /// relative to the config file's folder. None: no PID file.
     pub pid_file: Option<PathBuf>,
+    /// `user` / `group`, looked up: what the processes that load plugins
+    /// (workers, the checker) run as when the master runs as root (see
+    /// [`crate::privileges`]).
+    pub run_as: Option<crate::privileges::RunAs>,
+    /// Run plugins as root anyway (when nbnet runs as root without `user`).
+    pub allow_root: bool,
 }
 
 impl Default for ServerConfig {
@@ -174,6 +180,8 @@ impl Default for ServerConfig {
             max_requests_per_worker: 0,
             max_requests_jitter: 0,
             pid_file: None,
+            run_as: None,
+            allow_root: false,
         }
     }
 }
@@ -323,6 +331,9 @@ pub struct ListenerSpec {
     pub reuseport: bool,
     /// Unix sockets only: the socket file's permissions (e.g. 0o660).
     pub mode: Option<u32>,
+    /// `allow` / `deny`: which client addresses may connect (see
+    /// [`crate::access`]); `None` admits everyone.
+    pub access: Option<std::sync::Arc<crate::access::AccessList>>,
 }
 
 /// Everything wrong with a config file.
@@ -444,6 +455,9 @@ struct RawServer {
     max_requests_per_worker: Option<Spanned<Int>>,
     max_requests_jitter: Option<Spanned<Int>>,
     pid_file: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    allow_root: Option<Spanned<bool>>,
 }
 
 /// A TOML integer of any size the parser accepts (beyond `i64`, toml hands
@@ -541,6 +555,10 @@ struct RawListener {
     reuseport: Option<Spanned<bool>>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    deny: Option<Spanned<Vec<String>>>,
 }
 
 /// Reads and validates the config file at `file`.
@@ -867,6 +885,40 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
             },
         };
+        let access = {
+            let list = |l: &Option<Spanned<Vec<String>>>| {
+                l.as_ref().map(|l| l.get_ref().clone()).unwrap_or_default()
+            };
+            let first = listener
+                .allow
+                .as_ref()
+                .or(listener.deny.as_ref())
+                .map(|l| lines.line_of(l.span().start));
+            match crate::access::AccessList::parse(&list(&listener.allow), &list(&listener.deny)) {
+                Ok(access) if access.is_empty() => None,
+                Ok(access) => {
+                    if matches!(addr, Some(Endpoint::Unix(_))) && !listener.proxy_protocol {
+                        check.problem(
+                            first,
+                            format!(
+                                "listener {addr_text}: allow/deny need client IP addresses, which a unix: listener has only with proxy_protocol = true; remove them (use the socket file's mode to decide who connects)"
+                            ),
+                        );
+                    }
+                    Some(std::sync::Arc::new(access))
+                }
+                Err(why) => {
+                    let line = match (&listener.allow, &listener.deny) {
+                        (Some(_), Some(deny)) if why.starts_with("deny") => {
+                            Some(lines.line_of(deny.span().start))
+                        }
+                        _ => first,
+                    };
+                    check.problem(line, format!("listener {addr_text}: {why}"));
+                    None
+                }
+            }
+        };
         let plugin_name = listener.plugin.get_ref().trim();
         let plugin = match by_name.get(plugin_name) {
             Some(&index) => Some(index),
@@ -891,6 +943,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 proxy_protocol: listener.proxy_protocol,
                 reuseport,
                 mode,
+                access,
             });
         }
     }
@@ -1224,6 +1277,40 @@ impl Checker<'_, '_> {
                 d.max_requests_jitter,
             ),
             pid_file,
+            run_as: self.run_as(raw),
+            allow_root: raw.allow_root.as_ref().is_some_and(|a| *a.get_ref()),
+        }
+    }
+
+    /// `[server] user` and `group`, looked up on this machine.
+    fn run_as(&mut self, raw: &RawServer) -> Option<crate::privileges::RunAs> {
+        let Some(user) = &raw.user else {
+            if let Some(group) = &raw.group {
+                self.problem(
+                    Some(self.lines.line_of(group.span().start)),
+                    "[server] group needs [server] user: name the user the workers run as".into(),
+                );
+            }
+            return None;
+        };
+        let line = Some(self.lines.line_of(user.span().start));
+        if let Some(allow) = raw.allow_root.as_ref().filter(|a| *a.get_ref()) {
+            self.problem(
+                Some(self.lines.line_of(allow.span().start)),
+                "[server] allow_root = true and user are contradictory: with user, plugins never run as root; remove one".into(),
+            );
+        }
+        let group = raw.group.as_ref().map(|g| g.get_ref().as_str());
+        match crate::privileges::resolve(user.get_ref(), group) {
+            Ok(run_as) => Some(run_as),
+            Err(why) => {
+                let line = match (&raw.group, why.contains("group")) {
+                    (Some(group), true) => Some(self.lines.line_of(group.span().start)),
+                    _ => line,
+                };
+                self.problem(line, format!("[server] {why}"));
+                None
+            }
         }
     }
 }

@@ -23,6 +23,7 @@
 //! The binary (`main.rs`) is only the command line and the dispatch to these
 //! parts; they are a library so that benchmarks can call them directly.
 
+pub mod access;
 pub mod authoring;
 pub mod bench;
 pub mod client;
@@ -38,6 +39,7 @@ pub mod orphans;
 pub mod output;
 pub mod pid_file;
 pub mod plugin;
+pub mod privileges;
 pub mod proxy;
 pub mod reload_status;
 pub mod scoreboard;

@@ -286,6 +286,10 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         outln!("ok: {line}");
     }
     let addresses = supervisor::check::probe_listeners(&config);
+    let root = nbnet::privileges::check(&config);
+    if let Ok(Some(note)) = &root {
+        errln!("nbnet: note: {note}");
+    }
     let files = probe_files(&config);
     for warning in addresses.warnings.iter().chain(&files.warnings) {
         errln!("nbnet: warning: {warning}");
@@ -295,6 +299,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         .iter()
         .chain(&addresses.errors)
         .chain(&files.errors)
+        .chain(root.as_ref().err())
         .collect();
     if errors.is_empty() {
         outln!(
@@ -313,12 +318,15 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             config::shown(&config.file),
             errors.len()
         );
-        if report.errors.is_empty() {
+        if !report.errors.is_empty() {
+            exit_code::PLUGIN_LOAD_FAILED
+        } else if root.is_err() {
+            // The start would be refused the same way.
+            exit_code::CONFIG_INVALID
+        } else {
             // Only addresses or files are wrong: the same status as a start
             // that cannot listen or cannot create its pid_file.
             exit_code::FAILURE
-        } else {
-            exit_code::PLUGIN_LOAD_FAILED
         }
     }
 }

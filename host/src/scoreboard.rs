@@ -191,6 +191,8 @@ pub struct Stats {
     /// Connections closed at a frame boundary because a hand-over could not
     /// be made (no worker to take them, the taker full or stopping…).
     pub handover_failures: Counter,
+    /// Clients refused by a listener's `allow`/`deny` lists.
+    pub access_refused: Counter,
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -213,6 +215,7 @@ impl Stats {
             &self.connections_handed_over,
             &self.connections_adopted,
             &self.handover_failures,
+            &self.access_refused,
         ] {
             counter.reset();
         }
@@ -254,6 +257,8 @@ pub struct Totals {
     pub connections_adopted: u64,
     /// See [`Stats`], plus the master's own (nobody to forward to).
     pub handover_failures: u64,
+    /// See [`Stats`].
+    pub access_refused: u64,
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -287,6 +292,7 @@ impl Totals {
         self.connections_handed_over += stats.connections_handed_over.get();
         self.connections_adopted += stats.connections_adopted.get();
         self.handover_failures += stats.handover_failures.get();
+        self.access_refused += stats.access_refused.get();
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -310,6 +316,7 @@ impl Totals {
         self.connections_handed_over += other.connections_handed_over;
         self.connections_adopted += other.connections_adopted;
         self.handover_failures += other.handover_failures;
+        self.access_refused += other.access_refused;
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

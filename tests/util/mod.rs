@@ -18,6 +18,12 @@
 
 pub mod load;
 
+/// The tests run as whoever runs `cargo test` — root in CI containers —
+/// with test plugins: every nbnet they start is allowed to run plugins as
+/// root (`NBNET_ALLOW_ROOT=1`, as `[server] allow_root = true` would),
+/// except the tests of that very refusal, which remove the variable.
+pub const ALLOW_ROOT: (&str, &str) = ("NBNET_ALLOW_ROOT", "1");
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -705,6 +711,7 @@ impl Sandbox {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(self.binary.as_ref().unwrap_or(&build().nbnet));
         cmd.current_dir(self.cwd.as_deref().unwrap_or(self.path()))
+            .env(ALLOW_ROOT.0, ALLOW_ROOT.1)
             .env_remove("RUST_LOG")
             .env_remove("NBNET_CONFIG")
             .env("RUST_BACKTRACE", "1")

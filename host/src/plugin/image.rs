@@ -62,6 +62,9 @@ pub enum Source {
     File(PathBuf),
     /// The sealed copy: the file at the path changed (or is gone) since.
     Copy(PathBuf),
+    /// The sealed copy: this process may not read the file (a worker that
+    /// runs as `[server] user`; the master, as root, made the copy).
+    Unreadable(PathBuf),
 }
 
 impl Image {
@@ -76,8 +79,18 @@ impl Image {
     /// install new builds by renaming them into place.)
     pub fn source(&self, path: &Path) -> Source {
         match std::fs::metadata(path) {
-            Ok(meta) if meta.is_file() && identity_of(&meta) == self.identity => {
+            Ok(meta)
+                if meta.is_file()
+                    && identity_of(&meta) == self.identity
+                    && nix::unistd::access(path, nix::unistd::AccessFlags::R_OK).is_ok() =>
+            {
                 Source::File(path.to_path_buf())
+            }
+            Ok(meta) if meta.is_file() && identity_of(&meta) == self.identity => {
+                Source::Unreadable(self.copy_path())
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                Source::Unreadable(self.copy_path())
             }
             _ => Source::Copy(self.copy_path()),
         }

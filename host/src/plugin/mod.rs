@@ -186,12 +186,25 @@ impl Plugin {
         // The file the master validated, or its sealed copy once the file
         // changed (see [`image`]).
         let entry = match spec.image.as_ref().map(|image| image.source(&spec.path)) {
-            Some(image::Source::Copy(copy)) => {
-                tracing::warn!(
-                    "plugin {:?}: {} changed since it was checked; loading the copy taken then (run nbnet reload to load the new file)",
-                    spec.name,
-                    spec.path.display()
-                );
+            Some(source @ (image::Source::Copy(_) | image::Source::Unreadable(_))) => {
+                let copy = match source {
+                    image::Source::Copy(copy) => {
+                        tracing::warn!(
+                            "plugin {:?}: {} changed since it was checked; loading the copy taken then (run nbnet reload to load the new file)",
+                            spec.name,
+                            spec.path.display()
+                        );
+                        copy
+                    }
+                    image::Source::Unreadable(copy) | image::Source::File(copy) => {
+                        tracing::debug!(
+                            "plugin {:?}: {} is not readable by this user; loading the copy the master took",
+                            spec.name,
+                            spec.path.display()
+                        );
+                        copy
+                    }
+                };
                 // The loader's messages quote the file it was given: name
                 // the user's file instead.
                 open(&copy).map_err(|why| {

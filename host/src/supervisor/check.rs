@@ -404,6 +404,12 @@ const MAX_REPORT_BYTES: usize = 1 << 20;
 
 /// The child: report `LOADING`, then `OK` or `ERROR`, per plugin, one line each.
 fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i32 {
+    // Plugins are checked as the user that will run them (before the
+    // parent-death signal, which a change of user clears).
+    if let Err(why) = crate::privileges::drop_for_plugins(config.server.run_as.as_ref()) {
+        let _ = writeln!(out, "ERROR\t{}", one_line(&why));
+        return 1;
+    }
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // The master's blocked signals are not the plugins' business: what an
     // init starts (a daemon, say) must not inherit them.

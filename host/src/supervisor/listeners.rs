@@ -189,6 +189,18 @@ impl Bound {
                 spec.line
             )
         })?;
+        // A Unix socket's file belongs to the user the workers run as, so
+        // that `mode` grants what it says to that user and group.
+        if let Endpoint::Unix(path) = &spec.addr {
+            if let Err(e) =
+                crate::privileges::chown_for_workers(config.server.run_as.as_ref(), path)
+            {
+                tracing::warn!(
+                    "cannot give the socket file {} to [server] user: {e}",
+                    path.display()
+                );
+            }
+        }
         Ok(Bound {
             addr: spec.addr.clone(),
             reuseport: spec.reuseport,

@@ -112,7 +112,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
 
-    let per_worker: [WorkerFamily; 10] = [
+    let per_worker: [WorkerFamily; 11] = [
         (
             "nbnet_connections_open",
             "gauge",
@@ -166,6 +166,12 @@ pub fn render(snapshot: &Snapshot) -> String {
             "counter",
             "Connections closed at a frame boundary because they could not be handed over.",
             |t| t.handover_failures,
+        ),
+        (
+            "nbnet_access_refused_total",
+            "counter",
+            "Clients refused by a listener's allow/deny lists (closed before a request was read).",
+            |t| t.access_refused,
         ),
         (
             "nbnet_requests_total",

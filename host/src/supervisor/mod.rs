@@ -299,6 +299,26 @@ pub struct Master {
 
 /// Serves `config` until stopped; returns the process exit code.
 pub fn serve(mut config: Config) -> i32 {
+    // Plugins never run as root unless the operator says so.
+    match crate::privileges::check(&config) {
+        Ok(Some(note)) => tracing::info!("{note}"),
+        Ok(None) => {}
+        Err(why) => {
+            tracing::error!("{why}");
+            return exit_code::CONFIG_INVALID;
+        }
+    }
+    if let Some(run_as) = &config.server.run_as {
+        if nix::unistd::Uid::effective().is_root() {
+            tracing::info!("workers and the plugin checker run as {run_as}; the master stays root to bind sockets on reload");
+            if let Some(file) = &config.log.file {
+                // Workers reopen it on SIGUSR1.
+                if let Err(e) = crate::privileges::chown_for_workers(Some(run_as), file) {
+                    tracing::warn!("cannot give the log file {} to {run_as}: {e}; workers cannot reopen it on SIGUSR1", file.display());
+                }
+            }
+        }
+    }
     // Started by an older master to take over from it (a binary upgrade)?
     let predecessor = Predecessor::take();
     if let Some(predecessor) = &predecessor {

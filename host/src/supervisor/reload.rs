@@ -383,6 +383,14 @@ impl Master {
             );
             return;
         }
+        match crate::privileges::check(&config) {
+            Ok(Some(note)) => tracing::info!("reload {id}: {note}"),
+            Ok(None) => {}
+            Err(why) => {
+                self.refuse(id, exit_code::CONFIG_INVALID, why);
+                return;
+            }
+        }
         let workers = config.server.worker_count();
         if workers > self.worker_room {
             self.refuse(

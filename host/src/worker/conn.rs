@@ -129,6 +129,9 @@ pub enum Close {
         /// Whether a frame was partly received (a stall, not just an idle connection).
         mid_frame: bool,
     },
+    /// The client's address (from its PROXY header) is refused by the
+    /// listener's `allow`/`deny` lists.
+    Refused,
     /// The worker's connections held more than `max_buffered_bytes`, and
     /// this one held the most.
     OverBudget {
@@ -158,6 +161,9 @@ pub struct Context<'a> {
     pub output_budget: usize,
     /// Whether to time plugin calls (an admin listener shows the histogram).
     pub time_plugin_calls: bool,
+    /// The listener's `allow`/`deny` lists, checked against the address a
+    /// PROXY header gives (accept checks the others).
+    pub access: Option<&'a crate::access::AccessList>,
 }
 
 /// One accepted client connection.
@@ -533,6 +539,16 @@ impl Connection {
             if let Proxied::Tcp { source, .. } = proxied {
                 tracing::debug!(proxy = self.peer(), client = %source, "PROXY header");
                 self.peer = CString::new(source.to_string()).unwrap_or_default();
+                if ctx
+                    .access
+                    .is_some_and(|access| !access.permits(source.ip()))
+                {
+                    return Err(Close::Refused);
+                }
+            } else if ctx.access.is_some() {
+                // LOCAL (a health check of the proxy's own) or UNKNOWN: no
+                // client address to admit.
+                return Err(Close::Refused);
             }
             self.input.copy_within(consumed..self.input_len, 0);
             self.input_len -= consumed;

@@ -97,6 +97,21 @@ impl Reactor {
                 return;
             }
         };
+        // The listener's lists as this worker's config has them (a reload
+        // may have changed them): a client they refuse does not move.
+        let listener = &self.listeners[index];
+        if let (Some(access), false) = (&listener.access, record.awaiting_proxy_header) {
+            let ip = record.peer.parse::<std::net::SocketAddr>().map(|a| a.ip());
+            if !ip.is_ok_and(|ip| access.permits(ip)) {
+                self.slot.stats.access_refused.add(1);
+                tracing::info!(
+                    peer = %record.peer,
+                    listener = %record.listener,
+                    "connection handed over closed: the listener's allow/deny lists refuse this client"
+                );
+                return;
+            }
+        }
         let stream = match record.kind {
             handover::StreamKind::Tcp => {
                 let stream = std::net::TcpStream::from(fd);

@@ -52,6 +52,12 @@ pub fn run(
     let span = tracing::info_span!("worker", index = who.index, pid = getpid().as_raw());
     let _entered = span.enter();
 
+    // Plugins never run as root unless the operator says so: drop to
+    // [server] user first (a change of user clears the parent-death signal).
+    if let Err(why) = crate::privileges::drop_for_plugins(config.server.run_as.as_ref()) {
+        tracing::error!("{why}");
+        return exit_code::FAILURE;
+    }
     // No worker outlives its master: the kernel kills us when it dies. The
     // master may already have died between fork and here; then stop at once.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
@@ -148,6 +154,7 @@ pub fn run(
             addr: spec.addr.clone(),
             plugin: spec.plugin,
             proxy_protocol: spec.proxy_protocol,
+            access: spec.access.clone(),
             addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
             stats: None,
         })

@@ -76,6 +76,8 @@ pub struct Listener {
     pub addr_text: CString,
     /// Connections must start with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// Its `allow`/`deny` lists, if any.
+    pub access: Option<std::sync::Arc<crate::access::AccessList>>,
     /// Its plugin's statistics in this worker's scoreboard slot (set by
     /// [`Reactor::new`]).
     pub stats: Option<&'static PluginStats>,
@@ -262,6 +264,7 @@ impl Reactor {
                             served: &mut self.served,
                             output_budget: self.limits.max_pending_output_bytes,
                             time_plugin_calls: self.limits.time_plugin_calls,
+                            access: listener.access.as_deref(),
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -391,6 +394,20 @@ impl Reactor {
             };
             match socket.accept() {
                 Ok((stream, peer)) => {
+                    // Refused before a byte is read (a PROXY listener
+                    // checks the address its header gives instead).
+                    if let (Some(access), false) = (&listener.access, listener.proxy_protocol) {
+                        let ip = peer.parse::<std::net::SocketAddr>().map(|a| a.ip());
+                        if !ip.is_ok_and(|ip| access.permits(ip)) {
+                            self.slot.stats.access_refused.add(1);
+                            tracing::info!(
+                                %peer,
+                                listener = %listener.addr,
+                                "client refused by the listener's allow/deny lists; connection closed"
+                            );
+                            continue;
+                        }
+                    }
                     let stream = crate::fork_guard::stream_off_stdio(stream);
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
@@ -524,6 +541,14 @@ impl Reactor {
                 "connection stalled mid-frame; closed after read_timeout = {:?}",
                 self.limits.read_timeout
             ),
+            Close::Refused => {
+                self.slot.stats.access_refused.add(1);
+                tracing::info!(
+                    %peer,
+                    listener = %listener.addr,
+                    "client refused by the listener's allow/deny lists (address from its PROXY header); connection closed"
+                )
+            }
             Close::OverBudget { held } => tracing::info!(
                 %peer,
                 "connection closed: it held {held} bytes of unfinished requests and unsent responses, the most of this worker's connections, which together held more than max_buffered_bytes = {}",

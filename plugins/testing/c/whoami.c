@@ -2,7 +2,9 @@
  * whoami.c -- test-only plugin: answers "<worker pid> <peer> <listener>",
  * what the host says about the connection. The load-balancer test uses it to
  * see which nbnet served a request and whether the PROXY protocol delivered
- * the real client's address.
+ * the real client's address. The request "ids" is answered
+ * "uid=<real> euid=<effective> gid=<real> egid=<effective> groups=<count>":
+ * the security tests check what user plugin code runs as.
  */
 #include <stdio.h>
 #include <unistd.h>
@@ -17,9 +19,13 @@ static int whoami_init(const nbnet_init_ctx *ctx, void **state) {
 
 static int whoami_process(void *state, const uint8_t *req, size_t len, nbnet_response *resp) {
     (void)state;
-    (void)req;
-    (void)len;
     char text[512];
+    if (len == 3 && req[0] == 'i' && req[1] == 'd' && req[2] == 's') {
+        int groups = getgroups(0, NULL);
+        int m = snprintf(text, sizeof text, "uid=%ld euid=%ld gid=%ld egid=%ld groups=%d",
+                         (long)getuid(), (long)geteuid(), (long)getgid(), (long)getegid(), groups);
+        return nbnet_write(resp, text, (size_t)m);
+    }
     int n = snprintf(text, sizeof text, "%ld %s %s", (long)getpid(), resp->conn->peer,
                      resp->conn->listener);
     if (n < 0 || (size_t)n >= sizeof text) {
