@@ -214,6 +214,9 @@ fn a_hang_inside_a_batch_is_still_killed_by_the_watchdog() {
 /// batch records each of its requests (an equal share of the call).
 #[test]
 fn metrics_count_every_request_of_a_batch() {
+    if nbnet_tests::require_program("curl", "curl").is_none() {
+        return;
+    }
     let server = Server::start(
         r#"
 [server]
@@ -273,6 +276,6 @@ fn metrics(port: u16) -> String {
         .args(["-s", "--max-time", "5"])
         .arg(format!("http://127.0.0.1:{port}/metrics"))
         .output()
-        .expect("curl runs (.ci/run installs it)");
+        .expect("curl runs (tests/install-deps.sh installs it)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

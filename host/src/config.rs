@@ -909,7 +909,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 check.problem(
                     line,
                     format!(
-                        "[admin] addr {} is not IP:PORT (for example \"127.0.0.1:9100\")",
+                        "[admin] addr {} is not IP:PORT (for example \"127.0.0.1:9191\")",
                         quote(text)
                     ),
                 );
@@ -1645,10 +1645,10 @@ plugin = "nope"
     #[test]
     fn the_admin_address_is_optional_and_checked() {
         assert_eq!(parse_str(MINIMAL).unwrap().admin, None);
-        let text = format!("[admin]\naddr = \"127.0.0.1:9100\"\n{MINIMAL}");
+        let text = format!("[admin]\naddr = \"127.0.0.1:9191\"\n{MINIMAL}");
         assert_eq!(
             parse_str(&text).unwrap().admin,
-            Some("127.0.0.1:9100".parse().unwrap())
+            Some("127.0.0.1:9191".parse().unwrap())
         );
         let text = format!("[admin]\naddr = \"127.0.0.1:9000\"\n{MINIMAL}");
         let err = parse_str(&text).unwrap_err();

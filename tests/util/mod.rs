@@ -1380,3 +1380,98 @@ pub fn run_tool(
         stderr: fs::read(&err_path).unwrap_or_default(),
     }
 }
+
+// ------------------------------------------------- programs the tests run
+
+/// The path of `program`, a system program a test runs as a real peer,
+/// from Debian package `package`. Missing, the test FAILS with the command
+/// that installs it: a test that cannot run must not look passed. Only
+/// with `NBNET_SKIP_MISSING=1` does it return `None` (the caller skips)
+/// after one line that shows in normal `cargo test` output.
+pub fn require_program(program: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|path| {
+            std::fs::metadata(path).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        });
+    if found.is_some() {
+        return found;
+    }
+    let install = format!(
+        "`{program}` is not installed: run `bash tests/install-deps.sh` (as root: apt-get install {package}), or `make test`, which does"
+    );
+    if std::env::var_os("NBNET_SKIP_MISSING").is_some_and(|v| v == "1") {
+        skip_line(&format!("SKIPPED (NBNET_SKIP_MISSING=1): {install}"));
+        return None;
+    }
+    panic!("{install}; or set NBNET_SKIP_MISSING=1 to skip the tests that need it");
+}
+
+/// Prints `line` where a normal `cargo test` run shows it: the harness
+/// captures `eprintln!` of a passing test, but not a direct write to fd 2.
+fn skip_line(line: &str) {
+    use std::io::Write as _;
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&io::stderr()).try_clone_to_owned() {
+        let _ = writeln!(fs::File::from(fd), "{line}");
+    }
+}
+
+// --------------------------------------------------------------- /metrics
+
+/// Checks a `/metrics` body with Prometheus' own parser and linter
+/// (`promtool check metrics`, Debian package `prometheus`); panics with its
+/// complaints. `None` when promtool is missing and NBNET_SKIP_MISSING=1.
+pub fn promtool_check(body: &str) -> Option<()> {
+    let promtool = require_program("promtool", "prometheus")?;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused /metrics:\n{}{}\n--- body ---\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+/// The samples of metric `name` in a `/metrics` body: (labels, value),
+/// labels as written between the braces ("" for none).
+pub fn samples<'a>(body: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every sample of metric `name` (what PromQL's `sum(name)`
+/// gives); panics if there is none.
+pub fn metric_sum(body: &str, name: &str) -> f64 {
+    let samples = samples(body, name);
+    assert!(!samples.is_empty(), "no sample of {name} in\n{body}");
+    samples.iter().map(|(_, v)| v).sum()
+}

@@ -107,11 +107,12 @@ impl Master {
             // What its plugins started goes with it.
             sweep_group(pid);
             // Keep its numbers before the entry is reused.
-            self.retired.add(
-                &self.scoreboard.slot(worker.board).stats,
-                &worker.plugins,
-                false,
-            );
+            let stats = &self.scoreboard.slot(worker.board).stats;
+            self.retired.add(stats, &worker.plugins, false);
+            self.retired_slots
+                .entry(worker.index)
+                .or_default()
+                .add(stats, &worker.plugins, false);
             self.free_boards.push(worker.board);
             if let Some(slot) = self.slots.get_mut(worker.index) {
                 if slot.pid == Some(pid) {
@@ -214,7 +215,21 @@ impl Master {
             self.roll_back_reload(exit_code::PLUGIN_LOAD_FAILED, why);
             return;
         }
-        self.last_exits.insert(index, cause.clone());
+        let reason = match (worker.hung, board.load_failed(), boot, exit) {
+            (Some(_), ..) => "watchdog",
+            (None, Some(_), ..) => "plugin_load_failed",
+            (None, None, Boot::DiedStarting, _) => "boot_failed",
+            (None, None, _, Exit::Signal(_)) => "signal",
+            (None, None, _, Exit::Code(_)) => "exit_code",
+        };
+        self.last_exits.insert(index, reason);
+        if let Some(n) = metrics::EXIT_REASONS
+            .iter()
+            .position(|&r| r == reason)
+            .and_then(|i| self.exits.get_mut(i))
+        {
+            *n += 1;
+        }
         let Some(slot) = self.slots.get_mut(index) else {
             // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
             tracing::info!("worker {index} (pid {pid}) exited: {cause}");
