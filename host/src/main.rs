@@ -251,10 +251,10 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
                 return exit_code::FAILURE;
             }
         }
-        logging::init(config.log.level);
+        logging::init_with(config.log.level, config.log.format);
         return supervisor::serve(config);
     }
-    logging::init(config.log.level);
+    logging::init_with(config.log.level, config.log.format);
     // A plugin whose init daemonizes must not leave a process behind per
     // check: sweep them before printing (a failed print ends the process).
     let leftovers = authoring::Leftovers::watch();

@@ -527,6 +527,7 @@ pub struct Sandbox {
     runs: u32,
     cwd: Option<PathBuf>,
     fd_limit: Option<u64>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for Sandbox {
@@ -550,7 +551,14 @@ impl Sandbox {
             runs: 0,
             cwd: None,
             fd_limit: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the `nbnet` commands run from here
+    /// on (after the clean log environment of [`Sandbox::command`]).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// The temporary directory.
@@ -694,6 +702,7 @@ impl Sandbox {
             .env_remove("RUST_LOG")
             .env_remove("NBNET_CONFIG")
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(limit) = self.fd_limit {
             use std::os::unix::process::CommandExt;

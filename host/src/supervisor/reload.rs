@@ -381,6 +381,19 @@ impl Master {
             );
             return;
         }
+        if config.log.format != self.config.log.format {
+            self.refuse(
+                id,
+                exit_code::FAILURE,
+                format!(
+                    "[log] format cannot change without a restart ({}): the server logs {}, the new config says {}; restart nbnet to apply it, or put [log] format back",
+                    config::shown(&file),
+                    self.config.log.format.as_str(),
+                    config.log.format.as_str()
+                ),
+            );
+            return;
+        }
         let workers = config.server.worker_count();
         if workers > self.worker_room {
             self.refuse(
