@@ -515,7 +515,8 @@ pub struct Outcome {
 /// Config templates are TOML with placeholders, replaced by [`Sandbox::render`]:
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
 /// and kept for the sandbox's life), `{admin}` (the same, for an `[admin]`
-/// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
+/// listener: not a frame listener, so not waited on as one), `{aux}` and
+/// `{aux2}` (the same, for listeners not to be probed at start), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
 /// `{system_lib}`, `{hostile}`, `{sigmask}`, `{daemonize}`, `{bad_name}`, and the examples `{kv}`,
@@ -524,6 +525,7 @@ pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     admin: Option<u16>,
+    aux: Vec<u16>,
     runs: u32,
     cwd: Option<PathBuf>,
     fd_limit: Option<u64>,
@@ -548,6 +550,7 @@ impl Sandbox {
             dir,
             ports: Vec::new(),
             admin: None,
+            aux: Vec::new(),
             runs: 0,
             cwd: None,
             fd_limit: None,
@@ -603,6 +606,22 @@ impl Sandbox {
     fn new_ports(&mut self) {
         self.ports.clear();
         self.admin = None;
+        self.aux.clear();
+    }
+
+    /// The `{aux}` (0), `{aux2}` (1) port, chosen on first use apart from
+    /// the others: for a listener that does not answer a plain frame (a
+    /// PROXY listener) or that the test wants untouched, so not waited on
+    /// at start; renewed, like the others, when a start finds one in use.
+    pub fn aux_port(&mut self, i: usize) -> u16 {
+        while self.aux.len() <= i {
+            let port = free_port();
+            if !self.ports.contains(&port) && self.admin != Some(port) && !self.aux.contains(&port)
+            {
+                self.aux.push(port);
+            }
+        }
+        self.aux[i]
     }
 
     /// Replaces the placeholders in `template`; panics on an unknown one.
@@ -629,6 +648,8 @@ impl Sandbox {
                 "port2" => self.port(1).to_string(),
                 "port3" => self.port(2).to_string(),
                 "admin" => self.admin_port().to_string(),
+                "aux" => self.aux_port(0).to_string(),
+                "aux2" => self.aux_port(1).to_string(),
                 "dir" => path(self.path()),
                 "upper" => path(&a.upper_so),
                 "echo" => path(&a.echo_so),
@@ -919,6 +940,15 @@ impl Server {
         self.sandbox()
             .admin
             .expect("the config template has no {admin} placeholder")
+    }
+
+    /// The `{aux}` (0) or `{aux2}` (1) port of the config it runs.
+    pub fn aux_port(&self, i: usize) -> u16 {
+        *self
+            .sandbox()
+            .aux
+            .get(i)
+            .expect("the config template has no such {aux} placeholder")
     }
 
     /// The first listener's port (`{port}`).
