@@ -119,13 +119,12 @@ proxy_protocol = true
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nbnet");
-        let server = Nbnet {
+        Nbnet {
             child,
             port,
             admin,
             log,
-        };
-        server
+        }
     }
 
     fn wait_healthy(&mut self) -> Result<(), String> {
