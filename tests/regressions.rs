@@ -23,24 +23,24 @@ fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// them in front of its own answer (`0000000002HI0000000002AB`).
 #[test]
 fn answers_left_behind_by_a_failed_frame_after_a_proxy_header_never_reach_another_client() {
-    let server = Server::start(&format!(
+    let server = Server::start(
         r#"[server]
 workers = 1
 
 [[plugins]]
 name = "upper"
-path = "{{upper}}"
+path = "{upper}"
 
 [[listeners]]
-addr = "127.0.0.1:{{port}}"
+addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:{{aux}}"
+addr = "127.0.0.1:{aux}"
 plugin = "upper"
 proxy_protocol = true
-"#
-    ));
+"#,
+    );
     // Not {port2}: the start-up probe sends no PROXY header.
     let proxied = server.aux_port(0);
     let mut a = TcpStream::connect(("127.0.0.1", proxied)).unwrap();
