@@ -88,7 +88,7 @@ pub fn init_with(level: LogLevel, format: LogFormat) {
         }};
     }
     match format {
-        LogFormat::Text => install!(builder.with_ansi(ansi).fmt_fields(text_fields())),
+        LogFormat::Text => install!(builder.with_ansi(ansi)),
         LogFormat::Json => install!(builder
             .json()
             .with_ansi(false)
@@ -103,31 +103,6 @@ pub fn init_with(level: LogLevel, format: LogFormat) {
             level.as_str()
         );
     }
-}
-
-/// Fields that lifecycle events carry for JSON logs and that their text
-/// message already says ("worker 0 (pid 41) exited: code 1"): left out of
-/// text lines.
-const SAID_IN_THE_MESSAGE: [&str; 3] = ["worker", "pid", "status"];
-
-/// Text lines: the message, then ` name=value` per field (as
-/// tracing-subscriber's default), without [`SAID_IN_THE_MESSAGE`].
-fn text_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
-    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-        let name = field.name();
-        if name == "message" {
-            write!(writer, "{value:?}")
-        } else if SAID_IN_THE_MESSAGE.contains(&name) {
-            Ok(())
-        } else {
-            let prefix = if writer.has_ansi_escapes() {
-                format!("\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")
-            } else {
-                format!("{name}=")
-            };
-            write!(writer, " {prefix}{value:?}")
-        }
-    })
 }
 
 /// Sets the level `[log] level` names (a reload changed it). `Err` says why
