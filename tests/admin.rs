@@ -7,10 +7,16 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use nbnet_tests::{wait_until, Client, Sandbox, Server, IO_TIMEOUT, SIGTERM};
+use nbnet_tests::{
+    metric_sum, promtool_check, require_program, samples, wait_until, Client, Sandbox, Server,
+    IO_TIMEOUT, SIGTERM,
+};
 
 fn curl(port: u16, path: &str) -> (u16, String) {
-    let output = Command::new("curl")
+    let Some(curl) = require_program("curl", "curl") else {
+        return (0, String::new());
+    };
+    let output = Command::new(curl)
         .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
         .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
@@ -35,6 +41,9 @@ fn metric(body: &str, series: &str) -> f64 {
 
 #[test]
 fn metrics_count_connections_requests_bytes_errors_panics_and_hangs() {
+    if require_program("curl", "curl").is_none() {
+        return;
+    }
     let server = Sandbox::new().start(
         r#"[server]
 workers = 2
@@ -65,7 +74,7 @@ plugin = "faulty"
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     let (_, before) = curl(admin, "/metrics");
     let requests_before = metric(&before, "nbnet_plugin_requests_total{plugin=\"upper\"}");
-    let connections_before = metric(&before, "nbnet_connections_total{worker=\"all\"}");
+    let connections_before = metric_sum(&before, "nbnet_connections_total");
 
     // 10 requests of 5 bytes on one connection to `upper`.
     let mut client = Client::connect(server.port());
@@ -96,14 +105,14 @@ plugin = "faulty"
         metric(&body, "nbnet_plugin_errors_total{plugin=\"faulty\"}"),
         2.0
     );
-    assert!(metric(&body, "nbnet_protocol_errors_total{worker=\"all\"}") >= 1.0);
+    assert!(metric_sum(&body, "nbnet_protocol_errors_total") >= 1.0);
     assert!(
-        metric(&body, "nbnet_connections_total{worker=\"all\"}") - connections_before >= 4.0,
+        metric_sum(&body, "nbnet_connections_total") - connections_before >= 4.0,
         "4 connections were opened\n{body}"
     );
     // 10 requests of 15 bytes each (10-byte header + 5) reached `upper`.
-    assert!(metric(&body, "nbnet_bytes_received_total{worker=\"all\"}") >= 150.0);
-    assert!(metric(&body, "nbnet_bytes_sent_total{worker=\"all\"}") >= 150.0);
+    assert!(metric_sum(&body, "nbnet_received_bytes_total") >= 150.0);
+    assert!(metric_sum(&body, "nbnet_sent_bytes_total") >= 150.0);
     assert_eq!(
         metric(
             &body,
@@ -124,8 +133,9 @@ plugin = "faulty"
             .then_some(body)
     });
     assert!(
-        body.lines()
-            .any(|l| l.starts_with("nbnet_worker_last_exit_info{") && l.contains("watchdog")),
+        body.lines().any(|l| l
+            == "nbnet_worker_last_exit_info{worker=\"0\",reason=\"watchdog\"} 1"
+            || l == "nbnet_worker_last_exit_info{worker=\"1\",reason=\"watchdog\"} 1"),
         "{body}"
     );
     // Totals never go backwards: the dead worker's requests are still counted.
@@ -144,6 +154,9 @@ plugin = "faulty"
 
 #[test]
 fn healthz_turns_503_while_the_server_drains() {
+    if require_program("curl", "curl").is_none() {
+        return;
+    }
     let mut server = Sandbox::new().start(
         r#"[server]
 workers = 1
@@ -256,6 +269,9 @@ fn malformed_requests_get_400_and_lf_only_line_ends_are_accepted() {
 /// answer must arrive whole, and the client's write must not fail.
 #[test]
 fn an_oversized_header_gets_431_read_fully_without_a_reset() {
+    if require_program("curl", "curl").is_none() {
+        return;
+    }
     let server = Server::start(WITH_ADMIN);
     let mut request = b"GET /metrics HTTP/1.1\r\nX-Big: ".to_vec();
     request.resize(100 * 1000, b'a');
@@ -287,6 +303,9 @@ fn open_fds(pid: i32) -> usize {
 /// the oldest gives way, so idle connections cannot lock out health checks.
 #[test]
 fn idle_admin_connections_are_bounded_and_do_not_lock_out_healthz() {
+    if require_program("curl", "curl").is_none() {
+        return;
+    }
     let server = Server::start(WITH_ADMIN);
     let admin = server.admin_port();
     assert_eq!(curl(admin, "/healthz").0, 200);
@@ -315,4 +334,234 @@ fn idle_admin_connections_are_bounded_and_do_not_lock_out_healthz() {
         "{answer:?}"
     );
     server.wait_for_log_line(&["more than 64 clients at once; closing the oldest"]);
+}
+
+// ------------------------------------------------------ what /metrics says
+
+/// One sample's value, by its exact series (`name{labels}`).
+fn exact(body: &str, series: &str) -> f64 {
+    metric(body, series)
+}
+
+/// Issue 14: `/metrics` had a `worker="all"` series beside the per-worker
+/// ones (so `sum()` counted everything twice), a `pid` label (a new series
+/// at every restart), a sentence as the `reason` label, counters without a
+/// series until first used, and a 404 for `/metrics?x=1`. Prometheus' own
+/// parser (promtool) must accept the body, and the sums must add up.
+#[test]
+fn metrics_parse_with_promtool_add_up_start_at_zero_and_survive_a_worker_crash() {
+    let server = Server::start(
+        r#"[server]
+workers = 2
+
+[admin]
+addr = "127.0.0.1:{admin}"
+
+[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+"#,
+    );
+    let admin = server.admin_port();
+    let get = |path: &str| {
+        let answer = raw_request(
+            admin,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .expect("GET /metrics");
+        assert_eq!(status_line(&answer), "HTTP/1.1 200 OK", "{answer}");
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    };
+    let workers = server.wait_for_workers(2);
+
+    // Before any traffic: every known series is there, at 0.
+    let body = get("/metrics");
+    let Some(()) = promtool_check(&body) else {
+        return;
+    };
+    for series in [
+        "nbnet_plugin_timeouts_total{plugin=\"upper\"}",
+        "nbnet_plugin_errors_total{plugin=\"upper\"}",
+        "nbnet_reloads_total{outcome=\"done\"}",
+        "nbnet_reloads_total{outcome=\"rolled_back\"}",
+        "nbnet_worker_exits_total{reason=\"signal\"}",
+        "nbnet_protocol_errors_total{worker=\"0\",kind=\"bad_header\"}",
+        "nbnet_read_timeouts_total{worker=\"1\",state=\"mid_frame\"}",
+        "nbnet_max_connections_reached_total{worker=\"1\"}",
+    ] {
+        assert_eq!(exact(&body, series), 0.0, "{series}\n{body}");
+    }
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("nbnet_build_info{version=\"")
+                && l.contains(",abi=\"")
+                && l.ends_with("} 1")),
+        "{body}"
+    );
+    assert!(exact(&body, "process_open_fds") >= 3.0, "{body}");
+    assert!(
+        exact(&body, "process_resident_memory_bytes") > 0.0,
+        "{body}"
+    );
+    assert!(exact(&body, "process_start_time_seconds") > 1.0e9, "{body}");
+    let mut pids: Vec<f64> = samples(&body, "nbnet_worker_pid")
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    pids.sort_by(f64::total_cmp);
+    let mut real: Vec<f64> = workers.iter().map(|w| f64::from(w.pid)).collect();
+    real.sort_by(f64::total_cmp);
+    assert_eq!(pids, real, "{body}");
+    assert_eq!(samples(&body, "nbnet_worker_open_fds").len(), 2, "{body}");
+    assert!(metric_sum(&body, "nbnet_worker_resident_memory_bytes") > 0.0);
+
+    // Traffic on several connections (the kernel spreads them over both
+    // workers), a protocol error, then one worker killed.
+    let connections = 6;
+    for _ in 0..connections {
+        let mut client = Client::connect(server.port());
+        for _ in 0..5 {
+            assert_eq!(client.request(b"hi"), b"HI");
+        }
+    }
+    let mut bad = Client::connect(server.port());
+    bad.send_raw(b"00000000x1").unwrap();
+    bad.expect_closed();
+    let requests = f64::from(connections * 5);
+    // Server::start's probe request is in there too: counted from here.
+    let before = body.clone();
+    let since = |body: &str, name: &str| metric_sum(body, name) - metric_sum(&before, name);
+    let adds_up = |body: &str| {
+        // No aggregate beside the per-worker series, no pid label, no
+        // sentence in a label.
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            assert!(!line.contains("worker=\"all\""), "{line}");
+            assert!(!line.contains("pid=\""), "{line}");
+            assert!(
+                !line.contains("reason=\"")
+                    || !line.contains(' ')
+                    || line.matches(' ').count() == 1,
+                "{line}"
+            );
+        }
+        assert_eq!(since(body, "nbnet_requests_total"), requests, "{body}");
+        assert_eq!(
+            since(body, "nbnet_plugin_requests_total"),
+            requests,
+            "{body}"
+        );
+        assert_eq!(
+            since(body, "nbnet_plugin_latency_seconds_count"),
+            requests,
+            "{body}"
+        );
+        // Each connection sent 5 frames of 12 bytes; the bad one 10 bytes.
+        assert_eq!(
+            since(body, "nbnet_received_bytes_total"),
+            requests * 12.0 + 10.0,
+            "{body}"
+        );
+        assert_eq!(since(body, "nbnet_sent_bytes_total"), requests * 12.0);
+        assert_eq!(
+            since(body, "nbnet_connections_total"),
+            f64::from(connections + 1),
+            "{body}"
+        );
+        assert_eq!(metric_sum(body, "nbnet_protocol_errors_total"), 1.0);
+        assert_eq!(
+            samples(body, "nbnet_protocol_errors_total")
+                .iter()
+                .filter(|(labels, v)| labels.ends_with("kind=\"bad_header\"") && *v == 1.0)
+                .count(),
+            1,
+            "{body}"
+        );
+    };
+    let body = server.wait_for("the bad connection counted", || {
+        let body = get("/metrics");
+        (metric_sum(&body, "nbnet_protocol_errors_total") == 1.0).then_some(body)
+    });
+    promtool_check(&body);
+    adds_up(&body);
+
+    nbnet_tests::send_signal(workers[0].pid, libc::SIGKILL);
+    let body = server.wait_for("the killed worker restarted", || {
+        let body = get("/metrics?from=prometheus&x=1");
+        (exact(&body, "nbnet_worker_restarts_total") == 1.0
+            && exact(&body, "nbnet_workers{role=\"serving\"}") == 2.0)
+            .then_some(body)
+    });
+    promtool_check(&body);
+    // The dead worker's numbers are still in its slot's series.
+    adds_up(&body);
+    assert_eq!(
+        exact(&body, "nbnet_worker_exits_total{reason=\"signal\"}"),
+        1.0
+    );
+    assert_eq!(
+        samples(&body, "nbnet_worker_last_exit_info"),
+        [("worker=\"0\",reason=\"signal\"", 1.0)],
+        "{body}"
+    );
+    assert!(!samples(&body, "nbnet_worker_pid")
+        .iter()
+        .any(|(_, pid)| *pid == f64::from(workers[0].pid)));
+
+    // HEAD: the headers of GET without the body; other methods: 405 + Allow.
+    let head = raw_request(admin, b"HEAD /metrics?x=1 HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(status_line(&head), "HTTP/1.1 200 OK", "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
+    assert!(head.contains("Content-Length: "), "{head}");
+    let post = raw_request(
+        admin,
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(
+        status_line(&post),
+        "HTTP/1.1 405 Method Not Allowed",
+        "{post}"
+    );
+    assert!(post.contains("\r\nAllow: GET, HEAD\r\n"), "{post}");
+}
+
+/// Issue 14: reloads counted by outcome.
+#[test]
+fn reloads_are_counted_by_outcome() {
+    let mut server = Server::start(WITH_ADMIN);
+    let admin = server.admin_port();
+    let get = || {
+        let answer = raw_request(admin, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        answer.split_once("\r\n\r\n").unwrap().1.to_string()
+    };
+    assert_eq!(exact(&get(), "nbnet_reloads_total{outcome=\"done\"}"), 0.0);
+    server.signal(libc::SIGHUP);
+    server.wait_for("a reload counted done", || {
+        (exact(&get(), "nbnet_reloads_total{outcome=\"done\"}") == 1.0).then_some(())
+    });
+    // A config that cannot be read: refused.
+    server
+        .sandbox_mut()
+        .write_config(&WITH_ADMIN.replace("workers = 1", "workers = 1\nbogus_knob = 1"));
+    server.signal(libc::SIGHUP);
+    let body = server.wait_for("a reload counted refused", || {
+        let body = get();
+        (exact(&body, "nbnet_reloads_total{outcome=\"refused\"}") == 1.0).then_some(body)
+    });
+    assert_eq!(
+        exact(&body, "nbnet_reloads_total{outcome=\"done\"}"),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        exact(&body, "nbnet_reloads_total{outcome=\"rolled_back\"}"),
+        0.0
+    );
 }

@@ -116,6 +116,21 @@ fn info_says_a_plugin_built_for_an_older_abi_minor_loads() {
     assert_eq!(field(&out, "loadable"), "yes");
 }
 
+/// Issue 14: "loadable: yes" for a plugin whose init fails read as a
+/// promise; info now says init was not tried, and how to try it.
+#[test]
+fn info_on_a_plugin_whose_init_fails_says_init_was_not_tried() {
+    let out = info(&build().fail_init_so);
+    assert_exit(&out, 0, "plugin info on fail_init");
+    assert_eq!(field(&out, "loadable"), "yes");
+    let init = field(&out, "init");
+    assert!(
+        init.starts_with("not tried") && init.contains("nbnet plugin run"),
+        "{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn info_on_a_library_that_is_no_plugin_exits_4() {
     let out = info(&build().system_lib);

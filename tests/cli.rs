@@ -340,3 +340,44 @@ fn check_reports_a_pid_file_the_server_could_not_create() {
     assert_eq!(outcome.status.code(), Some(0), "{}", outcome.stderr);
     assert!(!sandbox.path().join("nbnet.pid").exists());
 }
+
+/// Issue 14: `nbnet completions bash|zsh|fish` and `nbnet man`, as cargo,
+/// rustup and ripgrep offer them. The bash script must parse (`bash -n`).
+#[test]
+fn completions_for_bash_zsh_fish_and_a_man_page_are_printed() {
+    let mut sandbox = Sandbox::new();
+    let bash = sandbox.run(&["completions", "bash"]);
+    assert!(bash.status.success(), "{bash:?}");
+    for needle in ["_nbnet()", "bench", "reload", "completions", "--check"] {
+        assert!(
+            bash.stdout.contains(needle),
+            "{needle} missing:\n{}",
+            bash.stdout
+        );
+    }
+    let script = sandbox.write("nbnet.bash", bash.stdout.as_bytes());
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("run bash -n");
+    assert!(syntax.status.success(), "{syntax:?}");
+    for shell in ["zsh", "fish"] {
+        let out = sandbox.run(&["completions", shell]);
+        assert!(
+            out.status.success() && out.stdout.contains("nbnet"),
+            "{shell}: {out:?}"
+        );
+    }
+    let wrong = sandbox.run(&["completions", "tcsh"]);
+    assert_eq!(wrong.status.code(), Some(2), "{wrong:?}");
+    let man = sandbox.run(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    assert!(man.stdout.contains(".TH nbnet 1"), "{}", man.stdout);
+    assert!(
+        man.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        man.stdout
+    );
+    assert!(man.stdout.contains("reload"), "{}", man.stdout);
+}

@@ -10,8 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nbnet_tests::{
-    build, free_port, nbnet_send, run_tool, target_dir, workspace_root, Client, Outcome, Sandbox,
-    Server,
+    build, nbnet_send, run_tool, target_dir, workspace_root, Client, Outcome, Sandbox, Server,
 };
 
 /// Bound for the outside-the-workspace cargo runs (seconds when the
@@ -116,14 +115,14 @@ addr = "127.0.0.1:{port3}"
 plugin = "echo-c"
 
 [[listeners]]
-addr = "127.0.0.1:COUNTER_PORT"
+addr = "127.0.0.1:{aux}"
 plugin = "counter"
 "#;
 
 #[test]
 fn every_example_plugin_serves_its_protocol() {
-    let counter_port = free_port();
-    let server = Server::start(&EXAMPLES.replace("COUNTER_PORT", &counter_port.to_string()));
+    let server = Server::start(EXAMPLES);
+    let counter_port = server.aux_port(0);
 
     // kv: the README's session; a bad request is answered, not fatal.
     let mut kv = Client::connect(server.port_n(0));

@@ -57,10 +57,24 @@ fn a_rust_panic_fails_only_that_request_and_the_instance_keeps_its_state() {
     let _ = client.send_frame(b"panic");
     client.expect_closed();
 
+    // Issue 14: the plugin's own std printed `thread '…' panicked at …`
+    // to stderr besides the host's line. Now one line says it, through
+    // the host's log, with the plugin's name and where it panicked.
     server.wait_for_log_line(&[
-        "plugin failed a request: panicked: misbehave_rs panics on purpose; connection closed",
+        "plugin failed a request: panicked at plugins/testing/misbehave-rs/src/lib.rs:",
+        ": misbehave_rs panics on purpose; connection closed",
         RUST.name,
     ]);
+    let log = server.log();
+    assert_eq!(
+        log.matches("misbehave_rs panics on purpose").count(),
+        1,
+        "the panic must be told once, in the host's log format:\n{log}"
+    );
+    assert!(
+        !log.contains("thread '"),
+        "std's panic hook printed:\n{log}"
+    );
     // The same worker, the same instance: its call counter went on
     // (`pid` and `panic` were calls too).
     assert_eq!(bystander.ok(), (pid, calls + 3));

@@ -558,11 +558,7 @@ plugin = "echo"
     assert!(warnings <= 2, "{warnings} warnings for one burst");
     // Counted in /metrics.
     let metrics = http_get(server.admin_port(), "/metrics");
-    let counted = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nbnet_buffer_budget_closes_total{worker=\"all\"} "))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| panic!("no nbnet_buffer_budget_closes_total in\n{metrics}"));
+    let counted = nbnet_tests::metric_sum(&metrics, "nbnet_buffer_budget_closes_total") as usize;
     assert!(
         counted >= closed.len(),
         "{counted} closes counted, {} seen",

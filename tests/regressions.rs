@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{frame, free_port, Client, Server};
+use nbnet_tests::{frame, Client, Server};
 
 /// Reads one frame from a raw stream.
 fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
@@ -23,25 +23,26 @@ fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// them in front of its own answer (`0000000002HI0000000002AB`).
 #[test]
 fn answers_left_behind_by_a_failed_frame_after_a_proxy_header_never_reach_another_client() {
-    let proxied = free_port();
-    let server = Server::start(&format!(
+    let server = Server::start(
         r#"[server]
 workers = 1
 
 [[plugins]]
 name = "upper"
-path = "{{upper}}"
+path = "{upper}"
 
 [[listeners]]
-addr = "127.0.0.1:{{port}}"
+addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:{proxied}"
+addr = "127.0.0.1:{aux}"
 plugin = "upper"
 proxy_protocol = true
-"#
-    ));
+"#,
+    );
+    // Not {port2}: the start-up probe sends no PROXY header.
+    let proxied = server.aux_port(0);
     let mut a = TcpStream::connect(("127.0.0.1", proxied)).unwrap();
     a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut bytes = b"PROXY TCP4 1.2.3.4 5.6.7.8 1111 2222\r\n".to_vec();
@@ -120,7 +121,6 @@ plugin = "misbehave"
 /// accepted from.
 #[test]
 fn a_reload_to_fewer_workers_leaves_no_reuseport_socket_without_a_worker() {
-    let shared = free_port();
     let text = |workers: usize| {
         format!(
             r#"[server]
@@ -136,7 +136,7 @@ addr = "127.0.0.1:{{port}}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:{shared}"
+addr = "127.0.0.1:{{port2}}"
 plugin = "upper"
 reuseport = true
 "#
@@ -144,6 +144,7 @@ reuseport = true
     };
     let mut server = Server::start(&text(2));
     server.wait_for_workers(2);
+    let shared = server.port_n(1);
     server.sandbox_mut().write_config(&text(1));
     server.signal(libc::SIGHUP);
     server.wait_for_log_line(&["reload complete"]);

@@ -55,6 +55,11 @@ pub fn info(file: &Path) -> i32 {
     match report.verdict {
         Ok(()) => {
             outln!("loadable: yes");
+            // Loading checks the file and its ABI, not the plugin's own
+            // init, which may still refuse its config or the machine.
+            outln!(
+                "init:     not tried (run it with `nbnet plugin run FILE --config TOML`, or `nbnet --check` for a server config)"
+            );
             exit_code::OK
         }
         Err(reason) => {

@@ -60,6 +60,18 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+impl FrameError {
+    /// Its index in [`crate::scoreboard::PROTOCOL_ERROR_KINDS`] (the
+    /// `kind` label of `nbnet_protocol_errors_total`).
+    pub fn kind(&self) -> usize {
+        match self {
+            Self::NotADigit { .. } => 0,
+            Self::ZeroLength => 1,
+            Self::TooLong { .. } => 2,
+        }
+    }
+}
+
 /// Outcome of looking at the front of a receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoded {

@@ -243,6 +243,31 @@ pub struct LogConfig {
     pub file: Option<PathBuf>,
     /// The line of `file` in the config file, for messages.
     pub file_line: Option<usize>,
+    /// Plain text lines, or one JSON object per line.
+    pub format: LogFormat,
+}
+
+/// `[log] format`: how each log line is written.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00Z  INFO message field=value`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields` with
+    /// `message` and the event's values such as `worker`, `pid`, `peer`),
+    /// for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 impl LogConfig {
@@ -263,6 +288,7 @@ impl LogConfig {
 struct RawLog {
     level: LogLevel,
     file: Option<Spanned<String>>,
+    format: LogFormat,
 }
 
 /// A log level name as written in the config.
@@ -692,6 +718,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         level: raw.log.level,
         file: check.path("[log] file", &raw.log.file, base, "log to stderr"),
         file_line: raw.log.file.as_ref().map(|f| lines.line_of(f.span().start)),
+        format: raw.log.format,
     };
     // The files nbnet writes must not be one it reads or serves: a
     // pid_file naming the config, a plugin or a socket overwrote it (and
@@ -962,7 +989,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 check.problem(
                     line,
                     format!(
-                        "[admin] addr {} is not IP:PORT (for example \"127.0.0.1:9100\")",
+                        "[admin] addr {} is not IP:PORT (for example \"127.0.0.1:9191\")",
                         quote(text)
                     ),
                 );
@@ -1732,10 +1759,10 @@ plugin = "nope"
     #[test]
     fn the_admin_address_is_optional_and_checked() {
         assert_eq!(parse_str(MINIMAL).unwrap().admin, None);
-        let text = format!("[admin]\naddr = \"127.0.0.1:9100\"\n{MINIMAL}");
+        let text = format!("[admin]\naddr = \"127.0.0.1:9191\"\n{MINIMAL}");
         assert_eq!(
             parse_str(&text).unwrap().admin,
-            Some("127.0.0.1:9100".parse().unwrap())
+            Some("127.0.0.1:9191".parse().unwrap())
         );
         let text = format!("[admin]\naddr = \"127.0.0.1:9000\"\n{MINIMAL}");
         let err = parse_str(&text).unwrap_err();

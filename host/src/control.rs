@@ -223,7 +223,7 @@ pub fn upgrade(config_file: &Path) -> i32 {
 
 /// `nbnet stop [--fast]`: SIGTERM (or SIGINT) to the master, then wait
 /// until it has exited.
-pub fn stop(config_file: &Path, fast: bool) -> i32 {
+pub fn stop(config_file: &Path, fast: bool, strict: bool) -> i32 {
     let signal = if fast {
         Signal::SIGINT
     } else {
@@ -238,14 +238,32 @@ pub fn stop(config_file: &Path, fast: bool) -> i32 {
                 .saturating_add(c.server.drain_delay)
         })
         .saturating_add(Duration::from_secs(10));
+    // Not running is what `stop` wants (the init-script convention, LSB
+    // "stop" on a stopped service): exit 0 and say so, unless --strict.
+    let not_running = |file: &Path| {
+        outln!(
+            "nbnet is not running (no master holds {}): nothing to stop",
+            file.display()
+        );
+        exit_code::OK
+    };
     let (pid, file) = match master_pid(config_file) {
         Ok(found) => found,
         Err(message) => {
+            match pid_file_path(config_file) {
+                Ok(Some(file)) if !strict && crate::pid_file::nobody_holds(&file) => {
+                    return not_running(&file)
+                }
+                _ => {}
+            }
             errln!("nbnet stop: {message}");
             return exit_code::FAILURE;
         }
     };
     if let Err(message) = send(pid, signal, &file) {
+        if !strict && kill(pid, None) == Err(Errno::ESRCH) {
+            return not_running(&file);
+        }
         errln!("nbnet stop: {message}");
         return exit_code::FAILURE;
     }
@@ -294,6 +312,24 @@ fn master_pid(config_file: &Path) -> Result<(Pid, PathBuf), String> {
     // it) is ever signalled: a stale file may name an unrelated process.
     let pid = crate::pid_file::holder(&file, config_file)?;
     Ok((Pid::from_raw(pid), file))
+}
+
+/// The config's `[server] pid_file`, absolute; `Ok(None)` when it has none.
+fn pid_file_path(config_file: &Path) -> Result<Option<PathBuf>, String> {
+    let text = config::read_text(config_file)
+        .map_err(|(_, message)| format!("{}: {message}", crate::config::shown(config_file)))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| e.message().to_string())?;
+    let Some(pid_file) = table
+        .get("server")
+        .and_then(|server| server.get("pid_file"))
+        .and_then(|value| value.as_str())
+    else {
+        return Ok(None);
+    };
+    let base = config_file.parent().unwrap_or(Path::new("."));
+    Ok(Some(
+        std::path::absolute(base.join(pid_file)).unwrap_or_else(|_| base.join(pid_file)),
+    ))
 }
 
 fn send(pid: Pid, signal: Signal, file: &Path) -> Result<(), String> {

@@ -31,42 +31,77 @@ use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogLevel;
+use crate::config::{LogFormat, LogLevel};
 
 /// Changes the level of the installed subscriber (see [`set_level`]);
 /// unset when `RUST_LOG` chose the filter.
 type SetLevel = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
 static SET_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
 
-/// Installs the global subscriber. Call once, in the master, before forking
-/// (and after [`to_file`], if logging to a file).
+/// Installs the global subscriber, text lines. Call once, in the master,
+/// before forking (and after [`to_file`], if logging to a file).
 pub fn init(level: LogLevel) {
+    init_with(level, LogFormat::Text);
+}
+
+/// Installs the global subscriber in `format` (see [`init`]). `RUST_LOG`,
+/// when set and valid, chooses the filter; an invalid one is reported in
+/// one warning and `level` is used instead (tracing-subscriber would drop
+/// the bad directives and log errors only). Colours only on a terminal,
+/// and never when `NO_COLOR` is set (no-color.org) or in JSON.
+pub fn init_with(level: LogLevel, format: LogFormat) {
     shared_counter();
-    let from_env = matches!(std::env::var("RUST_LOG"), Ok(d) if !d.trim().is_empty());
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
-        _ => EnvFilter::new(level.as_str()),
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|directives| !directives.trim().is_empty());
+    let (filter, refused) = match env.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (EnvFilter::new(level.as_str()), Some(e)),
+        None => (EnvFilter::new(level.as_str()), None),
     };
+    let from_env = env.is_some() && refused.is_none();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A write that fails is counted by `LogWriter`, which reports
         // success; tracing-subscriber would otherwise report it with
         // eprintln!, which panics on the same broken stderr (that took the
         // master down).
-        .log_internal_errors(false)
-        // A reload may change `[log] level` (workers forked afterwards
-        // inherit the new filter).
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    if builder.try_init().is_ok() && !from_env {
-        let _ = SET_LEVEL.set(Box::new(move |level: LogLevel| {
-            handle
-                .reload(EnvFilter::new(level.as_str()))
-                .map_err(|e| e.to_string())
-        }));
+        .log_internal_errors(false);
+    // A reload may change `[log] level` (workers forked afterwards
+    // inherit the new filter). The two formats are different types, hence
+    // the macro.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() && !from_env {
+                let _ = SET_LEVEL.set(Box::new(move |level: LogLevel| {
+                    handle
+                        .reload(EnvFilter::new(level.as_str()))
+                        .map_err(|e| e.to_string())
+                }));
+            }
+        }};
+    }
+    match format {
+        LogFormat::Text => install!(builder.with_ansi(ansi)),
+        LogFormat::Json => install!(builder
+            .json()
+            .with_ansi(false)
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)),
+    }
+    if let (Some(env), Some(e)) = (env, refused) {
+        tracing::warn!(
+            rust_log = %env,
+            "RUST_LOG is not a valid filter ({e}): it is ignored, and [log] level = {} is used (write it like `info` or `nbnet=debug`)",
+            level.as_str()
+        );
     }
 }
 

@@ -8,7 +8,7 @@ use nbnet::{
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// A pre-forking plugin host for TCP services speaking nbNet's framing:
 /// every message is a 10-digit ASCII length header followed by that many
@@ -126,7 +126,9 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Stop the running server gracefully (SIGTERM to the master found
-    /// through the config's pid_file) and wait until it has exited.
+    /// through the config's pid_file) and wait until it has exited. A
+    /// server that is not running (no PID file, or a stale one) is stopped
+    /// already: exit 0 with a message, unless --strict.
     Stop {
         /// The config file the server was started with (default:
         /// $NBNET_CONFIG, else config/nbnet.toml).
@@ -135,10 +137,25 @@ enum Command {
         /// Stop at once (SIGINT): close connections without draining.
         #[arg(long)]
         fast: bool,
+        /// Fail (exit 1) when the server is not running; by default that
+        /// is success, with a message (the init-script convention).
+        #[arg(long)]
+        strict: bool,
     },
     /// Tools for plugin authors: inspect, run and create plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print a shell completion script, e.g.
+    /// `nbnet completions bash > /etc/bash_completion.d/nbnet`, or
+    /// `nbnet completions zsh > "${fpath[1]}/_nbnet"`, or
+    /// `nbnet completions fish > ~/.config/fish/completions/nbnet.fish`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g.
+    /// `nbnet man > /usr/local/share/man/man1/nbnet.1`, or `nbnet man | man -l -`.
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,14 +217,45 @@ fn main() {
         }) => client::send(&addr, payload.as_bytes(), timeout),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
+        Some(Command::Completions { shell }) => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "nbnet", &mut script);
+            print_bytes(&script)
+        }
+        Some(Command::Man) => {
+            let mut page = Vec::new();
+            let command = Cli::command().version(env!("CARGO_PKG_VERSION"));
+            match clap_mangen::Man::new(command).render(&mut page) {
+                Ok(()) => print_bytes(&page),
+                Err(e) => {
+                    errln!("nbnet man: {e}");
+                    exit_code::FAILURE
+                }
+            }
+        }
         Some(Command::Reload { config }) => control::reload(&config_file(config, cli.config)),
         Some(Command::Upgrade { config }) => control::upgrade(&config_file(config, cli.config)),
-        Some(Command::Stop { config, fast }) => {
-            control::stop(&config_file(config, cli.config), fast)
-        }
+        Some(Command::Stop {
+            config,
+            fast,
+            strict,
+        }) => control::stop(&config_file(config, cli.config), fast, strict),
         None => serve_or_check(&config_file(None, cli.config), cli.check),
     };
     std::process::exit(code);
+}
+
+/// Writes `bytes` to stdout; 1 (with a message) if stdout cannot take them.
+fn print_bytes(bytes: &[u8]) -> i32 {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => exit_code::OK,
+        Err(e) => {
+            errln!("nbnet: cannot write to stdout: {e}");
+            exit_code::FAILURE
+        }
+    }
 }
 
 /// The config file a command works on: `--config` after the subcommand,
@@ -273,10 +321,10 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
                 return exit_code::FAILURE;
             }
         }
-        logging::init(config.log.level);
+        logging::init_with(config.log.level, config.log.format);
         return supervisor::serve(config);
     }
-    logging::init(config.log.level);
+    logging::init_with(config.log.level, config.log.format);
     // A plugin whose init daemonizes must not leave a process behind per
     // check: sweep them before printing (a failed print ends the process).
     let leftovers = authoring::Leftovers::watch();

@@ -164,6 +164,15 @@ fn lock_holder(file: &File) -> io::Result<Option<i32>> {
     Ok((found.l_type != libc::F_UNLCK as libc::c_short).then_some(found.l_pid))
 }
 
+/// Whether no process holds the PID file at `path`: it does not exist, or
+/// nothing holds its lock (a stale file). `false` when that cannot be told.
+pub fn nobody_holds(path: &Path) -> bool {
+    match File::open(path) {
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+        Ok(file) => matches!(lock_holder(&file), Ok(None)),
+    }
+}
+
 /// What `nbnet stop` / `nbnet reload` may signal: the PID written in the
 /// PID file at `path`, if (and only if) that process holds the file's
 /// lock, i.e. it is the nbnet master that wrote it. Errors say why not, and

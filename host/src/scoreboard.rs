@@ -67,6 +67,25 @@ pub const LATENCY_BOUNDS_US: [u64; 14] = [
 ];
 const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 
+/// The kinds of protocol error, in [`Stats::protocol_errors`] order: the
+/// `kind` label of `nbnet_protocol_errors_total`.
+pub const PROTOCOL_ERROR_KINDS: [&str; 4] = [
+    // A header byte that is not an ASCII digit.
+    "bad_header",
+    // A header declaring a zero-length frame.
+    "zero_length",
+    // A header declaring more than max_frame_bytes.
+    "too_long",
+    // A missing or malformed PROXY protocol header.
+    "proxy_header",
+];
+/// [`PROTOCOL_ERROR_KINDS`] index of a PROXY header error.
+pub const PROTOCOL_ERROR_PROXY: usize = 3;
+
+/// `read_timeout` closes, in [`Stats::read_timeouts`] order: the `state`
+/// label of `nbnet_read_timeouts_total`.
+pub const READ_TIMEOUT_STATES: [&str; 2] = ["idle", "mid_frame"];
+
 /// A counter with one writer: bumped without a locked instruction.
 #[repr(transparent)]
 #[derive(Debug, Default)]
@@ -179,8 +198,15 @@ pub struct Stats {
     pub bytes_in: Counter,
     /// Response bytes sent.
     pub bytes_out: Counter,
-    /// Connections closed for breaking the framing protocol.
-    pub protocol_errors: Counter,
+    /// Connections closed for breaking the framing protocol, by kind
+    /// (see [`PROTOCOL_ERROR_KINDS`]).
+    pub protocol_errors: [Counter; PROTOCOL_ERROR_KINDS.len()],
+    /// Connections closed after `read_timeout` without progress: idle
+    /// (between frames) and stalled mid-frame (see [`READ_TIMEOUT_STATES`]).
+    pub read_timeouts: [Counter; READ_TIMEOUT_STATES.len()],
+    /// Times the worker stopped accepting because it held
+    /// `max_connections` (new clients then wait in the listen backlog).
+    pub max_connections_reached: Counter,
     /// Connections closed because the worker's connections together held
     /// more than `max_buffered_bytes` (the ones holding the most).
     pub buffer_budget_closes: Counter,
@@ -210,13 +236,17 @@ impl Stats {
             &self.connections_total,
             &self.bytes_in,
             &self.bytes_out,
-            &self.protocol_errors,
+            &self.max_connections_reached,
             &self.buffer_budget_closes,
             &self.connections_handed_over,
             &self.connections_adopted,
             &self.handover_failures,
             &self.access_refused,
-        ] {
+        ]
+        .into_iter()
+        .chain(&self.protocol_errors)
+        .chain(&self.read_timeouts)
+        {
             counter.reset();
         }
         for plugin in &self.plugins {
@@ -248,7 +278,11 @@ pub struct Totals {
     /// See [`Stats`].
     pub bytes_out: u64,
     /// See [`Stats`].
-    pub protocol_errors: u64,
+    pub protocol_errors: [u64; PROTOCOL_ERROR_KINDS.len()],
+    /// See [`Stats`].
+    pub read_timeouts: [u64; READ_TIMEOUT_STATES.len()],
+    /// See [`Stats`].
+    pub max_connections_reached: u64,
     /// See [`Stats`].
     pub buffer_budget_closes: u64,
     /// See [`Stats`].
@@ -287,7 +321,13 @@ impl Totals {
         self.connections_total += stats.connections_total.get();
         self.bytes_in += stats.bytes_in.get();
         self.bytes_out += stats.bytes_out.get();
-        self.protocol_errors += stats.protocol_errors.get();
+        for (total, counter) in self.protocol_errors.iter_mut().zip(&stats.protocol_errors) {
+            *total += counter.get();
+        }
+        for (total, counter) in self.read_timeouts.iter_mut().zip(&stats.read_timeouts) {
+            *total += counter.get();
+        }
+        self.max_connections_reached += stats.max_connections_reached.get();
         self.buffer_budget_closes += stats.buffer_budget_closes.get();
         self.connections_handed_over += stats.connections_handed_over.get();
         self.connections_adopted += stats.connections_adopted.get();
@@ -311,7 +351,13 @@ impl Totals {
         self.connections_total += other.connections_total;
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
-        self.protocol_errors += other.protocol_errors;
+        for (total, n) in self.protocol_errors.iter_mut().zip(other.protocol_errors) {
+            *total += n;
+        }
+        for (total, n) in self.read_timeouts.iter_mut().zip(other.read_timeouts) {
+            *total += n;
+        }
+        self.max_connections_reached += other.max_connections_reached;
         self.buffer_budget_closes += other.buffer_budget_closes;
         self.connections_handed_over += other.connections_handed_over;
         self.connections_adopted += other.connections_adopted;

@@ -394,6 +394,93 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Rust
     .leak_into_prefix()
 }
 
+/// Set by [`crate::testing::TestHost`]: the plugin runs inside a test
+/// binary, whose panic hook must stay (see [`panics`]).
+pub(crate) static IN_TEST_HOST: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Where a Rust plugin's panics go.
+///
+/// A cdylib plugin links its own copy of std, with its own panic hook: the
+/// default one printed `thread '…' panicked at …` (and a backtrace with
+/// build paths under `RUST_BACKTRACE=1`) straight to stderr, outside the
+/// host's log format, on top of the host's own line about the failed
+/// request. The SDK installs, once per plugin image, a hook that prints
+/// nothing and keeps the panic's location in a thread-local, so that:
+/// - a panic the SDK catches (in `new`, `process`, a hook) is reported once,
+///   by the host's line for the failed call, as `panicked at FILE:LINE:COL: MESSAGE`;
+/// - a panic that ends a thread of the plugin's own (nothing catches it) is
+///   logged through the host's log with the plugin's name when the thread
+///   exits (the thread-local's destructor), at error level.
+mod panics {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    use super::Logger;
+
+    /// The host's logger of the first instance of this image: used for
+    /// panics no SDK guard caught.
+    struct Shared(Logger);
+    // SAFETY: the host's log callback may be called from any thread (it
+    // writes one line); the handle stays valid while the plugin is loaded.
+    unsafe impl Send for Shared {}
+    // SAFETY: as above.
+    unsafe impl Sync for Shared {}
+    static LOGGER: OnceLock<Shared> = OnceLock::new();
+
+    /// The last panic of this thread that nobody reported yet.
+    struct Pending(Option<String>);
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            if let (Some(panic), Some(logger)) = (self.0.take(), LOGGER.get()) {
+                logger
+                    .0
+                    .error(&format!("a thread of the plugin ended: {panic}"));
+            }
+        }
+    }
+    thread_local! {
+        static PENDING: RefCell<Pending> = const { RefCell::new(Pending(None)) };
+    }
+
+    /// Installs the hook (once per plugin image) and keeps `logger`; not
+    /// under [`crate::testing::TestHost`], in the test's own process.
+    pub(super) fn install(logger: Logger) {
+        if super::IN_TEST_HOST.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if LOGGER.set(Shared(logger)).is_ok() {
+            std::panic::set_hook(Box::new(|info| {
+                let message = super::panic_message(info.payload());
+                let text = match info.location() {
+                    Some(at) => format!("panicked at {at}: {message}"),
+                    None => format!("panicked: {message}"),
+                };
+                let _ = PENDING.try_with(|p| p.borrow_mut().0 = Some(text));
+            }));
+        }
+    }
+
+    /// A panic the SDK caught where nothing reports it (a hook, `Drop`):
+    /// logged through the host, naming `what`.
+    pub(super) fn log_caught(what: &str, payload: &(dyn std::any::Any + Send)) {
+        let text = take(payload);
+        if let Some(logger) = LOGGER.get() {
+            logger.0.error(&format!("{what} {text}"));
+        }
+    }
+
+    /// The panic the SDK just caught, as `panicked at …: message` (taken:
+    /// it is reported by the caller).
+    pub(super) fn take(payload: &(dyn std::any::Any + Send)) -> String {
+        PENDING
+            .try_with(|p| p.borrow_mut().0.take())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| format!("panicked: {}", super::panic_message(payload)))
+    }
+}
+
 fn panic_message(payload: &(dyn Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s
@@ -412,6 +499,7 @@ pub(crate) unsafe extern "C" fn init_trampoline<P: Plugin>(
     let ctx = InitContext {
         raw: unsafe { &*ctx },
     };
+    panics::install(ctx.logger());
     let created = catch_unwind(AssertUnwindSafe(|| {
         let config: P::Config = toml::from_str(ctx.config_toml())
             .map_err(|e| Error::new(format!("invalid config: {}", e.message())))?;
@@ -428,7 +516,7 @@ pub(crate) unsafe extern "C" fn init_trampoline<P: Plugin>(
             NBNET_ERR
         }
         Err(panic) => {
-            ctx.set_error(&format!("panicked in new(): {}", panic_message(&*panic)));
+            ctx.set_error(&format!("in new(): {}", panics::take(&*panic)));
             NBNET_ERR
         }
     }
@@ -468,7 +556,7 @@ fn report_failure(response: &mut Response, failed: std::thread::Result<Result<()
     match failed {
         Ok(Ok(())) => return NBNET_OK,
         Ok(Err(e)) => response.set_error(e.message()),
-        Err(panic) => response.set_error(&format!("panicked: {}", panic_message(&*panic))),
+        Err(panic) => response.set_error(&panics::take(&*panic)),
     }
     NBNET_ERR
 }
@@ -605,7 +693,9 @@ pub(crate) unsafe extern "C" fn destroy_trampoline<P: Plugin>(state: *mut c_void
     // destroys each instance once.
     let plugin = unsafe { Box::from_raw(state.cast::<P>()) };
     // A panicking Drop must not cross the boundary either.
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(plugin)));
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(plugin))) {
+        panics::log_caught("dropping the instance", &*panic);
+    }
 }
 
 /// Runs `hook` on the instance, swallowing a panic (hooks report nothing).
@@ -619,7 +709,9 @@ unsafe fn with_instance<P: Plugin>(state: *mut c_void, hook: impl FnOnce(&mut P)
     }
     // SAFETY: guaranteed by the caller.
     let plugin = unsafe { &mut *state.cast::<P>() };
-    let _ = catch_unwind(AssertUnwindSafe(|| hook(plugin)));
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| hook(plugin))) {
+        panics::log_caught("a connection or shutdown hook", &*panic);
+    }
 }
 
 pub(crate) unsafe extern "C" fn open_trampoline<P: Plugin>(

@@ -57,6 +57,8 @@ impl<P: Plugin> TestHost<P> {
 
     /// Like [`TestHost::new`], as worker `index` of `count`.
     pub fn with_worker(config_toml: &str, index: u32, count: u32) -> Result<Self, String> {
+        // In-process: the panic hook stays the test harness's.
+        crate::sdk::IN_TEST_HOST.store(true, std::sync::atomic::Ordering::Relaxed);
         let logs: Box<RefCell<Vec<String>>> = Box::default();
         let name = CString::new("test").expect("no NUL");
         let config = CString::new(config_toml).map_err(|_| "config contains a NUL byte")?;

@@ -523,7 +523,8 @@ pub struct Outcome {
 /// Config templates are TOML with placeholders, replaced by [`Sandbox::render`]:
 /// `{port}`, `{port2}`, `{port3}` (free ports on 127.0.0.1, chosen on first use
 /// and kept for the sandbox's life), `{admin}` (the same, for an `[admin]`
-/// listener: not a frame listener, so not waited on as one), `{dir}` (the temporary directory), and the
+/// listener: not a frame listener, so not waited on as one), `{aux}` and
+/// `{aux2}` (the same, for listeners not to be probed at start), `{dir}` (the temporary directory), and the
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
 /// `{system_lib}`, `{hostile}`, `{sigmask}`, `{daemonize}`, `{bad_name}`, and the examples `{kv}`,
@@ -532,10 +533,12 @@ pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     admin: Option<u16>,
+    aux: Vec<u16>,
     runs: u32,
     cwd: Option<PathBuf>,
     fd_limit: Option<u64>,
     binary: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for Sandbox {
@@ -556,10 +559,12 @@ impl Sandbox {
             dir,
             ports: Vec::new(),
             admin: None,
+            aux: Vec::new(),
             runs: 0,
             cwd: None,
             fd_limit: None,
             binary: None,
+            env: Vec::new(),
         }
     }
 
@@ -571,6 +576,12 @@ impl Sandbox {
         fs::copy(&build().nbnet, &path).expect("copy the nbnet binary");
         self.binary = Some(path.clone());
         path
+    }
+
+    /// Sets an environment variable for the `nbnet` commands run from here
+    /// on (after the clean log environment of [`Sandbox::command`]).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// The temporary directory.
@@ -615,6 +626,22 @@ impl Sandbox {
     fn new_ports(&mut self) {
         self.ports.clear();
         self.admin = None;
+        self.aux.clear();
+    }
+
+    /// The `{aux}` (0), `{aux2}` (1) port, chosen on first use apart from
+    /// the others: for a listener that does not answer a plain frame (a
+    /// PROXY listener) or that the test wants untouched, so not waited on
+    /// at start; renewed, like the others, when a start finds one in use.
+    pub fn aux_port(&mut self, i: usize) -> u16 {
+        while self.aux.len() <= i {
+            let port = free_port();
+            if !self.ports.contains(&port) && self.admin != Some(port) && !self.aux.contains(&port)
+            {
+                self.aux.push(port);
+            }
+        }
+        self.aux[i]
     }
 
     /// Replaces the placeholders in `template`; panics on an unknown one.
@@ -641,6 +668,8 @@ impl Sandbox {
                 "port2" => self.port(1).to_string(),
                 "port3" => self.port(2).to_string(),
                 "admin" => self.admin_port().to_string(),
+                "aux" => self.aux_port(0).to_string(),
+                "aux2" => self.aux_port(1).to_string(),
                 "dir" => path(self.path()),
                 "upper" => path(&a.upper_so),
                 "echo" => path(&a.echo_so),
@@ -715,6 +744,7 @@ impl Sandbox {
             .env_remove("RUST_LOG")
             .env_remove("NBNET_CONFIG")
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(limit) = self.fd_limit {
             use std::os::unix::process::CommandExt;
@@ -931,6 +961,15 @@ impl Server {
         self.sandbox()
             .admin
             .expect("the config template has no {admin} placeholder")
+    }
+
+    /// The `{aux}` (0) or `{aux2}` (1) port of the config it runs.
+    pub fn aux_port(&self, i: usize) -> u16 {
+        *self
+            .sandbox()
+            .aux
+            .get(i)
+            .expect("the config template has no such {aux} placeholder")
     }
 
     /// The first listener's port (`{port}`).
@@ -1400,4 +1439,99 @@ pub fn run_tool(
         stdout: fs::read(&out_path).unwrap_or_default(),
         stderr: fs::read(&err_path).unwrap_or_default(),
     }
+}
+
+// ------------------------------------------------- programs the tests run
+
+/// The path of `program`, a system program a test runs as a real peer,
+/// from Debian package `package`. Missing, the test FAILS with the command
+/// that installs it: a test that cannot run must not look passed. Only
+/// with `NBNET_SKIP_MISSING=1` does it return `None` (the caller skips)
+/// after one line that shows in normal `cargo test` output.
+pub fn require_program(program: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|path| {
+            std::fs::metadata(path).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        });
+    if found.is_some() {
+        return found;
+    }
+    let install = format!(
+        "`{program}` is not installed: run `bash tests/install-deps.sh` (as root: apt-get install {package}), or `make test`, which does"
+    );
+    if std::env::var_os("NBNET_SKIP_MISSING").is_some_and(|v| v == "1") {
+        skip_line(&format!("SKIPPED (NBNET_SKIP_MISSING=1): {install}"));
+        return None;
+    }
+    panic!("{install}; or set NBNET_SKIP_MISSING=1 to skip the tests that need it");
+}
+
+/// Prints `line` where a normal `cargo test` run shows it: the harness
+/// captures `eprintln!` of a passing test, but not a direct write to fd 2.
+fn skip_line(line: &str) {
+    use std::io::Write as _;
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&io::stderr()).try_clone_to_owned() {
+        let _ = writeln!(fs::File::from(fd), "{line}");
+    }
+}
+
+// --------------------------------------------------------------- /metrics
+
+/// Checks a `/metrics` body with Prometheus' own parser and linter
+/// (`promtool check metrics`, Debian package `prometheus`); panics with its
+/// complaints. `None` when promtool is missing and NBNET_SKIP_MISSING=1.
+pub fn promtool_check(body: &str) -> Option<()> {
+    let promtool = require_program("promtool", "prometheus")?;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused /metrics:\n{}{}\n--- body ---\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+/// The samples of metric `name` in a `/metrics` body: (labels, value),
+/// labels as written between the braces ("" for none).
+pub fn samples<'a>(body: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every sample of metric `name` (what PromQL's `sum(name)`
+/// gives); panics if there is none.
+pub fn metric_sum(body: &str, name: &str) -> f64 {
+    let samples = samples(body, name);
+    assert!(!samples.is_empty(), "no sample of {name} in\n{body}");
+    samples.iter().map(|(_, v)| v).sum()
 }

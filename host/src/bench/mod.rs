@@ -33,6 +33,20 @@ use payload::{Expect, Payloads};
 use report::{Failures, RunSettings, Summary};
 
 /// Options of `nbnet bench`.
+/// A duration as the config writes one: whole seconds (`30`) or a
+/// humantime string (`500ms`, `1m 30s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{text} seconds is too long"));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write whole seconds like 30, or 500ms, 2s, 1m)"))
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Server address, IP:PORT.
@@ -52,11 +66,13 @@ pub struct BenchArgs {
     /// Request payload size in bytes.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Measured time (after the warm-up); with --requests, the time limit.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Measured time (after the warm-up), whole seconds (`30`) or with a
+    /// unit (`500ms`, `1m`); with --requests, the time limit.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Load before measuring (responses are checked, not counted).
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// Load before measuring (responses are checked, not counted); whole
+    /// seconds or with a unit.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
     /// Load-generator threads (connections are split among them).
     #[arg(long, default_value_t = 1)]
@@ -312,5 +328,22 @@ fn raise_fd_limit(want: usize) {
             lim.rlim_cur = want.min(lim.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14: `--duration 30` was refused; the config takes bare seconds.
+    #[test]
+    fn durations_take_bare_seconds_like_the_config_or_a_unit() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration(" 5 "), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("3x").unwrap_err().contains("whole seconds"));
+        assert!(parse_duration("99999999999999999999999").is_err());
+        assert!(parse_duration("").is_err());
     }
 }

@@ -12,8 +12,10 @@
 //! malformed request is answered `400` at once, an oversized one `431`
 //! (`414` for the request line) before anything more is read; and after an
 //! answer the master shuts its side and drops what the client still sends,
-//! so that the answer is not lost to a reset. The parser is a few strict
-//! lines by hand (RFC 9112): the endpoint needs the method and path only.
+//! so that the answer is not lost to a reset. Requests are parsed with
+//! `httparse`; the query string is ignored (Prometheus may send `params:`),
+//! `HEAD` is answered like `GET` without the body, and other methods get
+//! `405` with `Allow: GET, HEAD`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -367,10 +369,7 @@ fn response_for(
     answer: &mut dyn FnMut(&str, &str) -> Reply,
 ) -> Option<Vec<u8>> {
     match parse_head(request) {
-        Head::Complete { method, target } => {
-            let reply = answer(method, target);
-            Some(http(reply.status, reply.content_type, &reply.body))
-        }
+        Head::Complete { method, target } => Some(respond(method, target, answer)),
         Head::Bad(why) => Some(http(400, TEXT, &format!("bad request: {why}\n"))),
         Head::Incomplete { request_line } if request.len() >= MAX_HEAD => {
             Some(match request_line {
@@ -434,126 +433,81 @@ enum Head<'a> {
     Bad(&'static str),
 }
 
-/// Parses an HTTP/1.x request head (RFC 9112 §2-§5), strictly enough to
-/// tell a malformed one at once. Lines end in CRLF or a lone LF (§2.2
-/// lets a recipient accept LF); one empty line before the request line is
-/// ignored (§2.2); a bare CR, a request line that is not
-/// `METHOD SP TARGET SP HTTP/1.x` in ASCII, a field line without a
-/// `name:` or with whitespace before the colon, and obsolete line folding
-/// are errors.
+/// Header fields a request may have; more is answered 431.
+const MAX_FIELDS: usize = 64;
+
+/// Parses an HTTP/1.x request head with `httparse` (RFC 9112; lines may
+/// end in a lone LF, and an empty line before the request line is skipped,
+/// as §2.2 allows for one). A malformed head is refused as soon as its first bad
+/// byte is in.
 fn parse_head(buf: &[u8]) -> Head<'_> {
-    let mut rest = buf;
-    if let Some(after) = rest
+    // One empty line before the request line is tolerated; httparse would
+    // wait through any number of them.
+    let rest = buf
         .strip_prefix(b"\r\n")
-        .or_else(|| rest.strip_prefix(b"\n"))
-    {
-        rest = after;
+        .or_else(|| buf.strip_prefix(b"\n"))
+        .unwrap_or(buf);
+    if rest.starts_with(b"\n") || rest.starts_with(b"\r\n") {
+        return Head::Bad("an empty request line");
     }
-    let (method, target) = match next_line(&mut rest) {
-        None => {
-            // Refuse a request line that cannot become valid as soon as
-            // its first bad byte is in (a CR is fine: its LF may follow).
-            if let Some(why) = rest.iter().find_map(|&b| request_line_byte(b).err()) {
-                return Head::Bad(why);
-            }
-            return Head::Incomplete {
-                request_line: false,
-            };
-        }
-        Some(Err(why)) => return Head::Bad(why),
-        Some(Ok(line)) => match request_line(line) {
-            Ok(parts) => parts,
-            Err(why) => return Head::Bad(why),
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut request = httparse::Request::new(&mut fields);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => match (request.method, request.path) {
+            (Some(method), Some(target)) => Head::Complete { method, target },
+            _ => Head::Bad("an incomplete request line"),
         },
-    };
-    loop {
-        match next_line(&mut rest) {
-            None => return Head::Incomplete { request_line: true },
-            Some(Err(why)) => return Head::Bad(why),
-            Some(Ok([])) => return Head::Complete { method, target },
-            Some(Ok(line)) => {
-                if let Err(why) = field_line(line) {
-                    return Head::Bad(why);
-                }
+        Ok(httparse::Status::Partial) => Head::Incomplete {
+            request_line: request.version.is_some(),
+        },
+        Err(e) => Head::Bad(match e {
+            httparse::Error::HeaderName => "a header field name that is not a token",
+            httparse::Error::HeaderValue => "a control character in a header field value",
+            httparse::Error::NewLine => "a CR not followed by LF",
+            httparse::Error::Token => "the method or target is not valid in a request line",
+            httparse::Error::TooManyHeaders => "more than 64 header fields",
+            httparse::Error::Version => "the version is not HTTP/1.x",
+            httparse::Error::Status => "a status line instead of a request line",
+        }),
+    }
+}
+
+/// The path of a request target: without its query string (Prometheus'
+/// `params:` adds one) or fragment.
+fn path_of(target: &str) -> &str {
+    target
+        .split_once(['?', '#'])
+        .map_or(target, |(path, _)| path)
+}
+
+/// The answer to `method target`: `GET` and `HEAD` (the same without its
+/// body) go to `answer` with the path alone; any other method is `405`.
+fn respond(method: &str, target: &str, answer: &mut dyn FnMut(&str, &str) -> Reply) -> Vec<u8> {
+    let path = path_of(target);
+    match method {
+        "GET" | "HEAD" => {
+            let reply = answer("GET", path);
+            let mut response = http(reply.status, reply.content_type, &reply.body);
+            if method == "HEAD" {
+                response.truncate(response.len() - reply.body.len());
             }
+            response
         }
+        _ => http_with(
+            405,
+            TEXT,
+            &format!("{method} is not served here: only GET and HEAD\n"),
+            "Allow: GET, HEAD\r\n",
+        ),
     }
-}
-
-/// Takes the next complete line off `rest`, without its CRLF or LF.
-fn next_line<'a>(rest: &mut &'a [u8]) -> Option<Result<&'a [u8], &'static str>> {
-    let end = rest.iter().position(|&b| b == b'\n')?;
-    let line = &rest[..end];
-    *rest = &rest[end + 1..];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if line.contains(&b'\r') {
-        return Some(Err("a CR not followed by LF"));
-    }
-    Some(Ok(line))
-}
-
-/// Whether `b` may appear in a request line (CR only before its LF).
-fn request_line_byte(b: u8) -> Result<(), &'static str> {
-    match b {
-        b' ' | b'\t' | b'\r' | 0x21..=0x7e => Ok(()),
-        0x80.. => Err("the request line is not ASCII text"),
-        _ => Err("a control character in the request line"),
-    }
-}
-
-/// `METHOD SP TARGET SP HTTP/1.x` (words separated by spaces or tabs, as
-/// §3 allows a recipient to accept).
-fn request_line(line: &[u8]) -> Result<(&str, &str), &'static str> {
-    if line.is_empty() {
-        return Err("an empty request line");
-    }
-    if let Some(why) = line.iter().find_map(|&b| request_line_byte(b).err()) {
-        return Err(why);
-    }
-    // ASCII, checked above.
-    let text = std::str::from_utf8(line).map_err(|_| "the request line is not ASCII text")?;
-    let mut words = text.split([' ', '\t']).filter(|w| !w.is_empty());
-    let (Some(method), Some(target), Some(version), None) =
-        (words.next(), words.next(), words.next(), words.next())
-    else {
-        return Err("the request line is not METHOD TARGET HTTP/1.x");
-    };
-    if !method.bytes().all(is_token_byte) {
-        return Err("the method is not a token");
-    }
-    match version.strip_prefix("HTTP/1.") {
-        Some(minor) if minor.len() == 1 && minor.as_bytes()[0].is_ascii_digit() => {
-            Ok((method, target))
-        }
-        _ => Err("the version is not HTTP/1.x"),
-    }
-}
-
-/// `name: value` (§5): a token name right before the colon, a value of
-/// visible characters, spaces, tabs and obs-text.
-fn field_line(line: &[u8]) -> Result<(), &'static str> {
-    if line[0] == b' ' || line[0] == b'\t' {
-        return Err("obsolete line folding in the header fields");
-    }
-    let Some(colon) = line.iter().position(|&b| b == b':') else {
-        return Err("a header field line without a colon");
-    };
-    let (name, value) = (&line[..colon], &line[colon + 1..]);
-    if name.is_empty() || !name.iter().copied().all(is_token_byte) {
-        return Err("a header field name that is not a token");
-    }
-    if value.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
-        return Err("a control character in a header field value");
-    }
-    Ok(())
-}
-
-/// `tchar` of RFC 9110 §5.6.2.
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    http_with(status, content_type, body, "")
+}
+
+/// A response with `extra` header lines (each ending in CRLF).
+fn http_with(status: u16, content_type: &str, body: &str, extra: &str) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -565,7 +519,7 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
         _ => "Error",
     };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -623,45 +577,61 @@ mod tests {
 
     #[test]
     fn malformed_heads_are_refused_as_soon_as_they_are_seen() {
-        let bad = |head: &[u8]| match parse_head(head) {
-            Head::Bad(why) => why,
-            other => panic!("{:?} parsed as {other:?}", head.escape_ascii().to_string()),
+        for head in [
+            b"\xff\xfe /metrics HTTP/1.1\r\n\r\n".as_slice(),
+            // Before the line is even complete.
+            b"GET /\x00",
+            b"GET\r/ HTTP/1.1\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+            b"G(T / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : x\r\n",
+            b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: b\x01\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(head), Head::Bad(_)),
+                "{:?} parsed as {:?}",
+                head.escape_ascii().to_string(),
+                parse_head(head)
+            );
+        }
+        assert_eq!(
+            parse_head(b"GET / HTTP/2.0\r\n\r\n"),
+            Head::Bad("the version is not HTTP/1.x")
+        );
+    }
+
+    #[test]
+    fn the_query_string_is_ignored_head_has_no_body_and_other_methods_get_405_with_allow() {
+        let mut seen = Vec::new();
+        let mut answer = |method: &str, path: &str| {
+            seen.push(format!("{method} {path}"));
+            Reply {
+                status: 200,
+                content_type: TEXT,
+                body: "ok\n".to_string(),
+            }
         };
-        assert_eq!(bad(b"\r\n\r\n"), "an empty request line");
-        assert_eq!(bad(b"\n\n"), "an empty request line");
-        assert_eq!(
-            bad(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"),
-            "the request line is not ASCII text"
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+        let get = text(respond("GET", "/metrics?x=1&y=%20", &mut answer));
+        assert!(
+            get.starts_with("HTTP/1.1 200 OK\r\n") && get.ends_with("\r\n\r\nok\n"),
+            "{get}"
         );
-        // Before the line is even complete.
-        assert_eq!(bad(b"GET /\xe9"), "the request line is not ASCII text");
-        assert_eq!(bad(b"GET /\x00"), "a control character in the request line");
-        assert_eq!(bad(b"GET\r/ HTTP/1.1\r\n"), "a CR not followed by LF");
-        assert_eq!(
-            bad(b"GET /metrics\r\n\r\n"),
-            "the request line is not METHOD TARGET HTTP/1.x"
+        let head = text(respond("HEAD", "/healthz#top", &mut answer));
+        assert!(
+            head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
         );
-        assert_eq!(
-            bad(b"GET / HTTP/2.0\r\n\r\n"),
-            "the version is not HTTP/1.x"
+        let post = text(respond("POST", "/metrics", &mut answer));
+        assert!(
+            post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{post}"
         );
-        assert_eq!(bad(b"G(T / HTTP/1.1\r\n\r\n"), "the method is not a token");
-        assert_eq!(
-            bad(b"GET / HTTP/1.1\r\nHost x\r\n\r\n"),
-            "a header field line without a colon"
-        );
-        assert_eq!(
-            bad(b"GET / HTTP/1.1\r\nHost : x\r\n"),
-            "a header field name that is not a token"
-        );
-        assert_eq!(
-            bad(b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"),
-            "obsolete line folding in the header fields"
-        );
-        assert_eq!(
-            bad(b"GET / HTTP/1.1\r\nA: b\x01\r\n\r\n"),
-            "a control character in a header field value"
-        );
+        assert!(post.contains("\r\nAllow: GET, HEAD\r\n"), "{post}");
+        assert_eq!(seen, ["GET /metrics", "GET /healthz"]);
     }
 
     #[test]

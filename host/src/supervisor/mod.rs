@@ -261,12 +261,17 @@ pub struct Master {
     phase: Phase,
     /// The `/metrics` and `/healthz` listener, if configured.
     admin: Option<admin::Admin>,
-    /// Numbers of workers that have exited, so totals never go backwards.
+    /// Numbers of workers that have exited, so totals never go backwards
+    /// (plus the master's own hand-over failures).
     retired: Totals,
+    /// The same per pool slot (the `worker` label of `/metrics`).
+    retired_slots: BTreeMap<usize, Totals>,
+    /// Serving workers' deaths by reason (`metrics::EXIT_REASONS` index).
+    exits: [u64; metrics::EXIT_REASONS.len()],
     /// Restarts since the master started.
     restarts_total: u64,
-    /// Why each slot's last worker exited.
-    last_exits: BTreeMap<usize, String>,
+    /// Why each slot's last worker exited (one of `metrics::EXIT_REASONS`).
+    last_exits: BTreeMap<usize, &'static str>,
     /// Watchdog kills per plugin.
     timeouts: BTreeMap<String, u64>,
     /// Hand-over relay: where the next connection goes (round robin), and
@@ -464,6 +469,8 @@ pub fn serve(mut config: Config) -> i32 {
         phase: Phase::Serving,
         admin,
         retired: Totals::default(),
+        retired_slots: BTreeMap::new(),
+        exits: Default::default(),
         restarts_total: 0,
         last_exits: BTreeMap::new(),
         timeouts: BTreeMap::new(),
@@ -689,6 +696,10 @@ impl Master {
     /// The numbers `/metrics` shows, read from the scoreboard now.
     fn snapshot(&self) -> metrics::Snapshot {
         let mut all = self.retired.clone();
+        let mut slots = self.retired_slots.clone();
+        for index in 0..self.slots.len() {
+            slots.entry(index).or_default();
+        }
         let mut workers: Vec<metrics::WorkerView> = self
             .workers
             .iter()
@@ -700,6 +711,7 @@ impl Master {
                     true,
                 );
                 all.merge(&totals);
+                slots.entry(worker.index).or_default().merge(&totals);
                 metrics::WorkerView {
                     index: worker.index,
                     pid: pid.as_raw(),
@@ -708,19 +720,23 @@ impl Master {
                         Role::Outgoing => "outgoing",
                         Role::Draining => "draining",
                     },
-                    totals,
+                    process: metrics::ProcessStats::read(Some(pid.as_raw())),
                 }
             })
             .collect();
         workers.sort_by_key(|w| (w.index, w.pid));
         metrics::Snapshot {
             workers,
+            slots,
             all,
             restarts: self.restarts_total,
             last_exits: self.last_exits.clone(),
+            exits: self.exits,
             timeouts: self.timeouts.clone(),
             log_lines_dropped: crate::logging::dropped_lines(),
             drain_kills: self.drain_kills,
+            reloads: self.reloads.outcomes(),
+            master: metrics::ProcessStats::read(None),
         }
     }
 

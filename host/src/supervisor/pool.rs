@@ -340,7 +340,11 @@ impl Master {
                         init_timeout: self.config.server.init_timeout,
                     },
                 );
-                tracing::info!("worker {index} started (pid {child})");
+                tracing::info!(
+                    worker = index,
+                    pid = child.as_raw(),
+                    "worker {index} started (pid {child})"
+                );
                 Ok(())
             }
             Ok(ForkResult::Child) => {

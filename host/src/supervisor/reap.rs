@@ -112,11 +112,12 @@ impl Master {
             // What its plugins started goes with it.
             sweep_group(pid);
             // Keep its numbers before the entry is reused.
-            self.retired.add(
-                &self.scoreboard.slot(worker.board).stats,
-                &worker.plugins,
-                false,
-            );
+            let stats = &self.scoreboard.slot(worker.board).stats;
+            self.retired.add(stats, &worker.plugins, false);
+            self.retired_slots
+                .entry(worker.index)
+                .or_default()
+                .add(stats, &worker.plugins, false);
             self.free_boards.push(worker.board);
             if let Some(slot) = self.slots.get_mut(worker.index) {
                 if slot.pid == Some(pid) {
@@ -132,6 +133,11 @@ impl Master {
     pub(super) fn on_worker_exit(&mut self, pid: Pid, worker: Worker, exit: Exit) {
         let now = Instant::now();
         let index = worker.index;
+        // The `status` field of the log lines: short, no explanation.
+        let status = match exit {
+            Exit::Code(code) => format!("exit {code}"),
+            Exit::Signal(signal) => signal.as_str().to_string(),
+        };
         let running = match self.scoreboard.slot(worker.board).in_flight() {
             Some(plugin) => format!(
                 " while running plugin {:?}",
@@ -142,6 +148,7 @@ impl Master {
         if let Phase::Stopping { .. } = self.phase {
             if worker.killed_at_stop {
                 tracing::warn!(
+                    worker = index, pid = pid.as_raw(), status = %status,
                     "worker {index} (pid {pid}) killed by the master: still running at the stop deadline (shutdown_timeout + {STOP_GRACE:?}){}",
                     if running.is_empty() {
                         " (no plugin call in flight: a plugin catching SIGTERM, or connections that never finished?)".to_string()
@@ -150,9 +157,9 @@ impl Master {
                     }
                 );
             } else if let Some(why) = killed_by_master(&worker, exit) {
-                tracing::warn!("worker {index} (pid {pid}) {why}{running}");
+                tracing::warn!(worker = index, pid = pid.as_raw(), status = %status, "worker {index} (pid {pid}) {why}{running}");
             } else {
-                tracing::info!("worker {index} (pid {pid}) exited: {exit}{running}");
+                tracing::info!(worker = index, pid = pid.as_raw(), status = %status, "worker {index} (pid {pid}) exited: {exit}{running}");
             }
             return;
         }
@@ -163,11 +170,11 @@ impl Master {
                 "replaced worker"
             };
             if exit == Exit::Code(exit_code::OK) {
-                tracing::info!("{who} {index} (pid {pid}) finished draining and exited");
+                tracing::info!(worker = index, pid = pid.as_raw(), status = %status, "{who} {index} (pid {pid}) finished draining and exited");
             } else if let Some(why) = killed_by_master(&worker, exit) {
-                tracing::warn!("{who} {index} (pid {pid}) {why}{running}");
+                tracing::warn!(worker = index, pid = pid.as_raw(), status = %status, "{who} {index} (pid {pid}) {why}{running}");
             } else {
-                tracing::warn!("{who} {index} (pid {pid}) exited: {exit}{running}");
+                tracing::warn!(worker = index, pid = pid.as_raw(), status = %status, "{who} {index} (pid {pid}) exited: {exit}{running}");
             }
             return;
         }
@@ -219,10 +226,24 @@ impl Master {
             self.roll_back_reload(exit_code::PLUGIN_LOAD_FAILED, why);
             return;
         }
-        self.last_exits.insert(index, cause.clone());
+        let reason = match (worker.hung, board.load_failed(), boot, exit) {
+            (Some(_), ..) => "watchdog",
+            (None, Some(_), ..) => "plugin_load_failed",
+            (None, None, Boot::DiedStarting, _) => "boot_failed",
+            (None, None, _, Exit::Signal(_)) => "signal",
+            (None, None, _, Exit::Code(_)) => "exit_code",
+        };
+        self.last_exits.insert(index, reason);
+        if let Some(n) = metrics::EXIT_REASONS
+            .iter()
+            .position(|&r| r == reason)
+            .and_then(|i| self.exits.get_mut(i))
+        {
+            *n += 1;
+        }
         let Some(slot) = self.slots.get_mut(index) else {
             // Its slot was removed (SIGTTOU) meanwhile: nothing to restart.
-            tracing::info!("worker {index} (pid {pid}) exited: {cause}");
+            tracing::info!(worker = index, pid = pid.as_raw(), status = %status, "worker {index} (pid {pid}) exited: {cause}");
             return;
         };
         slot.crash_streak = if now.duration_since(worker.started) < decision::STABLE_AFTER {
@@ -261,17 +282,20 @@ impl Master {
                 let restarts = self.restarts.len();
                 if streak < 3 {
                     tracing::warn!(
+                        worker = index, pid = pid.as_raw(), status = %status,
                         "worker {index} (pid {pid}) died: {cause}; restarting it{} ({restarts} restart(s) in the last {window:?}, max_restarts = {max})",
                         if delay.is_zero() { String::new() } else { format!(" in {delay:?}") }
                     );
                 } else if streak == 3 {
                     tracing::error!(
+                        worker = index, pid = pid.as_raw(), status = %status,
                         "crash loop: worker {index} died {streak} times in a row, each within {:?} of starting (last: {cause}); restarting with exponential backoff, now {delay:?}, at most {:?}; further deaths in this loop are logged at debug level until a worker stays up",
                         decision::STABLE_AFTER,
                         decision::MAX_BACKOFF
                     );
                 } else {
                     tracing::debug!(
+                        worker = index, pid = pid.as_raw(), status = %status,
                         "worker {index} (pid {pid}) died again: {cause}; crash streak {streak}, restarting in {delay:?}"
                     );
                 }
@@ -279,10 +303,12 @@ impl Master {
             Decision::Halt(code @ exit_code::PLUGIN_LOAD_FAILED) => {
                 if boot == Boot::PluginRefused {
                     tracing::error!(
+                        worker = index, pid = pid.as_raw(), status = %status,
                         "worker {index} (pid {pid}) failed to start: {cause}; stopping, since a new worker would fail the same way"
                     );
                 } else {
                     tracing::error!(
+                        worker = index, pid = pid.as_raw(), status = %status,
                         "worker {index} (pid {pid}) failed to start: {cause}; that is {boot_failures} workers in a row that never became ready: stopping"
                     );
                 }
@@ -290,6 +316,7 @@ impl Master {
             }
             Decision::Halt(code) => {
                 tracing::error!(
+                    worker = index, pid = pid.as_raw(), status = %status,
                     "worker {index} (pid {pid}) died: {cause}; {} restarts in the last {window:?} already (max_restarts = {max}): giving up and stopping",
                     self.restarts.len()
                 );

@@ -123,6 +123,8 @@ pub(super) struct ReloadLog {
     next_id: u64,
     /// A write failed (warned once).
     failing: bool,
+    /// Reloads ended, by outcome (`metrics::RELOAD_OUTCOMES` order).
+    outcomes: [u64; super::metrics::RELOAD_OUTCOMES.len()],
 }
 
 impl ReloadLog {
@@ -137,6 +139,7 @@ impl ReloadLog {
             },
             next_id: 1,
             failing: false,
+            outcomes: Default::default(),
         };
         log.save();
         log
@@ -201,8 +204,23 @@ impl ReloadLog {
         self.update(id, |r| r.state = state);
     }
 
+    /// Reloads ended so far, by outcome (`metrics::RELOAD_OUTCOMES` order).
+    pub(super) fn outcomes(&self) -> [u64; super::metrics::RELOAD_OUTCOMES.len()] {
+        self.outcomes
+    }
+
     /// The reload is over.
     fn finish(&mut self, id: u64, state: State, code: i32, message: &str) {
+        let outcome = match state {
+            State::Done => Some(0),
+            State::Refused => Some(1),
+            State::RolledBack => Some(2),
+            State::Cancelled => Some(3),
+            State::Queued | State::Checking | State::Starting => None,
+        };
+        if let Some(n) = outcome.and_then(|i| self.outcomes.get_mut(i)) {
+            *n += 1;
+        }
         let message = bounded(message);
         self.update(id, |r| {
             r.state = state;
@@ -379,6 +397,19 @@ impl Master {
                     "[log] file cannot change without a restart ({place}): the server logs to {}, the new config says {}; restart nbnet to apply it, or put [log] file back (to rotate the log file, rename it and send SIGUSR1)",
                     target(&self.config.log),
                     target(&config.log)
+                ),
+            );
+            return;
+        }
+        if config.log.format != self.config.log.format {
+            self.refuse(
+                id,
+                exit_code::FAILURE,
+                format!(
+                    "[log] format cannot change without a restart ({}): the server logs {}, the new config says {}; restart nbnet to apply it, or put [log] format back",
+                    config::shown(&file),
+                    self.config.log.format.as_str(),
+                    config.log.format.as_str()
                 ),
             );
             return;

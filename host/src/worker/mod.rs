@@ -138,7 +138,7 @@ pub fn run(
                 plugins.push(plugin);
             }
             Err(e) => {
-                tracing::error!("{e}");
+                tracing::error!(plugin = %spec.name, "{e}");
                 // Through the scoreboard, not the exit status: see `Slot::boot`.
                 slot.set_load_failed(index);
                 return exit_code::PLUGIN_LOAD_FAILED;

@@ -21,7 +21,7 @@ use crate::config;
 use crate::handover;
 use crate::listener::{Endpoint, ListenSocket};
 use crate::plugin::Plugin;
-use crate::scoreboard::{PluginStats, Slot};
+use crate::scoreboard::{PluginStats, Slot, PROTOCOL_ERROR_PROXY};
 use crate::signals::Signals;
 
 /// The worker's signals (self-pipe): SIGTERM/SIGQUIT drain, SIGINT stops at once, SIGUSR1 reopens the log.
@@ -385,6 +385,7 @@ impl Reactor {
                     ),
                     None => tracing::debug!("max_connections reached again"),
                 }
+                self.slot.stats.max_connections_reached.add(1);
                 self.pause_accepting(Accepting::Full);
                 return;
             }
@@ -487,8 +488,13 @@ impl Reactor {
             self.holders = self.holders.saturating_sub(1);
         }
         self.slot.stats.connections_open.sub(1);
-        if let Close::Protocol(_) | Close::Proxy(_) = reason {
-            self.slot.stats.protocol_errors.add(1);
+        match &reason {
+            Close::Protocol(e) => self.slot.stats.protocol_errors[e.kind()].add(1),
+            Close::Proxy(_) => self.slot.stats.protocol_errors[PROTOCOL_ERROR_PROXY].add(1),
+            Close::TimedOut { mid_frame } => {
+                self.slot.stats.read_timeouts[usize::from(*mid_frame)].add(1)
+            }
+            _ => {}
         }
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer().to_string();
