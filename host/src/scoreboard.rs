@@ -191,6 +191,15 @@ pub struct Stats {
     /// Connections closed at a frame boundary because a hand-over could not
     /// be made (no worker to take them, the taker full or stopping…).
     pub handover_failures: Counter,
+    /// Requests a plugin deferred (ABI 1.3).
+    pub deferred: Counter,
+    /// Deferred requests failed for `deferred_timeout` (connection closed).
+    pub deferred_timeouts: Counter,
+    /// Completions that arrived after their connection had closed (the
+    /// client left, a deadline, an error): nothing sent.
+    pub deferred_late: Counter,
+    /// Completions refused: the handle was completed already.
+    pub deferred_refused: Counter,
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -213,6 +222,10 @@ impl Stats {
             &self.connections_handed_over,
             &self.connections_adopted,
             &self.handover_failures,
+            &self.deferred,
+            &self.deferred_timeouts,
+            &self.deferred_late,
+            &self.deferred_refused,
         ] {
             counter.reset();
         }
@@ -254,6 +267,14 @@ pub struct Totals {
     pub connections_adopted: u64,
     /// See [`Stats`], plus the master's own (nobody to forward to).
     pub handover_failures: u64,
+    /// See [`Stats`].
+    pub deferred: u64,
+    /// See [`Stats`].
+    pub deferred_timeouts: u64,
+    /// See [`Stats`].
+    pub deferred_late: u64,
+    /// See [`Stats`].
+    pub deferred_refused: u64,
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -287,6 +308,10 @@ impl Totals {
         self.connections_handed_over += stats.connections_handed_over.get();
         self.connections_adopted += stats.connections_adopted.get();
         self.handover_failures += stats.handover_failures.get();
+        self.deferred += stats.deferred.get();
+        self.deferred_timeouts += stats.deferred_timeouts.get();
+        self.deferred_late += stats.deferred_late.get();
+        self.deferred_refused += stats.deferred_refused.get();
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -310,6 +335,10 @@ impl Totals {
         self.connections_handed_over += other.connections_handed_over;
         self.connections_adopted += other.connections_adopted;
         self.handover_failures += other.handover_failures;
+        self.deferred += other.deferred;
+        self.deferred_timeouts += other.deferred_timeouts;
+        self.deferred_late += other.deferred_late;
+        self.deferred_refused += other.deferred_refused;
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

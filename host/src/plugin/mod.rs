@@ -15,6 +15,7 @@
 //!   deadlock the child (see `shared/notes/dependencies.md`).
 
 mod c;
+pub mod deferred;
 pub mod image;
 mod rust;
 
@@ -229,6 +230,8 @@ impl Plugin {
             log: plugin_log,
             log_handle: (&*log_tag as *const LogTag).cast(),
             config_get,
+            thread_index: 0,
+            thread_count: 0,
         };
         let mut state: *mut c_void = std::ptr::null_mut();
         // SAFETY: `init` comes from a library whose ABI version (and, for Rust,

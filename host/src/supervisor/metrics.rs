@@ -112,7 +112,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
 
-    let per_worker: [WorkerFamily; 10] = [
+    let per_worker: [WorkerFamily; 14] = [
         (
             "nbnet_connections_open",
             "gauge",
@@ -166,6 +166,30 @@ pub fn render(snapshot: &Snapshot) -> String {
             "counter",
             "Connections closed at a frame boundary because they could not be handed over.",
             |t| t.handover_failures,
+        ),
+        (
+            "nbnet_deferred_total",
+            "counter",
+            "Requests a plugin deferred, to answer later (ABI 1.3).",
+            |t| t.deferred,
+        ),
+        (
+            "nbnet_deferred_timeouts_total",
+            "counter",
+            "Deferred requests not completed within deferred_timeout (connection closed).",
+            |t| t.deferred_timeouts,
+        ),
+        (
+            "nbnet_deferred_late_total",
+            "counter",
+            "Deferred completions that arrived after their connection had closed (nothing sent).",
+            |t| t.deferred_late,
+        ),
+        (
+            "nbnet_deferred_refused_total",
+            "counter",
+            "Deferred completions refused because the handle was completed already.",
+            |t| t.deferred_refused,
         ),
         (
             "nbnet_requests_total",
