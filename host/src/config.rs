@@ -320,7 +320,16 @@ pub struct PluginSpec {
     /// every worker of this config load, whatever happens to the file.
     /// `None` until taken (then the file at `path` is loaded).
     pub image: Option<crate::plugin::image::Image>,
+    /// `threads`: 0 runs the plugin on the worker's reactor thread; N > 0
+    /// gives each worker a pool of N threads, one instance each.
+    /// `0 ..= MAX_PLUGIN_THREADS`.
+    pub threads: usize,
+    /// `[server] plugin_timeout`, for a pool thread's calls.
+    pub plugin_timeout: Duration,
 }
+
+/// Largest `[[plugins]] threads`.
+pub const MAX_PLUGIN_THREADS: usize = 1024;
 
 /// One `[[listeners]]` entry after validation.
 #[derive(Debug, Clone)]
@@ -541,6 +550,7 @@ struct RawPlugin {
     path: Spanned<String>,
     #[serde(default)]
     config: Option<toml::Table>,
+    threads: Option<Spanned<Int>>,
 }
 
 #[derive(Deserialize)]
@@ -818,6 +828,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             Some(table) => toml::to_string(table).unwrap_or_default(),
             None => String::new(),
         };
+        let threads = match &plugin.threads {
+            None => 0,
+            Some(value) => match usize::try_from(value.get_ref().0) {
+                Ok(n) if n <= MAX_PLUGIN_THREADS => n,
+                _ => {
+                    check.problem(
+                        Some(lines.line_of(value.span().start)),
+                        format!(
+                            "plugin {}: threads = {} is out of range: must be between 0 (run on the worker's event loop) and {MAX_PLUGIN_THREADS}",
+                            quote(name),
+                            value.get_ref().0
+                        ),
+                    );
+                    0
+                }
+            },
+        };
         by_name.entry(name).or_insert(plugins.len());
         plugins.push(PluginSpec {
             name: name.to_string(),
@@ -825,6 +852,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             config_toml,
             line,
             image: None,
+            threads,
+            plugin_timeout: Duration::ZERO,
         });
     }
 
@@ -949,6 +978,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             .problems
             .sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
         return Err(fail(check.problems));
+    }
+    for plugin in &mut plugins {
+        plugin.plugin_timeout = server.plugin_timeout;
     }
     Ok(Config {
         file: file.to_path_buf(),

@@ -369,6 +369,14 @@ impl Reactor {
                 }
                 self.retire_after = None;
             }
+            if crate::plugin::pool::take_replacement_request() && !self.slot.wants_retirement() {
+                // A pool thread is stuck past plugin_timeout: be replaced
+                // gracefully rather than killed with everything in flight.
+                self.slot.request_retirement();
+                if let Some(control) = &self.control {
+                    let _ = handover::send_retire(control.as_fd());
+                }
+            }
             if self.fresh_until.is_some_and(|until| now >= until) {
                 self.fresh_until = None;
                 self.close_idle(true);
