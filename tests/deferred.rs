@@ -323,3 +323,27 @@ fn a_reload_delivers_pending_answers_then_hands_the_connection_to_the_new_genera
     assert_ne!(new_pid, old_pid);
     assert_eq!(client.request(b"later 10 still here"), b"still here");
 }
+
+#[test]
+fn the_delay_c_example_answers_pipelined_requests_later_and_in_order() {
+    let server = Server::start(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "delay"
+path = "{delay_c}"
+config = { ms = 30 }
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "delay"
+"#,
+    );
+    let mut client = server.client();
+    let payloads: Vec<String> = (0..20).map(|i| format!("delayed {i}")).collect();
+    pipeline(&mut client, &payloads);
+    for p in &payloads {
+        assert_eq!(&text(client.read_frame().unwrap()), p);
+    }
+}

@@ -75,6 +75,8 @@ pub struct Artifacts {
     /// C test plugin that defers its answers from a timer thread
     /// (`plugins/testing/c/deferc.c`).
     pub deferc_so: PathBuf,
+    /// C example `delay-c` (`plugins/delay-c/delay.c`): echoes after `ms`.
+    pub delay_c_so: PathBuf,
     /// A shared library that exists but is no plugin (libm).
     pub system_lib: PathBuf,
     /// Rust example `kv` (`plugins/kv`): `SET k v` / `GET k` / `DEL k`.
@@ -199,6 +201,7 @@ fn build_now() -> Artifacts {
         misbehave_rs_so: rust_plugin("misbehave_rs"),
         defer_rs_so: rust_plugin("defer_rs"),
         deferc_so: c_plugin("plugins/testing/c/deferc.c", "libdeferc.so"),
+        delay_c_so: c_plugin("plugins/delay-c/delay.c", "libdelay_c.so"),
         upper_c_so: c_plugin("plugins/upper-c/upper.c", "libupper_c.so"),
         bad_abi_so: c_plugin("plugins/testing/c/bad_abi.c", "libbad_abi.so"),
         newer_minor_so: c_plugin("plugins/testing/c/newer_minor.c", "libnewer_minor.so"),
@@ -642,6 +645,7 @@ impl Sandbox {
                 "misbehave_rs" => path(&a.misbehave_rs_so),
                 "defer_rs" => path(&a.defer_rs_so),
                 "deferc" => path(&a.deferc_so),
+                "delay_c" => path(&a.delay_c_so),
                 "system_lib" => path(&a.system_lib),
                 "kv" => path(&a.kv_so),
                 "sha256" => path(&a.sha256_so),
