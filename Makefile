@@ -15,6 +15,7 @@ build:
 	$(CC) $(CFLAGS_PLUGIN) -o target/release/libupper_c.so plugins/upper-c/upper.c
 	$(CC) $(CFLAGS_PLUGIN) -o target/release/libecho_c.so plugins/echo-c/echo.c
 	$(CC) $(CFLAGS_PLUGIN) -o target/release/libcounter_c.so plugins/counter-c/counter.c
+	$(CC) $(CFLAGS_PLUGIN) -pthread -o target/release/libdelay_c.so plugins/delay-c/delay.c
 
 test:
 	bash tests/install-deps.sh

@@ -89,7 +89,7 @@ fn info_describes_a_rust_plugin_and_says_it_loads() {
     assert_exit(&out, 0, "plugin info on the Rust upper plugin");
     assert!(field(&out, "kind").starts_with("Rust"), "{}", out.stdout);
     assert_eq!(field(&out, "name"), "upper");
-    assert!(field(&out, "abi").starts_with("1.2 "), "{}", out.stdout);
+    assert!(field(&out, "abi").starts_with("1.3 "), "{}", out.stdout);
     assert_eq!(field(&out, "loadable"), "yes");
     assert!(
         field(&out, "file").ends_with("libupper.so"),
@@ -104,7 +104,7 @@ fn info_describes_a_c_plugin_and_says_it_loads() {
     assert_exit(&out, 0, "plugin info on the C upper plugin");
     assert!(field(&out, "kind").starts_with("C "), "{}", out.stdout);
     assert_eq!(field(&out, "name"), "upper-c");
-    assert!(field(&out, "abi").starts_with("1.2 "), "{}", out.stdout);
+    assert!(field(&out, "abi").starts_with("1.3 "), "{}", out.stdout);
     assert_eq!(field(&out, "loadable"), "yes");
 }
 

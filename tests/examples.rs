@@ -20,10 +20,11 @@ const CARGO_TIMEOUT: Duration = Duration::from_secs(600);
 const CC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Every C example, and the C walk-through plugin of the docs.
-const C_EXAMPLES: [&str; 4] = [
+const C_EXAMPLES: [&str; 5] = [
     "plugins/upper-c/upper.c",
     "plugins/echo-c/echo.c",
     "plugins/counter-c/counter.c",
+    "plugins/delay-c/delay.c",
     "docs/examples/hello.c",
 ];
 

@@ -82,6 +82,8 @@ fn load(name: &str, path: &Path) -> Option<Plugin> {
         config_toml: String::new(),
         line: 0,
         image: None,
+        threads: 0,
+        plugin_timeout: std::time::Duration::from_secs(5),
     };
     match Plugin::load(&spec, 0, 1) {
         Ok(p) => Some(p),

@@ -37,7 +37,8 @@ pub fn info(file: &Path) -> i32 {
         match report.kind {
             Some(plugin::Kind::Rust) => "Rust plugin (abi_stable root module, export_plugin!)",
             Some(plugin::Kind::C) => "C plugin (nbnet_plugin_entry, nbnet_plugin.h)",
-            None => "not recognised as an nbnet plugin",
+            // Only a config's `threads` makes one; a file never is one.
+            Some(plugin::Kind::Pool) | None => "not recognised as an nbnet plugin",
         }
     );
     if let Some((name, version)) = &report.name_version {
@@ -107,6 +108,8 @@ fn run_plugin(options: &RunOptions) -> i32 {
         config_toml: options.config.clone(),
         line: 0,
         image: None,
+        threads: 0,
+        plugin_timeout: std::time::Duration::from_secs(5),
     };
     let mut plugin = match Plugin::load(&spec, 0, 1) {
         Ok(plugin) => plugin,

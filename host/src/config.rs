@@ -53,6 +53,8 @@ pub const MAX_RESTARTS: u32 = 1_000_000;
 /// Most connections per worker: each needs a file descriptor, and Linux
 /// allows a process at most `fs.nr_open` (1 048 576 by default) of them.
 pub const MAX_CONNECTIONS: usize = 16 * 1024 * 1024;
+/// Largest `max_deferred_per_connection` / `max_deferred_per_worker`.
+pub const MAX_DEFERRED: usize = 16 * 1024 * 1024;
 
 /// The largest `max_buffered_bytes`: 1 TiB per worker, far past any
 /// machine's memory, and small enough that sums of buffer sizes cannot
@@ -137,6 +139,17 @@ pub struct ServerConfig {
     /// the connections holding the most are closed, largest first (Redis'
     /// `maxmemory-clients`). `max_frame_bytes ..= MAX_BUFFERED_BYTES`.
     pub max_buffered_bytes: usize,
+    /// Deferred answers (ABI 1.3) one connection may have pending; at it
+    /// the worker stops answering and reading that connection's further
+    /// requests until one completes (a `process_batch` call may go past it
+    /// by the rest of its batch). `1 ..= MAX_DEFERRED`.
+    pub max_deferred_per_connection: usize,
+    /// Deferred answers one worker may have pending; a request deferred
+    /// past it fails (its connection is closed). `1 ..= MAX_DEFERRED`.
+    pub max_deferred_per_worker: usize,
+    /// A deferred request not completed within this fails: its connection
+    /// is closed, the plugin named in the log. 1 ms ..= 1 day.
+    pub deferred_timeout: Duration,
     /// How long a graceful stop (SIGTERM) may take: connections still busy
     /// after it are cut. 1 ms ..= 1 day.
     pub shutdown_timeout: Duration,
@@ -175,6 +188,9 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_pending_output_bytes: 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
+            max_deferred_per_connection: 128,
+            max_deferred_per_worker: 65_536,
+            deferred_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
             max_requests_per_worker: 0,
@@ -338,7 +354,16 @@ pub struct PluginSpec {
     /// every worker of this config load, whatever happens to the file.
     /// `None` until taken (then the file at `path` is loaded).
     pub image: Option<crate::plugin::image::Image>,
+    /// `threads`: 0 runs the plugin on the worker's reactor thread; N > 0
+    /// gives each worker a pool of N threads, one instance each.
+    /// `0 ..= MAX_PLUGIN_THREADS`.
+    pub threads: usize,
+    /// `[server] plugin_timeout`, for a pool thread's calls.
+    pub plugin_timeout: Duration,
 }
+
+/// Largest `[[plugins]] threads`.
+pub const MAX_PLUGIN_THREADS: usize = 1024;
 
 /// One `[[listeners]]` entry after validation.
 #[derive(Debug, Clone)]
@@ -476,6 +501,9 @@ struct RawServer {
     max_connections: Option<Spanned<Int>>,
     max_pending_output_bytes: Option<Spanned<Int>>,
     max_buffered_bytes: Option<Spanned<Int>>,
+    max_deferred_per_connection: Option<Spanned<Int>>,
+    max_deferred_per_worker: Option<Spanned<Int>>,
+    deferred_timeout: Option<Spanned<Dur>>,
     shutdown_timeout: Option<Spanned<Dur>>,
     drain_delay: Option<Spanned<Dur>>,
     max_requests_per_worker: Option<Spanned<Int>>,
@@ -562,6 +590,7 @@ struct RawPlugin {
     path: Spanned<String>,
     #[serde(default)]
     config: Option<toml::Table>,
+    threads: Option<Spanned<Int>>,
 }
 
 #[derive(Deserialize)]
@@ -844,6 +873,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             Some(table) => toml::to_string(table).unwrap_or_default(),
             None => String::new(),
         };
+        let threads = match &plugin.threads {
+            None => 0,
+            Some(value) => match usize::try_from(value.get_ref().0) {
+                Ok(n) if n <= MAX_PLUGIN_THREADS => n,
+                _ => {
+                    check.problem(
+                        Some(lines.line_of(value.span().start)),
+                        format!(
+                            "plugin {}: threads = {} is out of range: must be between 0 (run on the worker's event loop) and {MAX_PLUGIN_THREADS}",
+                            quote(name),
+                            value.get_ref().0
+                        ),
+                    );
+                    0
+                }
+            },
+        };
         by_name.entry(name).or_insert(plugins.len());
         plugins.push(PluginSpec {
             name: name.to_string(),
@@ -851,6 +897,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             config_toml,
             line,
             image: None,
+            threads,
+            plugin_timeout: Duration::ZERO,
         });
     }
 
@@ -1010,6 +1058,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             .problems
             .sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
         return Err(fail(check.problems));
+    }
+    for plugin in &mut plugins {
+        plugin.plugin_timeout = server.plugin_timeout;
     }
     Ok(Config {
         file: file.to_path_buf(),
@@ -1279,6 +1330,23 @@ impl Checker<'_, '_> {
                 &raw.max_buffered_bytes,
                 1..=MAX_BUFFERED_BYTES,
                 d.max_buffered_bytes,
+            ),
+            max_deferred_per_connection: self.count_usize(
+                "max_deferred_per_connection",
+                &raw.max_deferred_per_connection,
+                1..=MAX_DEFERRED as u64,
+                d.max_deferred_per_connection,
+            ),
+            max_deferred_per_worker: self.count_usize(
+                "max_deferred_per_worker",
+                &raw.max_deferred_per_worker,
+                1..=MAX_DEFERRED as u64,
+                d.max_deferred_per_worker,
+            ),
+            deferred_timeout: self.duration(
+                "deferred_timeout",
+                &raw.deferred_timeout,
+                d.deferred_timeout,
             ),
             shutdown_timeout: self.duration(
                 "shutdown_timeout",
@@ -1836,6 +1904,8 @@ plugin = "upper"
         ("max_frame_bytes", 1, MAX_DECLARED),
         ("max_connections", 1, MAX_CONNECTIONS as u64),
         ("max_pending_output_bytes", 1, MAX_DECLARED),
+        ("max_deferred_per_connection", 1, MAX_DEFERRED as u64),
+        ("max_deferred_per_worker", 1, MAX_DEFERRED as u64),
         ("max_requests_per_worker", 0, MAX_REQUESTS),
         ("max_requests_jitter", 0, MAX_REQUESTS),
     ];
@@ -1846,6 +1916,7 @@ plugin = "upper"
         "plugin_timeout",
         "init_timeout",
         "read_timeout",
+        "deferred_timeout",
         "shutdown_timeout",
     ];
 
@@ -1876,6 +1947,8 @@ plugin = "upper"
                         "max_frame_bytes" => s.max_frame_bytes as u64,
                         "max_connections" => s.max_connections as u64,
                         "max_pending_output_bytes" => s.max_pending_output_bytes as u64,
+                        "max_deferred_per_connection" => s.max_deferred_per_connection as u64,
+                        "max_deferred_per_worker" => s.max_deferred_per_worker as u64,
                         "max_requests_per_worker" => s.max_requests_per_worker,
                         "max_requests_jitter" => s.max_requests_jitter,
                         other => unreachable!("{other}"),
@@ -1888,6 +1961,7 @@ plugin = "upper"
                     s.plugin_timeout,
                     s.init_timeout,
                     s.read_timeout,
+                    s.deferred_timeout,
                     s.shutdown_timeout,
                 ] {
                     assert!(

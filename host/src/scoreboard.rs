@@ -219,6 +219,15 @@ pub struct Stats {
     pub handover_failures: Counter,
     /// Clients refused by a listener's `allow`/`deny` lists.
     pub access_refused: Counter,
+    /// Requests a plugin deferred (ABI 1.3).
+    pub deferred: Counter,
+    /// Deferred requests failed for `deferred_timeout` (connection closed).
+    pub deferred_timeouts: Counter,
+    /// Completions that arrived after their connection had closed (the
+    /// client left, a deadline, an error): nothing sent.
+    pub deferred_late: Counter,
+    /// Completions refused: the handle was completed already.
+    pub deferred_refused: Counter,
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -242,6 +251,10 @@ impl Stats {
             &self.connections_adopted,
             &self.handover_failures,
             &self.access_refused,
+            &self.deferred,
+            &self.deferred_timeouts,
+            &self.deferred_late,
+            &self.deferred_refused,
         ]
         .into_iter()
         .chain(&self.protocol_errors)
@@ -293,6 +306,14 @@ pub struct Totals {
     pub handover_failures: u64,
     /// See [`Stats`].
     pub access_refused: u64,
+    /// See [`Stats`].
+    pub deferred: u64,
+    /// See [`Stats`].
+    pub deferred_timeouts: u64,
+    /// See [`Stats`].
+    pub deferred_late: u64,
+    /// See [`Stats`].
+    pub deferred_refused: u64,
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -333,6 +354,10 @@ impl Totals {
         self.connections_adopted += stats.connections_adopted.get();
         self.handover_failures += stats.handover_failures.get();
         self.access_refused += stats.access_refused.get();
+        self.deferred += stats.deferred.get();
+        self.deferred_timeouts += stats.deferred_timeouts.get();
+        self.deferred_late += stats.deferred_late.get();
+        self.deferred_refused += stats.deferred_refused.get();
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -363,6 +388,10 @@ impl Totals {
         self.connections_adopted += other.connections_adopted;
         self.handover_failures += other.handover_failures;
         self.access_refused += other.access_refused;
+        self.deferred += other.deferred;
+        self.deferred_timeouts += other.deferred_timeouts;
+        self.deferred_late += other.deferred_late;
+        self.deferred_refused += other.deferred_refused;
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

@@ -18,8 +18,13 @@
  * calls init once to create its own instance, then calls process once per
  * request (or, if the plugin has one, process_batch once for all the
  * pipelined requests of one read), never concurrently on one instance (no
- * locking needed). A slow process stalls that worker's other connections.
- * destroy frees the instance.
+ * locking needed). A slow process stalls that worker's other connections:
+ * a plugin that waits (on a database, another service, a timer) either
+ * defers its answers (nbnet_defer, below: answer later from a thread of its
+ * own) or runs on a thread pool ([[plugins]] threads = N: N instances, one
+ * per pool thread, still never called concurrently). Start threads in init
+ * (which runs in the worker, after fork), never in a constructor that runs
+ * at dlopen. destroy frees the instance.
  *
  * Memory: the host owns every buffer it passes; the plugin owns its state.
  * Nothing allocated on one side is freed on the other.
@@ -48,8 +53,10 @@ extern "C" {
 /* ---------------------------------------------------------------- versions */
 
 #define NBNET_ABI_MAJOR 1
-#define NBNET_ABI_MINOR 2 /* 1.1: in-place responses (data/len/cap/grow), process_batch;
-                           * 1.2: nbnet_conn.flags (connections handed over) */
+#define NBNET_ABI_MINOR 3 /* 1.1: in-place responses (data/len/cap/grow), process_batch;
+                           * 1.2: nbnet_conn.flags (connections handed over);
+                           * 1.3: deferred answers (resp->defer, nbnet_deferred),
+                           *      nbnet_init_ctx.thread_index / thread_count */
 
 /* ------------------------------------------------------------ return codes */
 
@@ -85,6 +92,28 @@ typedef struct nbnet_conn {
  * (a reload, a worker's replacement). In on_close: handed over, the client
  * stays connected elsewhere. In on_open: accepted earlier by another worker. */
 #define NBNET_CONN_HANDED_OVER 1u
+
+/* ------------------------------------------------ deferred answers (1.3) */
+
+/* A completion handle for one request answered later (ABI 1.3). Made by
+ * nbnet_defer(resp) inside process (or process_batch); host memory.
+ *
+ * Ownership and threads: the handle is yours until you complete it, with
+ * nbnet_answer (the answer's bytes, copied before it returns: data stays
+ * yours) or nbnet_fail (the request fails: the host logs msg with the
+ * plugin's name and closes the connection after the answers before it).
+ * Complete it exactly once, from any thread, at any time: after the client
+ * has gone or after [server] deferred_timeout it does nothing (the host
+ * counts it). A second completion returns NBNET_ERR and does nothing; do
+ * not use the handle after completing it (the host reuses its memory once
+ * many later handles are completed). Never free it. An answer longer than
+ * max_frame_bytes fails the request. Answers go to the client in request
+ * order: a later request on the same connection, answered first, waits. */
+typedef struct nbnet_deferred {
+    int (*answer)(struct nbnet_deferred *d, const uint8_t *data, size_t len);
+    int (*fail)(struct nbnet_deferred *d, const char *msg, size_t len);
+    void *host; /* host-private */
+} nbnet_deferred;
 
 /* ------------------------------------------------------- response (host) */
 
@@ -127,6 +156,8 @@ typedef struct nbnet_response {
     /* Make cap - len >= additional (data may move). NBNET_ERR, and nothing
      * changes, if len + additional would exceed max_frame_bytes. */
     int (*grow)(struct nbnet_response *resp, size_t additional);
+    /* ABI 1.3: see nbnet_defer below. */
+    nbnet_deferred *(*defer)(struct nbnet_response *resp);
 } nbnet_response;
 
 /* ------------------------------------------------------ batches (ABI 1.1) */
@@ -188,6 +219,11 @@ typedef struct nbnet_init_ctx {
      * unquoted, numbers and booleans as TOML writes them), or NULL if absent
      * or not a scalar. Valid until init returns: copy or convert it. */
     const char *(*config_get)(const struct nbnet_init_ctx *ctx, const char *key);
+    /* ABI 1.3: with [[plugins]] threads = N > 0 each worker makes N
+     * instances, one per pool thread: this one's index 0..N-1 (e.g. to open
+     * one database connection each), and N. Both 0 on the reactor thread. */
+    uint32_t thread_index;
+    uint32_t thread_count;
 } nbnet_init_ctx;
 
 /* ------------------------------------------------------- plugin table (you) */
@@ -268,6 +304,27 @@ static inline int nbnet_commit(nbnet_response *resp, size_t len) {
 static inline int nbnet_error(nbnet_response *resp, const char *msg, size_t len) {
     resp->set_error(resp, msg, len);
     return NBNET_ERR;
+}
+
+/* ABI 1.3: answer this request later. Returns a handle to complete with
+ * nbnet_answer or nbnet_fail (from any thread); then return NBNET_OK from
+ * process with nothing written. NULL when the host refuses (its
+ * max_deferred_per_worker is reached, or this request was deferred
+ * already): the request fails, whatever process returns. */
+static inline nbnet_deferred *nbnet_defer(nbnet_response *resp) {
+    return resp->defer(resp);
+}
+
+/* Complete a deferred request with len bytes at data (copied). NBNET_OK, or
+ * NBNET_ERR if the handle was completed already. */
+static inline int nbnet_answer(nbnet_deferred *d, const uint8_t *data, size_t len) {
+    return d->answer(d, data, len);
+}
+
+/* Fail a deferred request with a message (copied). NBNET_OK, or NBNET_ERR
+ * if the handle was completed already. */
+static inline int nbnet_fail(nbnet_deferred *d, const char *msg, size_t len) {
+    return d->fail(d, msg, len);
 }
 
 #ifdef __cplusplus

@@ -40,7 +40,11 @@ pub const ABI_MAJOR: u32 = 1;
 ///   request of one read answered in one call.
 /// - 1.2: [`RawConnection`] gains `flags` ([`NBNET_CONN_HANDED_OVER`]):
 ///   connections move between workers on a reload instead of closing.
-pub const ABI_MINOR: u32 = 2;
+/// - 1.3: plugins that wait. [`RawResponse`] gains `defer` (answer later,
+///   from any thread, through a [`RawDeferred`] handle); [`RawInitContext`]
+///   gains `thread_index` and `thread_count` (the instance's place in its
+///   thread pool, `[[plugins]] threads`).
+pub const ABI_MINOR: u32 = 3;
 
 /// Success return code of `init`, `process` and `write`.
 pub const NBNET_OK: i32 = 0;
@@ -120,6 +124,40 @@ pub struct RawResponse {
     /// when `len + additional` would exceed `max_frame_bytes` (nothing
     /// changes then; the request fails).
     pub grow: unsafe extern "C" fn(resp: *mut RawResponse, additional: usize) -> i32,
+    /// ABI 1.3. Takes a completion handle for the request being answered:
+    /// the plugin returns [`NBNET_OK`] from `process` with nothing written,
+    /// and completes the handle later, from any thread, exactly once (see
+    /// [`RawDeferred`]). NULL when the host refuses (its
+    /// `max_deferred_per_worker` is reached, or the request was deferred
+    /// already): the request then fails whatever `process` returns.
+    pub defer: unsafe extern "C" fn(resp: *mut RawResponse) -> *mut RawDeferred,
+}
+
+/// A completion handle for one deferred request (`nbnet_deferred` in C),
+/// made by [`RawResponse::defer`] (ABI 1.3).
+///
+/// Host memory; the plugin may keep the pointer past `process` and pass it
+/// to another thread. Complete it exactly once, from any thread, with
+/// `answer` (the answer's bytes, copied by the host before it returns: the
+/// plugin keeps ownership of `data`) or `fail` (the request fails, the
+/// connection is closed after the answers before it, and the message is
+/// logged). Completing is always safe: after the client has gone or the
+/// request's `deferred_timeout` has passed it does nothing (and is
+/// counted). A second completion returns [`NBNET_ERR`] and does nothing;
+/// the handle must not be used after that (the host recycles its memory
+/// once many later handles were completed).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct RawDeferred {
+    /// Completes the request with `len` bytes at `data` (copied).
+    /// [`NBNET_OK`], or [`NBNET_ERR`] when the handle was completed
+    /// already. An answer over `max_frame_bytes` fails the request.
+    pub answer: unsafe extern "C" fn(d: *mut RawDeferred, data: *const u8, len: usize) -> i32,
+    /// Fails the request with a message (copied; UTF-8 expected).
+    /// [`NBNET_OK`], or [`NBNET_ERR`] when completed already.
+    pub fail: unsafe extern "C" fn(d: *mut RawDeferred, msg: *const u8, len: usize) -> i32,
+    /// Host-private.
+    pub host: *mut c_void,
 }
 
 impl fmt::Debug for RawResponse {
@@ -193,6 +231,13 @@ pub struct RawInitContext {
     /// valid until `init` returns.
     pub config_get:
         unsafe extern "C" fn(ctx: *const RawInitContext, key: *const c_char) -> *const c_char,
+    /// ABI 1.3. With `[[plugins]] threads = N > 0`, each worker creates N
+    /// instances, one per pool thread: this one's index, `0 .. N`. 0 for an
+    /// instance on the reactor thread.
+    pub thread_index: u32,
+    /// ABI 1.3. The pool's size N, or 0 when the instance runs on the
+    /// worker's reactor thread (`threads = 0`, the default).
+    pub thread_count: u32,
 }
 
 /// Signature of a plugin's `init`: create the per-worker instance and store

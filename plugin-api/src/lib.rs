@@ -61,7 +61,7 @@ pub mod sdk;
 pub mod sink;
 
 #[cfg(feature = "sdk")]
-pub use sdk::{Connection, Error, InitContext, Logger, NoConfig, Plugin, Response};
+pub use sdk::{Connection, Deferred, Error, InitContext, Logger, NoConfig, Plugin, Response};
 #[cfg(feature = "sdk")]
 pub mod testing;
 

@@ -13,9 +13,9 @@ use abi_stable::std_types::RStr;
 use serde::de::DeserializeOwned;
 
 use crate::abi::{
-    RawBatch, RawConnection, RawInitContext, RawRequest, RawResponse, RustPlugin, RustPluginRef,
-    ABI_MAJOR, ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR, NBNET_LOG_INFO,
-    NBNET_LOG_WARN, NBNET_OK,
+    RawBatch, RawConnection, RawDeferred, RawInitContext, RawRequest, RawResponse, RustPlugin,
+    RustPluginRef, ABI_MAJOR, ABI_MINOR, NBNET_ERR, NBNET_LOG_DEBUG, NBNET_LOG_ERROR,
+    NBNET_LOG_INFO, NBNET_LOG_WARN, NBNET_OK,
 };
 
 /// A plugin: one instance per worker process, created from the plugin's own
@@ -260,6 +260,79 @@ impl Response {
         // SAFETY: as in `write`; the host copies the message.
         unsafe { (self.raw.set_error)(&mut self.raw, message.as_ptr(), message.len()) }
     }
+
+    /// Answers this request later (ABI 1.3): returns a handle to complete,
+    /// from any thread, with [`Deferred::answer`] or [`Deferred::fail`].
+    /// Return `Ok(())` from `process` right away, with nothing written.
+    ///
+    /// The host keeps the connection's answers in request order: later
+    /// requests on the same connection wait for this one. A handle dropped
+    /// without being completed fails the request. If the host refuses
+    /// (its `max_deferred_per_worker` is reached) the request fails and the
+    /// handle's completion does nothing.
+    pub fn defer(&mut self) -> Deferred {
+        // SAFETY: as in `write`: `raw` was built by the host for this call.
+        let raw = unsafe { (self.raw.defer)(&mut self.raw) };
+        Deferred { raw }
+    }
+}
+
+/// A request answered later: complete it exactly once, from any thread,
+/// with [`answer`](Self::answer) or [`fail`](Self::fail). Dropping it
+/// without completing fails the request (the client's connection is
+/// closed after the answers before it), so a lost handle never hangs a
+/// client. Completing after the client has gone, or after the host's
+/// `deferred_timeout`, is harmless (the host counts it).
+#[must_use = "a Deferred dropped without an answer fails its request"]
+pub struct Deferred {
+    raw: *mut RawDeferred,
+}
+
+// SAFETY: the handle is host memory made to be completed from any thread
+// (the host's completion is thread-safe); `Deferred` owns it exclusively.
+unsafe impl Send for Deferred {}
+
+impl Deferred {
+    /// Completes the request with `bytes` as its answer (copied by the host
+    /// before this returns). An answer over the host's `max_frame_bytes`
+    /// fails the request instead.
+    pub fn answer(mut self, bytes: &[u8]) {
+        let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
+        if !raw.is_null() {
+            // SAFETY: a live handle from `defer`, completed once (taken out
+            // of `self`, so `Drop` will not complete it again).
+            unsafe { ((*raw).answer)(raw, bytes.as_ptr(), bytes.len()) };
+        }
+    }
+
+    /// Fails the request: the host logs `message` with the plugin's name
+    /// and closes the connection after the answers before it.
+    pub fn fail(mut self, message: impl fmt::Display) {
+        let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
+        Self::fail_raw(raw, &message.to_string());
+    }
+
+    fn fail_raw(raw: *mut RawDeferred, message: &str) {
+        if !raw.is_null() {
+            // SAFETY: as in `answer`.
+            unsafe { ((*raw).fail)(raw, message.as_ptr(), message.len()) };
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
+        Self::fail_raw(raw, "the plugin dropped its Deferred without answering");
+    }
+}
+
+impl fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deferred")
+            .field("live", &!self.raw.is_null())
+            .finish()
+    }
 }
 
 fn too_large() -> Error {
@@ -280,6 +353,32 @@ impl InitContext<'_> {
     /// Number of workers the master runs.
     pub fn worker_count(&self) -> u32 {
         self.raw.worker_count
+    }
+
+    /// With `[[plugins]] threads = N > 0` (ABI 1.3): this instance's pool
+    /// thread, `0 .. thread_count()`; 0 on the reactor thread.
+    pub fn thread_index(&self) -> u32 {
+        if self.knows(std::mem::offset_of!(RawInitContext, thread_index)) {
+            self.raw.thread_index
+        } else {
+            0
+        }
+    }
+
+    /// The size of this plugin's thread pool in each worker (`threads`),
+    /// or 0 when its instance runs on the worker's reactor thread.
+    pub fn thread_count(&self) -> u32 {
+        if self.knows(std::mem::offset_of!(RawInitContext, thread_count)) {
+            self.raw.thread_count
+        } else {
+            0
+        }
+    }
+
+    /// Whether the host's context has the field at `offset` (it is at
+    /// least as new as the minor that added it).
+    fn knows(&self, offset: usize) -> bool {
+        (self.raw.struct_size as usize) >= offset + 4
     }
 
     /// The plugin's name in the nbnet config.

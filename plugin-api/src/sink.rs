@@ -21,7 +21,26 @@
 
 use std::ffi::c_void;
 
-use crate::abi::{RawBatch, RawConnection, RawResponse, NBNET_ERR, NBNET_OK};
+use crate::abi::{RawBatch, RawConnection, RawDeferred, RawResponse, NBNET_ERR, NBNET_OK};
+
+/// What makes completion handles for a sink's `defer` callback (ABI 1.3):
+/// the nbnet worker's completion queue, or [`crate::testing::TestHost`]'s.
+pub trait Deferrer {
+    /// A handle for one more deferred request and the token its completion
+    /// will carry, or why not (the request then fails).
+    fn defer(&mut self) -> Result<(*mut RawDeferred, u64), String>;
+}
+
+/// A request answered later: where its (empty) answer sits in the sink's
+/// buffer, and the token its completion carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// Offset in the buffer where the deferred request's answer starts
+    /// (right after its prefix, whose length says 0).
+    pub at: usize,
+    /// The handle's token (see [`Deferrer::defer`]).
+    pub token: u64,
+}
 
 /// Why a response failed; see [`ResponseSink::finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +103,11 @@ pub struct ResponseSink {
     seal: usize,
     /// The callbacks alone, folded (computed once).
     callbacks: usize,
+    /// Makes completion handles for `defer`; null: deferring is refused.
+    deferrer: Option<*mut dyn Deferrer>,
+    /// The requests deferred since the last [`clear_marks`](Self::clear_marks),
+    /// in order.
+    marks: Vec<Mark>,
 }
 
 impl ResponseSink {
@@ -106,6 +130,7 @@ impl ResponseSink {
                 len: 0,
                 cap: 0,
                 grow: sink_grow,
+                defer: sink_defer,
             },
             payload_start: out.len(),
             out,
@@ -121,7 +146,33 @@ impl ResponseSink {
             conn,
             seal: callbacks_seal() ^ conn as usize,
             callbacks: callbacks_seal(),
+            deferrer: None,
+            marks: Vec::new(),
         }
+    }
+
+    /// Lets plugins defer their answers (ABI 1.3): `deferrer` makes the
+    /// handles. It must stay valid (and not move) while the sink is used.
+    pub fn set_deferrer(&mut self, deferrer: *mut dyn Deferrer) {
+        self.deferrer = Some(deferrer);
+    }
+
+    /// The requests deferred since the last [`clear_marks`](Self::clear_marks).
+    #[inline]
+    pub fn marks(&self) -> &[Mark] {
+        &self.marks
+    }
+
+    /// How many requests were deferred since the last `clear_marks`.
+    #[inline(always)]
+    pub fn deferred(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// Forgets the marks (once the caller has taken them over).
+    #[inline]
+    pub fn clear_marks(&mut self) {
+        self.marks.clear();
     }
 
     /// The connection the next requests come on: what plugins see as the
@@ -147,6 +198,7 @@ impl ResponseSink {
         self.raw.reserve = sink_reserve;
         self.raw.commit = sink_commit;
         self.raw.grow = sink_grow;
+        self.raw.defer = sink_defer;
     }
 
     /// Whether the plugin left the host's fields of the response alone
@@ -162,6 +214,7 @@ impl ResponseSink {
             ^ (self.raw.reserve as usize)
             ^ (self.raw.commit as usize)
             ^ (self.raw.grow as usize)
+            ^ (self.raw.defer as usize)
             ^ (self.raw.conn as usize);
         // Non-short-circuit `&`: two comparisons, one branch.
         (folded == self.seal)
@@ -196,6 +249,10 @@ impl ResponseSink {
             (
                 self.raw.grow as usize != sink_grow as *const () as usize,
                 "grow",
+            ),
+            (
+                self.raw.defer as usize != sink_defer as *const () as usize,
+                "defer",
             ),
         ];
         let names: Vec<&str> = changed.iter().filter(|c| c.0).map(|c| c.1).collect();
@@ -622,6 +679,7 @@ fn callbacks_seal() -> usize {
         ^ (sink_reserve as *const () as usize)
         ^ (sink_commit as *const () as usize)
         ^ (sink_grow as *const () as usize)
+        ^ (sink_defer as *const () as usize)
 }
 
 /// The sink behind a response.
@@ -730,6 +788,36 @@ unsafe extern "C" fn sink_commit(response: *mut RawResponse, len: usize) -> i32 
                 format!("commit({len}) without a matching reserve of at least that size (or after another call)")
             });
             NBNET_ERR
+        }
+    }
+}
+
+unsafe extern "C" fn sink_defer(response: *mut RawResponse) -> *mut RawDeferred {
+    // SAFETY: as in `sink_grow`.
+    let sink = unsafe { sink(response) };
+    // Where this request's answer starts: after its prefix, at the
+    // response's start (or, in a batch, at the current answer's start).
+    let at = sink.payload_start + sink.answer_start();
+    if sink.marks.last().is_some_and(|m| m.at == at) {
+        sink.misuse
+            .get_or_insert_with(|| "deferred the same request twice".into());
+        return std::ptr::null_mut();
+    }
+    let Some(deferrer) = sink.deferrer else {
+        sink.misuse.get_or_insert_with(|| {
+            "deferred its answer, but this host cannot defer answers here".into()
+        });
+        return std::ptr::null_mut();
+    };
+    // SAFETY: `set_deferrer`'s caller keeps it valid while the sink is used.
+    match unsafe { (*deferrer).defer() } {
+        Ok((handle, token)) => {
+            sink.marks.push(Mark { at, token });
+            handle
+        }
+        Err(why) => {
+            sink.misuse.get_or_insert(why);
+            std::ptr::null_mut()
         }
     }
 }

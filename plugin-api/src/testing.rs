@@ -75,6 +75,8 @@ impl<P: Plugin> TestHost<P> {
             log,
             log_handle: (&*logs as *const RefCell<Vec<String>>).cast(),
             config_get: no_config_get,
+            thread_index: 0,
+            thread_count: 0,
         };
         let mut state = std::ptr::null_mut();
         // SAFETY: `ctx` and `state` are valid for the call.

@@ -78,6 +78,13 @@ pub struct Artifacts {
     /// Rust test plugin with the same requests, plus `panic`
     /// (`plugins/testing/misbehave-rs`).
     pub misbehave_rs_so: PathBuf,
+    /// Rust test plugin that defers its answers (`plugins/testing/defer-rs`).
+    pub defer_rs_so: PathBuf,
+    /// C test plugin that defers its answers from a timer thread
+    /// (`plugins/testing/c/deferc.c`).
+    pub deferc_so: PathBuf,
+    /// C example `delay-c` (`plugins/delay-c/delay.c`): echoes after `ms`.
+    pub delay_c_so: PathBuf,
     /// A shared library that exists but is no plugin (libm).
     pub system_lib: PathBuf,
     /// Rust example `kv` (`plugins/kv`): `SET k v` / `GET k` / `DEL k`.
@@ -200,6 +207,9 @@ fn build_now() -> Artifacts {
         echo_so: rust_plugin("echo"),
         fail_init_so: rust_plugin("fail_init"),
         misbehave_rs_so: rust_plugin("misbehave_rs"),
+        defer_rs_so: rust_plugin("defer_rs"),
+        deferc_so: c_plugin("plugins/testing/c/deferc.c", "libdeferc.so"),
+        delay_c_so: c_plugin("plugins/delay-c/delay.c", "libdelay_c.so"),
         upper_c_so: c_plugin("plugins/upper-c/upper.c", "libupper_c.so"),
         bad_abi_so: c_plugin("plugins/testing/c/bad_abi.c", "libbad_abi.so"),
         newer_minor_so: c_plugin("plugins/testing/c/newer_minor.c", "libnewer_minor.so"),
@@ -682,6 +692,9 @@ impl Sandbox {
                 "abi_1_0" => path(&a.abi_1_0_so),
                 "batcher" => path(&a.batcher_so),
                 "misbehave_rs" => path(&a.misbehave_rs_so),
+                "defer_rs" => path(&a.defer_rs_so),
+                "deferc" => path(&a.deferc_so),
+                "delay_c" => path(&a.delay_c_so),
                 "system_lib" => path(&a.system_lib),
                 "kv" => path(&a.kv_so),
                 "sha256" => path(&a.sha256_so),

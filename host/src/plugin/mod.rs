@@ -15,7 +15,9 @@
 //!   deadlock the child (see `shared/notes/dependencies.md`).
 
 mod c;
+pub mod deferred;
 pub mod image;
+pub mod pool;
 mod rust;
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -42,6 +44,8 @@ pub enum Kind {
     Rust,
     /// `nbnet_plugin_entry` from `nbnet_plugin.h`.
     C,
+    /// A thread pool of instances of either kind (`threads = N`).
+    Pool,
 }
 
 impl fmt::Display for Kind {
@@ -49,6 +53,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Rust => "Rust",
             Kind::C => "C",
+            Kind::Pool => "thread-pool",
         })
     }
 }
@@ -172,11 +177,27 @@ impl fmt::Display for ProcessError {
 }
 
 impl Plugin {
-    /// Loads `spec`'s library and creates this worker's instance.
+    /// Loads `spec`'s library and creates this worker's instance (with
+    /// `threads = N`: a pool of N instances, see [`pool`]).
     pub fn load(
         spec: &PluginSpec,
         worker_index: u32,
         worker_count: u32,
+    ) -> Result<Plugin, LoadError> {
+        if spec.threads > 0 {
+            return pool::load(spec, worker_index, worker_count);
+        }
+        Self::load_instance(spec, worker_index, worker_count, 0, 0)
+    }
+
+    /// Loads one instance, told it is pool thread `thread_index` of
+    /// `thread_count` (0 of 0: on the reactor thread).
+    fn load_instance(
+        spec: &PluginSpec,
+        worker_index: u32,
+        worker_count: u32,
+        thread_index: u32,
+        thread_count: u32,
     ) -> Result<Plugin, LoadError> {
         let fail = |reason: String| LoadError {
             name: spec.name.clone(),
@@ -242,6 +263,8 @@ impl Plugin {
             log: plugin_log,
             log_handle: (&*log_tag as *const LogTag).cast(),
             config_get,
+            thread_index,
+            thread_count,
         };
         let mut state: *mut c_void = std::ptr::null_mut();
         // SAFETY: `init` comes from a library whose ABI version (and, for Rust,

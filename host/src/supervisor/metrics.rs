@@ -311,7 +311,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         all.handover_failures
     );
 
-    let per_slot: [WorkerFamily; 10] = [
+    let per_slot: [WorkerFamily; 14] = [
         (
             "nbnet_connections_open",
             "gauge",
@@ -365,6 +365,30 @@ pub fn render(snapshot: &Snapshot) -> String {
             "counter",
             "Clients refused by a listener's allow/deny lists (closed before a request was read).",
             |t| t.access_refused,
+        ),
+        (
+            "nbnet_deferred_total",
+            "counter",
+            "Requests a plugin deferred, to answer later (ABI 1.3).",
+            |t| t.deferred,
+        ),
+        (
+            "nbnet_deferred_timeouts_total",
+            "counter",
+            "Deferred requests not completed within deferred_timeout (connection closed).",
+            |t| t.deferred_timeouts,
+        ),
+        (
+            "nbnet_deferred_late_total",
+            "counter",
+            "Deferred completions that arrived after their connection had closed (nothing sent).",
+            |t| t.deferred_late,
+        ),
+        (
+            "nbnet_deferred_refused_total",
+            "counter",
+            "Deferred completions refused because the handle was completed already.",
+            |t| t.deferred_refused,
         ),
         (
             "nbnet_requests_total",

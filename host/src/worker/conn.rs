@@ -10,7 +10,18 @@
 //!        ▼
 //!   closed: EOF (at a frame boundary, all answers sent), protocol error,
 //!   plugin error, socket error, or read_timeout without progress
+//!
+//!   ┌─────────┐  max_deferred_per_connection answers     ┌─────────┐
+//!   │ Reading │ ── pending (or their queue is full) ───► │ Waiting │
+//!   └─────────┘ ◄── a deferred answer completes ──────── └─────────┘
 //! ```
+//!
+//! Deferred answers (ABI 1.3): a request a plugin defers takes a slot in
+//! the connection's in-order answer queue ([`Answer`]); answers to later
+//! requests queue behind it, and the queue's ready front is sent as soon as
+//! the deferred answer arrives (see [`super::deferred`]). A connection
+//! with answers pending is not idle: `read_timeout` does not close it, a
+//! drain waits for it, and it is handed over only once its queue is empty.
 //!
 //! A peer that half-closes after its last request still gets every answer:
 //! the EOF is only acted on once nothing is left to send.
@@ -26,7 +37,10 @@ use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use super::deadlines::{Linked, Links};
+use super::deferred::{Answer, Deferreds, Maker};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
 use crate::handover;
 use crate::listener::Stream;
@@ -62,6 +76,8 @@ pub struct Scratch {
     /// The requests of a read, and their answers' lengths, for plugins
     /// that answer a batch at a time.
     batch: Batch,
+    /// Makes the handles of deferred answers; the sink holds its address.
+    _maker: Box<Maker>,
 }
 
 /// Reused arrays for `process_batch` calls (contents only valid during one).
@@ -74,15 +90,19 @@ struct Batch {
 impl Scratch {
     /// Allocates the worker's shared buffers, for responses of at most
     /// `max_frame_bytes`.
-    pub fn new(max_frame_bytes: usize) -> Self {
+    pub fn new(max_frame_bytes: usize, mut maker: Box<Maker>) -> Self {
+        let mut responses = ResponseSink::new(
+            Vec::with_capacity(SCRATCH_INPUT),
+            max_frame_bytes,
+            std::ptr::null(),
+        );
+        // The box's contents do not move while the scratch lives.
+        responses.set_deferrer(&mut *maker);
         Scratch {
             input: vec![0; SCRATCH_INPUT],
-            responses: ResponseSink::new(
-                Vec::with_capacity(SCRATCH_INPUT),
-                max_frame_bytes,
-                std::ptr::null(),
-            ),
+            responses,
             batch: Batch::default(),
+            _maker: maker,
         }
     }
 }
@@ -97,6 +117,11 @@ pub enum State {
     Reading,
     /// Responses are queued and the kernel's send buffer is full.
     Writing,
+    /// Reads paused: `max_deferred_per_connection` deferred answers are
+    /// pending, or answers queued behind them reached
+    /// `max_pending_output_bytes` (or the peer shut its side and the
+    /// pending answers are still owed). A completion resumes reading.
+    Waiting,
 }
 
 /// Why a connection ends; the reactor logs each at its own level.
@@ -120,6 +145,8 @@ pub enum Close {
     Proxy(Box<ProxyError>),
     /// The plugin failed this request.
     Plugin(Box<ProcessError>),
+    /// A deferred request was not completed within `deferred_timeout`.
+    DeferredTimeout(Box<DeferredTimeout>),
     /// The worker is stopping.
     Shutdown,
     /// It moved to another worker, open (see [`crate::handover`]).
@@ -138,6 +165,15 @@ pub enum Close {
         /// Bytes its buffers held.
         held: usize,
     },
+}
+
+/// Details of [`Close::DeferredTimeout`].
+#[derive(Debug)]
+pub struct DeferredTimeout {
+    /// The plugin that deferred the request.
+    pub plugin: String,
+    /// How long the request waited.
+    pub waited: std::time::Duration,
 }
 
 /// Per-connection limits and tools the reactor lends to each event.
@@ -164,6 +200,12 @@ pub struct Context<'a> {
     /// The listener's `allow`/`deny` lists, checked against the address a
     /// PROXY header gives (accept checks the others).
     pub access: Option<&'a crate::access::AccessList>,
+    /// This connection's key in the worker's slab.
+    pub key: usize,
+    /// The worker's pending deferred requests.
+    pub deferred: &'a mut Deferreds,
+    /// `max_deferred_per_connection`.
+    pub max_deferred: usize,
 }
 
 /// One accepted client connection.
@@ -202,6 +244,13 @@ pub struct Connection {
     /// What plugins see in `nbnet_conn.flags`: `NBNET_CONN_HANDED_OVER`
     /// once the connection moves between workers, else 0.
     flags: u32,
+    /// Answers in request order once a request was deferred: ready bytes
+    /// and deferred answers still awaited. Empty (no allocation) otherwise.
+    queue: VecDeque<Answer>,
+    /// `Awaiting` slots in `queue`.
+    awaiting: usize,
+    /// Bytes of the `Ready` slots in `queue`.
+    queued: usize,
 }
 
 impl Linked for Connection {
@@ -239,6 +288,9 @@ impl Connection {
             pipelining: false,
             peer_shut: false,
             flags: 0,
+            queue: VecDeque::new(),
+            awaiting: 0,
+            queued: 0,
         }
     }
 
@@ -272,6 +324,7 @@ impl Connection {
     pub fn hand_over_record(&self, listener: &str) -> Option<handover::Connection> {
         let at_boundary = matches!(self.state, State::Reading | State::ProxyHeader)
             && self.input_len == 0
+            && self.queue.is_empty()
             && !self.peer_shut;
         at_boundary.then(|| handover::Connection {
             kind: match self.stream {
@@ -308,6 +361,11 @@ impl Connection {
         }
     }
 
+    /// Its id, unique within the server.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The client's address, for logs.
     pub fn peer(&self) -> &str {
         self.peer.to_str().unwrap_or("?")
@@ -333,9 +391,25 @@ impl Connection {
         self.links.deadline
     }
 
-    /// At a frame boundary with every answer sent: nothing is owed either way.
+    /// At a frame boundary with every answer sent (none deferred or
+    /// queued): nothing is owed either way.
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Reading | State::ProxyHeader) && self.input_len == 0
+        matches!(self.state, State::Reading | State::ProxyHeader)
+            && self.input_len == 0
+            && self.queue.is_empty()
+    }
+
+    /// Deferred answers this connection waits for.
+    pub fn awaiting(&self) -> usize {
+        self.awaiting
+    }
+
+    /// The tokens of the deferred answers it waits for.
+    pub fn awaiting_tokens(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().filter_map(|slot| match slot {
+            Answer::Awaiting(token) => Some(*token),
+            Answer::Ready(_) | Answer::Failed(_) => None,
+        })
     }
 
     /// Whether nothing has been received on it yet.
@@ -359,7 +433,7 @@ impl Connection {
     /// `max_buffered_bytes` budget.
     #[inline]
     pub fn buffered_bytes(&self) -> usize {
-        self.input.capacity() + self.output.capacity()
+        self.input.capacity() + self.output.capacity() + self.queued
     }
 
     /// Handles READABLE (or read-closed): reads what is there, answers every
@@ -411,6 +485,13 @@ impl Connection {
                 // 0 bytes: the peer closed its sending side. Every answer was
                 // written (else we'd be Writing and not reading), so a
                 // half-close after the last request is complete.
+                // Deferred answers still owed: they are delivered first
+                // (a completion reads the EOF again once they are).
+                Ok(0) if self.input_len == 0 && !self.queue.is_empty() => {
+                    self.peer_shut = true;
+                    self.transition(State::Waiting);
+                    return Ok(progress);
+                }
                 Ok(0) if self.input_len == 0 => return Err(Close::PeerClosed),
                 Ok(0) => {
                     return Err(Close::PeerClosedMidFrame {
@@ -458,7 +539,7 @@ impl Connection {
     ) -> Result<bool, Close> {
         match self.process_read(ctx, scratch, n) {
             Ok(completed) => {
-                self.flush_scratch(scratch, &ctx.slot.stats)?;
+                self.flush_scratch(ctx, scratch)?;
                 Ok(completed)
             }
             Err(close) => Err(self.flush_before_closing(ctx, scratch, close)),
@@ -471,17 +552,25 @@ impl Connection {
     #[inline(never)]
     fn flush_before_closing(
         &mut self,
-        ctx: &Context<'_>,
+        ctx: &mut Context<'_>,
         scratch: &mut Scratch,
         close: Close,
     ) -> Close {
-        let mut sent = 0;
-        let _ = write_some(
-            &mut self.stream,
-            scratch.responses.buffer(),
-            &mut sent,
-            &ctx.slot.stats,
-        );
+        // Only what precedes the first answer still owed: the ready front
+        // of the queue, then this read's answers up to its first deferred one.
+        let _ = self.deliver(&ctx.slot.stats);
+        let buffer = scratch.responses.buffer();
+        let end = match scratch.responses.marks().first() {
+            Some(mark) => mark.at.saturating_sub(HEADER_LEN).min(buffer.len()),
+            None => buffer.len(),
+        };
+        if self.queue.is_empty() && self.output.is_empty() {
+            let mut sent = 0;
+            let _ = write_some(&mut self.stream, &buffer[..end], &mut sent, &ctx.slot.stats);
+        }
+        // This read's deferred requests were never registered.
+        ctx.deferred.forget(scratch.responses.deferred());
+        scratch.responses.clear_marks();
         scratch.responses.buffer_mut().clear();
         close
     }
@@ -588,10 +677,173 @@ impl Connection {
         }
         self.output = Vec::new();
         self.written = 0;
+        if self.must_wait(ctx) {
+            self.transition(State::Waiting);
+            return Ok(progress);
+        }
         self.transition(State::Reading);
         // Edge-triggered: an edge seen while paused is gone, so look now.
         let read_progress = self.on_readable(ctx, scratch, false)?;
         Ok(progress || read_progress)
+    }
+
+    /// Whether reading must pause for the deferred answers: as many as
+    /// `max_deferred_per_connection` pending, or `max_pending_output_bytes`
+    /// of answers queued behind them.
+    #[inline]
+    fn must_wait(&self, ctx: &Context<'_>) -> bool {
+        self.awaiting >= ctx.max_deferred
+            || self.queued >= ctx.output_budget
+            || matches!(self.queue.back(), Some(Answer::Failed(_)))
+    }
+
+    /// A deferred answer arrived (`Ok`: its response frame) or failed. Its
+    /// slot is filled, the ready front of the queue is sent, and reading
+    /// resumes if it was paused for the deferred answers. `Ok(progress)`
+    /// as for the other events.
+    pub fn on_completed(
+        &mut self,
+        token: u64,
+        result: Result<Vec<u8>, String>,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<bool, Close> {
+        let Some(at) = self
+            .queue
+            .iter()
+            .position(|slot| matches!(slot, Answer::Awaiting(t) if *t == token))
+        else {
+            return Ok(false);
+        };
+        self.awaiting -= 1;
+        match result {
+            Ok(frame) => {
+                self.queued += frame.len();
+                self.queue[at] = Answer::Ready(frame);
+            }
+            Err(message) => {
+                // The answers before it still go out once complete; none
+                // after it: the connection closes when it reaches the front.
+                for slot in self.queue.drain(at + 1..) {
+                    match slot {
+                        Answer::Awaiting(token) => ctx.deferred.cancel(token),
+                        Answer::Ready(bytes) => self.queued -= bytes.len(),
+                        Answer::Failed(_) => {}
+                    }
+                }
+                self.awaiting = self
+                    .queue
+                    .iter()
+                    .filter(|s| matches!(s, Answer::Awaiting(_)))
+                    .count();
+                self.queue[at] = Answer::Failed(crate::logging::untrusted(&message));
+                if self.state == State::Reading {
+                    self.transition(State::Waiting);
+                }
+            }
+        }
+        self.deliver(&ctx.slot.stats)?;
+        if self.state == State::Waiting && !self.must_wait(ctx) {
+            self.transition(State::Reading);
+            // Frames held back, bytes that arrived meanwhile, or the EOF
+            // of a peer that shut its side.
+            let read_closed = self.peer_shut;
+            self.on_readable(ctx, scratch, read_closed)?;
+        }
+        Ok(true)
+    }
+
+    /// Moves the ready front of the answer queue to the output and writes
+    /// what the kernel takes (the rest waits for WRITABLE).
+    fn deliver(&mut self, stats: &Stats) -> Result<(), Close> {
+        while let Some(Answer::Ready(_)) = self.queue.front() {
+            let Some(Answer::Ready(bytes)) = self.queue.pop_front() else {
+                break;
+            };
+            self.queued -= bytes.len();
+            if self.output.is_empty() {
+                self.output = bytes;
+                self.written = 0;
+            } else {
+                self.output.extend_from_slice(&bytes);
+            }
+        }
+        if let Some(Answer::Failed(_)) = self.queue.front() {
+            // Every answer before the failed request is out (as far as
+            // the kernel takes it without waiting): the connection ends.
+            let _ = write_some(&mut self.stream, &self.output, &mut self.written, stats);
+            let Some(Answer::Failed(message)) = self.queue.pop_front() else {
+                unreachable!("checked just above");
+            };
+            return Err(Close::Plugin(Box::new(ProcessError::Plugin(message))));
+        }
+        if self.state == State::Writing || self.output.is_empty() {
+            return Ok(());
+        }
+        if write_some(&mut self.stream, &self.output, &mut self.written, stats)? {
+            self.output = Vec::new();
+            self.written = 0;
+        } else {
+            self.transition(State::Writing);
+        }
+        Ok(())
+    }
+
+    /// After a read in which a plugin deferred (or while answers wait on
+    /// earlier deferred ones): this read's answers join the queue in
+    /// request order, each deferred request as a slot awaiting its
+    /// completion; then the ready front is sent.
+    #[cold]
+    #[inline(never)]
+    fn queue_answers(&mut self, ctx: &mut Context<'_>, scratch: &mut Scratch) -> Result<(), Close> {
+        let now = Instant::now();
+        let buffer = scratch.responses.buffer();
+        let mut from = 0;
+        let mut misuse = None;
+        for mark in scratch.responses.marks() {
+            // The deferred request's frame: a header saying 0 (an empty
+            // answer) right before `at`.
+            let header_at = mark.at.wrapping_sub(HEADER_LEN);
+            if mark.at < HEADER_LEN
+                || header_at < from
+                || buffer.get(header_at..mark.at) != Some(&[b'0'; HEADER_LEN][..])
+            {
+                misuse.get_or_insert(
+                    "wrote an answer to a request it deferred (defer, then answer only through the handle)",
+                );
+                ctx.deferred.forget(1);
+                continue;
+            }
+            if header_at > from {
+                self.queued += header_at - from;
+                self.queue
+                    .push_back(Answer::Ready(buffer[from..header_at].to_vec()));
+            }
+            self.queue.push_back(Answer::Awaiting(mark.token));
+            self.awaiting += 1;
+            ctx.deferred
+                .register(mark.token, ctx.key, self.id, ctx.plugin_index, now);
+            from = mark.at;
+        }
+        if from < buffer.len() {
+            self.queued += buffer.len() - from;
+            self.queue.push_back(Answer::Ready(buffer[from..].to_vec()));
+        }
+        ctx.slot
+            .stats
+            .deferred
+            .add(scratch.responses.deferred() as u64);
+        scratch.responses.clear_marks();
+        scratch.responses.buffer_mut().clear();
+        if let Some(what) = misuse {
+            let _ = self.deliver(&ctx.slot.stats);
+            return Err(Close::Plugin(Box::new(ProcessError::Plugin(what.into()))));
+        }
+        self.deliver(&ctx.slot.stats)?;
+        if self.state == State::Reading && self.must_wait(ctx) {
+            self.transition(State::Waiting);
+        }
+        Ok(())
     }
 
     /// Answers every complete frame among the `n` bytes just read (in the
@@ -617,6 +869,7 @@ impl Connection {
         scratch.responses.set_connection(&conn);
         ctx.slot.stats.bytes_in.add(n as u64);
         let mut answering = Answering {
+            deferred_room: ctx.max_deferred.saturating_sub(self.awaiting),
             ctx,
             peer: &self.peer,
             pipelining: &mut self.pipelining,
@@ -702,7 +955,11 @@ impl Connection {
     /// moves to the connection's own buffer, and the connection waits for
     /// WRITABLE.
     #[inline]
-    fn flush_scratch(&mut self, scratch: &mut Scratch, stats: &Stats) -> Result<(), Close> {
+    fn flush_scratch(&mut self, ctx: &mut Context<'_>, scratch: &mut Scratch) -> Result<(), Close> {
+        if scratch.responses.deferred() > 0 || !self.queue.is_empty() {
+            return self.queue_answers(ctx, scratch);
+        }
+        let stats = &ctx.slot.stats;
         let mut written = 0;
         let output = scratch.responses.buffer();
         let result = write_some(&mut self.stream, output, &mut written, stats);
@@ -732,6 +989,9 @@ struct Answering<'a, 'c> {
     /// The payload length of the frame at which answering one by one
     /// stopped to batch the rest: already decoded, not decoded again.
     decoded_first: Option<usize>,
+    /// Requests this read may defer before answering stops (the
+    /// connection's `max_deferred_per_connection` less those pending).
+    deferred_room: usize,
 }
 
 impl Answering<'_, '_> {
@@ -753,7 +1013,11 @@ impl Answering<'_, '_> {
             return self.frames_in_one_call(data, None, sink, batch);
         }
         let answered = self.frames_one_by_one(data, sink, batches)?;
-        if answered == data.len() || !batches || sink.buffered() >= self.ctx.output_budget {
+        if answered == data.len()
+            || !batches
+            || sink.buffered() >= self.ctx.output_budget
+            || sink.deferred() >= self.deferred_room
+        {
             return Ok(answered);
         }
         let first = self.decoded_first.take();
@@ -901,9 +1165,13 @@ impl Answering<'_, '_> {
         let mut rest = data;
         let mut answered = 0;
         let ended = loop {
-            if rest.is_empty() || sink.buffered() >= self.ctx.output_budget {
+            if rest.is_empty()
+                || sink.buffered() >= self.ctx.output_budget
+                || sink.deferred() >= self.deferred_room
+            {
                 // All answered, or enough answers waiting: the client must
-                // read those before the rest are answered.
+                // read those (or the deferred ones must complete) before
+                // the rest are answered.
                 break Ok(());
             }
             let Some((payload, after)) = self.ctx.decoder.split_frame(rest) else {

@@ -12,6 +12,7 @@ mod budget;
 pub mod conn;
 mod control;
 pub mod deadlines;
+pub mod deferred;
 pub mod reactor;
 
 use std::os::fd::AsRawFd;
@@ -168,6 +169,9 @@ pub fn run(
         max_pending_output_bytes: config.server.max_pending_output_bytes,
         time_plugin_calls: config.admin.is_some(),
         max_buffered_bytes: config.server.max_buffered_bytes,
+        max_deferred_per_connection: config.server.max_deferred_per_connection,
+        max_deferred_per_worker: config.server.max_deferred_per_worker,
+        deferred_timeout: config.server.deferred_timeout,
     };
     let reactor = match Reactor::new(signals, listeners, plugins, limits, slot, control) {
         Ok(reactor) => reactor,

@@ -16,6 +16,7 @@ use slab::Slab;
 use super::budget::account;
 use super::conn::{Close, Connection, Context, Scratch};
 use super::deadlines::Deadlines;
+use super::deferred::Deferreds;
 use crate::codec::FrameDecoder;
 use crate::config;
 use crate::handover;
@@ -29,8 +30,10 @@ const SIGNALS: Token = Token(0);
 /// The control channel from the master: "hand your connections over", and
 /// connections handed to this worker (see [`crate::handover`]).
 const CONTROL: Token = Token(1);
+/// Deferred answers completed (by any thread): see [`super::deferred`].
+const WAKER: Token = Token(2);
 /// Listener `i` has token `FIRST_LISTENER + i`; connections come after them.
-const FIRST_LISTENER: usize = 2;
+const FIRST_LISTENER: usize = 3;
 /// How soon a hand-over that found the channel full is tried again.
 pub(super) const HANDOVER_RETRY: Duration = Duration::from_millis(5);
 /// How long a graceful stop waits for a just-accepted connection's first
@@ -61,6 +64,12 @@ pub struct Limits {
     /// requests, unsent responses); past it the ones holding the most are
     /// closed.
     pub max_buffered_bytes: usize,
+    /// Deferred answers one connection may have pending before its reads pause.
+    pub max_deferred_per_connection: usize,
+    /// Deferred answers the worker may have pending; a defer past it fails.
+    pub max_deferred_per_worker: usize,
+    /// A deferred request not completed within this fails.
+    pub deferred_timeout: Duration,
 }
 
 /// One inherited listening socket and the plugin that serves it.
@@ -147,6 +156,8 @@ pub struct Reactor {
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
     pub(super) next_connection_id: u64,
+    /// Deferred requests pending, and their completion queue.
+    pub(super) deferred: Deferreds,
 }
 
 impl Reactor {
@@ -172,6 +183,16 @@ impl Reactor {
                 Interest::READABLE,
             )?;
         }
+        let completions = crate::plugin::deferred::Completions::new(
+            poll.registry(),
+            WAKER,
+            limits.max_frame_bytes,
+        )?;
+        let (deferred, maker) = Deferreds::new(
+            completions,
+            limits.max_deferred_per_worker,
+            limits.deferred_timeout,
+        );
         let mut listeners = listeners;
         for listener in &mut listeners {
             listener.stats = slot.stats.plugin(listener.plugin);
@@ -185,7 +206,7 @@ impl Reactor {
             deadlines: Deadlines::default(),
             accepting: Accepting::Open,
             decoder: FrameDecoder::new(limits.max_frame_bytes),
-            scratch: Scratch::new(limits.max_frame_bytes),
+            scratch: Scratch::new(limits.max_frame_bytes, maker),
             limits,
             slot,
             overload_log: OverloadLog::default(),
@@ -201,6 +222,7 @@ impl Reactor {
             served: 0,
             retire_after: limits.retire_after,
             next_connection_id: u64::from(std::process::id()) << 32,
+            deferred,
         };
         reactor.register_listeners()?;
         Ok(reactor)
@@ -244,6 +266,7 @@ impl Reactor {
                         }
                     }
                     CONTROL => self.on_control(now),
+                    WAKER => self.on_completions(now),
                     Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
                     Token(t) => {
                         let key = t - first_connection;
@@ -265,6 +288,9 @@ impl Reactor {
                             output_budget: self.limits.max_pending_output_bytes,
                             time_plugin_calls: self.limits.time_plugin_calls,
                             access: listener.access.as_deref(),
+                            key,
+                            deferred: &mut self.deferred,
+                            max_deferred: self.limits.max_deferred_per_connection,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -345,6 +371,14 @@ impl Reactor {
                     let _ = handover::send_retire(control.as_fd());
                 }
                 self.retire_after = None;
+            }
+            if crate::plugin::pool::take_replacement_request() && !self.slot.wants_retirement() {
+                // A pool thread is stuck past plugin_timeout: be replaced
+                // gracefully rather than killed with everything in flight.
+                self.slot.request_retirement();
+                if let Some(control) = &self.control {
+                    let _ = handover::send_retire(control.as_fd());
+                }
             }
             if self.fresh_until.is_some_and(|until| now >= until) {
                 self.fresh_until = None;
@@ -496,6 +530,9 @@ impl Reactor {
             }
             _ => {}
         }
+        for token in conn.awaiting_tokens() {
+            self.deferred.cancel(token);
+        }
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer().to_string();
         let listener = &self.listeners[conn.listener];
@@ -536,6 +573,13 @@ impl Reactor {
                 %peer,
                 plugin = self.plugins[listener.plugin].name(),
                 "plugin failed a request: {e}; connection closed"
+            ),
+            Close::DeferredTimeout(t) => tracing::warn!(
+                %peer,
+                plugin = %t.plugin,
+                "deferred request not completed after {:?} (deferred_timeout = {:?}); it fails and the connection is closed",
+                t.waited,
+                self.limits.deferred_timeout
             ),
             Close::TimedOut { mid_frame: false } => tracing::debug!(
                 %peer,
@@ -612,17 +656,18 @@ impl Reactor {
 
     /// `shutdown_timeout` ran out while draining: cut what is left, saying how much.
     pub(super) fn cut_remaining(&mut self) {
-        let (mut mid_frame, mut unsent) = (0, 0);
+        let (mut mid_frame, mut unsent, mut awaiting) = (0, 0, 0);
         for (_, conn) in self.connections.iter() {
             if conn.mid_frame() {
                 mid_frame += 1;
             }
+            awaiting += conn.awaiting();
             if conn.has_unsent_output() {
                 unsent += 1;
             }
         }
         tracing::warn!(
-            "shutdown_timeout = {:?} reached: cutting {} connection(s) ({mid_frame} in the middle of a request, {unsent} with responses not yet read by the client)",
+            "shutdown_timeout = {:?} reached: cutting {} connection(s) ({mid_frame} in the middle of a request, {unsent} with responses not yet read by the client, {awaiting} deferred answer(s) not completed by their plugin)",
             self.limits.shutdown_timeout,
             self.connections.len()
         );
@@ -656,9 +701,16 @@ impl Reactor {
             if conn.deadline() > now {
                 break;
             }
+            if conn.awaiting() > 0 {
+                // Waiting on its plugin, not idle: deferred_timeout bounds it.
+                let deadline = config::deadline(now, self.limits.read_timeout);
+                self.deadlines.touch(&mut self.connections, key, deadline);
+                continue;
+            }
             let mid_frame = conn.mid_frame();
             self.close(key, Close::TimedOut { mid_frame });
         }
+        self.expire_deferred(now);
     }
 
     /// How long `poll` may sleep: until the oldest deadline or the end of an
@@ -678,6 +730,7 @@ impl Reactor {
             self.draining,
             self.fresh_until,
             self.handover_retry,
+            self.deferred.next_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -9,6 +9,8 @@
  *                  with "misbehave: response too big"
  *   "crash"     -> abort(): the worker dies from SIGABRT
  *   "whoami"    -> answers "worker I/N" (its init context's index and count)
+ *   "thread"    -> answers "thread T/N": its pool thread and the pool's size
+ *                  (ABI 1.3 init context; "thread 0/0" on the reactor thread)
  *   "config"    -> answers its config table as the TOML text it received
  *   "ok"        -> answers "ok <pid> <calls>": the worker's pid and how many
  *                  requests this instance has seen (this one included)
@@ -34,6 +36,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +48,8 @@
 typedef struct {
     uint32_t worker_index;
     uint32_t worker_count;
+    uint32_t thread_index;
+    uint32_t thread_count;
     char *config;
     size_t config_len;
     unsigned long long calls;
@@ -77,6 +82,10 @@ static int misbehave_init(const nbnet_init_ctx *ctx, void **state) {
         return NBNET_ERR;
     }
     s->worker_index = ctx->worker_index;
+    if (ctx->struct_size >= offsetof(nbnet_init_ctx, thread_count) + sizeof(uint32_t)) {
+        s->thread_index = ctx->thread_index;
+        s->thread_count = ctx->thread_count;
+    }
     s->worker_count = ctx->worker_count;
     s->config_len = ctx->config_toml_len;
     s->config = malloc(s->config_len + 1);
@@ -198,6 +207,12 @@ static int misbehave_process(void *state, const uint8_t *req, size_t len, nbnet_
         char out[64];
         int n = snprintf(out, sizeof out, "worker %u/%u", (unsigned)s->worker_index,
                          (unsigned)s->worker_count);
+        return nbnet_write(resp, out, n > 0 ? (size_t)n : 0);
+    }
+    if (len == 6 && memcmp(req, "thread", 6) == 0) {
+        char out[64];
+        int n = snprintf(out, sizeof out, "thread %u/%u", (unsigned)s->thread_index,
+                         (unsigned)s->thread_count);
         return nbnet_write(resp, out, n > 0 ? (size_t)n : 0);
     }
     if (len == 6 && memcmp(req, "config", 6) == 0) {

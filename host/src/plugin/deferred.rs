@@ -1,0 +1,226 @@
+//! Completion handles for deferred answers (ABI 1.3): the `nbnet_deferred`
+//! a plugin gets from `resp->defer`, and the queue its completions go
+//! through to the worker's reactor.
+//!
+//! # Safety against use after the connection is gone
+//!
+//! A handle points to a host-owned [`Cell`], never to the connection: the
+//! cell holds only a token (a number the reactor looks up in its table of
+//! pending requests) and the process-wide [`Completions`] queue. Completing
+//! swaps the token out atomically (a second completion finds 0 and is
+//! refused), copies the answer into host memory (nothing is freed across
+//! the boundary), queues `(token, answer)` and wakes the reactor through a
+//! `mio::Waker`. If the connection closed meanwhile, the reactor finds no
+//! such token and drops the answer (counted).
+//!
+//! Cells are never freed: completed ones are reused, oldest first, and
+//! only once [`QUARANTINE`] others wait to be reused, so that a plugin's
+//! buggy second completion shortly after the first is refused rather than
+//! completing another request.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nbnet_plugin_api::abi::{RawDeferred, NBNET_ERR, NBNET_OK};
+
+use crate::codec::{header, HEADER_LEN};
+
+/// Completed cells kept out of reuse (see the module doc).
+const QUARANTINE: usize = 1024;
+
+/// One completion: the token of the request and its answer (a complete
+/// frame: header and payload) or why it failed.
+#[derive(Debug)]
+pub struct Done {
+    /// The handle's token.
+    pub token: u64,
+    /// The response frame, or the failure to log.
+    pub result: Result<Vec<u8>, String>,
+}
+
+/// A worker's completion queue, shared with every thread a plugin runs.
+/// Lives as long as the process (handles may be completed at any time).
+pub struct Completions {
+    waker: mio::Waker,
+    max_frame_bytes: usize,
+    queue: Mutex<Queue>,
+    /// Completions refused because the handle was completed already.
+    refused: AtomicU64,
+}
+
+struct Queue {
+    done: Vec<Done>,
+    /// Completed cells, oldest first.
+    free: VecDeque<CellPtr>,
+}
+
+/// A cell's address, passed between threads under the queue's lock.
+struct CellPtr(*mut Cell);
+// SAFETY: cells are leaked, never freed, and only reached through atomics
+// (the token) and immutable fields once made.
+unsafe impl Send for CellPtr {}
+
+/// The memory behind one `nbnet_deferred`. `#[repr(C)]` with the handle
+/// first: the callbacks find the cell from the handle's address.
+#[repr(C)]
+struct Cell {
+    raw: RawDeferred,
+    /// The request's token; 0 once completed.
+    token: AtomicU64,
+    completions: &'static Completions,
+}
+
+impl Completions {
+    /// A queue that wakes `poll`'s reactor with `token`. Leaked: handles
+    /// refer to it until the process exits.
+    pub fn new(
+        registry: &mio::Registry,
+        token: mio::Token,
+        max_frame_bytes: usize,
+    ) -> std::io::Result<&'static Completions> {
+        let waker = mio::Waker::new(registry, token)?;
+        Ok(Box::leak(Box::new(Completions {
+            waker,
+            max_frame_bytes,
+            queue: Mutex::new(Queue {
+                done: Vec::new(),
+                free: VecDeque::new(),
+            }),
+            refused: AtomicU64::new(0),
+        })))
+    }
+
+    /// A handle for the request `token` (non-zero).
+    pub fn handle(&'static self, token: u64) -> *mut RawDeferred {
+        let reused = {
+            let mut queue = self.lock();
+            if queue.free.len() > QUARANTINE {
+                queue.free.pop_front()
+            } else {
+                None
+            }
+        };
+        let cell = match reused {
+            Some(CellPtr(cell)) => cell,
+            None => Box::into_raw(Box::new(Cell {
+                raw: RawDeferred {
+                    answer: deferred_answer,
+                    fail: deferred_fail,
+                    host: std::ptr::null_mut(),
+                },
+                token: AtomicU64::new(0),
+                completions: self,
+            })),
+        };
+        // SAFETY: a leaked cell that no handle refers to any more (just
+        // made, or completed and quarantined): this thread is the only one
+        // setting it up. The plugin may have overwritten the callbacks of
+        // a handle it completed: they are set again.
+        unsafe {
+            (*cell).raw = RawDeferred {
+                answer: deferred_answer,
+                fail: deferred_fail,
+                host: cell.cast::<c_void>(),
+            };
+            (*cell).token.store(token, Ordering::Release);
+            std::ptr::addr_of_mut!((*cell).raw)
+        }
+    }
+
+    /// Takes every completion queued so far.
+    pub fn take(&self) -> Vec<Done> {
+        std::mem::take(&mut self.lock().done)
+    }
+
+    /// Completions refused so far (completed twice).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding the lock cannot leave the queue half
+        // updated (pushes only): carry on with it.
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn complete(&self, cell: &Cell, result: Result<Vec<u8>, String>) -> i32 {
+        let token = cell.token.swap(0, Ordering::AcqRel);
+        if token == 0 {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return NBNET_ERR;
+        }
+        let wake = {
+            let mut queue = self.lock();
+            queue.done.push(Done { token, result });
+            queue
+                .free
+                .push_back(CellPtr(std::ptr::from_ref(cell).cast_mut()));
+            // One wake-up per batch of completions: the reactor takes them
+            // all at once.
+            queue.done.len() == 1
+        };
+        if wake {
+            if let Err(e) = self.waker.wake() {
+                tracing::error!("cannot wake the worker for a deferred answer: {e}");
+            }
+        }
+        NBNET_OK
+    }
+}
+
+/// The cell behind a handle.
+///
+/// # Safety
+/// `d` must be a handle made by [`Completions::handle`].
+unsafe fn cell<'c>(d: *mut RawDeferred) -> &'c Cell {
+    // The cell is found from the handle's own address (its first field),
+    // not from `host`, which the plugin can overwrite.
+    // SAFETY: guaranteed by the caller; cells are never freed.
+    unsafe { &*d.cast::<Cell>() }
+}
+
+unsafe extern "C" fn deferred_answer(d: *mut RawDeferred, data: *const u8, len: usize) -> i32 {
+    if d.is_null() {
+        return NBNET_ERR;
+    }
+    // SAFETY: plugins pass handles made by `Completions::handle`.
+    let cell = unsafe { cell(d) };
+    let completions = cell.completions;
+    let result = if len > completions.max_frame_bytes {
+        Err(format!(
+            "its deferred answer of {len} bytes exceeds max_frame_bytes = {}; the host refused it",
+            completions.max_frame_bytes
+        ))
+    } else if data.is_null() && len > 0 {
+        Err(format!("answered NULL with length {len}"))
+    } else {
+        let mut frame = Vec::with_capacity(HEADER_LEN + len);
+        frame.extend_from_slice(&header(len));
+        if len > 0 {
+            // SAFETY: the plugin passes `len` readable bytes at `data`
+            // (non-null, checked), copied before this returns.
+            frame.extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+        }
+        Ok(frame)
+    };
+    completions.complete(cell, result)
+}
+
+unsafe extern "C" fn deferred_fail(d: *mut RawDeferred, msg: *const u8, len: usize) -> i32 {
+    if d.is_null() {
+        return NBNET_ERR;
+    }
+    // SAFETY: as in `deferred_answer`.
+    let cell = unsafe { cell(d) };
+    let message = super::lossy(msg, len);
+    let message = if message.is_empty() {
+        "failed its deferred request without a message".to_string()
+    } else {
+        message
+    };
+    cell.completions.complete(cell, Err(message))
+}

@@ -1,0 +1,373 @@
+//! Thread-pool offload (`[[plugins]] threads = N`): nbnet owns the
+//! concurrency, the plugin stays plain blocking code.
+//!
+//! Each worker makes N instances of the plugin, one per pool thread (each
+//! created on its own thread, told its `thread_index` and `thread_count`),
+//! so `process` is still never called concurrently on one instance. To the
+//! reactor the pool is just another plugin: its `process` defers the
+//! request (ABI 1.3, the same machinery as a plugin's own deferred
+//! answers: in-order delivery, limits, `deferred_timeout`), copies it into
+//! the pool's queue, and returns at once. A pool thread answers it with its
+//! instance and completes the handle.
+//!
+//! A call running past `plugin_timeout` fails its request (a watchdog
+//! thread completes the handle with the error) and the worker asks the
+//! master to replace it gracefully, as `max_requests_per_worker` does: a
+//! stuck thread cannot be reclaimed, but the worker's other connections go
+//! on being served until the replacement takes over. A crash on a pool
+//! thread ends the worker, as a crash on the reactor thread does.
+//!
+//! Connection hooks (`on_open` / `on_close`) are not called for a pooled
+//! plugin (its instances live on other threads); `on_shutdown` and
+//! `destroy` run on each instance's own thread when the pool stops.
+
+use std::collections::VecDeque;
+use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nbnet_plugin_api::abi::{RawConnection, RawDeferred, RawResponse, NBNET_ERR, NBNET_OK};
+
+use super::{LoadError, Plugin, ResponseSink};
+use crate::codec::HEADER_LEN;
+use crate::config::PluginSpec;
+
+/// Set when a pool thread overran `plugin_timeout`: the worker asks to be
+/// replaced (read by the reactor after each turn).
+static REPLACEMENT_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a pool asked for this worker's replacement since the last call.
+pub fn take_replacement_request() -> bool {
+    REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
+}
+
+/// A completion handle, moved to a pool thread.
+struct Handle(*mut RawDeferred);
+// SAFETY: handles are made to be completed from any thread (see
+// `plugin::deferred`); each is owned by one job at a time.
+unsafe impl Send for Handle {}
+
+impl Handle {
+    fn answer(self, bytes: &[u8]) {
+        // SAFETY: a live handle from the response's `defer`, completed once
+        // (consumed here).
+        unsafe { ((*self.0).answer)(self.0, bytes.as_ptr(), bytes.len()) };
+    }
+
+    fn fail(self, message: &str) {
+        // SAFETY: as in `answer`.
+        unsafe { ((*self.0).fail)(self.0, message.as_ptr(), message.len()) };
+    }
+}
+
+/// One request waiting for a pool thread.
+struct Job {
+    request: Vec<u8>,
+    handle: Handle,
+    conn_id: u64,
+    peer: CString,
+    listener: CString,
+    flags: u32,
+}
+
+/// What a pool thread is running: since when, and the handle to fail if
+/// it overruns.
+struct Busy {
+    since: Instant,
+    handle: Option<Handle>,
+}
+
+struct Shared {
+    name: String,
+    timeout: Duration,
+    queue: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    stop: AtomicBool,
+    /// Per thread: the call it is in, if any.
+    busy: Vec<Mutex<Option<Busy>>>,
+    /// Threads that overran (never joined: they may never return).
+    stuck: Vec<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Wakes the watchdog early when the pool stops.
+    watchdog_wake: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Loads `spec` as a pool of `spec.threads` instances.
+pub(super) fn load(
+    spec: &PluginSpec,
+    worker_index: u32,
+    worker_count: u32,
+) -> Result<Plugin, LoadError> {
+    let n = spec.threads;
+    let shared = Arc::new(Shared {
+        name: spec.name.clone(),
+        timeout: spec.plugin_timeout,
+        queue: Mutex::new(VecDeque::new()),
+        ready: Condvar::new(),
+        stop: AtomicBool::new(false),
+        busy: (0..n).map(|_| Mutex::new(None)).collect(),
+        stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        threads: Mutex::new(Vec::new()),
+        watchdog_wake: Condvar::new(),
+    });
+    let (loaded, results) = std::sync::mpsc::channel();
+    for index in 0..n {
+        let (own_spec, own_shared, loaded) = (spec.clone(), Arc::clone(&shared), loaded.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!(
+                "{}-{index}",
+                spec.name.chars().take(10).collect::<String>()
+            ))
+            .spawn(move || {
+                let (spec, shared) = (own_spec, own_shared);
+                // Each instance is created on the thread that will use it.
+                match Plugin::load_instance(
+                    &spec,
+                    worker_index,
+                    worker_count,
+                    index as u32,
+                    n as u32,
+                ) {
+                    Ok(instance) => {
+                        let described = instance.describe();
+                        let _ = loaded.send(Ok(described));
+                        serve(&shared, index, instance);
+                    }
+                    Err(e) => {
+                        let _ = loaded.send(Err(e));
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => lock(&shared.threads).push(thread),
+            Err(e) => {
+                stop(&shared);
+                return Err(LoadError {
+                    name: spec.name.clone(),
+                    path: spec.path.clone(),
+                    reason: format!("cannot start pool thread {index} of {n}: {e}"),
+                });
+            }
+        }
+    }
+    drop(loaded);
+    let mut described = None;
+    for _ in 0..n {
+        match results.recv() {
+            Ok(Ok(line)) => described = Some(line),
+            Ok(Err(e)) => {
+                stop(&shared);
+                return Err(e);
+            }
+            Err(_) => {
+                stop(&shared);
+                return Err(LoadError {
+                    name: spec.name.clone(),
+                    path: spec.path.clone(),
+                    reason: "a pool thread ended before its instance was made".into(),
+                });
+            }
+        }
+    }
+    {
+        let watched = Arc::clone(&shared);
+        let watchdog = std::thread::Builder::new()
+            .name("pool-watchdog".into())
+            .spawn(move || watch(&watched));
+        if let Ok(thread) = watchdog {
+            lock(&shared.threads).push(thread);
+        }
+    }
+    tracing::debug!(
+        "plugin {:?}: {n} pool thread(s), one instance each ({})",
+        spec.name,
+        described.unwrap_or_default()
+    );
+    Ok(Plugin {
+        name: spec.name.clone(),
+        path: spec.path.clone(),
+        kind: super::Kind::Pool,
+        own_name: spec.name.clone(),
+        own_version: format!("{n} threads"),
+        state: Arc::into_raw(shared).cast_mut().cast::<c_void>(),
+        process: pool_process,
+        destroy: Some(pool_destroy),
+        process_batch: None,
+        hooks: super::Hooks::default(),
+        _log_tag: Box::new(super::LogTag {
+            plugin: spec.name.clone(),
+        }),
+        _library: None,
+    })
+}
+
+/// A pool thread: answers jobs with its instance until the pool stops.
+fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
+    let mut sink = ResponseSink::new(
+        Vec::new(),
+        crate::codec::MAX_DECLARED as usize,
+        std::ptr::null(),
+    );
+    loop {
+        let job = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                if shared.stop.load(Ordering::Acquire) {
+                    break None;
+                }
+                if let Some(job) = queue.pop_front() {
+                    break Some(job);
+                }
+                queue = shared
+                    .ready
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let Some(job) = job else { break };
+        let conn = RawConnection {
+            id: job.conn_id,
+            peer: job.peer.as_ptr(),
+            listener: job.listener.as_ptr(),
+            flags: job.flags,
+        };
+        sink.set_connection(&conn);
+        *lock(&shared.busy[index]) = Some(Busy {
+            since: Instant::now(),
+            handle: Some(job.handle),
+        });
+        let result = instance.process(&job.request, &mut sink);
+        let handle = lock(&shared.busy[index])
+            .take()
+            .and_then(|busy| busy.handle);
+        // `None`: the watchdog failed the request meanwhile.
+        if let Some(handle) = handle {
+            match result {
+                Ok(_) => handle.answer(&sink.buffer()[HEADER_LEN..]),
+                Err(e) => handle.fail(&e.to_string()),
+            }
+        }
+        sink.buffer_mut().clear();
+    }
+    instance.shutdown();
+    drop(instance);
+}
+
+/// Fails calls that overrun `plugin_timeout` and asks for the worker's
+/// replacement.
+fn watch(shared: &Shared) {
+    let period = (shared.timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let mut guard = lock(&shared.queue);
+    while !shared.stop.load(Ordering::Acquire) {
+        guard = shared
+            .watchdog_wake
+            .wait_timeout(guard, period)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        drop(guard);
+        for (index, busy) in shared.busy.iter().enumerate() {
+            let mut busy = lock(busy);
+            let Some(call) = busy.as_mut() else { continue };
+            let elapsed = call.since.elapsed();
+            if elapsed <= shared.timeout {
+                continue;
+            }
+            let Some(handle) = call.handle.take() else {
+                continue;
+            };
+            shared.stuck[index].store(true, Ordering::Release);
+            let message = format!(
+                "call on pool thread {index} still running after {elapsed:.1?}, over plugin_timeout = {:?}; the request fails and the worker asks to be replaced (a stuck thread cannot be reclaimed)",
+                shared.timeout
+            );
+            tracing::error!(plugin = %shared.name, thread = index, "{message}");
+            handle.fail(&message);
+            REPLACEMENT_WANTED.store(true, Ordering::Relaxed);
+        }
+        guard = lock(&shared.queue);
+    }
+}
+
+/// Stops the threads; joins those not stuck in a call.
+fn stop(shared: &Shared) {
+    shared.stop.store(true, Ordering::Release);
+    {
+        let _queue = lock(&shared.queue);
+        shared.ready.notify_all();
+        shared.watchdog_wake.notify_all();
+    }
+    let threads = std::mem::take(&mut *lock(&shared.threads));
+    for thread in threads {
+        let index = thread
+            .thread()
+            .name()
+            .and_then(|n| n.rsplit('-').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        if index.is_some_and(|i| {
+            shared
+                .stuck
+                .get(i)
+                .is_some_and(|s| s.load(Ordering::Acquire))
+        }) {
+            continue;
+        }
+        let _ = thread.join();
+    }
+    // Jobs nobody will run: fail them (their connections are closing).
+    for job in lock(&shared.queue).drain(..) {
+        job.handle.fail("the worker is stopping");
+    }
+}
+
+/// The pool's `process`: defer the request, queue it for a pool thread.
+unsafe extern "C" fn pool_process(
+    state: *mut c_void,
+    request: *const u8,
+    len: usize,
+    response: *mut RawResponse,
+) -> i32 {
+    // SAFETY: `state` is the pool's `Shared` (from `Arc::into_raw` in
+    // `load`, alive until `pool_destroy`); `response` is the host's sink
+    // for this call; `request` holds `len` bytes.
+    let (shared, handle, request, conn) = unsafe {
+        let shared = &*state.cast::<Shared>();
+        let handle = ((*response).defer)(response);
+        let request = std::slice::from_raw_parts(request, len).to_vec();
+        (shared, handle, request, &*(*response).conn)
+    };
+    if handle.is_null() {
+        // The sink recorded why (the worker's limit): the request fails.
+        return NBNET_ERR;
+    }
+    // SAFETY: the connection's strings are valid NUL-terminated text for the call.
+    let (peer, listener) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(conn.peer).to_owned(),
+            std::ffi::CStr::from_ptr(conn.listener).to_owned(),
+        )
+    };
+    lock(&shared.queue).push_back(Job {
+        request,
+        handle: Handle(handle),
+        conn_id: conn.id,
+        peer,
+        listener,
+        flags: conn.flags,
+    });
+    shared.ready.notify_one();
+    NBNET_OK
+}
+
+/// The pool's `destroy`: stops and joins its threads (each destroys its
+/// instance), then frees the pool.
+unsafe extern "C" fn pool_destroy(state: *mut c_void) {
+    // SAFETY: `state` came from `Arc::into_raw` in `load`; destroyed once.
+    let shared = unsafe { Arc::from_raw(state.cast_const().cast::<Shared>()) };
+    stop(&shared);
+}

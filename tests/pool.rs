@@ -1,0 +1,139 @@
+//! Thread-pool offload (issue 12): `[[plugins]] threads = N` runs N
+//! instances of a blocking plugin on a pool in each worker; the reactor and
+//! the other listeners keep being served while the pool is busy.
+
+use std::io::Read;
+
+use nbnet_tests::{Client, Server};
+
+/// `misbehave` (C, blocking `sleep:MS`, `hang`, `thread`, `pid`) on a pool
+/// of `threads` on `{port}`, `upper` inline on `{port2}`, one worker.
+fn config(threads: usize, server: &str) -> String {
+    format!(
+        r#"[server]
+workers = 1
+{server}
+
+[[plugins]]
+name = "slow"
+path = "{{misbehave}}"
+threads = {threads}
+
+[[plugins]]
+name = "fast"
+path = "{{upper}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "slow"
+
+[[listeners]]
+addr = "127.0.0.1:{{port2}}"
+plugin = "fast"
+"#
+    )
+}
+
+/// Whether `client` has anything to read (or EOF) right now.
+fn has_data(client: &mut Client) -> bool {
+    client.stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let ready = !matches!(client.stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    client.stream.set_nonblocking(false).unwrap();
+    ready
+}
+
+#[test]
+fn a_saturated_pool_does_not_stall_the_inline_listener_and_each_instance_knows_its_thread() {
+    let server = Server::start(&config(4, ""));
+    let slow_port = server.port_n(0);
+    let fast_port = server.port_n(1);
+    // Every instance is told the pool's size.
+    let answer = Client::connect(slow_port).request(b"thread");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (index, size) = text
+        .strip_prefix("thread ")
+        .and_then(|t| t.split_once('/'))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(size, "4", "{text}");
+    assert!(index.parse::<u32>().unwrap() < 4, "{text}");
+    // Saturate the pool: more blocking requests than threads, pipelined too.
+    let mut slow: Vec<Client> = (0..6).map(|_| Client::connect(slow_port)).collect();
+    for client in &mut slow {
+        client.send_frame(b"sleep:1500").unwrap();
+        client.send_frame(b"pid").unwrap();
+    }
+    // Meanwhile the inline listener of the same worker answers at once.
+    let mut fast = Client::connect(fast_port);
+    for i in 0..200 {
+        let payload = format!("fast request {i}");
+        assert_eq!(
+            fast.request(payload.as_bytes()),
+            payload.to_uppercase().as_bytes()
+        );
+    }
+    // ... while no blocking request has been answered yet.
+    for client in &mut slow {
+        assert!(
+            !has_data(client),
+            "a 1.5 s sleep answered before 200 inline requests"
+        );
+    }
+    let worker = fast_pid(&server);
+    for client in &mut slow {
+        assert_eq!(client.read_frame().unwrap(), b"slept 1500");
+        // The answers keep request order on each connection.
+        let pid = String::from_utf8(client.read_frame().unwrap()).unwrap();
+        assert_eq!(pid.parse::<i32>().unwrap(), worker);
+    }
+}
+
+/// The single worker's pid.
+fn fast_pid(server: &Server) -> i32 {
+    let workers = server.wait_for_workers(1);
+    workers[0].pid
+}
+
+#[test]
+fn a_hang_on_a_pool_thread_fails_that_request_and_the_worker_is_replaced_gracefully() {
+    let server = Server::start(&config(
+        2,
+        r#"plugin_timeout = "500ms"
+shutdown_timeout = "5s""#,
+    ));
+    let slow_port = server.port_n(0);
+    let mut bystander = Client::connect(slow_port);
+    let old_pid = bystander.worker_pid();
+    let mut victim = Client::connect(slow_port);
+    victim.send_frame(b"hang").unwrap();
+    victim.expect_closed();
+    server.wait_for_log_line(&["slow", "pool thread", "over plugin_timeout = 500ms"]);
+    // The worker's other connections go on being served (by the free thread
+    // now, by the replacement once it takes over)...
+    assert_eq!(bystander.request(b"echo me"), b"echo me");
+    // ... and the worker is replaced gracefully, not killed.
+    let new_pid = server.wait_for("a replacement worker to serve", || {
+        let mut client = Client::try_connect(slow_port).ok()?;
+        let pid = client.worker_pid();
+        (pid != old_pid).then_some(pid)
+    });
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(bystander.request(b"still here"), b"still here");
+    let log = server.log();
+    assert!(!log.contains("killing the worker"), "{log}");
+    let mut rest = Vec::new();
+    let _ = victim.stream.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn threads_out_of_range_is_refused_naming_the_plugin() {
+    let out = nbnet_tests::check(&config(100_000, ""));
+    assert_ne!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("plugin \"slow\": threads = 100000 is out of range"),
+        "{}",
+        out.stderr
+    );
+}
