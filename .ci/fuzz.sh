@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz nbnet's pure parts with libFuzzer: the framing codec and config parsing
-# (the targets in host/fuzz/fuzz_targets/).
+# Fuzz nbnet's pure parts with libFuzzer: the framing codec, config parsing
+# and the PROXY protocol parser (the targets in host/fuzz/fuzz_targets/).
 #
 #   .ci/fuzz.sh [SECONDS] [TARGET...]     default: 20 seconds each, every target
 #
@@ -30,7 +30,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(codec config)
+    targets=(codec config proxy)
 fi
 
 root=$(pwd)
