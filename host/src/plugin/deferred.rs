@@ -151,6 +151,9 @@ impl Completions {
         let token = cell.token.swap(0, Ordering::AcqRel);
         if token == 0 {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            // The reactor counts refusals when it wakes: wake it, or the
+            // count waits for the next completion (and /metrics lags).
+            let _ = self.waker.wake();
             return NBNET_ERR;
         }
         let wake = {
