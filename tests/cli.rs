@@ -381,3 +381,36 @@ fn completions_for_bash_zsh_fish_and_a_man_page_are_printed() {
     );
     assert!(man.stdout.contains("reload"), "{}", man.stdout);
 }
+
+/// Issue 14: `nbnet send` took IP:PORT only. A host name is resolved (and
+/// each of its addresses tried: `localhost` may name `::1` first while the
+/// server listens on 127.0.0.1), and `unix:/path` reaches a Unix listener.
+#[test]
+fn send_accepts_a_host_name_and_a_unix_socket_path() {
+    let server = Server::start(&format!(
+        "{}\n[[listeners]]\naddr = \"unix:{{dir}}/nbnet.sock\"\nplugin = \"u\"\n",
+        one_plugin_config("u", "{upper_c}", "")
+    ));
+    let mut sandbox = Sandbox::new();
+    let by_name = sandbox.run(&["send", &format!("localhost:{}", server.port()), "hi"]);
+    assert_eq!(
+        (by_name.status.code(), by_name.stdout.as_str()),
+        (Some(0), "HI\n"),
+        "{by_name:?}"
+    );
+    let socket = format!("unix:{}", server.dir().join("nbnet.sock").display());
+    let by_path = sandbox.run(&["send", &socket, "ho"]);
+    assert_eq!(
+        (by_path.status.code(), by_path.stdout.as_str()),
+        (Some(0), "HO\n"),
+        "{by_path:?}"
+    );
+    // A wrong address says which forms there are; a missing socket names it.
+    let bad = sandbox.run(&["send", "localhost", "hi"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("HOST:PORT"), "{}", bad.stderr);
+    let gone = format!("unix:{}", sandbox.path().join("no.sock").display());
+    let missing = sandbox.run(&["send", &gone, "hi"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert!(missing.stderr.contains(&gone), "{}", missing.stderr);
+}
