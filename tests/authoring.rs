@@ -169,6 +169,30 @@ fn info_on_a_missing_file_fails() {
     );
 }
 
+/// Issue 14: a missing file named on the command line was reported as if
+/// it came from a config ("relative paths are resolved against the config
+/// file's folder"); there is no config file here. A relative path is
+/// resolved against the current folder, which the message names.
+#[test]
+fn a_missing_file_is_not_blamed_on_a_config_file() {
+    let mut sandbox = Sandbox::new();
+    let here = sandbox.path().to_path_buf();
+    let outcomes = [
+        sandbox.run(&["plugin", "info", "libnothing.so"]),
+        sandbox.run_with_input(&["plugin", "run", "libnothing.so"], b"hi\n"),
+    ];
+    for out in outcomes {
+        assert_exit(&out, 4, "a missing plugin file");
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(text.contains("no such file"), "{text}");
+        assert!(!text.contains("config"), "{text}");
+        assert!(
+            text.contains(&format!("current folder, {}", here.display())),
+            "{text}"
+        );
+    }
+}
+
 // ----------------------------------------------------------------- plugin run
 
 #[test]
@@ -183,6 +207,14 @@ fn run_answers_each_line_of_stdin() {
     assert_eq!(
         out.stdout,
         "HI\nHELLO, WORLD 42\nLAST LINE WITHOUT NEWLINE\n"
+    );
+    // Issue 14: not silently: a note names the line and says why.
+    assert!(
+        out.stderr.contains(
+            "note: skipped 1 empty line(s) of stdin (line 3): the protocol has no empty requests"
+        ),
+        "{}",
+        out.stderr
     );
 }
 

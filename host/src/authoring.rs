@@ -27,10 +27,23 @@ use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
 /// forge output lines, or flood it.
 pub fn info(file: &Path) -> i32 {
     let path = absolute(file);
-    // Loading the library runs its constructors, which may start processes.
-    let leftovers = Leftovers::watch();
-    let report = plugin::inspect(&path);
-    leftovers.sweep_and_report("nbnet plugin info");
+    let report = match missing(file) {
+        // The loader's own message speaks of a config file's folder.
+        Some(why) => plugin::Inspection {
+            kind: None,
+            name_version: None,
+            abi: None,
+            verdict: Err(why),
+        },
+        None => {
+            // Loading the library runs its constructors, which may start
+            // processes.
+            let leftovers = Leftovers::watch();
+            let report = plugin::inspect(&path);
+            leftovers.sweep_and_report("nbnet plugin info");
+            report
+        }
+    };
     outln!("file:     {}", path.display());
     outln!(
         "kind:     {}",
@@ -70,6 +83,24 @@ pub fn info(file: &Path) -> i32 {
     }
 }
 
+/// Why `file`, given on the command line, cannot be a plugin because it is
+/// not there: the plugin loader says that relative paths are resolved
+/// against the config file's folder, and here there is no config file.
+fn missing(file: &Path) -> Option<String> {
+    match std::fs::metadata(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(if file.is_relative() {
+            let here = std::env::current_dir().map_or_else(
+                |_| "the current folder".into(),
+                |d| untrusted(&d.to_string_lossy()),
+            );
+            format!("no such file; check the path (a relative path is resolved against the current folder, {here})")
+        } else {
+            "no such file; check the path".to_string()
+        }),
+        _ => None,
+    }
+}
+
 /// Options of `nbnet plugin run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -99,6 +130,13 @@ pub fn run(options: &RunOptions) -> i32 {
 /// [`run`] until the plugin has been destroyed.
 fn run_plugin(options: &RunOptions) -> i32 {
     let path = absolute(&options.file);
+    if let Some(why) = missing(&options.file) {
+        errln!(
+            "nbnet plugin run: {}: {why}",
+            untrusted(&path.to_string_lossy())
+        );
+        return exit_code::PLUGIN_LOAD_FAILED;
+    }
     let spec = PluginSpec {
         name: path.file_stem().map_or("plugin".into(), |stem| {
             let stem = stem.to_string_lossy();
@@ -234,15 +272,27 @@ fn read_requests(options: &RunOptions) -> Result<Vec<Vec<u8>>, String> {
             requests.push(frame);
         }
     } else {
-        for line in stdin.lock().split(b'\n') {
+        // The protocol has no empty requests (a zero length header is a
+        // framing error the server answers by closing), so no plugin ever
+        // gets one: an empty line is skipped, and a note says so.
+        let mut empty = Vec::new();
+        for (number, line) in stdin.lock().split(b'\n').enumerate() {
             let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            // The protocol has no empty requests.
-            if !line.is_empty() {
+            if line.is_empty() {
+                empty.push(number + 1);
+            } else {
                 requests.push(line);
             }
+        }
+        if let Some(&first) = empty.first() {
+            errln!(
+                "nbnet plugin run: note: skipped {} empty line(s) of stdin (line {first}{}): the protocol has no empty requests, so a server never passes one to a plugin",
+                empty.len(),
+                if empty.len() > 1 { " and others" } else { "" }
+            );
         }
     }
     Ok(requests)

@@ -82,11 +82,13 @@ rest.";
 enum Command {
     /// Send one request and print the response payload.
     ///
-    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR
-    /// (TCP only: IP:PORT), reads one response frame and prints its payload
-    /// followed by a newline.
+    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR,
+    /// reads one response frame and prints its payload followed by a
+    /// newline.
     Send {
-        /// Server address, IP:PORT (e.g. 127.0.0.1:9000).
+        /// Server address: IP:PORT, HOST:PORT (each address the name
+        /// resolves to is tried in turn) or unix:/path (a Unix socket
+        /// listener), e.g. 127.0.0.1:9000, localhost:9000, [::1]:9000.
         addr: String,
         /// The request payload.
         payload: String,
@@ -168,6 +170,10 @@ enum PluginCommand {
     },
     /// Run a plugin on inputs, without a server: one request per line of
     /// stdin (or framed with --frames), one response per line of stdout.
+    ///
+    /// Empty lines are skipped, with a note on stderr: the protocol has no
+    /// empty requests (a zero length header is a framing error), so a
+    /// server never passes one to a plugin.
     Run {
         /// The plugin library (.so).
         file: PathBuf,
