@@ -414,3 +414,41 @@ fn send_accepts_a_host_name_and_a_unix_socket_path() {
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert!(missing.stderr.contains(&gone), "{}", missing.stderr);
 }
+
+/// Issue 14: `--check` tried the listeners' addresses but not `[admin]`'s,
+/// so a config whose admin address the server cannot bind passed the check
+/// and failed at start. (192.0.2.1 is TEST-NET-1, on no machine: the bind
+/// fails at once, nothing is sent.) An admin address in use is a warning
+/// only, as for listeners: the server may be running.
+#[test]
+fn check_tries_the_admin_address() {
+    let mut sandbox = Sandbox::new();
+    let template = |admin: &str| {
+        format!(
+            "[admin]\naddr = \"{admin}\"\n{}",
+            one_plugin_config("u", "{upper_c}", "")
+        )
+    };
+    let out = sandbox.check(&template("192.0.2.1:9191"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let config = sandbox.config_path();
+    assert!(
+        out.stderr.contains(&format!(
+            "[admin] addr 192.0.2.1:9191 ({}:2): cannot listen",
+            config.display()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = sandbox.check(&template(&addr));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("warning: [admin] addr {addr} ({}:2): address in use", config.display())),
+        "{}",
+        out.stderr
+    );
+}

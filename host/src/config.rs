@@ -94,6 +94,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[admin]`: where the master serves `/metrics` and `/healthz`, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// The line of `[admin] addr`, for messages.
+    pub admin_line: Option<usize>,
     /// `[[plugins]]`, paths resolved.
     pub plugins: Vec<PluginSpec>,
     /// `[[listeners]]`, each pointing at an entry of `plugins`.
@@ -1067,6 +1069,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         server,
         log,
         admin,
+        admin_line: raw
+            .admin
+            .as_ref()
+            .map(|admin| lines.line_of(admin.addr.span().start)),
         plugins,
         listeners,
     })

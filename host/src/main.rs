@@ -339,7 +339,8 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     for line in &report.loaded {
         outln!("ok: {line}");
     }
-    let addresses = supervisor::check::probe_listeners(&config);
+    let mut addresses = supervisor::check::probe_listeners(&config);
+    probe_admin(&config, &mut addresses);
     let root = nbnet::privileges::check(&config);
     if let Ok(Some(note)) = &root {
         errln!("nbnet: note: {note}");
@@ -382,6 +383,27 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             // that cannot listen or cannot create its pid_file.
             exit_code::FAILURE
         }
+    }
+}
+
+/// Tries to bind the `[admin]` address as `probe_listeners` tries the
+/// listeners (and releases it at once): the start would fail on an address
+/// this machine does not have or this user may not bind. An address in use
+/// is only a warning, as `--check` is often run while the server is up.
+fn probe_admin(config: &config::Config, report: &mut supervisor::check::AddressReport) {
+    let Some(addr) = config.admin else { return };
+    let place = match config.admin_line {
+        Some(line) => format!("{}:{line}", config::shown(&config.file)),
+        None => config::shown(&config.file),
+    };
+    match supervisor::admin::bind_std(addr) {
+        Ok(listener) => drop(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => report.warnings.push(format!(
+            "[admin] addr {addr} ({place}): address in use (expected if this nbnet is already running)"
+        )),
+        Err(e) => report.errors.push(format!(
+            "[admin] addr {addr} ({place}): cannot listen: {e}; choose an address of this machine (e.g. 127.0.0.1:9191)"
+        )),
     }
 }
 
