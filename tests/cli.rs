@@ -446,8 +446,10 @@ fn check_tries_the_admin_address() {
     let out = sandbox.check(&template(&addr));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
-        out.stderr
-            .contains(&format!("warning: [admin] addr {addr} ({}:2): address in use", config.display())),
+        out.stderr.contains(&format!(
+            "warning: [admin] addr {addr} ({}:2): address in use",
+            config.display()
+        )),
         "{}",
         out.stderr
     );

@@ -56,12 +56,12 @@ pub(super) fn same_file(a: &Path, b: &Path) -> bool {
 /// Collects problems, each with the line it is on.
 pub(super) struct Checker<'a, 'text> {
     pub(super) lines: &'a Lines<'text>,
-    pub(super) problems: Vec<(Option<usize>, String)>,
+    pub(super) problems: Vec<Problem>,
 }
 
 impl Checker<'_, '_> {
     pub(super) fn problem(&mut self, line: Option<usize>, message: String) {
-        self.problems.push((line, message));
+        self.problems.push(Problem::at(line, message));
     }
 
     /// Refuses each file of `written` that is `path` (the use `what`

@@ -11,20 +11,46 @@ use super::{QUOTE_CHARS, SHOWN_PROBLEMS};
 pub struct ConfigError {
     /// The config file.
     pub file: PathBuf,
-    /// Each problem: a line (when known) and a message.
-    pub problems: Vec<(Option<usize>, String)>,
+    /// Each problem, in file order.
+    pub problems: Vec<Problem>,
+}
+
+/// One thing wrong with a config file, shown `file:line:column: message`
+/// (or `file:line: message`, or `file: message`, as far as it is known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem has one.
+    pub line: Option<usize>,
+    /// 1-based column (in characters) on `line`, when known exactly: for
+    /// an unknown key or a value of the wrong type.
+    pub column: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem on `line` (if any), column unknown.
+    pub fn at(line: Option<usize>, message: String) -> Problem {
+        Problem {
+            line,
+            column: None,
+            message,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (line, message)) in self.problems.iter().take(SHOWN_PROBLEMS).enumerate() {
+        for (i, problem) in self.problems.iter().take(SHOWN_PROBLEMS).enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
             let file = shown(&self.file);
-            match line {
-                Some(line) => write!(f, "{file}:{line}: {message}")?,
-                None => write!(f, "{file}: {message}")?,
+            let message = &problem.message;
+            match (problem.line, problem.column) {
+                (Some(line), Some(column)) => write!(f, "{file}:{line}:{column}: {message}")?,
+                (Some(line), None) => write!(f, "{file}:{line}: {message}")?,
+                (None, _) => write!(f, "{file}: {message}")?,
             }
         }
         if let Some(more) = self.problems.len().checked_sub(SHOWN_PROBLEMS) {
@@ -113,11 +139,11 @@ impl<'a> Lines<'a> {
         self.starts.partition_point(|&start| start <= offset).max(1)
     }
 
-    /// The text of 1-based line `line`, without its line break.
-    pub(super) fn line(&self, line: usize) -> Option<&'a str> {
-        let start = *self.starts.get(line.checked_sub(1)?)?;
-        let end = self.starts.get(line).map_or(self.text.len(), |&next| next);
-        let text = self.text.get(start..end)?;
-        Some(text.trim_end_matches(['\n', '\r']))
+    /// The 1-based column, in characters, of byte `offset` on its line.
+    pub(super) fn column_of(&self, offset: usize) -> usize {
+        let start = self.starts[self.line_of(offset) - 1];
+        self.text
+            .get(start..offset.min(self.text.len()))
+            .map_or(1, |before| before.chars().count() + 1)
     }
 }

@@ -43,7 +43,7 @@ mod tests;
 use addresses::*;
 use checker::*;
 use error::Lines;
-pub use error::{bounded, quote, shown, ConfigError};
+pub use error::{bounded, quote, shown, ConfigError, Problem};
 use raw::*;
 
 /// Most workers a config may ask for: the master's scoreboard holds twice
@@ -405,7 +405,7 @@ pub struct ListenerSpec {
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let text = read_text(file).map_err(|(line, message)| ConfigError {
         file: file.to_path_buf(),
-        problems: vec![(line, message)],
+        problems: vec![Problem::at(line, message)],
     })?;
     parse(file, &text)
 }
@@ -475,22 +475,22 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         problems,
     };
 
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|span| lines.line_of(span.start));
-        let mut message = bounded(e.message().trim_end(), 3 * QUOTE_CHARS);
-        // Quote the offending line: a type error's message names the value
-        // but not the key.
-        if let Some(source) = line.and_then(|l| lines.line(l)) {
-            if !source.trim().is_empty() {
-                message = format!("{message} (in `{}`)", bounded(source.trim(), QUOTE_CHARS));
-            }
+    // Every unknown key and value of the wrong type, not the first only.
+    let read = raw::read(text, &lines).map_err(fail)?;
+    let raw = match read.raw {
+        Some(raw) if read.complete => raw,
+        // An entry had to be left out: checking the rest would report
+        // what its absence breaks (a listener naming a plugin left out).
+        _ => {
+            let mut problems = read.problems;
+            raw::in_file_order(&mut problems);
+            return Err(fail(problems));
         }
-        fail(vec![(line, message)])
-    })?;
+    };
 
     let mut check = Checker {
         lines: &lines,
-        problems: Vec::new(),
+        problems: read.problems,
     };
     let base = file.parent().unwrap_or(Path::new("."));
     let server = check.server(&raw.server, base);
@@ -805,9 +805,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 
     if !check.problems.is_empty() {
         // In file order (stable: problems on one line keep theirs).
-        check
-            .problems
-            .sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+        raw::in_file_order(&mut check.problems);
         return Err(fail(check.problems));
     }
     for plugin in &mut plugins {
