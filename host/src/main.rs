@@ -82,11 +82,13 @@ rest.";
 enum Command {
     /// Send one request and print the response payload.
     ///
-    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR
-    /// (TCP only: IP:PORT), reads one response frame and prints its payload
-    /// followed by a newline.
+    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR,
+    /// reads one response frame and prints its payload followed by a
+    /// newline.
     Send {
-        /// Server address, IP:PORT (e.g. 127.0.0.1:9000).
+        /// Server address: IP:PORT, HOST:PORT (each address the name
+        /// resolves to is tried in turn) or unix:/path (a Unix socket
+        /// listener), e.g. 127.0.0.1:9000, localhost:9000, [::1]:9000.
         addr: String,
         /// The request payload.
         payload: String,
@@ -168,6 +170,10 @@ enum PluginCommand {
     },
     /// Run a plugin on inputs, without a server: one request per line of
     /// stdin (or framed with --frames), one response per line of stdout.
+    ///
+    /// Empty lines are skipped, with a note on stderr: the protocol has no
+    /// empty requests (a zero length header is a framing error), so a
+    /// server never passes one to a plugin.
     Run {
         /// The plugin library (.so).
         file: PathBuf,
@@ -333,7 +339,8 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     for line in &report.loaded {
         outln!("ok: {line}");
     }
-    let addresses = supervisor::check::probe_listeners(&config);
+    let mut addresses = supervisor::check::probe_listeners(&config);
+    probe_admin(&config, &mut addresses);
     let root = nbnet::privileges::check(&config);
     if let Ok(Some(note)) = &root {
         errln!("nbnet: note: {note}");
@@ -376,6 +383,27 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             // that cannot listen or cannot create its pid_file.
             exit_code::FAILURE
         }
+    }
+}
+
+/// Tries to bind the `[admin]` address as `probe_listeners` tries the
+/// listeners (and releases it at once): the start would fail on an address
+/// this machine does not have or this user may not bind. An address in use
+/// is only a warning, as `--check` is often run while the server is up.
+fn probe_admin(config: &config::Config, report: &mut supervisor::check::AddressReport) {
+    let Some(addr) = config.admin else { return };
+    let place = match config.admin_line {
+        Some(line) => format!("{}:{line}", config::shown(&config.file)),
+        None => config::shown(&config.file),
+    };
+    match supervisor::admin::bind_std(addr) {
+        Ok(listener) => drop(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => report.warnings.push(format!(
+            "[admin] addr {addr} ({place}): address in use (expected if this nbnet is already running)"
+        )),
+        Err(e) => report.errors.push(format!(
+            "[admin] addr {addr} ({place}): cannot listen: {e}; choose an address of this machine (e.g. 127.0.0.1:9191)"
+        )),
     }
 }
 
