@@ -438,11 +438,7 @@ pub fn serve(mut config: Config) -> i32 {
             return exit_code::FAILURE;
         }
     }
-    // The path, not /proc/self/exe: an upgrade runs the build that is at
-    // that path then.
-    let binary = std::env::current_exe().unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::args_os().next().unwrap_or_default())
-    });
+    let binary = binary_path();
 
     let now = Instant::now();
     let worker_count = config.server.worker_count();
@@ -490,6 +486,10 @@ pub fn serve(mut config: Config) -> i32 {
         getpid(),
         master.config.file.display()
     );
+    // A new master of an upgrade got every reuseport socket the old one
+    // had: those of slots it does not have would queue connections nobody
+    // accepts.
+    master.truncate_reuseport_sockets();
     // From here on the log file alone gets the lines (with `[log] file`).
     crate::logging::started();
     let code = master.run();
@@ -498,6 +498,21 @@ pub fn serve(mut config: Config) -> i32 {
     // Removes the PID file (and releases its lock).
     drop(master);
     code
+}
+
+/// The binary an upgrade runs: the path this process was started as
+/// (`argv[0]` made absolute, not resolved: through a `current` symlink,
+/// the release it points to *then*), or `/proc/self/exe` when `argv[0]` is
+/// a bare name found through `$PATH`.
+fn binary_path() -> std::path::PathBuf {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let path = std::path::Path::new(&argv0);
+    if path.components().count() > 1 {
+        if let Ok(absolute) = std::path::absolute(path) {
+            return absolute;
+        }
+    }
+    std::env::current_exe().unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Loads every plugin of `config` in a child; logs what loaded and every
@@ -631,8 +646,16 @@ impl Master {
 
     fn next_wakeup_for_workers(&self) -> Option<Instant> {
         let now = Instant::now();
+        // Look often enough to catch a hang within a quarter of the timeout.
+        let watchdog = (self
+            .config
+            .server
+            .plugin_timeout
+            .min(self.config.server.init_timeout)
+            / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
         match self.phase {
-            Phase::Stopping { deadline, .. } => Some(deadline),
+            Phase::Stopping { deadline, .. } => Some(deadline.min(now + watchdog)),
             Phase::Serving => {
                 let restart = self
                     .slots
@@ -643,18 +666,11 @@ impl Master {
                 // (A new master's first workers count: the old master waits.)
                 let replacing = self.workers.values().any(|w| w.role == Role::Outgoing)
                     || (self.predecessor.is_some() && !self.up);
-                // Look often enough to catch a hang within a quarter of the
-                // timeout, and quickly while a replacement is starting.
+                // And quickly while a replacement is starting.
                 let tick = if replacing {
                     REPLACEMENT_TICK
                 } else {
-                    (self
-                        .config
-                        .server
-                        .plugin_timeout
-                        .min(self.config.server.init_timeout)
-                        / 4)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1))
+                    watchdog
                 };
                 Some(restart.map_or(now + tick, |at| at.min(now + tick)))
             }
@@ -763,6 +779,21 @@ impl Master {
                     return;
                 }
                 self.begin_stop(&format!("{signal} received"), how);
+            }
+            // Leaving already, after a binary upgrade: a stop signal is not
+            // "again" (and the new master serves on).
+            Phase::Stopping { .. } if matches!(self.successor, Some(Successor::Serving { .. })) => {
+                let new = self.successor.as_ref().map_or(0, |s| s.pid().as_raw());
+                if signal == Signal::SIGINT {
+                    tracing::info!(
+                        "SIGINT received while handing connections over to the new master (pid {new}): closing the rest now"
+                    );
+                    self.signal_workers(Signal::SIGINT);
+                } else {
+                    tracing::info!(
+                        "{signal} received: this master is leaving already, handing its connections over to the new master (pid {new}), which serves on; SIGINT closes the rest now, `nbnet stop` stops the server"
+                    );
+                }
             }
             Phase::Stopping { code, .. } => {
                 tracing::warn!("{signal} received again: killing the remaining workers");

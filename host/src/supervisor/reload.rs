@@ -136,6 +136,7 @@ impl ReloadLog {
             status: Status {
                 master: getpid().as_raw(),
                 reloads: Vec::new(),
+                took_over_from: 0,
             },
             next_id: 1,
             failing: false,
@@ -185,7 +186,9 @@ impl ReloadLog {
     }
 
     fn update(&mut self, id: u64, change: impl FnOnce(&mut Record)) {
-        if let Some(record) = self.status.reloads.iter_mut().find(|r| r.id == id) {
+        // The newest with that id: after an upgrade the old master's records
+        // come first, and may share ids.
+        if let Some(record) = self.status.reloads.iter_mut().rev().find(|r| r.id == id) {
             change(record);
             self.save();
         }
@@ -255,6 +258,27 @@ impl ReloadLog {
         self.path = pid_file.map(reload_status::path_for);
         self.status.master = getpid().as_raw();
         self.save();
+    }
+
+    /// [`ReloadLog::attach`] for a new master taking over from `from`: the
+    /// old master's records are kept (oldest first), so that a `nbnet
+    /// reload` that signalled it learns its reload's fate.
+    pub(super) fn attach_after(&mut self, pid_file: Option<&Path>, from: Pid) {
+        if let Some(path) = pid_file.map(reload_status::path_for) {
+            if let Ok(Some(old)) = reload_status::read(&path) {
+                if old.master == from.as_raw() {
+                    // Numbered on after the old master's, so that the
+                    // log's "reload N" stays unambiguous from now on.
+                    let last = old.reloads.iter().map(|r| r.id).max().unwrap_or(0);
+                    self.next_id = self.next_id.max(last + 1);
+                    let mine = std::mem::take(&mut self.status.reloads);
+                    self.status.reloads = old.reloads;
+                    self.status.reloads.extend(mine);
+                    self.status.took_over_from = from.as_raw();
+                }
+            }
+        }
+        self.attach(pid_file);
     }
 }
 

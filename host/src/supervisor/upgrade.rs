@@ -85,10 +85,22 @@ pub fn stash_channel() {
         std::env::remove_var(CHANNEL_ENV);
         std::env::remove_var(FROM_ENV);
     }
+    if fd.is_none() && from.is_none() {
+        return;
+    }
     let (Some(fd), Some(from)) = (
-        fd.and_then(|f| f.parse::<RawFd>().ok()).filter(|&f| f > 2),
-        from.and_then(|p| p.parse::<i32>().ok()).filter(|&p| p > 0),
+        fd.as_deref()
+            .and_then(|f| f.parse::<RawFd>().ok())
+            .filter(|&f| f > 2),
+        from.as_deref()
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|&p| p > 0),
     ) else {
+        let _ = writeln_stderr(&format!(
+            "nbnet: {CHANNEL_ENV}={:?} and {FROM_ENV}={:?} do not describe an upgrade (set by hand?): ignored",
+            fd.unwrap_or_default(),
+            from.unwrap_or_default()
+        ));
         return;
     };
     // SAFETY: getsockopt on a descriptor number only reads; a number that
@@ -179,6 +191,15 @@ impl Predecessor {
     /// by one.
     pub(super) fn take() -> Option<Predecessor> {
         let (pid, channel) = STASH.lock().ok()?.take()?;
+        // The old master forks the new one: anything else setting the
+        // variables is not an upgrade (the master then serves on its own,
+        // taking the pid file as usual).
+        if nix::unistd::getppid() != pid {
+            tracing::warn!(
+                "{FROM_ENV}={pid} is not this process's parent: not an upgrade; ignoring the upgrade channel"
+            );
+            return None;
+        }
         Some(Predecessor {
             pid,
             channel,
@@ -219,6 +240,8 @@ impl UpgradeLog {
                 binary: String::new(),
                 message: "no upgrade yet".to_string(),
                 took_over_from: 0,
+                refused_ns: 0,
+                refused: String::new(),
             },
         };
         log.attach(pid_file);
@@ -241,6 +264,21 @@ impl UpgradeLog {
                     path.display()
                 );
             }
+        }
+    }
+
+    /// A SIGUSR2 refused: said in the refusal fields, and as the state too
+    /// when no upgrade is under way (`alone`): an upgrade under way keeps
+    /// its state for the `nbnet upgrade` that follows it.
+    fn refuse(&mut self, why: &str, alone: bool) {
+        self.status.refused_ns = crate::reload_status::monotonic_ns();
+        self.status.refused = why.to_string();
+        if alone {
+            self.status.successor = 0;
+            self.set(true, State::Refused, why);
+        } else {
+            let (state, message) = (self.status.state, self.status.message.clone());
+            self.set(false, state, &message);
         }
     }
 
@@ -287,17 +325,18 @@ impl Master {
         };
         if let Some(why) = refused {
             tracing::warn!("SIGUSR2 received: not upgrading: {why}");
-            self.upgrades.status.successor = 0;
-            self.upgrades.set(true, State::Refused, &why);
+            self.upgrades.refuse(&why, self.successor.is_none());
             return;
         }
         match self.start_successor() {
-            Ok((pid, deadline)) => {
+            Ok((pid, _)) => {
                 tracing::info!(
-                    "SIGUSR2 received: upgrading: started a new master (pid {pid}) from {} with {}; this master serves until it is ready (at most {:?})",
+                    "SIGUSR2 received: upgrading: started a new master (pid {pid}) from {} with {}; this master serves until it is ready (at most {})",
                     self.binary.display(),
                     self.config.file.display(),
-                    deadline.saturating_duration_since(Instant::now())
+                    humantime::format_duration(Duration::from_secs(
+                        upgrade_within(&self.config).as_secs()
+                    ))
                 );
                 crate::systemd::notify_reloading();
                 self.upgrades.status.binary = self.binary.display().to_string();
@@ -310,8 +349,7 @@ impl Master {
             }
             Err(why) => {
                 tracing::error!("SIGUSR2 received: cannot upgrade: {why}; this master serves on");
-                self.upgrades.status.successor = 0;
-                self.upgrades.set(true, State::Refused, &why);
+                self.upgrades.refuse(&why, true);
             }
         }
     }
@@ -352,7 +390,7 @@ impl Master {
         for bound in &self.listeners {
             for socket in &bound.sockets {
                 passed.push(socket.as_raw_fd());
-                names.push(if bound.inherited {
+                names.push(if bound.owner == listeners::Owner::NotOurs {
                     listeners::NOT_OURS
                 } else {
                     listeners::HANDED_ON
@@ -448,6 +486,9 @@ impl Master {
         );
         // The pid file and the status files are the new master's now: the
         // lock is released before it is told, so that it finds it free.
+        // A reload queued behind the upgrade is cancelled (the new master
+        // read the config when it started), said in the file it follows.
+        self.cancel_reloads();
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.release();
         }
@@ -526,22 +567,30 @@ impl Master {
     /// The new master exited: before it was ready (a rollback), or while
     /// this master was handing over to it (this master serves again).
     pub(super) fn successor_exited(&mut self, exit: decision::Exit) {
+        // What its child side said before it exited may not have been read
+        // yet (the exit and the record can come in either order).
+        if matches!(self.successor, Some(Successor::Starting { .. })) {
+            self.on_successor_channel();
+        }
         match self.successor.take() {
             Some(Successor::Starting { pid, .. }) if self.phase != Phase::Serving => {
                 tracing::info!("upgrade cancelled: the server stops; the new master (pid {pid}) has exited ({exit})");
                 self.upgrades.set(
                     false,
-                    State::RolledBack,
-                    &format!("cancelled: the server stopped before new master pid {pid} was ready"),
+                    State::Cancelled,
+                    &format!("the server is stopping; new master pid {pid} was stopped before it was ready"),
                 );
             }
             Some(Successor::Starting { pid, failure, .. }) => {
-                let why = match failure {
-                    Some(why) => why,
-                    None => format!("it exited before it was ready ({})", describe(exit)),
+                let (why, more) = match failure {
+                    Some(why) => (why, ""),
+                    None => (
+                        format!("it exited before it was ready ({})", describe(exit)),
+                        " (its log lines above say more)",
+                    ),
                 };
                 tracing::error!(
-                    "upgrade failed: the new master (pid {pid}): {why}; this master serves on (its log lines above say more)"
+                    "upgrade failed: the new master (pid {pid}): {why}; this master serves on{more}"
                 );
                 self.upgrades.set(
                     false,
@@ -553,6 +602,19 @@ impl Master {
             Some(Successor::Stopping { pid, .. }) => {
                 tracing::info!("upgrade: the new master (pid {pid}) has stopped ({exit})");
                 self.upgrade_over();
+            }
+            // Stopped cleanly (`nbnet stop` found it through the pid file):
+            // the server stops; this master finishes its own stop, closing
+            // what it has not handed over at frame boundaries.
+            Some(Successor::Serving { pid, channel }) if exit == decision::Exit::Code(0) => {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&channel.as_raw_fd()));
+                tracing::info!(
+                    "the new master (pid {pid}) has stopped (exit status 0): the server is stopping; this master closes the connections it has not handed over at frame boundaries"
+                );
+                self.signal_workers(Signal::SIGTERM);
             }
             Some(Successor::Serving { pid, channel }) => {
                 let _ = self
@@ -582,6 +644,11 @@ impl Master {
         self.phase = Phase::Serving;
         self.take_pid_file_back();
         let pid_file = self.config.server.pid_file.clone();
+        let dead = self.upgrades.status.successor;
+        self.upgrades.status.state = State::RolledBack;
+        self.upgrades.status.message = format!(
+            "new master pid {dead} died while this master was handing its connections over; this master serves again"
+        );
         self.upgrades.attach(pid_file.as_deref());
         if let Some(addr) = self.config.admin {
             match admin::Admin::bind(addr, self.poll.registry(), ADMIN) {
@@ -703,6 +770,9 @@ impl Master {
                     tracing::info!(
                         "upgrade: the old master (pid {from}) handed the service over: this master serves; the old one's connections follow"
                     );
+                    for bound in &mut self.listeners {
+                        bound.take_ownership();
+                    }
                     self.upgrades.status.took_over_from = from.as_raw();
                     self.upgrades.status.binary = self.binary.display().to_string();
                     self.upgrades.status.message = version_text();
@@ -748,10 +818,23 @@ impl Master {
             );
             return;
         }
+        // Still our parent: it gave up on this upgrade (rolled it back)
+        // and serves on — stop, touching none of its files.
+        if nix::unistd::getppid() == predecessor.pid {
+            tracing::warn!(
+                "the old master (pid {}) gave up on this upgrade (it rolled it back and serves on): this master stops",
+                predecessor.pid
+            );
+            self.begin_stop("upgrade rolled back", Stop::Graceful);
+            return;
+        }
         tracing::warn!(
             "the old master (pid {}) is gone before it handed the service over: this master serves alone",
             predecessor.pid
         );
+        for bound in &mut self.listeners {
+            bound.take_ownership();
+        }
         self.take_pid_file();
         if self.up {
             crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
@@ -773,7 +856,10 @@ impl Master {
                 ),
             }
         }
-        self.reloads.attach(path.as_deref());
+        match &self.predecessor {
+            Some(predecessor) => self.reloads.attach_after(path.as_deref(), predecessor.pid),
+            None => self.reloads.attach(path.as_deref()),
+        }
         self.upgrades.attach(path.as_deref());
     }
 
