@@ -345,6 +345,13 @@ impl Connection {
         self.flags = NBNET_CONN_HANDED_OVER;
     }
 
+    /// Whether its plugin has been told of it (`on_open`): on a
+    /// `proxy_protocol` listener not before its PROXY header has named the
+    /// real client.
+    pub fn is_announced(&self) -> bool {
+        self.state != State::ProxyHeader
+    }
+
     /// After `on_open`: "handed over" described how it arrived; calls from
     /// now on see no flag until it leaves.
     pub fn opened(&mut self) {
@@ -641,6 +648,13 @@ impl Connection {
             }
             self.input.copy_within(consumed..self.input_len, 0);
             self.input_len -= consumed;
+            // Only now is the plugin told: `on_open` sees the real client's
+            // address, as `process` and `on_close` will.
+            let described = self.describe(ctx.listener_addr);
+            let plugin = &mut *ctx.plugin;
+            ctx.slot
+                .track(ctx.plugin_index, || plugin.connection_opened(&described));
+            self.opened();
             self.transition(State::Reading);
             if self.input_len > 0 {
                 // Frames sent right behind the header (answered, or their

@@ -503,12 +503,16 @@ impl Reactor {
         }
         let deadline = config::deadline(now, self.limits.read_timeout);
         let conn = entry.insert(make(stream, deadline));
-        let listener = &self.listeners[conn.listener];
-        let plugin = &mut self.plugins[listener.plugin];
-        let described = conn.describe(&listener.addr_text);
-        self.slot
-            .track(listener.plugin, || plugin.connection_opened(&described));
-        self.connections[key].opened();
+        // (A connection that owes its PROXY header is announced once the
+        // header names the real client: see Connection::on_readable.)
+        if conn.is_announced() {
+            let listener = &self.listeners[conn.listener];
+            let plugin = &mut self.plugins[listener.plugin];
+            let described = conn.describe(&listener.addr_text);
+            self.slot
+                .track(listener.plugin, || plugin.connection_opened(&described));
+            self.connections[key].opened();
+        }
         self.deadlines.push(&mut self.connections, key, deadline);
     }
 
@@ -539,10 +543,12 @@ impl Reactor {
         if let Close::HandedOver = reason {
             conn.mark_handed_over();
         }
-        let plugin = &mut self.plugins[listener.plugin];
-        let described = conn.describe(&listener.addr_text);
-        self.slot
-            .track(listener.plugin, || plugin.connection_closed(&described));
+        if conn.is_announced() {
+            let plugin = &mut self.plugins[listener.plugin];
+            let described = conn.describe(&listener.addr_text);
+            self.slot
+                .track(listener.plugin, || plugin.connection_closed(&described));
+        }
         // Unmarked only now: a child the plugin forks in its close hook
         // must not get the client's socket either. (The socket closes when
         // `conn` drops, after the log line below: a client that sees the
