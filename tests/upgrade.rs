@@ -72,6 +72,14 @@ impl Drop for Masters {
     }
 }
 
+/// A server running its own copy of `nbnet` (so that a test can replace
+/// it), and the guard for the masters its upgrades start.
+fn start(template: &str) -> (Server, Masters) {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    (Server::start_in(sandbox, template), Masters::default())
+}
+
 /// The PID in the sandbox's pid file.
 fn pid_file(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("nbnet.pid"))
@@ -316,11 +324,7 @@ fn a_new_binary_that_fails_is_rolled_back_and_the_old_master_serves_on() {
 fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1500);
     let server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     let dir = server.dir().to_path_buf();
@@ -329,13 +333,7 @@ fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() 
     wait_for_progress(&server, &load, 100);
 
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
-    let new: i32 = line
-        .split("new master (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the log names the new master");
+    let new = started_new_master(&server);
     masters.track(new);
     std::thread::sleep(Duration::from_millis(300));
     nbnet_tests::send_signal(new, libc::SIGKILL);
@@ -359,10 +357,7 @@ fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() 
 /// misdelivered.
 #[test]
 fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let server = Server::start_in(sandbox, &config("upper", ""));
-    let mut masters = Masters::default();
+    let (server, mut masters) = start(&config("upper", ""));
     let dir = server.dir().to_path_buf();
     let old = server.pid();
     let load = Load::start(server.port(), 6, 0, 1);
@@ -415,11 +410,7 @@ fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
 fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1000 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1000);
     let mut server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     let dir = server.dir().to_path_buf();
@@ -444,21 +435,11 @@ fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
 fn stopping_during_an_upgrade_stops_the_new_master_too() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1500);
     let mut server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
-    let new: i32 = line
-        .split("new master (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the log names the new master");
+    let new = started_new_master(&server);
     masters.track(new);
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(20));
@@ -561,10 +542,7 @@ fn after_an_upgrade_every_reuseport_queue_has_a_worker() {
 /// master finishes the frame in progress and exits too.
 #[test]
 fn stopping_the_new_master_during_the_hand_over_stops_the_old_one_too() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let mut server = Server::start_in(sandbox, &config("upper", ""));
-    let mut masters = Masters::default();
+    let (mut server, mut masters) = start(&config("upper", ""));
     let old = server.pid();
     let mut midway = server.client();
     assert_eq!(midway.request(b"first"), b"FIRST");
@@ -631,10 +609,7 @@ fn a_rolled_back_upgrade_leaves_the_old_masters_files_and_says_why_at_once() {
 /// "refused" too although its upgrade completed.
 #[test]
 fn a_refused_second_upgrade_does_not_change_the_first_ones_outcome() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let server = Server::start_in(sandbox, &slow(1000));
-    let mut masters = Masters::default();
+    let (server, mut masters) = start(&slow(1000));
     let dir = server.dir().to_path_buf();
     let first = {
         let dir = dir.clone();
@@ -656,10 +631,7 @@ fn a_refused_second_upgrade_does_not_change_the_first_ones_outcome() {
 /// "still draining". It now reports the rollback.
 #[test]
 fn upgrade_reports_a_new_master_that_died_during_the_hand_over() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let server = Server::start_in(sandbox, &config("upper", ""));
-    let mut masters = Masters::default();
+    let (server, mut masters) = start(&config("upper", ""));
     let dir = server.dir().to_path_buf();
     let old = server.pid();
     let mut midway = server.client();
@@ -730,10 +702,7 @@ plugin = "hostile"
 /// the new master serves on.
 #[test]
 fn sigint_to_the_old_master_during_the_hand_over_closes_the_rest_and_says_so() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let mut server = Server::start_in(sandbox, &config("upper", ""));
-    let mut masters = Masters::default();
+    let (mut server, mut masters) = start(&config("upper", ""));
     let old = server.pid();
     let mut midway = server.client();
     midway.send_raw(b"0000000012half").unwrap();
@@ -805,10 +774,7 @@ fn a_new_binary_that_cannot_be_executed_says_why_every_time() {
 /// it reports the reload cancelled (the new master read the config).
 #[test]
 fn a_reload_queued_behind_a_successful_upgrade_reports_it_cancelled() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let mut server = Server::start_in(sandbox, &slow(1000));
-    let mut masters = Masters::default();
+    let (mut server, mut masters) = start(&slow(1000));
     server.signal(libc::SIGUSR2);
     masters.track(started_new_master(&server));
     let reload = upgrade_in(server.dir(), "reload");
