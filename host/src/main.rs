@@ -322,6 +322,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             }
         }
         logging::init_with(config.log.level, config.log.format);
+        nbnet::tls::log_warnings(&config);
         return supervisor::serve(config);
     }
     logging::init_with(config.log.level, config.log.format);
@@ -339,7 +340,13 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         errln!("nbnet: note: {note}");
     }
     let files = probe_files(&config);
-    for warning in addresses.warnings.iter().chain(&files.warnings) {
+    let tls_warnings = config.listeners.iter().filter_map(|l| l.tls.as_ref());
+    for warning in addresses
+        .warnings
+        .iter()
+        .chain(&files.warnings)
+        .chain(tls_warnings.flat_map(|tls| &tls.warnings))
+    {
         errln!("nbnet: warning: {warning}");
     }
     let errors: Vec<&String> = report
