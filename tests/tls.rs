@@ -617,3 +617,33 @@ fn bad_certificate_and_key_files_are_refused_by_check_and_at_startup_naming_file
         check.stderr
     );
 }
+
+#[test]
+fn nbnet_send_speaks_tls_and_mutual_tls() {
+    let (mut server, pki) = start();
+    let (cert, key, _) = pki.ca.leaf("bob", &["bob.example"], false);
+    let dir = server.dir().to_path_buf();
+    std::fs::write(dir.join("bob.pem"), cert).unwrap();
+    std::fs::write(dir.join("bob.key"), key).unwrap();
+    let tls_addr = format!("127.0.0.1:{}", tls_port(&server));
+    let mtls_addr = format!("127.0.0.1:{}", server.aux_port(1));
+    let sandbox = server.sandbox_mut();
+    let ok = sandbox.run(&["send", "--tls", "--ca", "ca.pem", &tls_addr, "hi"]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(ok.stdout, "HI\n");
+    let who = sandbox.run(&[
+        "send", "--tls", "--ca", "ca.pem", "--cert", "bob.pem", "--key", "bob.key", &mtls_addr,
+        "tls",
+    ]);
+    assert!(who.status.success(), "{who:?}");
+    assert!(who.stdout.contains("subject=CN=bob"), "{who:?}");
+    // Mutual TLS without a certificate: refused, and said so.
+    let refused = sandbox.run(&["send", "--tls", "--ca", "ca.pem", &mtls_addr, "tls"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    // --tls without a CA: a usage error that says what to add.
+    let usage = sandbox.run(&["send", "--tls", &tls_addr, "hi"]);
+    assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+    assert!(usage.stderr.contains("--ca"), "{usage:?}");
+    let insecure = sandbox.run(&["send", "--tls", "--insecure", &tls_addr, "hi"]);
+    assert_eq!(insecure.stdout, "HI\n", "{insecure:?}");
+}

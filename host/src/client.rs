@@ -9,8 +9,14 @@ use crate::errln;
 use crate::exit_code;
 
 /// Sends `payload` to `addr`, prints the answer; returns the exit code.
-pub fn send(addr: &str, payload: &[u8], timeout: Duration) -> i32 {
-    match round_trip(addr, payload, timeout) {
+/// With `tls`, over TLS.
+pub fn send(
+    addr: &str,
+    payload: &[u8],
+    timeout: Duration,
+    tls: Option<&crate::tls::ClientOptions>,
+) -> i32 {
+    match round_trip(addr, payload, timeout, tls) {
         Ok(response) => {
             let mut stdout = std::io::stdout().lock();
             match stdout
@@ -29,19 +35,33 @@ pub fn send(addr: &str, payload: &[u8], timeout: Duration) -> i32 {
     }
 }
 
-fn round_trip(addr: &str, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+fn round_trip(
+    addr: &str,
+    payload: &[u8],
+    timeout: Duration,
+    tls: Option<&crate::tls::ClientOptions>,
+) -> Result<Vec<u8>, String> {
     let target: SocketAddr = addr
         .parse()
         .map_err(|_| format!("{addr:?} is not IP:PORT (for example 127.0.0.1:9000)"))?;
     if payload.is_empty() {
         return Err("the payload is empty; the protocol has no zero-length requests".into());
     }
-    let mut stream = TcpStream::connect_timeout(&target, timeout)
+    let tcp = TcpStream::connect_timeout(&target, timeout)
         .map_err(|e| format!("cannot connect to {target}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+    tcp.set_read_timeout(Some(timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
         .map_err(|e| format!("{target}: {e}"))?;
+    let mut stream: Box<dyn ReadWrite> = match tls {
+        None => Box::new(tcp),
+        Some(options) => {
+            let config = crate::tls::client_config(options)?;
+            let name = crate::tls::server_name(options, addr)?;
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(|e| format!("TLS to {target}: {e}"))?;
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+    };
     let mut request = Vec::with_capacity(payload.len() + 10);
     encode(payload, &mut request);
     stream
@@ -73,3 +93,7 @@ fn round_trip(addr: &str, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, 
         }
     }
 }
+
+/// A plain or TLS stream.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
