@@ -533,6 +533,10 @@ fn openssl_s_client_round_trip() {
     );
 }
 
+/// A `tls = …` value, what to put in the folder first, and what the
+/// messages must name.
+type BadCase<'a> = (&'a str, &'a dyn Fn(&Path), &'a [&'a str]);
+
 fn tls_config(tls: &str) -> String {
     format!(
         r#"[[plugins]]
@@ -551,7 +555,7 @@ tls = {tls}
 fn bad_certificate_and_key_files_are_refused_by_check_and_at_startup_naming_file_and_reason() {
     let other = Ca::new("other");
     let (other_cert, _, _) = other.leaf("x", &["x"], false);
-    let cases: [(&str, &dyn Fn(&Path), &[&str]); 5] = [
+    let cases: [BadCase; 5] = [
         (
             r#"{ cert = "missing.pem", key = "server.key" }"#,
             &|_| {},
