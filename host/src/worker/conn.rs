@@ -1260,7 +1260,9 @@ fn outcome(error: &ProcessError) -> Outcome {
 
 /// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
 /// buffer is full (`Ok(false)`), advancing `*written`.
-#[inline]
+// Always inlined: out of line it costs ~50 instructions per response
+// (callgrind, 64 B at depth 1).
+#[inline(always)]
 fn write_some(
     stream: &mut Stream,
     buf: &[u8],
@@ -1281,7 +1283,10 @@ fn write_some(
         }
     }
     // TLS: the records of what was written may still wait for the socket.
-    stream.send_pending().map_err(Close::Io)
+    match stream {
+        Stream::Tls(tls) => tls.send_pending().map_err(Close::Io),
+        _ => Ok(true),
+    }
 }
 
 /// The operation would block: not ready yet, not an error.
