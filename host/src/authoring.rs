@@ -161,6 +161,9 @@ fn run_plugin(options: &RunOptions) -> i32 {
         peer: c"stdin".as_ptr(),
         listener: c"stdin".as_ptr(),
         flags: 0,
+        tls_version: 0,
+        tls_subject: std::ptr::null(),
+        tls_sans: std::ptr::null(),
     };
     let requests = match read_requests(options) {
         Ok(requests) => requests,

@@ -11,8 +11,14 @@ use crate::errln;
 use crate::exit_code;
 
 /// Sends `payload` to `addr`, prints the answer; returns the exit code.
-pub fn send(addr: &str, payload: &[u8], timeout: Duration) -> i32 {
-    match round_trip(addr, payload, timeout) {
+/// With `tls`, over TLS.
+pub fn send(
+    addr: &str,
+    payload: &[u8],
+    timeout: Duration,
+    tls: Option<&crate::tls::ClientOptions>,
+) -> i32 {
+    match round_trip(addr, payload, timeout, tls) {
         Ok(response) => {
             let mut stdout = std::io::stdout().lock();
             match stdout
@@ -120,12 +126,27 @@ impl Write for Connection {
     }
 }
 
-fn round_trip(addr: &str, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+fn round_trip(
+    addr: &str,
+    payload: &[u8],
+    timeout: Duration,
+    tls: Option<&crate::tls::ClientOptions>,
+) -> Result<Vec<u8>, String> {
     if payload.is_empty() {
         return Err("the payload is empty; the protocol has no zero-length requests".into());
     }
-    let mut stream = Connection::open(addr, timeout)?;
+    let connection = Connection::open(addr, timeout)?;
     let target = addr;
+    let mut stream: Box<dyn ReadWrite> = match tls {
+        None => Box::new(connection),
+        Some(options) => {
+            let config = crate::tls::client_config(options)?;
+            let name = crate::tls::server_name(options, addr)?;
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(|e| format!("TLS to {target}: {e}"))?;
+            Box::new(rustls::StreamOwned::new(conn, connection))
+        }
+    };
     let mut request = Vec::with_capacity(payload.len() + 10);
     encode(payload, &mut request);
     stream
@@ -157,6 +178,10 @@ fn round_trip(addr: &str, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, 
         }
     }
 }
+
+/// A plain or TLS stream.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 #[cfg(test)]
 mod tests {

@@ -95,6 +95,8 @@ enum Command {
         /// Give up if connecting or the answer takes longer than this.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Load-test a server: many connections, pipelined requests, every
     /// response checked, latency percentiles.
@@ -220,7 +222,14 @@ fn main() {
             addr,
             payload,
             timeout,
-        }) => client::send(&addr, payload.as_bytes(), timeout),
+            tls,
+        }) => match tls.options() {
+            Ok(tls) => client::send(&addr, payload.as_bytes(), timeout, tls.as_ref()),
+            Err(message) => {
+                errln!("nbnet send: {message}");
+                exit_code::USAGE
+            }
+        },
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
         Some(Command::Completions { shell }) => {
@@ -310,6 +319,47 @@ fn plugin_command(command: PluginCommand) -> i32 {
     }
 }
 
+/// `--tls` and its options (`nbnet send`).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// Speak TLS to the server.
+    #[arg(long)]
+    tls: bool,
+    /// PEM CA certificate(s) that signed the server's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// Do not verify the server's certificate (testing only).
+    #[arg(long, requires = "tls", conflicts_with = "ca")]
+    insecure: bool,
+    /// Client certificate (PEM) for mutual TLS; needs --key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the address's IP).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn options(&self) -> Result<Option<nbnet::tls::ClientOptions>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        if self.ca.is_none() && !self.insecure {
+            return Err(
+                "--tls needs --ca FILE (the CA that signed the server's certificate), or --insecure to skip verifying it".into(),
+            );
+        }
+        Ok(Some(nbnet::tls::ClientOptions {
+            ca: self.ca.clone(),
+            identity: self.cert.clone().zip(self.key.clone()),
+            server_name: self.server_name.clone(),
+        }))
+    }
+}
+
 fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     let mut config = match config::load(file) {
         Ok(config) => config,
@@ -328,6 +378,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             }
         }
         logging::init_with(config.log.level, config.log.format);
+        nbnet::tls::log_warnings(&config);
         return supervisor::serve(config);
     }
     logging::init_with(config.log.level, config.log.format);
@@ -346,7 +397,13 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
         errln!("nbnet: note: {note}");
     }
     let files = probe_files(&config);
-    for warning in addresses.warnings.iter().chain(&files.warnings) {
+    let tls_warnings = config.listeners.iter().filter_map(|l| l.tls.as_ref());
+    for warning in addresses
+        .warnings
+        .iter()
+        .chain(&files.warnings)
+        .chain(tls_warnings.flat_map(|tls| &tls.warnings))
+    {
         errln!("nbnet: warning: {warning}");
     }
     let errors: Vec<&String> = report

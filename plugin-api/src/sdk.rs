@@ -83,6 +83,30 @@ impl<'a> Connection<'a> {
     pub fn handed_over(&self) -> bool {
         self.raw.flags & crate::abi::NBNET_CONN_HANDED_OVER != 0
     }
+
+    /// The client speaks TLS on this connection (ABI 1.3).
+    pub fn tls(&self) -> bool {
+        self.raw.flags & crate::abi::NBNET_CONN_TLS != 0
+    }
+
+    /// The TLS version once the handshake is done: 0x0303 (1.2) or 0x0304
+    /// (1.3); 0 without TLS or before the handshake (`on_open`).
+    pub fn tls_version(&self) -> u32 {
+        self.raw.tls_version
+    }
+
+    /// Mutual TLS: the client certificate's subject (RFC 4514 text, e.g.
+    /// `CN=client,O=Example`); `None` without a client certificate.
+    pub fn tls_client_subject(&self) -> Option<&'a str> {
+        (!self.raw.tls_subject.is_null()).then(|| c_text(self.raw.tls_subject))
+    }
+
+    /// Mutual TLS: the client certificate's subject alternative names,
+    /// comma separated (`DNS:a.example,IP:10.0.0.1,URI:…,email:…`);
+    /// `None` without a client certificate.
+    pub fn tls_client_sans(&self) -> Option<&'a str> {
+        (!self.raw.tls_sans.is_null()).then(|| c_text(self.raw.tls_sans))
+    }
 }
 
 fn c_text<'a>(text: *const std::ffi::c_char) -> &'a str {

@@ -185,6 +185,9 @@ impl<P: Plugin> TestHost<P> {
             peer: self.peer.as_ptr(),
             listener: self.listener.as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         }
     }
 }

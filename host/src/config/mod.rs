@@ -399,6 +399,9 @@ pub struct ListenerSpec {
     /// `allow` / `deny`: which client addresses may connect (see
     /// [`crate::access`]); `None` admits everyone.
     pub access: Option<std::sync::Arc<crate::access::AccessList>>,
+    /// `tls = { … }`: its certificate, key and rustls configuration, read
+    /// and built when the config is loaded (see [`crate::tls`]).
+    pub tls: Option<crate::tls::TlsListener>,
 }
 
 /// Reads and validates the config file at `file`.
@@ -745,6 +748,20 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
             }
         };
+        let tls =
+            listener
+                .tls
+                .as_ref()
+                .and_then(|tls| match crate::tls::load(tls.get_ref(), base) {
+                    Ok(tls) => Some(tls),
+                    Err(problems) => {
+                        let line = Some(lines.line_of(tls.span().start));
+                        for problem in problems {
+                            check.problem(line, format!("listener {addr_text}: {problem}"));
+                        }
+                        None
+                    }
+                });
         let plugin_name = listener.plugin.get_ref().trim();
         let plugin = match by_name.get(plugin_name) {
             Some(&index) => Some(index),
@@ -770,6 +787,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 reuseport,
                 mode,
                 access,
+                tls,
             });
         }
     }

@@ -156,6 +156,8 @@ pub(super) struct RawListener {
     pub(super) allow: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub(super) deny: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) tls: Option<Spanned<crate::tls::RawTls>>,
 }
 
 /// `[log]` as written.

@@ -223,6 +223,7 @@ impl Master {
                 return;
             }
         };
+        crate::tls::log_warnings(&config);
         if !config.log.same_file(&self.config.log) {
             // The master's descriptor 2, and every worker's, is the file it
             // started with; moving it would mean reopening in every process
