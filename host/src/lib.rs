@@ -14,7 +14,11 @@
 //! - [`tls`]: TLS settings, certificate files, rustls configurations.
 //! - [`proxy`]: PROXY protocol v1/v2 header parser (pure).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
-//! - [`control`]: `nbnet reload|stop`, signalling a running master.
+//! - [`access`]: per-listener allow/deny lists; [`privileges`]: the drop
+//!   to `[server] user` after fork; [`tls`]: certificates and rustls configs.
+//! - [`handover`]: the records that move live connections between workers
+//!   (and, on a binary upgrade, between masters).
+//! - [`control`]: `nbnet reload|stop|upgrade`, signalling a running master.
 //! - [`pid_file`]: the master's locked PID file.
 //! - [`client`]: `nbnet send`, a one-shot client for users and tests.
 //! - [`bench`]: `nbnet bench`, a closed-loop load generator.
