@@ -357,6 +357,16 @@ impl Plugin {
         finished.map_err(|error| self.process_error(error, rc, sink.max()))
     }
 
+    /// For a pool (`threads = N`): counts its pool threads' calls in the
+    /// worker's scoreboard `slot` as plugin `index`, so that a crash during
+    /// one is named. Does nothing for other plugins (the reactor thread's
+    /// calls are tracked by the worker).
+    pub fn attach_scoreboard(&self, slot: &'static crate::scoreboard::Slot, index: usize) {
+        if self.kind == Kind::Pool {
+            pool::attach(self.state, slot, index);
+        }
+    }
+
     /// Whether the plugin answers batches (`process_batch`, ABI 1.1).
     #[inline]
     pub fn batches(&self) -> bool {

@@ -197,6 +197,9 @@ impl Reactor {
         for listener in &mut listeners {
             listener.stats = slot.stats.plugin(listener.plugin);
         }
+        for (index, plugin) in plugins.iter().enumerate() {
+            plugin.attach_scoreboard(slot, index);
+        }
         let mut reactor = Reactor {
             poll,
             signals,
