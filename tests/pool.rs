@@ -204,3 +204,19 @@ plugin = "hostile"
         (eventfds(daemon) == 0).then_some(())
     });
 }
+
+/// Issue 12: `--check` made a pool's N instances (N inits, N threads: N
+/// database connections for a plugin like redis-cache) to check one config.
+#[test]
+fn check_validates_a_pool_with_one_instance() {
+    let out = nbnet_tests::check(&config(4, ""));
+    assert!(out.status.success(), "{}", out.stderr);
+    let inits = out.stderr.matches("misbehave init").count();
+    assert_eq!(inits, 1, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("(threads = 4: checked with one instance, thread 0 of 4)"),
+        "{}",
+        out.stdout
+    );
+}

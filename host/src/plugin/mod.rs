@@ -190,6 +190,20 @@ impl Plugin {
         Self::load_instance(spec, worker_index, worker_count, 0, 0)
     }
 
+    /// Loads `spec` to check it (`nbnet --check`): one instance, even for
+    /// a pool (`threads = N`), told it is pool thread 0 of N. Checking
+    /// that the library loads and that its init accepts the config needs
+    /// no more, and N inits could open N connections to a database just
+    /// to close them. (An init that accepts thread 0 and refuses another
+    /// index is caught when the workers start, as any init failure is.)
+    pub fn load_to_check(
+        spec: &PluginSpec,
+        worker_index: u32,
+        worker_count: u32,
+    ) -> Result<Plugin, LoadError> {
+        Self::load_instance(spec, worker_index, worker_count, 0, spec.threads as u32)
+    }
+
     /// Loads one instance, told it is pool thread `thread_index` of
     /// `thread_count` (0 of 0: on the reactor thread).
     fn load_instance(
