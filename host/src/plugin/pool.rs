@@ -40,8 +40,11 @@ use crate::scoreboard::Slot;
 static REPLACEMENT_WANTED: AtomicBool = AtomicBool::new(false);
 
 /// Whether a pool asked for this worker's replacement since the last call.
+#[inline]
 pub fn take_replacement_request() -> bool {
-    REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
+    // A plain load first: the reactor asks on every turn, and a swap (a
+    // locked instruction) is only needed on the rare turn it is set.
+    REPLACEMENT_WANTED.load(Ordering::Relaxed) && REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
 }
 
 /// A completion handle, moved to a pool thread.

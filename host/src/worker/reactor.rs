@@ -252,26 +252,9 @@ impl Reactor {
                 .unwrap_or(now);
             for event in events.iter() {
                 match event.token() {
-                    SIGNALS => {
-                        for signal in self.signals.pending() {
-                            if signal == Signal::SIGUSR1 {
-                                crate::logging::reopen_in_worker();
-                                continue;
-                            }
-                            if signal == Signal::SIGINT {
-                                tracing::info!(
-                                    "SIGINT received: stopping now ({} connection(s) closed)",
-                                    self.connections.len()
-                                );
-                                return Ok(self.shut_down());
-                            }
-                            self.begin_drain(signal, now);
-                        }
-                    }
-                    CONTROL => self.on_control(now),
-                    WAKER => self.on_completions(now),
-                    Token(t) if t < first_connection => self.accept(t - FIRST_LISTENER, now),
-                    Token(t) => {
+                    // Connections first: nearly every event is one of theirs,
+                    // and this arm then costs one comparison.
+                    Token(t) if t >= first_connection => {
                         let key = t - first_connection;
                         // Events for a connection closed earlier in this batch
                         // are stale: ignore them.
@@ -354,6 +337,25 @@ impl Reactor {
                             self.shed(now);
                         }
                     }
+                    SIGNALS => {
+                        for signal in self.signals.pending() {
+                            if signal == Signal::SIGUSR1 {
+                                crate::logging::reopen_in_worker();
+                                continue;
+                            }
+                            if signal == Signal::SIGINT {
+                                tracing::info!(
+                                    "SIGINT received: stopping now ({} connection(s) closed)",
+                                    self.connections.len()
+                                );
+                                return Ok(self.shut_down());
+                            }
+                            self.begin_drain(signal, now);
+                        }
+                    }
+                    CONTROL => self.on_control(now),
+                    WAKER => self.on_completions(now),
+                    Token(t) => self.accept(t - FIRST_LISTENER, now),
                 }
             }
             if self.stop_now {
