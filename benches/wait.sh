@@ -26,6 +26,7 @@ done
 want() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 
 OUT=${OUT:-$(mktemp -d /tmp/nbnet-wait.XXXXXX)}
+mkdir -p "$OUT"
 PORT=${PORT:-19300} PORT2=${PORT2:-19301} REDIS_PORT=${REDIS_PORT:-19302}
 CLK_TCK=$(getconf CLK_TCK)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
