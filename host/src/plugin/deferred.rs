@@ -29,6 +29,13 @@ use crate::codec::{header, HEADER_LEN};
 
 /// Completed cells kept out of reuse (see the module doc).
 const QUARANTINE: usize = 1024;
+/// Most cells a handle maker takes for reuse at once (see
+/// [`Completions::handle_from`]).
+const STASH: usize = 64;
+
+/// Completed cells taken out of the quarantine for reuse by one thread.
+#[derive(Default)]
+pub struct FreeCells(Vec<CellPtr>);
 
 /// One completion: the token of the request and its answer (a complete
 /// frame: header and payload) or why it failed.
@@ -102,6 +109,25 @@ impl Completions {
                 None
             }
         };
+        self.make(reused, token)
+    }
+
+    /// A handle for the request `token` (non-zero), reusing a cell from
+    /// `stash` (the caller's own, refilled here under one lock for up to
+    /// [`STASH`] handles): the thread making handles then rarely takes the
+    /// lock that completing threads take for every answer.
+    pub fn handle_from(&'static self, stash: &mut FreeCells, token: u64) -> *mut RawDeferred {
+        if stash.0.is_empty() {
+            let mut queue = self.lock();
+            let reusable = queue.free.len().saturating_sub(QUARANTINE).min(STASH);
+            stash.0.extend(queue.free.drain(..reusable));
+        }
+        self.make(stash.0.pop(), token)
+    }
+
+    /// A handle for `token` in `reused` (a cell out of quarantine), or in
+    /// a new cell.
+    fn make(&'static self, reused: Option<CellPtr>, token: u64) -> *mut RawDeferred {
         let cell = match reused {
             Some(CellPtr(cell)) => cell,
             None => Box::into_raw(Box::new(Cell {
@@ -134,6 +160,13 @@ impl Completions {
         std::mem::take(&mut self.lock().done)
     }
 
+    /// Takes every completion queued so far into `into` (empty), leaving
+    /// `into`'s allocation to the queue: no allocation per wake-up.
+    pub fn take_into(&self, into: &mut Vec<Done>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.lock().done, into);
+    }
+
     /// Completions refused so far (completed twice).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
@@ -151,6 +184,9 @@ impl Completions {
         let token = cell.token.swap(0, Ordering::AcqRel);
         if token == 0 {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            // Wake the reactor so that it counts (and logs) the refusal
+            // now, not at the next completion, which may never come.
+            let _ = self.waker.wake();
             return NBNET_ERR;
         }
         let wake = {
