@@ -109,9 +109,16 @@ path = \"$REL/libdefer_rs.so\"
 addr = \"127.0.0.1:$PORT\"
 plugin = \"defer\""
     N=200000
-    for mode in inline later; do
-        prefix="inline "
-        [ "$mode" = later ] && prefix="later 0 "
+    # inline: answered in process; handoff: answered in process after the
+    # plugin hands a copy to its own thread (its own cost: a channel send
+    # and a thread wake-up); later: deferred, answered at once by the
+    # plugin's thread. Host cost of deferring = later - handoff.
+    for mode in inline handoff later; do
+        case $mode in
+            inline) prefix="inline " ;;
+            handoff) prefix="handoff 0 " ;;
+            later) prefix="later 0 " ;;
+        esac
         bench "$PORT" --conns 50 --prefix "$prefix" --size 64 --expect none --requests 20000 >/dev/null
         t0=$(ticks "$WORKER") r0=$(ticks "$WORKER/task/$WORKER")
         json=$(bench "$PORT" --conns 50 --prefix "$prefix" --size 64 --expect none --requests "$N" --duration 600)
@@ -121,7 +128,7 @@ import json, sys
 mode, t0, t1, r0, r1, hz, n, raw = sys.argv[1:]
 d = json.loads(raw)
 per = lambda a, b: (float(b) - float(a)) / float(hz) / int(n) * 1e6
-print(f"deferred {mode:6}: worker CPU {per(t0, t1):.2f} us/request (reactor thread {per(r0, r1):.2f}), "
+print(f"deferred {mode:7}: worker CPU {per(t0, t1):.2f} us/request (reactor thread {per(r0, r1):.2f}), "
       f"{d['rps']:.0f} req/s, p99 {d['latency_us']['p99']} us, errors {d['errors']}")
 PY
     done
