@@ -169,6 +169,30 @@ fn info_on_a_missing_file_fails() {
     );
 }
 
+/// Issue 14: a missing file named on the command line was reported as if
+/// it came from a config ("relative paths are resolved against the config
+/// file's folder"); there is no config file here. A relative path is
+/// resolved against the current folder, which the message names.
+#[test]
+fn a_missing_file_is_not_blamed_on_a_config_file() {
+    let mut sandbox = Sandbox::new();
+    let here = sandbox.path().to_path_buf();
+    let outcomes = [
+        sandbox.run(&["plugin", "info", "libnothing.so"]),
+        sandbox.run_with_input(&["plugin", "run", "libnothing.so"], b"hi\n"),
+    ];
+    for out in outcomes {
+        assert_exit(&out, 4, "a missing plugin file");
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(text.contains("no such file"), "{text}");
+        assert!(!text.contains("config"), "{text}");
+        assert!(
+            text.contains(&format!("current folder, {}", here.display())),
+            "{text}"
+        );
+    }
+}
+
 // ----------------------------------------------------------------- plugin run
 
 #[test]
@@ -183,6 +207,14 @@ fn run_answers_each_line_of_stdin() {
     assert_eq!(
         out.stdout,
         "HI\nHELLO, WORLD 42\nLAST LINE WITHOUT NEWLINE\n"
+    );
+    // Issue 14: not silently: a note names the line and says why.
+    assert!(
+        out.stderr.contains(
+            "note: skipped 1 empty line(s) of stdin (line 3): the protocol has no empty requests"
+        ),
+        "{}",
+        out.stderr
     );
 }
 
@@ -349,6 +381,18 @@ fn a_new_rust_plugin_builds_passes_its_tests_and_runs_outside_the_workspace() {
     let root = dir.join(name);
     assert!(root.join("Cargo.toml").is_file() && root.join("src/lib.rs").is_file());
     assert!(out.stdout.contains("cargo test"), "{}", out.stdout);
+    // Issue 14: the SDK by version, with a path override the output explains.
+    let manifest = fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let api = workspace_root().join("plugin-api");
+    let api = api.canonicalize().unwrap_or(api);
+    assert!(
+        manifest.contains(&format!(
+            "nbnet-plugin-api = {{ version = \"0.1\", path = \"{}\" }}",
+            api.display()
+        )),
+        "{manifest}"
+    );
+    assert!(out.stdout.contains("delete `path = ...`"), "{}", out.stdout);
 
     // Pin the versions the workspace was built with, so that this build
     // reuses its compiled dependencies (and needs no registry) instead of
@@ -366,6 +410,17 @@ fn a_new_rust_plugin_builds_passes_its_tests_and_runs_outside_the_workspace() {
         CARGO_TIMEOUT,
     );
     eprintln!("new Rust plugin: cargo test {tested:?}, cargo build {built:?}");
+    // Issue 14: what `plugin new` writes passes the checks a crate's CI runs.
+    run_ok(
+        cargo(&root, &["fmt", "--check"]),
+        "cargo fmt --check (new plugin)",
+        CARGO_TIMEOUT,
+    );
+    run_ok(
+        cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"]),
+        "cargo clippy -D warnings (new plugin)",
+        CARGO_TIMEOUT,
+    );
 
     let so = target_dir().join("debug/libauthoring_check.so");
     let info = sandbox.run(&["plugin", "info", path_str(&so)]);
@@ -382,7 +437,7 @@ fn a_new_rust_plugin_builds_passes_its_tests_and_runs_outside_the_workspace() {
 }
 
 #[test]
-fn a_new_c_plugin_builds_with_the_printed_line_and_runs() {
+fn a_new_c_plugin_is_a_folder_with_a_makefile_that_builds_it() {
     let name = "authoring-check-c";
     let mut sandbox = Sandbox::new();
     let dir = sandbox.path().join("plugins");
@@ -396,28 +451,27 @@ fn a_new_c_plugin_builds_with_the_printed_line_and_runs() {
         path_str(&dir),
     ]);
     assert_exit(&out, 0, "plugin new --lang c");
-    assert!(dir.join(format!("{name}.c")).is_file(), "{}", out.stdout);
+    // Issue 14: a folder, as the Rust template writes a crate.
+    let root = dir.join(name);
+    assert!(root.join(format!("{name}.c")).is_file(), "{}", out.stdout);
+    assert!(root.join("Makefile").is_file(), "{}", out.stdout);
 
-    // "build it:" then the command line, indented.
+    // "build it:" then `make -C FOLDER`, indented.
     let mut lines = out.stdout.lines();
     lines
         .by_ref()
         .find(|l| l.trim() == "build it:")
         .unwrap_or_else(|| panic!("no `build it:` in\n{}", out.stdout));
     let line = lines.next().expect("the build line").trim();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(words[0], "cc", "the build line: {line}");
-    let cc = std::env::var_os("CC").unwrap_or_else(|| OsString::from("cc"));
-    let mut cmd = Command::new(cc);
-    cmd.args(&words[1..]).current_dir(sandbox.path());
+    assert_eq!(line, format!("make -C {}", root.display()));
+    let Some(make) = nbnet_tests::require_program("make", "make") else {
+        return;
+    };
+    let mut cmd = Command::new(make);
+    cmd.arg("-C").arg(&root).current_dir(sandbox.path());
     run_ok(cmd, line, Duration::from_secs(120));
 
-    let so = dir.join("libauthoring_check_c.so");
-    assert!(
-        line.contains(path_str(&so)),
-        "the build line does not write {}: {line}",
-        so.display()
-    );
+    let so = root.join("libauthoring_check_c.so");
     let info = sandbox.run(&["plugin", "info", path_str(&so)]);
     assert_exit(&info, 0, "plugin info on the new C plugin");
     assert_eq!(field(&info, "name"), name);
@@ -476,7 +530,7 @@ fn new_does_not_overwrite_an_existing_plugin() {
         path_str(&dir),
     ];
     assert_exit(&sandbox.run(&args), 0, "first plugin new");
-    let file = dir.join("twice.c");
+    let file = dir.join("twice/twice.c");
     fs::write(&file, "/* mine */\n").unwrap();
     let again = sandbox.run(&args);
     assert!(!again.status.success(), "a second plugin new succeeded");

@@ -381,3 +381,76 @@ fn completions_for_bash_zsh_fish_and_a_man_page_are_printed() {
     );
     assert!(man.stdout.contains("reload"), "{}", man.stdout);
 }
+
+/// Issue 14: `nbnet send` took IP:PORT only. A host name is resolved (and
+/// each of its addresses tried: `localhost` may name `::1` first while the
+/// server listens on 127.0.0.1), and `unix:/path` reaches a Unix listener.
+#[test]
+fn send_accepts_a_host_name_and_a_unix_socket_path() {
+    let server = Server::start(&format!(
+        "{}\n[[listeners]]\naddr = \"unix:{{dir}}/nbnet.sock\"\nplugin = \"u\"\n",
+        one_plugin_config("u", "{upper_c}", "")
+    ));
+    let mut sandbox = Sandbox::new();
+    let by_name = sandbox.run(&["send", &format!("localhost:{}", server.port()), "hi"]);
+    assert_eq!(
+        (by_name.status.code(), by_name.stdout.as_str()),
+        (Some(0), "HI\n"),
+        "{by_name:?}"
+    );
+    let socket = format!("unix:{}", server.dir().join("nbnet.sock").display());
+    let by_path = sandbox.run(&["send", &socket, "ho"]);
+    assert_eq!(
+        (by_path.status.code(), by_path.stdout.as_str()),
+        (Some(0), "HO\n"),
+        "{by_path:?}"
+    );
+    // A wrong address says which forms there are; a missing socket names it.
+    let bad = sandbox.run(&["send", "localhost", "hi"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("HOST:PORT"), "{}", bad.stderr);
+    let gone = format!("unix:{}", sandbox.path().join("no.sock").display());
+    let missing = sandbox.run(&["send", &gone, "hi"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert!(missing.stderr.contains(&gone), "{}", missing.stderr);
+}
+
+/// Issue 14: `--check` tried the listeners' addresses but not `[admin]`'s,
+/// so a config whose admin address the server cannot bind passed the check
+/// and failed at start. (192.0.2.1 is TEST-NET-1, on no machine: the bind
+/// fails at once, nothing is sent.) An admin address in use is a warning
+/// only, as for listeners: the server may be running.
+#[test]
+fn check_tries_the_admin_address() {
+    let mut sandbox = Sandbox::new();
+    let template = |admin: &str| {
+        format!(
+            "[admin]\naddr = \"{admin}\"\n{}",
+            one_plugin_config("u", "{upper_c}", "")
+        )
+    };
+    let out = sandbox.check(&template("192.0.2.1:9191"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let config = sandbox.config_path();
+    assert!(
+        out.stderr.contains(&format!(
+            "[admin] addr 192.0.2.1:9191 ({}:2): cannot listen",
+            config.display()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = sandbox.check(&template(&addr));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: [admin] addr {addr} ({}:2): address in use",
+            config.display()
+        )),
+        "{}",
+        out.stderr
+    );
+}

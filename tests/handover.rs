@@ -458,3 +458,67 @@ fn a_connection_lost_for_want_of_a_descriptor_says_so() {
     );
     drop(clients);
 }
+
+/// Hostile pass: on a `proxy_protocol` listener `on_open` was called at
+/// accept, with the load balancer's address, while `process` and
+/// `on_close` saw the real client's from the PROXY header. A plugin now
+/// hears of the connection once the header has named the client — and not
+/// at all for one that never sends a valid header.
+#[test]
+fn on_open_sees_the_address_from_the_proxy_header() {
+    let server = Server::start(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "hostile"
+path = "{hostile}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "hostile"
+
+[[listeners]]
+addr = "127.0.0.1:{aux}"
+plugin = "hostile"
+proxy_protocol = true
+"#,
+    );
+    let port = server.aux_port(0);
+    // The start-up probe's connections (on {port}) have their own hook
+    // lines: once each is closed, count them.
+    let before = server.wait_for("the probe's connections to close", || {
+        let (open, close) = (
+            server.log_count("hook open"),
+            server.log_count("hook close"),
+        );
+        (open > 0 && open == close).then_some(open + close)
+    });
+    let mut proxied = Client::connect(port);
+    proxied
+        .send_raw(b"PROXY TCP4 10.1.2.3 127.0.0.1 1111 80\r\n")
+        .unwrap();
+    assert_eq!(proxied.request(b"x"), b"ok:x");
+    drop(proxied);
+    // A connection that never sends its header: never announced.
+    let mut silent = Client::connect(port);
+    silent.send_raw(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    silent.expect_closed();
+    server.wait_for_log_line(&["hook close", "peer=10.1.2.3:1111"]);
+    let log = server.log();
+    let hooks: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hook "))
+        .skip(before)
+        .collect();
+    assert!(
+        hooks
+            .iter()
+            .any(|l| l.contains("hook open") && l.contains("peer=10.1.2.3:1111")),
+        "{hooks:#?}"
+    );
+    assert!(
+        hooks.iter().all(|l| l.contains("peer=10.1.2.3:1111")),
+        "every hook must see the real client, and the header-less connection none: {hooks:#?}"
+    );
+}

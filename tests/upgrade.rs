@@ -72,6 +72,14 @@ impl Drop for Masters {
     }
 }
 
+/// A server running its own copy of `nbnet` (so that a test can replace
+/// it), and the guard for the masters its upgrades start.
+fn start(template: &str) -> (Server, Masters) {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    (Server::start_in(sandbox, template), Masters::default())
+}
+
 /// The PID in the sandbox's pid file.
 fn pid_file(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("nbnet.pid"))
@@ -84,9 +92,14 @@ fn pid_file(dir: &Path) -> Option<i32> {
 /// Runs `nbnet upgrade` against the server — the built `nbnet`, not the
 /// file at the server's path (which a test may have broken on purpose).
 fn upgrade(server: &mut Server) -> Outcome {
+    upgrade_in(server.dir(), "upgrade")
+}
+
+/// Runs the built `nbnet COMMAND --config nbnet.toml` in `dir`.
+fn upgrade_in(dir: &Path, command: &str) -> Outcome {
     let output = std::process::Command::new(&nbnet_tests::build().nbnet)
-        .current_dir(server.dir())
-        .args(["upgrade", "--config", "nbnet.toml"])
+        .current_dir(dir)
+        .args([command, "--config", "nbnet.toml"])
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run nbnet upgrade");
@@ -311,11 +324,7 @@ fn a_new_binary_that_fails_is_rolled_back_and_the_old_master_serves_on() {
 fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1500);
     let server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     let dir = server.dir().to_path_buf();
@@ -324,13 +333,7 @@ fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() 
     wait_for_progress(&server, &load, 100);
 
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
-    let new: i32 = line
-        .split("new master (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the log names the new master");
+    let new = started_new_master(&server);
     masters.track(new);
     std::thread::sleep(Duration::from_millis(300));
     nbnet_tests::send_signal(new, libc::SIGKILL);
@@ -354,10 +357,7 @@ fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() 
 /// misdelivered.
 #[test]
 fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
-    let mut sandbox = Sandbox::new();
-    sandbox.use_own_binary();
-    let server = Server::start_in(sandbox, &config("upper", ""));
-    let mut masters = Masters::default();
+    let (server, mut masters) = start(&config("upper", ""));
     let dir = server.dir().to_path_buf();
     let old = server.pid();
     let load = Load::start(server.port(), 6, 0, 1);
@@ -410,11 +410,7 @@ fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
 fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1000 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1000);
     let mut server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     let dir = server.dir().to_path_buf();
@@ -439,21 +435,11 @@ fn a_second_upgrade_during_an_upgrade_is_refused_with_the_reason() {
 fn stopping_during_an_upgrade_stops_the_new_master_too() {
     let mut sandbox = Sandbox::new();
     sandbox.use_own_binary();
-    let template = config("upper", "").replacen(
-        "[[listeners]]",
-        "[[plugins]]\nname = \"slow\"\npath = \"{hostile}\"\nconfig = { init_sleep_ms = 1500 }\n\n[[listeners]]",
-        1,
-    );
+    let template = slow(1500);
     let mut server = Server::start_in(sandbox, &template);
     let mut masters = Masters::default();
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
-    let new: i32 = line
-        .split("new master (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the log names the new master");
+    let new = started_new_master(&server);
     masters.track(new);
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(20));
@@ -489,4 +475,361 @@ fn upgrade_refuses_to_signal_a_master_that_cannot_report() {
     assert!(outcome.stderr.contains("nothing sent"), "{outcome:?}");
     assert_eq!(server.log_count("SIGUSR2"), 0, "{}", server.log());
     assert_eq!(pid_file(&dir), Some(server.pid()));
+}
+
+// ------------------------------------------------- found by the hostile pass
+
+/// `config` with the slow-init hostile plugin loaded beside the others,
+/// so that a new master takes a while to be ready.
+fn slow(ms: u32) -> String {
+    config("upper", "").replacen(
+        "[[listeners]]",
+        &format!(
+            "[[plugins]]\nname = \"slow\"\npath = \"{{hostile}}\"\nconfig = {{ init_sleep_ms = {ms} }}\n\n[[listeners]]"
+        ),
+        1,
+    )
+}
+
+/// The new master's PID, from the old one's log line.
+fn started_new_master(server: &Server) -> i32 {
+    let line = server.wait_for_log_line(&["upgrading: started a new master (pid"]);
+    line.split("new master (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the log names the new master")
+}
+
+/// Hostile pass: after SIGTTIN on a `reuseport` listener, the new master
+/// got every slot's socket but had fewer workers; connections the kernel
+/// put in the extra sockets' queues were never accepted. Every new
+/// connection must now be answered.
+#[test]
+fn after_an_upgrade_every_reuseport_queue_has_a_worker() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let template = config("upper", "").replacen(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nreuseport = true\n",
+        1,
+    );
+    let mut server = Server::start_in(sandbox, &template);
+    let mut masters = Masters::default();
+    // (One at a time: signals sent together merge into one.)
+    server.signal(libc::SIGTTIN);
+    server.wait_for_workers(3);
+    server.signal(libc::SIGTTIN);
+    server.wait_for_workers(4);
+    let outcome = upgrade(&mut server);
+    assert!(outcome.status.success(), "{outcome:?}\n{}", server.log());
+    masters.track(pid_file(server.dir()).unwrap());
+    for i in 0..40 {
+        let mut client = Client::connect(server.port());
+        client.set_read_timeout(Duration::from_secs(3));
+        let payload = format!("conn {i}");
+        assert_eq!(
+            client.request(payload.as_bytes()),
+            payload.to_uppercase().as_bytes(),
+            "connection {i} after the upgrade"
+        );
+    }
+}
+
+/// Hostile pass: `nbnet stop` during the hand-over stopped the new master
+/// (the pid file names it), and the old master took that for a crash and
+/// served again. A clean exit of the new master stops the server: the old
+/// master finishes the frame in progress and exits too.
+#[test]
+fn stopping_the_new_master_during_the_hand_over_stops_the_old_one_too() {
+    let (mut server, mut masters) = start(&config("upper", ""));
+    let old = server.pid();
+    let mut midway = server.client();
+    assert_eq!(midway.request(b"first"), b"FIRST");
+    midway.send_raw(b"0000000012half").unwrap();
+    server.signal(libc::SIGUSR2);
+    server.wait_for_log_line(&["is ready: it serves now"]);
+    let new = server.wait_for("the new master's pid file", || {
+        pid_file(server.dir()).filter(|&p| p != old)
+    });
+    masters.track(new);
+    let stop = upgrade_in(server.dir(), "stop");
+    assert!(stop.status.success(), "{stop:?}");
+    server.wait_for_log_line(&["has stopped (exit status 0): the server is stopping"]);
+    midway.send_raw(b" a frame").unwrap();
+    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+    midway.expect_closed();
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
+    assert!(!server.log().contains("serves again"), "{}", server.log());
+    assert!(!server.dir().join("nbnet.pid").exists());
+}
+
+/// Hostile pass: a config changed to `reuseport = true` before an upgrade
+/// left the new master's workers failing (EADDRINUSE) for the whole 140 s
+/// before the rollback, and the rolled-back new master then removed the
+/// Unix socket file and the status file the old one serves with. Now the
+/// new master refuses at once, naming the change, and removes nothing.
+#[test]
+fn a_rolled_back_upgrade_leaves_the_old_masters_files_and_says_why_at_once() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let mut server = Server::start_in(sandbox, &config("upper", ""));
+    let dir = server.dir().to_path_buf();
+    let old = server.pid();
+    let changed = config("upper", "").replacen(
+        "plugin = \"upper\"\n",
+        "plugin = \"upper\"\nreuseport = true\n",
+        1,
+    );
+    server.sandbox_mut().write_config(&changed);
+    let outcome = upgrade(&mut server);
+    assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("rolled back") && outcome.stderr.contains("exit status 1"),
+        "{outcome:?}"
+    );
+    assert!(
+        server
+            .log()
+            .contains("reuseport = false, the config says true"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(pid_file(&dir), Some(old));
+    assert!(dir.join("nbnet.pid.upgrade").exists());
+    let mut unix = std::os::unix::net::UnixStream::connect(dir.join("nbnet.sock"))
+        .expect("the old master's Unix socket file must survive the rollback");
+    unix.write_all(&nbnet_tests::frame(b"still")).unwrap();
+    assert_eq!(Client::connect(server.port()).request(b"tcp"), b"TCP");
+}
+
+/// Hostile pass: a second `nbnet upgrade` during the first was refused —
+/// and its refusal overwrote the status file, so the first reported
+/// "refused" too although its upgrade completed.
+#[test]
+fn a_refused_second_upgrade_does_not_change_the_first_ones_outcome() {
+    let (server, mut masters) = start(&slow(1000));
+    let dir = server.dir().to_path_buf();
+    let first = {
+        let dir = dir.clone();
+        std::thread::spawn(move || upgrade_in(&dir, "upgrade"))
+    };
+    masters.track(started_new_master(&server));
+    let second = upgrade_in(&dir, "upgrade");
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    assert!(
+        second.stderr.contains("an upgrade is already under way"),
+        "{second:?}"
+    );
+    let first = first.join().unwrap();
+    assert!(first.status.success(), "{first:?}\n{}", server.log());
+}
+
+/// Hostile pass: `kill -9` of the new master mid-hand-over brings the old
+/// master back (tested above) but `nbnet upgrade` said the old master was
+/// "still draining". It now reports the rollback.
+#[test]
+fn upgrade_reports_a_new_master_that_died_during_the_hand_over() {
+    let (server, mut masters) = start(&config("upper", ""));
+    let dir = server.dir().to_path_buf();
+    let old = server.pid();
+    let mut midway = server.client();
+    midway.send_raw(b"0000000012half").unwrap();
+    let cli = {
+        let dir = dir.clone();
+        std::thread::spawn(move || upgrade_in(&dir, "upgrade"))
+    };
+    server.wait_for_log_line(&["is ready: it serves now"]);
+    let new = server.wait_for("the new master's pid file", || {
+        pid_file(&dir).filter(|&p| p != old)
+    });
+    masters.track(new);
+    nbnet_tests::send_signal(new, libc::SIGKILL);
+    let outcome = cli.join().unwrap();
+    assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("rolled back") && outcome.stderr.contains("serves again"),
+        "{outcome:?}"
+    );
+    midway.send_raw(b" a frame").unwrap();
+    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+}
+
+/// Hostile pass: a hook that hangs in an old worker while it hands its
+/// connections over was killed only at shutdown_timeout + 5 s (the
+/// watchdog slept while the old master was leaving); `plugin_timeout`
+/// holds there too.
+#[test]
+fn the_watchdog_runs_while_the_old_master_hands_over() {
+    let mut sandbox = Sandbox::new();
+    sandbox.use_own_binary();
+    let template = r#"[server]
+workers = 1
+pid_file = "nbnet.pid"
+plugin_timeout = "1s"
+shutdown_timeout = "30s"
+
+[[plugins]]
+name = "hostile"
+path = "{hostile}"
+config = { close_hang = true }
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "hostile"
+"#;
+    let mut server = Server::start_in(sandbox, template);
+    let mut masters = Masters::default();
+    let mut client = server.client();
+    assert_eq!(client.request(b"x"), b"ok:x");
+    let cli = {
+        let dir = server.dir().to_path_buf();
+        std::thread::spawn(move || upgrade_in(&dir, "upgrade"))
+    };
+    server.wait_for_log_line(&["plugin \"hostile\" has not returned for"]);
+    let outcome = cli.join().unwrap();
+    assert!(outcome.status.success(), "{outcome:?}\n{}", server.log());
+    masters.track(pid_file(server.dir()).unwrap());
+    // The connection had moved before the hook hung: still served.
+    assert_eq!(client.request(b"y"), b"ok:y");
+    let _ = server.wait_exit(Duration::from_secs(5));
+}
+
+/// Hostile pass: one SIGINT to the old master during the hand-over was
+/// logged as "received again" and killed its workers as if at the stop
+/// deadline. It now closes what is left at once, truthfully logged, and
+/// the new master serves on.
+#[test]
+fn sigint_to_the_old_master_during_the_hand_over_closes_the_rest_and_says_so() {
+    let (mut server, mut masters) = start(&config("upper", ""));
+    let old = server.pid();
+    let mut midway = server.client();
+    midway.send_raw(b"0000000012half").unwrap();
+    server.signal(libc::SIGUSR2);
+    server.wait_for_log_line(&["is ready: it serves now"]);
+    let new = server.wait_for("the new master's pid file", || {
+        pid_file(server.dir()).filter(|&p| p != old)
+    });
+    masters.track(new);
+    server.signal(libc::SIGINT);
+    server.wait_for_log_line(&["SIGINT received while handing connections over"]);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
+    let log = server.log();
+    assert!(!log.contains("received again"), "{log}");
+    assert!(!log.contains("still running at the stop deadline"), "{log}");
+    assert_eq!(Client::connect(server.port()).request(b"new"), b"NEW");
+}
+
+/// Hostile pass: started through a `current` symlink to a release folder,
+/// an upgrade re-ran the release the master was started from (the path
+/// was resolved at start); it runs what the path names now.
+#[test]
+fn an_upgrade_through_a_symlinked_release_runs_the_new_release() {
+    let mut sandbox = Sandbox::new();
+    let dir = sandbox.path().to_path_buf();
+    for release in ["v1", "v2"] {
+        std::fs::create_dir(dir.join(release)).unwrap();
+        std::fs::copy(&nbnet_tests::build().nbnet, dir.join(release).join("nbnet")).unwrap();
+    }
+    std::os::unix::fs::symlink("v1", dir.join("current")).unwrap();
+    sandbox.set_binary(dir.join("current").join("nbnet"));
+    let mut server = Server::start_in(sandbox, &config("upper", ""));
+    let mut masters = Masters::default();
+    std::fs::remove_file(dir.join("current")).unwrap();
+    std::os::unix::fs::symlink("v2", dir.join("current")).unwrap();
+    let outcome = upgrade(&mut server);
+    assert!(outcome.status.success(), "{outcome:?}\n{}", server.log());
+    let new = pid_file(&dir).unwrap();
+    masters.track(new);
+    assert!(
+        runs_current_file(new, &dir.join("v2").join("nbnet")),
+        "the new master must run v2"
+    );
+}
+
+/// Hostile pass: an empty executable file as the new build gave "exit
+/// status 127" with no reason after the first try. Every try says why.
+#[test]
+fn a_new_binary_that_cannot_be_executed_says_why_every_time() {
+    let mut sandbox = Sandbox::new();
+    let binary = sandbox.use_own_binary();
+    let mut server = Server::start_in(sandbox, &config("upper", ""));
+    install(&binary, b"", 0o755);
+    for attempt in 1..=3 {
+        let outcome = upgrade(&mut server);
+        assert_eq!(outcome.status.code(), Some(1), "{outcome:?}");
+        assert!(
+            outcome.stderr.contains("Exec format error"),
+            "attempt {attempt}: {outcome:?}\n{}",
+            server.log()
+        );
+    }
+    assert_eq!(Client::connect(server.port()).request(b"on"), b"ON");
+}
+
+/// Hostile pass: a `nbnet reload` queued behind an upgrade that completes
+/// printed "master exited before the reload finished"; as the README says,
+/// it reports the reload cancelled (the new master read the config).
+#[test]
+fn a_reload_queued_behind_a_successful_upgrade_reports_it_cancelled() {
+    let (mut server, mut masters) = start(&slow(1000));
+    server.signal(libc::SIGUSR2);
+    masters.track(started_new_master(&server));
+    let reload = upgrade_in(server.dir(), "reload");
+    assert!(!reload.status.success(), "{reload:?}");
+    assert!(
+        reload.stderr.contains("cancelled"),
+        "{reload:?}\n{}",
+        server.log()
+    );
+    let _ = server.wait_exit(Duration::from_secs(15));
+    masters.track(pid_file(server.dir()).unwrap());
+    let _ = server.sandbox_mut();
+}
+
+/// Hostile pass: NBNET_UPGRADE_FD / NBNET_UPGRADE_FROM set by hand (FROM
+/// naming a live process that is not its parent) left a master serving
+/// with no pid file. They are ignored with a warning; the master takes its
+/// pid file as usual.
+#[test]
+fn upgrade_variables_set_by_hand_are_ignored_with_a_warning() {
+    use std::os::unix::process::CommandExt;
+    let mut sandbox = Sandbox::new();
+    let config_path = sandbox.write_config(&config("upper", ""));
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::empty(),
+    )
+    .unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut command = sandbox.command();
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .env("NBNET_UPGRADE_FD", "9")
+        .env("NBNET_UPGRADE_FROM", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(sandbox.path().join("log")).unwrap());
+    // SAFETY: dup2 is async-signal-safe; `fd` stays open in the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let master = nbnet_tests::Master(command.spawn().unwrap());
+    let pid = master.id() as i32;
+    nbnet_tests::wait_until(Duration::from_secs(10), "the pid file", || {
+        (pid_file(sandbox.path()) == Some(pid)).then_some(())
+    });
+    let log = std::fs::read_to_string(sandbox.path().join("log")).unwrap();
+    assert!(log.contains("is not this process's parent"), "{log}");
+    drop((ours, theirs));
+    drop(master);
 }

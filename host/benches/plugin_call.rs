@@ -104,6 +104,9 @@ fn plugin_call(c: &mut Criterion) {
         peer: peer.as_ptr(),
         listener: listener.as_ptr(),
         flags: 0,
+        tls_version: 0,
+        tls_subject: std::ptr::null(),
+        tls_sans: std::ptr::null(),
     };
     let mut group = c.benchmark_group("plugin_call_64B_echo");
     group.throughput(Throughput::Elements(1));

@@ -31,10 +31,23 @@ use nbnet_plugin_api::sink::Deferrer;
 /// forge output lines, or flood it.
 pub fn info(file: &Path) -> i32 {
     let path = absolute(file);
-    // Loading the library runs its constructors, which may start processes.
-    let leftovers = Leftovers::watch();
-    let report = plugin::inspect(&path);
-    leftovers.sweep_and_report("nbnet plugin info");
+    let report = match missing(file) {
+        // The loader's own message speaks of a config file's folder.
+        Some(why) => plugin::Inspection {
+            kind: None,
+            name_version: None,
+            abi: None,
+            verdict: Err(why),
+        },
+        None => {
+            // Loading the library runs its constructors, which may start
+            // processes.
+            let leftovers = Leftovers::watch();
+            let report = plugin::inspect(&path);
+            leftovers.sweep_and_report("nbnet plugin info");
+            report
+        }
+    };
     outln!("file:     {}", path.display());
     outln!(
         "kind:     {}",
@@ -71,6 +84,24 @@ pub fn info(file: &Path) -> i32 {
             outln!("loadable: no: {}", untrusted(&reason));
             exit_code::PLUGIN_LOAD_FAILED
         }
+    }
+}
+
+/// Why `file`, given on the command line, cannot be a plugin because it is
+/// not there: the plugin loader says that relative paths are resolved
+/// against the config file's folder, and here there is no config file.
+fn missing(file: &Path) -> Option<String> {
+    match std::fs::metadata(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(if file.is_relative() {
+            let here = std::env::current_dir().map_or_else(
+                |_| "the current folder".into(),
+                |d| untrusted(&d.to_string_lossy()),
+            );
+            format!("no such file; check the path (a relative path is resolved against the current folder, {here})")
+        } else {
+            "no such file; check the path".to_string()
+        }),
+        _ => None,
     }
 }
 
@@ -221,6 +252,13 @@ impl Answers<'_> {
 /// [`run`] until the plugin has been destroyed.
 fn run_plugin(options: &RunOptions) -> i32 {
     let path = absolute(&options.file);
+    if let Some(why) = missing(&options.file) {
+        errln!(
+            "nbnet plugin run: {}: {why}",
+            untrusted(&path.to_string_lossy())
+        );
+        return exit_code::PLUGIN_LOAD_FAILED;
+    }
     let spec = PluginSpec {
         name: path.file_stem().map_or("plugin".into(), |stem| {
             let stem = stem.to_string_lossy();
@@ -258,6 +296,9 @@ fn run_plugin(options: &RunOptions) -> i32 {
         peer: c"stdin".as_ptr(),
         listener: c"stdin".as_ptr(),
         flags: 0,
+        tls_version: 0,
+        tls_subject: std::ptr::null(),
+        tls_sans: std::ptr::null(),
     };
     let requests = match read_requests(options) {
         Ok(requests) => requests,
@@ -412,15 +453,27 @@ fn read_requests(options: &RunOptions) -> Result<Vec<Vec<u8>>, String> {
             requests.push(frame);
         }
     } else {
-        for line in stdin.lock().split(b'\n') {
+        // The protocol has no empty requests (a zero length header is a
+        // framing error the server answers by closing), so no plugin ever
+        // gets one: an empty line is skipped, and a note says so.
+        let mut empty = Vec::new();
+        for (number, line) in stdin.lock().split(b'\n').enumerate() {
             let mut line = line.map_err(|e| format!("reading stdin: {e}"))?;
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            // The protocol has no empty requests.
-            if !line.is_empty() {
+            if line.is_empty() {
+                empty.push(number + 1);
+            } else {
                 requests.push(line);
             }
+        }
+        if let Some(&first) = empty.first() {
+            errln!(
+                "nbnet plugin run: note: skipped {} empty line(s) of stdin (line {first}{}): the protocol has no empty requests, so a server never passes one to a plugin",
+                empty.len(),
+                if empty.len() > 1 { " and others" } else { "" }
+            );
         }
     }
     Ok(requests)
@@ -504,13 +557,17 @@ edition = "2021"
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-nbnet-plugin-api = {{ path = "{api}", features = ["sdk"] }}
+# The nbnet plugin SDK, by version. `path` builds it from an nbnet checkout
+# instead of crates.io: point it at another checkout's plugin-api folder, or
+# delete `path = ...` to use the published crate.
+nbnet-plugin-api = {{ version = "{version}", path = "{api}" }}
 serde = {{ version = "1", features = ["derive"] }}
 
 # A standalone crate, not part of any enclosing workspace.
 [workspace]
 "#,
-        api = api.display()
+        api = api.display(),
+        version = sdk_version(),
     );
     let lib_rs = RUST_TEMPLATE.replace("{Type}", &type_name);
     std::fs::create_dir_all(root.join("src"))
@@ -525,6 +582,12 @@ serde = {{ version = "1", features = ["derive"] }}
     );
     outln!("  nbnet plugin info target/release/lib{lib}.so");
     outln!("  echo hello | nbnet plugin run target/release/lib{lib}.so");
+    outln!(
+        "the SDK (nbnet-plugin-api {}) is built from {}: to use the published crate, delete `path = ...` in {}",
+        sdk_version(),
+        api.display(),
+        root.join("Cargo.toml").display()
+    );
     outln!("then add to your nbnet config:");
     outln!(
         "  [[plugins]]\n  name = \"{name}\"\n  path = \"{}/target/release/lib{lib}.so\"",
@@ -533,29 +596,61 @@ serde = {{ version = "1", features = ["derive"] }}
     Ok(())
 }
 
+/// The SDK version a new plugin asks for: this nbnet's `major.minor`
+/// (the plugin-api crate shares the workspace version), which cargo reads
+/// as "compatible with" (`^`).
+fn sdk_version() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut parts = version.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => format!("{major}.{minor}"),
+        _ => version.to_string(),
+    }
+}
+
 fn new_c(name: &str, dir: &Path, api: &Path) -> Result<(), String> {
-    let file = dir.join(format!("{name}.c"));
-    if file.exists() {
+    let root = dir.join(name);
+    if root.exists() {
         return Err(format!(
             "{} already exists; choose another name or --dir",
-            file.display()
+            root.display()
         ));
     }
     let include = api.join("include");
-    let so = dir.join(format!("lib{}.so", name.replace('-', "_")));
+    let lib = format!("lib{}.so", name.replace('-', "_"));
     let build = format!(
-        "cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden -I {} -o {} {}",
-        include.display(),
-        so.display(),
-        file.display()
+        "cc -O2 -Wall -Wextra -shared -fPIC -fvisibility=hidden -I {} -o {lib} {name}.c",
+        include.display()
+    );
+    let makefile = format!(
+        "# Builds {lib}, the nbnet plugin {name:?}: `make`, then\n\
+         #   echo hello | nbnet plugin run ./{lib}\n\
+         # NBNET_INCLUDE is the folder holding nbnet_plugin.h (plugin-api/include in an\n\
+         # nbnet checkout): `make NBNET_INCLUDE=/path/to/include` to use another.\n\
+         NBNET_INCLUDE ?= {include}\n\
+         CFLAGS ?= -O2 -Wall -Wextra\n\
+         \n\
+         {lib}: {name}.c $(NBNET_INCLUDE)/nbnet_plugin.h\n\
+         \t$(CC) $(CFLAGS) -shared -fPIC -fvisibility=hidden -I $(NBNET_INCLUDE) -o $@ {name}.c\n\
+         \n\
+         clean:\n\
+         \trm -f {lib}\n\
+         \n\
+         .PHONY: clean\n",
+        include = include.display()
     );
     let source = c_template(name, &build);
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(&file, source))
-        .map_err(|e| format!("writing {}: {e}", file.display()))?;
-    outln!("created {}", file.display());
-    outln!("build it:\n  {build}");
-    outln!("try it:\n  echo hello | nbnet plugin run {}", so.display());
+    std::fs::create_dir_all(&root)
+        .and_then(|()| std::fs::write(root.join(format!("{name}.c")), source))
+        .and_then(|()| std::fs::write(root.join("Makefile"), makefile))
+        .map_err(|e| format!("writing {}: {e}", root.display()))?;
+    outln!("created {}", root.display());
+    outln!("build it:\n  make -C {}", root.display());
+    outln!("  (or, in {}: {build})", root.display());
+    outln!(
+        "try it:\n  echo hello | nbnet plugin run {}",
+        root.join(&lib).display()
+    );
     Ok(())
 }
 
@@ -592,8 +687,11 @@ impl Plugin for {Type} {
     type Config = Config;
 
     fn new(config: Config, ctx: &InitContext) -> Result<Self, Error> {
-        ctx.logger().info(&format!("worker {} of {} ready", ctx.worker_index(), ctx.worker_count()));
-        Ok({Type} { prefix: config.prefix.into_bytes() })
+        let (index, count) = (ctx.worker_index(), ctx.worker_count());
+        let ready = format!("worker {index} of {count} ready");
+        ctx.logger().info(&ready);
+        let prefix = config.prefix.into_bytes();
+        Ok({Type} { prefix })
     }
 
     fn process(&mut self, request: &[u8], response: &mut Response) -> Result<(), Error> {
@@ -626,7 +724,7 @@ mod tests {
 /// a plugin that builds and is tested), under a header for the new plugin.
 const C_TEMPLATE_HEADER: &str = "/*
  * {name}.c -- an nbnet plugin in C, started from nbnet's upper-c example:
- * it answers each request upper-cased. Build:
+ * it answers each request upper-cased. Build: `make` (see the Makefile), or
  *   {build}
  */
 ";

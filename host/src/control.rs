@@ -68,9 +68,11 @@ pub fn reload(config_file: &Path) -> i32 {
     let mut said_queued = false;
     loop {
         if let Ok(Some(status)) = reload_status::read(&status_path) {
+            // (After a binary upgrade, the new master's file carries the
+            // old one's records.)
             if let Some(record) = status
                 .covering(sent)
-                .filter(|_| status.master == pid.as_raw())
+                .filter(|_| status.master == pid.as_raw() || status.took_over_from == pid.as_raw())
             {
                 if let (Some(why), false) = (&record.queued, said_queued) {
                     outln!("reload {} queued: {why}", record.id);
@@ -162,6 +164,18 @@ pub fn upgrade(config_file: &Path) -> i32 {
             {
                 break status;
             }
+            // Refused while another upgrade was under way (which keeps its
+            // own state for whoever follows it).
+            if status.master == pid.as_raw()
+                && status.refused_ns > sent
+                && status.started_ns <= sent
+            {
+                break crate::upgrade_status::Status {
+                    state: State::Refused,
+                    message: status.refused.clone(),
+                    ..status
+                };
+            }
             // The new master took the files over: it names this master.
             if status.took_over_from == pid.as_raw() {
                 break crate::upgrade_status::Status {
@@ -193,6 +207,10 @@ pub fn upgrade(config_file: &Path) -> i32 {
             errln!("nbnet upgrade: refused by master {pid}: {}", status.message);
             return exit_code::FAILURE;
         }
+        State::Cancelled => {
+            errln!("nbnet upgrade: cancelled: {}", status.message);
+            return exit_code::FAILURE;
+        }
         _ => {
             errln!(
                 "nbnet upgrade: rolled back: {}; master {pid} serves on",
@@ -212,6 +230,13 @@ pub fn upgrade(config_file: &Path) -> i32 {
         if kill(pid, None) == Err(Errno::ESRCH) || crate::orphans::is_zombie(pid) {
             outln!("upgrade complete: the old master {pid} has exited");
             return exit_code::OK;
+        }
+        // The new master died during the hand-over: the old one serves again.
+        if let Ok(Some(now)) = crate::upgrade_status::read(&status_path) {
+            if now.master == pid.as_raw() && now.state == State::RolledBack {
+                errln!("nbnet upgrade: rolled back: {}", now.message);
+                return exit_code::FAILURE;
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }

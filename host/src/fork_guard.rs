@@ -225,6 +225,8 @@ pub fn stream_off_stdio(stream: crate::listener::Stream) -> crate::listener::Str
     let moved = match &stream {
         Stream::Tcp(_) => Stream::Tcp(mio::net::TcpStream::from_std(fd.into())),
         Stream::Unix(_) => Stream::Unix(mio::net::UnixStream::from_std(fd.into())),
+        // TLS wraps the socket after this step: never seen here.
+        Stream::Tls(_) => return stream,
     };
     std::mem::forget(stream);
     moved

@@ -11,6 +11,7 @@
 //! - [`scoreboard`]: memory shared by master and workers: which plugin is
 //!   running where (crash attribution, hung-call watchdog).
 //! - [`listener`]: TCP and Unix listening sockets and streams.
+//! - [`tls`]: TLS settings, certificate files, rustls configurations.
 //! - [`proxy`]: PROXY protocol v1/v2 header parser (pure).
 //! - [`plugin`]: the loader for Rust (`abi_stable`) and C (`libloading`) plugins.
 //! - [`control`]: `nbnet reload|stop`, signalling a running master.
@@ -46,5 +47,6 @@ pub mod scoreboard;
 pub mod signals;
 pub mod supervisor;
 pub mod systemd;
+pub mod tls;
 pub mod upgrade_status;
 pub mod worker;

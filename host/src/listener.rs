@@ -137,7 +137,7 @@ impl ListenSocket {
 /// `mio::event::Source` for an enum of sources: every method forwards to
 /// the variant's own socket.
 macro_rules! forward_source {
-    ($type:ident) => {
+    ($type:ident $(, $tls:path)?) => {
         impl Source for $type {
             fn register(
                 &mut self,
@@ -148,6 +148,7 @@ macro_rules! forward_source {
                 match self {
                     $type::Tcp(s) => s.register(registry, token, interests),
                     $type::Unix(s) => s.register(registry, token, interests),
+                    $($tls(s) => s.socket_mut().register(registry, token, interests),)?
                 }
             }
             fn reregister(
@@ -159,12 +160,14 @@ macro_rules! forward_source {
                 match self {
                     $type::Tcp(s) => s.reregister(registry, token, interests),
                     $type::Unix(s) => s.reregister(registry, token, interests),
+                    $($tls(s) => s.socket_mut().reregister(registry, token, interests),)?
                 }
             }
             fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
                 match self {
                     $type::Tcp(s) => s.deregister(registry),
                     $type::Unix(s) => s.deregister(registry),
+                    $($tls(s) => s.socket_mut().deregister(registry),)?
                 }
             }
         }
@@ -172,7 +175,7 @@ macro_rules! forward_source {
 }
 
 forward_source!(ListenSocket);
-forward_source!(Stream);
+forward_source!(Stream, Stream::Tls);
 
 /// An accepted client connection.
 #[derive(Debug)]
@@ -181,6 +184,30 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain.
     Unix(UnixStream),
+    /// TLS over either (boxed: the session state is large, the plain
+    /// variants stay one word).
+    Tls(Box<crate::worker::tls::TlsStream>),
+}
+
+impl Stream {
+    /// Sends what a TLS session still holds for the socket: `Ok(true)`
+    /// once nothing is pending (always, for a plain stream).
+    #[inline]
+    pub fn send_pending(&mut self) -> io::Result<bool> {
+        match self {
+            Stream::Tls(s) => s.send_pending(),
+            _ => Ok(true),
+        }
+    }
+
+    /// Whether a TLS session holds records the socket has not taken.
+    #[inline]
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.wants_write(),
+            _ => false,
+        }
+    }
 }
 
 impl std::os::fd::AsRawFd for ListenSocket {
@@ -197,6 +224,17 @@ impl std::os::fd::AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.socket().as_raw_fd(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tls(s) => s.socket().as_fd(),
         }
     }
 }
@@ -207,6 +245,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -217,6 +256,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

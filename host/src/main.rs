@@ -82,17 +82,21 @@ rest.";
 enum Command {
     /// Send one request and print the response payload.
     ///
-    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR
-    /// (TCP only: IP:PORT), reads one response frame and prints its payload
-    /// followed by a newline.
+    /// Frames PAYLOAD (10-digit length header + bytes), sends it to ADDR,
+    /// reads one response frame and prints its payload followed by a
+    /// newline.
     Send {
-        /// Server address, IP:PORT (e.g. 127.0.0.1:9000).
+        /// Server address: IP:PORT, HOST:PORT (each address the name
+        /// resolves to is tried in turn) or unix:/path (a Unix socket
+        /// listener), e.g. 127.0.0.1:9000, localhost:9000, [::1]:9000.
         addr: String,
         /// The request payload.
         payload: String,
         /// Give up if connecting or the answer takes longer than this.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Load-test a server: many connections, pipelined requests, every
     /// response checked, latency percentiles.
@@ -168,6 +172,10 @@ enum PluginCommand {
     },
     /// Run a plugin on inputs, without a server: one request per line of
     /// stdin (or framed with --frames), one response per line of stdout.
+    ///
+    /// Empty lines are skipped, with a note on stderr: the protocol has no
+    /// empty requests (a zero length header is a framing error), so a
+    /// server never passes one to a plugin.
     Run {
         /// The plugin library (.so).
         file: PathBuf,
@@ -226,7 +234,14 @@ fn main() {
             addr,
             payload,
             timeout,
-        }) => client::send(&addr, payload.as_bytes(), timeout),
+            tls,
+        }) => match tls.options() {
+            Ok(tls) => client::send(&addr, payload.as_bytes(), timeout, tls.as_ref()),
+            Err(message) => {
+                errln!("nbnet send: {message}");
+                exit_code::USAGE
+            }
+        },
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Plugin(command)) => plugin_command(command),
         Some(Command::Completions { shell }) => {
@@ -322,6 +337,47 @@ fn plugin_command(command: PluginCommand) -> i32 {
     }
 }
 
+/// `--tls` and its options (`nbnet send`).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// Speak TLS to the server.
+    #[arg(long)]
+    tls: bool,
+    /// PEM CA certificate(s) that signed the server's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// Do not verify the server's certificate (testing only).
+    #[arg(long, requires = "tls", conflicts_with = "ca")]
+    insecure: bool,
+    /// Client certificate (PEM) for mutual TLS; needs --key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the address's IP).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn options(&self) -> Result<Option<nbnet::tls::ClientOptions>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        if self.ca.is_none() && !self.insecure {
+            return Err(
+                "--tls needs --ca FILE (the CA that signed the server's certificate), or --insecure to skip verifying it".into(),
+            );
+        }
+        Ok(Some(nbnet::tls::ClientOptions {
+            ca: self.ca.clone(),
+            identity: self.cert.clone().zip(self.key.clone()),
+            server_name: self.server_name.clone(),
+        }))
+    }
+}
+
 fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     let mut config = match config::load(file) {
         Ok(config) => config,
@@ -340,6 +396,7 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             }
         }
         logging::init_with(config.log.level, config.log.format);
+        nbnet::tls::log_warnings(&config);
         return supervisor::serve(config);
     }
     logging::init_with(config.log.level, config.log.format);
@@ -351,13 +408,20 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
     for line in &report.loaded {
         outln!("ok: {line}");
     }
-    let addresses = supervisor::check::probe_listeners(&config);
+    let mut addresses = supervisor::check::probe_listeners(&config);
+    probe_admin(&config, &mut addresses);
     let root = nbnet::privileges::check(&config);
     if let Ok(Some(note)) = &root {
         errln!("nbnet: note: {note}");
     }
     let files = probe_files(&config);
-    for warning in addresses.warnings.iter().chain(&files.warnings) {
+    let tls_warnings = config.listeners.iter().filter_map(|l| l.tls.as_ref());
+    for warning in addresses
+        .warnings
+        .iter()
+        .chain(&files.warnings)
+        .chain(tls_warnings.flat_map(|tls| &tls.warnings))
+    {
         errln!("nbnet: warning: {warning}");
     }
     let errors: Vec<&String> = report
@@ -394,6 +458,27 @@ fn serve_or_check(file: &std::path::Path, check_only: bool) -> i32 {
             // that cannot listen or cannot create its pid_file.
             exit_code::FAILURE
         }
+    }
+}
+
+/// Tries to bind the `[admin]` address as `probe_listeners` tries the
+/// listeners (and releases it at once): the start would fail on an address
+/// this machine does not have or this user may not bind. An address in use
+/// is only a warning, as `--check` is often run while the server is up.
+fn probe_admin(config: &config::Config, report: &mut supervisor::check::AddressReport) {
+    let Some(addr) = config.admin else { return };
+    let place = match config.admin_line {
+        Some(line) => format!("{}:{line}", config::shown(&config.file)),
+        None => config::shown(&config.file),
+    };
+    match supervisor::admin::bind_std(addr) {
+        Ok(listener) => drop(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => report.warnings.push(format!(
+            "[admin] addr {addr} ({place}): address in use (expected if this nbnet is already running)"
+        )),
+        Err(e) => report.errors.push(format!(
+            "[admin] addr {addr} ({place}): cannot listen: {e}; choose an address of this machine (e.g. 127.0.0.1:9191)"
+        )),
     }
 }
 

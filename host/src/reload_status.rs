@@ -100,6 +100,11 @@ pub struct Status {
     pub master: i32,
     /// The last [`KEPT`] reloads, oldest first.
     pub reloads: Vec<Record>,
+    /// After a binary upgrade: the old master whose records this new one
+    /// took over (a `nbnet reload` that signalled the old master follows
+    /// its reload here).
+    #[serde(default)]
+    pub took_over_from: i32,
 }
 
 impl Status {
@@ -186,6 +191,7 @@ mod tests {
     #[test]
     fn the_covering_reload_is_the_first_that_reads_the_config_after_the_request() {
         let status = Status {
+            took_over_from: 0,
             master: 7,
             reloads: vec![
                 record(1, 100, State::Done),
@@ -202,6 +208,7 @@ mod tests {
             "a queued reload reads the config later"
         );
         let status = Status {
+            took_over_from: 0,
             master: 7,
             reloads: vec![record(1, 100, State::Done)],
         };
@@ -216,6 +223,7 @@ mod tests {
         assert!(path.ends_with("nbnet.pid.reload"));
         assert_eq!(read(&path).unwrap(), None);
         let mut status = Status {
+            took_over_from: 0,
             master: 42,
             reloads: vec![record(1, monotonic_ns(), State::Checking)],
         };

@@ -233,6 +233,9 @@ pub struct Stats {
     pub deferred_late: Counter,
     /// Completions refused: the handle was completed already.
     pub deferred_refused: Counter,
+    /// TLS handshakes, failures by reason, hand-over closes (see
+    /// [`crate::tls::counters`]).
+    pub tls: [Counter; crate::tls::counters::COUNT],
     /// Per plugin (by config index).
     pub plugins: [PluginStats; MAX_PLUGINS],
 }
@@ -264,6 +267,7 @@ impl Stats {
         .into_iter()
         .chain(&self.protocol_errors)
         .chain(&self.read_timeouts)
+        .chain(&self.tls)
         {
             counter.reset();
         }
@@ -319,6 +323,8 @@ pub struct Totals {
     pub deferred_late: u64,
     /// See [`Stats`].
     pub deferred_refused: u64,
+    /// See [`Stats`].
+    pub tls: [u64; crate::tls::counters::COUNT],
     /// Per plugin name: requests, errors, panics, latency sum (ns), buckets.
     pub plugins: std::collections::BTreeMap<String, PluginTotals>,
 }
@@ -363,6 +369,9 @@ impl Totals {
         self.deferred_timeouts += stats.deferred_timeouts.get();
         self.deferred_late += stats.deferred_late.get();
         self.deferred_refused += stats.deferred_refused.get();
+        for (total, counter) in self.tls.iter_mut().zip(&stats.tls) {
+            *total += counter.get();
+        }
         for (name, plugin) in plugins.iter().zip(&stats.plugins) {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests.get();
@@ -397,6 +406,9 @@ impl Totals {
         self.deferred_timeouts += other.deferred_timeouts;
         self.deferred_late += other.deferred_late;
         self.deferred_refused += other.deferred_refused;
+        for (total, n) in self.tls.iter_mut().zip(other.tls) {
+            *total += n;
+        }
         for (name, plugin) in &other.plugins {
             let sum = self.plugins.entry(name.clone()).or_default();
             sum.requests += plugin.requests;

@@ -26,6 +26,8 @@ pub enum State {
     /// Not attempted (an upgrade or a reload was under way, the binary
     /// cannot be run…).
     Refused,
+    /// The server stopped before the new master was ready.
+    Cancelled,
 }
 
 impl State {
@@ -59,6 +61,13 @@ pub struct Status {
     /// that the upgrade it follows is done).
     #[serde(default)]
     pub took_over_from: i32,
+    /// The last SIGUSR2 refused while an upgrade was under way
+    /// (`CLOCK_MONOTONIC` ns, 0 if none) and why: kept apart, so that the
+    /// upgrade under way keeps its own state for whoever follows it.
+    #[serde(default)]
+    pub refused_ns: u64,
+    #[serde(default)]
+    pub refused: String,
 }
 
 /// The status file that goes with `pid_file`.

@@ -56,7 +56,8 @@ extern "C" {
 #define NBNET_ABI_MINOR 3 /* 1.1: in-place responses (data/len/cap/grow), process_batch;
                            * 1.2: nbnet_conn.flags (connections handed over);
                            * 1.3: deferred answers (resp->defer, nbnet_deferred),
-                           *      nbnet_init_ctx.thread_index / thread_count */
+                           *      nbnet_init_ctx.thread_index / thread_count,
+                           *      nbnet_conn TLS facts (NBNET_CONN_TLS, tls_*) */
 
 /* ------------------------------------------------------------ return codes */
 
@@ -85,13 +86,26 @@ typedef struct nbnet_conn {
     uint64_t id;          /* unique across this server's workers, never reused */
     const char *peer;     /* client address "IP:PORT" (NUL-terminated) */
     const char *listener; /* listener address "IP:PORT" it arrived on */
-    uint32_t flags;       /* ABI 1.2: NBNET_CONN_HANDED_OVER or 0 */
+    uint32_t flags;       /* ABI 1.2: NBNET_CONN_HANDED_OVER, NBNET_CONN_TLS (1.3) */
+    /* ABI 1.3: what a TLS listener learned (0 / NULL without TLS). on_open
+     * runs at accept, before the handshake: there only the NBNET_CONN_TLS
+     * flag is set; process and on_close see the rest. */
+    uint32_t tls_version;         /* 0x0303 TLS 1.2, 0x0304 TLS 1.3, 0 */
+    const char *tls_subject;      /* mutual TLS: the client certificate's
+                                     subject, RFC 4514 ("CN=c,O=Example");
+                                     NULL without a client certificate */
+    const char *tls_sans;         /* its subject alternative names, comma
+                                     separated: "DNS:a.example,IP:10.0.0.1,
+                                     URI:spiffe://x,email:a@b" ("" if none);
+                                     NULL without a client certificate */
 } nbnet_conn;
 
 /* nbnet_conn.flags: the connection moves to another worker without closing
  * (a reload, a worker's replacement). In on_close: handed over, the client
  * stays connected elsewhere. In on_open: accepted earlier by another worker. */
 #define NBNET_CONN_HANDED_OVER 1u
+/* nbnet_conn.flags (ABI 1.3): the client speaks TLS on this connection. */
+#define NBNET_CONN_TLS 2u
 
 /* ------------------------------------------------ deferred answers (1.3) */
 

@@ -43,7 +43,9 @@ pub const ABI_MAJOR: u32 = 1;
 /// - 1.3: plugins that wait. [`RawResponse`] gains `defer` (answer later,
 ///   from any thread, through a [`RawDeferred`] handle); [`RawInitContext`]
 ///   gains `thread_index` and `thread_count` (the instance's place in its
-///   thread pool, `[[plugins]] threads`).
+///   thread pool, `[[plugins]] threads`). [`RawConnection`] gains
+///   `tls_version`, `tls_subject` and `tls_sans`, and `flags` gains
+///   [`NBNET_CONN_TLS`]: what a TLS listener learned about the client.
 pub const ABI_MINOR: u32 = 3;
 
 /// Success return code of `init`, `process` and `write`.
@@ -182,9 +184,24 @@ pub struct RawConnection {
     pub peer: *const c_char,
     /// The listener's address it arrived on, `IP:PORT`, NUL-terminated.
     pub listener: *const c_char,
-    /// ABI 1.2. [`NBNET_CONN_HANDED_OVER`] or 0.
+    /// ABI 1.2. [`NBNET_CONN_HANDED_OVER`], [`NBNET_CONN_TLS`] (1.3), or 0.
     pub flags: u32,
+    /// ABI 1.3. The TLS version once the handshake is done: 0x0303 (TLS
+    /// 1.2) or 0x0304 (TLS 1.3); 0 without TLS, or before the handshake
+    /// (in `on_open`, which runs at accept).
+    pub tls_version: u32,
+    /// ABI 1.3. Mutual TLS: the client certificate's subject, RFC 4514
+    /// text (`CN=client,O=Example`), NUL-terminated; null without one.
+    pub tls_subject: *const c_char,
+    /// ABI 1.3. Mutual TLS: the client certificate's subject alternative
+    /// names, comma separated, each `DNS:name`, `IP:addr`, `URI:uri` or
+    /// `email:addr` (empty when it has none); null without a certificate.
+    pub tls_sans: *const c_char,
 }
+
+/// [`RawConnection::flags`] (ABI 1.3): the connection speaks TLS (set from
+/// `on_open` on, even before the handshake completes).
+pub const NBNET_CONN_TLS: u32 = 2;
 
 /// [`RawConnection::flags`]: the connection moves between workers without
 /// closing. In `on_close`: it is handed over to another worker (the client

@@ -83,6 +83,30 @@ impl<'a> Connection<'a> {
     pub fn handed_over(&self) -> bool {
         self.raw.flags & crate::abi::NBNET_CONN_HANDED_OVER != 0
     }
+
+    /// The client speaks TLS on this connection (ABI 1.3).
+    pub fn tls(&self) -> bool {
+        self.raw.flags & crate::abi::NBNET_CONN_TLS != 0
+    }
+
+    /// The TLS version once the handshake is done: 0x0303 (1.2) or 0x0304
+    /// (1.3); 0 without TLS or before the handshake (`on_open`).
+    pub fn tls_version(&self) -> u32 {
+        self.raw.tls_version
+    }
+
+    /// Mutual TLS: the client certificate's subject (RFC 4514 text, e.g.
+    /// `CN=client,O=Example`); `None` without a client certificate.
+    pub fn tls_client_subject(&self) -> Option<&'a str> {
+        (!self.raw.tls_subject.is_null()).then(|| c_text(self.raw.tls_subject))
+    }
+
+    /// Mutual TLS: the client certificate's subject alternative names,
+    /// comma separated (`DNS:a.example,IP:10.0.0.1,URI:…,email:…`);
+    /// `None` without a client certificate.
+    pub fn tls_client_sans(&self) -> Option<&'a str> {
+        (!self.raw.tls_sans.is_null()).then(|| c_text(self.raw.tls_sans))
+    }
 }
 
 fn c_text<'a>(text: *const std::ffi::c_char) -> &'a str {
@@ -600,8 +624,9 @@ pub(crate) unsafe extern "C" fn init_trampoline<P: Plugin>(
     };
     panics::install(ctx.logger());
     let created = catch_unwind(AssertUnwindSafe(|| {
-        let config: P::Config = toml::from_str(ctx.config_toml())
-            .map_err(|e| Error::new(format!("invalid config: {}", e.message())))?;
+        let text = ctx.config_toml();
+        let config: P::Config = toml::from_str(text)
+            .map_err(|e| Error::new(format!("invalid config: {}", config_error(text, &e))))?;
         P::new(config, &ctx)
     }));
     match created {
@@ -832,4 +857,147 @@ pub(crate) unsafe extern "C" fn close_trampoline<P: Plugin>(
 pub(crate) unsafe extern "C" fn shutdown_trampoline<P: Plugin>(state: *mut c_void) {
     // SAFETY: the host passes its instance.
     unsafe { with_instance::<P>(state, |p| p.shutdown()) }
+}
+
+/// A config error for the plugin's log: serde's message (`invalid type:
+/// string "1", expected i64`) does not name the key, so the key path the
+/// error's span falls in is put first (`shift: invalid type: …`,
+/// `limits.max: …`, `rules[2].name: …`).
+fn config_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    let path = error.span().and_then(|at| {
+        let table = toml::de::DeTable::parse(text).ok()?;
+        let mut path = String::new();
+        key_path(table.get_ref(), &at, &mut path).then_some(path)
+    });
+    match path {
+        Some(path) if !path.is_empty() => format!("{path}: {message}"),
+        _ => message.to_string(),
+    }
+}
+
+/// Appends to `path` the innermost key (or array index) of `table` whose
+/// key or value holds the byte range `at`; false if none does.
+fn key_path(table: &toml::de::DeTable, at: &core::ops::Range<usize>, path: &mut String) -> bool {
+    let holds = |span: core::ops::Range<usize>| span.start <= at.start && at.end <= span.end;
+    for (key, value) in table.iter() {
+        if !(holds(key.span()) || holds(value.span()) || is_container(value.get_ref())) {
+            continue;
+        }
+        let before = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key.get_ref());
+        if value_path(value, at, path) || holds(key.span()) || holds(value.span()) {
+            return true;
+        }
+        path.truncate(before);
+    }
+    false
+}
+
+fn is_container(value: &toml::de::DeValue) -> bool {
+    matches!(
+        value,
+        toml::de::DeValue::Table(_) | toml::de::DeValue::Array(_)
+    )
+}
+
+/// [`key_path`] inside `value`, if it is a table or an array.
+fn value_path(
+    value: &toml::Spanned<toml::de::DeValue>,
+    at: &core::ops::Range<usize>,
+    path: &mut String,
+) -> bool {
+    match value.get_ref() {
+        toml::de::DeValue::Table(inner) => key_path(inner, at, path),
+        toml::de::DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            let span = item.span();
+            let inside = span.start <= at.start && at.end <= span.end;
+            if !inside && !is_container(item.get_ref()) {
+                return false;
+            }
+            let before = path.len();
+            path.push_str(&format!("[{i}]"));
+            if value_path(item, at, path) || inside {
+                return true;
+            }
+            path.truncate(before);
+            false
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::TestHost;
+    use crate::{Error, InitContext, Plugin, Response};
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        #[allow(dead_code)]
+        shift: i64,
+        #[serde(default)]
+        #[allow(dead_code)]
+        limits: Option<Limits>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        rules: Vec<Limits>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Limits {
+        #[allow(dead_code)]
+        max: u32,
+    }
+
+    struct Shifter;
+
+    impl Plugin for Shifter {
+        type Config = Config;
+        fn new(_: Config, _: &InitContext) -> Result<Self, Error> {
+            Ok(Shifter)
+        }
+        fn process(&mut self, _: &[u8], _: &mut Response) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    fn refused(config: &str) -> String {
+        match TestHost::<Shifter>::new(config) {
+            Ok(_) => panic!("{config:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    /// Issue 14 (docs/plugins.md): a config type error named the value but
+    /// not the key; it names the key path now.
+    #[test]
+    fn a_config_error_names_the_key_path() {
+        assert!(
+            refused("shift = \"1\"")
+                .contains("invalid config: shift: invalid type: string \"1\", expected i64"),
+            "{}",
+            refused("shift = \"1\"")
+        );
+        let nested = refused("shift = 1\n[limits]\nmax = -1\n");
+        assert!(
+            nested.contains("invalid config: limits.max: invalid value"),
+            "{nested}"
+        );
+        let listed = refused("shift = 1\n[[rules]]\nmax = 1\n[[rules]]\nmax = \"x\"\n");
+        assert!(
+            listed.contains("invalid config: rules[1].max: invalid type"),
+            "{listed}"
+        );
+        let unknown = refused("shift = 1\nshfit = 2\n");
+        assert!(
+            unknown.contains("invalid config: shfit: unknown field `shfit`"),
+            "{unknown}"
+        );
+    }
 }

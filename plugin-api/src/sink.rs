@@ -853,6 +853,9 @@ mod tests {
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let response = sink.begin(HEADER, 4);
@@ -979,6 +982,9 @@ mod tests {
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         };
         let mut sink = ResponseSink::new(Vec::new(), 16, &conn);
         let r = sink.begin(b"H", 0);
@@ -1011,6 +1017,9 @@ mod tests {
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let description = RawBatch {
@@ -1109,6 +1118,9 @@ mod tests {
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         };
         let mut sink = ResponseSink::new(b"earlier".to_vec(), 16, &conn);
         let r = sink.begin(HEADER, 4);
@@ -1151,6 +1163,9 @@ mod tests {
             peer: c"p".as_ptr(),
             listener: c"l".as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         };
         let mut sink = ResponseSink::new(Vec::new(), 1 << 20, &conn);
         let r = sink.begin(b"", 0);

@@ -295,6 +295,9 @@ impl<P: Plugin> TestHost<P> {
             peer: self.peer.as_ptr(),
             listener: self.listener.as_ptr(),
             flags: 0,
+            tls_version: 0,
+            tls_subject: std::ptr::null(),
+            tls_sans: std::ptr::null(),
         }
     }
 
@@ -610,6 +613,9 @@ fn serve<P: Plugin>(state: *mut c_void, shared: &PoolShared, completions: &Compl
         peer: peer.as_ptr(),
         listener: listener.as_ptr(),
         flags: 0,
+        tls_version: 0,
+        tls_subject: std::ptr::null(),
+        tls_sans: std::ptr::null(),
     };
     loop {
         let job = {

@@ -591,6 +591,12 @@ impl Sandbox {
         path
     }
 
+    /// Runs the `nbnet` at `path` (set up by the test) instead of the built
+    /// one.
+    pub fn set_binary(&mut self, path: PathBuf) {
+        self.binary = Some(path);
+    }
+
     /// Sets an environment variable for the `nbnet` commands run from here
     /// on (after the clean log environment of [`Sandbox::command`]).
     pub fn set_env(&mut self, key: &str, value: &str) {

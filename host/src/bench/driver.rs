@@ -40,6 +40,18 @@ pub struct Job {
     pub quota: Option<u64>,
     /// Timing.
     pub phases: Phases,
+    /// Shared with the main thread, which prints progress from it.
+    pub progress: std::sync::Arc<Progress>,
+}
+
+/// Running totals of all threads, for the progress line (published after
+/// each poll, not per response: one atomic add per batch).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Responses in the measured window.
+    pub completed: std::sync::atomic::AtomicU64,
+    /// Mismatches and errors.
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 /// What one thread measured.
@@ -152,7 +164,9 @@ pub fn drive(job: &Job, streams: Vec<TcpStream>, ids: Vec<u32>) -> Tally {
         t.flush(conn);
     }
     let mut events = Events::with_capacity(1024);
+    let mut published = (0, 0);
     loop {
+        t.publish(&mut published);
         let now = Instant::now();
         if job.quota.is_some() && t.outstanding == 0 {
             break;
@@ -186,6 +200,7 @@ pub fn drive(job: &Job, streams: Vec<TcpStream>, ids: Vec<u32>) -> Tally {
             }
         }
     }
+    t.publish(&mut published);
     let end = Instant::now().min(job.phases.end);
     let mut longest = Duration::ZERO;
     for (i, conn) in conns.iter().enumerate() {
@@ -198,6 +213,17 @@ pub fn drive(job: &Job, streams: Vec<TcpStream>, ids: Vec<u32>) -> Tally {
 }
 
 impl Thread<'_> {
+    /// Adds what changed since `published` to the shared [`Progress`].
+    fn publish(&self, published: &mut (u64, u64)) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = &self.tally.failures;
+        let now = (self.tally.completed, f.mismatches + f.errors());
+        let progress = &self.job.progress;
+        progress.completed.fetch_add(now.0 - published.0, Relaxed);
+        progress.failures.fetch_add(now.1 - published.1, Relaxed);
+        *published = now;
+    }
+
     /// Queues the next request of `conn`, if the run still wants one.
     fn issue(&mut self, conn: &mut Conn, now: Instant) {
         if let Some(quota) = self.job.quota {

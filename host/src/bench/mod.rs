@@ -19,8 +19,9 @@ pub mod driver;
 pub mod payload;
 pub mod report;
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -28,7 +29,7 @@ use clap::Args;
 use crate::codec::{FrameReader, MAX_DECLARED};
 use crate::exit_code;
 use crate::{errln, out, outln};
-use driver::{Job, Phases, Tally};
+use driver::{Job, Phases, Progress, Tally};
 use payload::{Expect, Payloads};
 use report::{Failures, RunSettings, Summary};
 
@@ -142,11 +143,27 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
         group.0.push(mio::net::TcpStream::from_std(stream));
         group.1.push(i as u32);
     }
-    let start = Instant::now();
     let (warmup, limit) = match args.requests {
         Some(_) => (Duration::ZERO, args.duration),
         None => (args.warmup, args.warmup + args.duration),
     };
+    let settings = RunSettings {
+        addr: args.addr.clone(),
+        conns: args.conns,
+        depth: args.pipeline,
+        size: args.size,
+        threads,
+        expect: args.expect,
+        warmup,
+        requests: args.requests,
+        duration: args.duration,
+    };
+    // What is measured, at once: a long run is not a silent one.
+    if !args.json {
+        out!("{}", settings.header());
+    }
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
     let phases = Phases {
         measure_from: start + warmup,
         end: start + limit,
@@ -165,6 +182,7 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
                 payloads: payloads.clone(),
                 quota,
                 phases,
+                progress: Arc::clone(&progress),
             };
             std::thread::Builder::new()
                 .name(format!("bench-{t}"))
@@ -173,9 +191,28 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
         })
         .collect();
     // The client's own CPU over the measured window.
+    let show_progress = std::io::stderr().is_terminal();
+    let mut ticker = Ticker::new(start, &progress);
+    if show_progress {
+        while Instant::now() < phases.measure_from {
+            sleep_until(phases.measure_from.min(ticker.next_tick()));
+            if Instant::now() < phases.measure_from {
+                ticker.tick_if_due(&phases, &handles);
+            }
+        }
+    }
     sleep_until(phases.measure_from);
+    // The first measured line comes a whole second into the window.
+    ticker.skip_to(Instant::now());
     let cpu_from = own_cpu_time();
     let measured_from = Instant::now();
+    if show_progress {
+        while !handles.iter().all(|h| h.is_finished()) {
+            // Short sleeps: the summary follows the run's end closely.
+            std::thread::sleep(Duration::from_millis(50).min(limit));
+            ticker.tick_if_due(&phases, &handles);
+        }
+    }
     let tallies: Vec<Tally> = handles
         .into_iter()
         .map(|h| h.join().expect("a load-generator thread panicked"))
@@ -186,20 +223,10 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
         None => args.duration,
     };
     let summary = merge(tallies, elapsed, cpu);
-    let settings = RunSettings {
-        addr: args.addr.clone(),
-        conns: args.conns,
-        depth: args.pipeline,
-        size: args.size,
-        threads,
-        expect: args.expect,
-        warmup,
-        requests: args.requests,
-    };
     if args.json {
         outln!("{}", summary.json(&settings));
     } else {
-        out!("{}", summary.table(&settings));
+        out!("{}", summary.body(&settings));
     }
     let f = &summary.failures;
     if f.mismatches > 0 || f.errors() > 0 || summary.timed_out || summary.completed == 0 {
@@ -224,6 +251,65 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
         return Ok(exit_code::FAILURE);
     }
     Ok(exit_code::OK)
+}
+
+/// The progress line `nbnet bench` prints on stderr once a second while it
+/// runs, when stderr is a terminal (a script or a log gets the summary
+/// only): elapsed time, responses and the rate over the last second.
+struct Ticker<'a> {
+    start: Instant,
+    progress: &'a Progress,
+    /// Ticks printed so far.
+    ticks: u32,
+    /// Responses at the previous tick.
+    last_completed: u64,
+}
+
+impl<'a> Ticker<'a> {
+    fn new(start: Instant, progress: &'a Progress) -> Self {
+        Ticker {
+            start,
+            progress,
+            ticks: 0,
+            last_completed: 0,
+        }
+    }
+
+    /// No tick for the time up to `now`.
+    fn skip_to(&mut self, now: Instant) {
+        let secs = now.duration_since(self.start).as_secs();
+        self.ticks = u32::try_from(secs).unwrap_or(u32::MAX);
+    }
+
+    fn next_tick(&self) -> Instant {
+        self.start + Duration::from_secs(u64::from(self.ticks) + 1)
+    }
+
+    /// Prints a line if a second has passed since the last one and the
+    /// threads still run.
+    fn tick_if_due<T>(&mut self, phases: &Phases, handles: &[std::thread::JoinHandle<T>]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        if now < self.next_tick() || handles.iter().all(|h| h.is_finished()) {
+            return;
+        }
+        // (Late ticks are skipped, not caught up.)
+        self.skip_to(now);
+        let at = humantime::format_duration(Duration::from_secs(self.ticks.into()));
+        let total = humantime::format_duration(phases.end.duration_since(self.start));
+        if now < phases.measure_from {
+            errln!("nbnet bench: {at} of {total}: warming up");
+            return;
+        }
+        let completed = self.progress.completed.load(Relaxed);
+        let failures = self.progress.failures.load(Relaxed);
+        errln!(
+            "nbnet bench: {at} of {total}: {} responses, {} req/s in the last second, {failures} error(s)",
+            report::group(completed),
+            report::group(completed - self.last_completed.min(completed))
+        );
+        self.last_completed = completed;
+    }
 }
 
 fn merge(tallies: Vec<Tally>, elapsed: Duration, cpu: Duration) -> Summary {

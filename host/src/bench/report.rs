@@ -69,6 +69,32 @@ pub struct RunSettings {
     pub warmup: Duration,
     /// Fixed number of requests, if the run is not timed.
     pub requests: Option<u64>,
+    /// Measured time of a timed run (the time limit with `requests`).
+    pub duration: Duration,
+}
+
+impl RunSettings {
+    /// The table's first line, printed when the run starts: what is
+    /// measured.
+    pub fn header(&self) -> String {
+        let shape = match self.requests {
+            Some(n) => format!("{} requests", group(n)),
+            None => format!(
+                "{} (+{} warm-up)",
+                humantime::format_duration(round_ms(self.duration)),
+                humantime::format_duration(self.warmup)
+            ),
+        };
+        format!(
+            "nbnet bench {}: {} conns x depth {}, {} B payloads, {} thread(s), expect {}, {shape}\n",
+            self.addr,
+            self.conns,
+            self.depth,
+            self.size,
+            self.threads,
+            self.expect.name()
+        )
+    }
 }
 
 /// Everything measured in the measured window.
@@ -126,27 +152,14 @@ impl Summary {
         }
     }
 
-    /// The human table.
+    /// The human table: [`RunSettings::header`], then [`Summary::body`].
     pub fn table(&self, s: &RunSettings) -> String {
+        s.header() + &self.body(s)
+    }
+
+    /// The table without its header: the results.
+    pub fn body(&self, s: &RunSettings) -> String {
         let mut t = String::new();
-        let shape = match s.requests {
-            Some(n) => format!("{} requests", group(n)),
-            None => format!(
-                "{} (+{} warm-up)",
-                humantime::format_duration(round_ms(self.elapsed)),
-                humantime::format_duration(s.warmup)
-            ),
-        };
-        let _ = writeln!(
-            t,
-            "nbnet bench {}: {} conns x depth {}, {} B payloads, {} thread(s), expect {}, {shape}",
-            s.addr,
-            s.conns,
-            s.depth,
-            s.size,
-            s.threads,
-            s.expect.name()
-        );
         let _ = writeln!(
             t,
             "  requests     {:>12}   {} req/s",
@@ -347,6 +360,7 @@ mod tests {
             expect: Expect::Upper,
             warmup: Duration::ZERO,
             requests: None,
+            duration: Duration::from_secs(2),
         };
         let j = s.json(&settings);
         assert_eq!(j["requests"], 10);

@@ -184,8 +184,8 @@ impl Completions {
         let token = cell.token.swap(0, Ordering::AcqRel);
         if token == 0 {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            // Wake the reactor so that it counts (and logs) the refusal
-            // now, not at the next completion, which may never come.
+            // The reactor counts refusals when it wakes: wake it, or the
+            // count waits for the next completion (and /metrics lags).
             let _ = self.waker.wake();
             return NBNET_ERR;
         }

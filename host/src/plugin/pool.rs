@@ -74,6 +74,10 @@ struct Job {
     peer: CString,
     listener: CString,
     flags: u32,
+    /// ABI 1.3 TLS facts (copied: the connection's text is the worker's).
+    tls_version: u32,
+    tls_subject: Option<CString>,
+    tls_sans: Option<CString>,
 }
 
 /// What a pool thread is running: since when, and the handle to fail if
@@ -245,6 +249,15 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
             peer: job.peer.as_ptr(),
             listener: job.listener.as_ptr(),
             flags: job.flags,
+            tls_version: job.tls_version,
+            tls_subject: job
+                .tls_subject
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr()),
+            tls_sans: job
+                .tls_sans
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr()),
         };
         sink.set_connection(&conn);
         *lock(&shared.busy[index]) = Some(Busy {
@@ -378,6 +391,10 @@ unsafe extern "C" fn pool_process(
             std::ffi::CStr::from_ptr(conn.listener).to_owned(),
         )
     };
+    // SAFETY: as above; null when absent.
+    let text = |p: *const std::ffi::c_char| {
+        (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_owned())
+    };
     lock(&shared.queue).push_back(Job {
         request,
         handle: Handle(handle),
@@ -385,6 +402,9 @@ unsafe extern "C" fn pool_process(
         peer,
         listener,
         flags: conn.flags,
+        tls_version: conn.tls_version,
+        tls_subject: text(conn.tls_subject),
+        tls_sans: text(conn.tls_sans),
     });
     shared.ready.notify_one();
     NBNET_OK

@@ -153,9 +153,22 @@ pub(super) struct Bound {
     pub(super) addr: Endpoint,
     pub(super) reuseport: bool,
     pub(super) sockets: Vec<ListenSocket>,
-    /// Bound by someone else (systemd, an older master): a Unix socket's
-    /// file is theirs to remove, not ours.
-    pub(super) inherited: bool,
+    /// Who removes a Unix socket's file when the listener closes.
+    pub(super) owner: Owner,
+}
+
+/// Who a listening socket's file (a Unix socket's) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Owner {
+    /// This master bound it: it removes the file when the listener closes.
+    Ours,
+    /// Someone else bound it (systemd): never removed by nbnet.
+    NotOurs,
+    /// Passed by the old master of a binary upgrade: the old master still
+    /// serves with it, so this one removes it only once it has taken the
+    /// service over ([`Bound::take_ownership`]) — a new master rolled back
+    /// must not remove the file the old one serves on.
+    OursOnceServing,
 }
 
 impl Bound {
@@ -165,7 +178,31 @@ impl Bound {
         config: &Config,
         inherited: &mut Inherited,
     ) -> Result<Bound, String> {
-        if let Some((socket, owned)) = inherited.claim_owned(&spec.addr) {
+        if let Some((socket, handed_on)) = inherited.claim_owned(&spec.addr) {
+            let place = || format!("{}:{}", config.file.display(), spec.line);
+            // A passed socket keeps how it was bound: a reuseport change
+            // needs a restart (as a reload says), a mode is applied.
+            if let ListenSocket::Tcp(listener) = &socket {
+                let bound_with =
+                    nix::sys::socket::getsockopt(listener, nix::sys::socket::sockopt::ReusePort)
+                        .unwrap_or(false);
+                if bound_with != spec.reuseport {
+                    return Err(format!(
+                        "listener {} ({}): the listening socket passed to this process was bound with reuseport = {bound_with}, the config says {}; changing it needs a restart (nbnet stop, then start)",
+                        spec.addr,
+                        place(),
+                        spec.reuseport
+                    ));
+                }
+            }
+            if let (Endpoint::Unix(path), Some(mode)) = (&spec.addr, spec.mode) {
+                use std::os::unix::fs::PermissionsExt;
+                if let Err(e) =
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                {
+                    tracing::warn!("listener {} ({}): cannot apply mode {mode:o} to the passed socket's file: {e}", spec.addr, place());
+                }
+            }
             let mut sockets = vec![socket];
             if spec.reuseport {
                 sockets.extend(inherited.claim_rest(&spec.addr));
@@ -174,7 +211,11 @@ impl Bound {
                 addr: spec.addr.clone(),
                 reuseport: spec.reuseport,
                 sockets,
-                inherited: !owned,
+                owner: if handed_on {
+                    Owner::OursOnceServing
+                } else {
+                    Owner::NotOurs
+                },
             });
         }
         let socket = match &spec.addr {
@@ -205,7 +246,7 @@ impl Bound {
             addr: spec.addr.clone(),
             reuseport: spec.reuseport,
             sockets: vec![socket],
-            inherited: false,
+            owner: Owner::Ours,
         })
     }
 
@@ -235,10 +276,18 @@ impl Bound {
     }
 
     /// Closes the listener for good: a Unix socket's file is removed (if
-    /// this process made it).
+    /// it is this process's).
     pub(super) fn close(self) {
-        if let (Endpoint::Unix(path), false) = (&self.addr, self.inherited) {
+        if let (Endpoint::Unix(path), Owner::Ours) = (&self.addr, self.owner) {
             let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// This master took the service over from the old one (a binary
+    /// upgrade): the files the old one passed on are this one's now.
+    pub(super) fn take_ownership(&mut self) {
+        if self.owner == Owner::OursOnceServing {
+            self.owner = Owner::Ours;
         }
     }
 }

@@ -437,6 +437,8 @@ pub fn render(snapshot: &Snapshot) -> String {
         }
     }
 
+    write_tls(&mut out, &snapshot.slots, BY_SLOT);
+
     let per_plugin: [PluginFamily; 3] = [
         (
             "nbnet_plugin_requests_total",
@@ -524,6 +526,48 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
     out
+}
+
+/// The TLS families (see [`crate::tls::counters`]), per slot.
+fn write_tls(out: &mut String, slots: &BTreeMap<usize, Totals>, by_slot: &str) {
+    use crate::tls::counters::{FAILURES, FAILURE_REASONS, HANDOVER_CLOSES, HANDSHAKES, RESUMED};
+    for (name, help, index) in [
+        (
+            "nbnet_tls_handshakes_total",
+            "TLS handshakes completed (full or resumed).",
+            HANDSHAKES,
+        ),
+        (
+            "nbnet_tls_resumed_total",
+            "TLS handshakes that resumed an earlier session (no certificate exchange).",
+            RESUMED,
+        ),
+        (
+            "nbnet_tls_handover_closes_total",
+            "TLS connections closed at a frame boundary (with close_notify) when their worker was replaced: a TLS session cannot move to another process.",
+            HANDOVER_CLOSES,
+        ),
+    ] {
+        family(out, name, "counter", &format!("{help}{by_slot}"));
+        for (slot, totals) in slots {
+            let _ = writeln!(out, "{name}{{worker=\"{slot}\"}} {}", totals.tls[index]);
+        }
+    }
+    family(
+        out,
+        "nbnet_tls_handshake_failures_total",
+        "counter",
+        &format!("TLS handshakes that failed, by reason: not_tls (plaintext on a TLS port), client_certificate (missing or refused), protocol, truncated (the client closed), incomplete (read_timeout or a worker stop).{by_slot}"),
+    );
+    for (slot, totals) in slots {
+        for (k, reason) in FAILURE_REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "nbnet_tls_handshake_failures_total{{worker=\"{slot}\",reason=\"{reason}\"}} {}",
+                totals.tls[FAILURES + k]
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,11 @@
 //! which during a reload is one more event source of the loop: the master
 //! never waits on it (see `reload.rs`).
 //!
-//! Files: this one holds the state, the loop and the signal handlers;
-//! `pool.rs` forks and watches workers; `reap.rs` handles their exits;
-//! `reload.rs` is SIGHUP; `listeners.rs` the bound sockets; [`admin`] and
+//! Files: this one holds the state and the loop; `signals.rs` what each
+//! signal does (stop, TTIN/TTOU, USR1); `status.rs` `/metrics` and
+//! `/healthz`; `pool.rs` forks and watches workers; `reap.rs` handles their exits;
+//! `reload.rs` is SIGHUP (`reload_log.rs` its status file); `upgrade/` is
+//! SIGUSR2, the binary upgrade; `listeners.rs` the bound sockets; [`admin`] and
 //! [`metrics`] the HTTP endpoint; [`check`] the plugin checker;
 //! [`decision`] the restart policy.
 
@@ -38,13 +40,17 @@ mod pool;
 mod reap;
 mod relay;
 mod reload;
+mod reload_log;
+mod signals;
+mod status;
 mod upgrade;
 
 use listeners::{bind_listeners, Bound};
 pub(crate) use reap::sweep_group;
 use reap::sweep_orphans;
 pub(crate) use reload::outcome_within as reload_outcome_within;
-use reload::{Checking, PendingReload, ReloadLog, MAX_OLD_GENERATIONS};
+use reload::{Checking, PendingReload, MAX_OLD_GENERATIONS};
+use reload_log::ReloadLog;
 pub use upgrade::stash_channel as stash_upgrade_channel;
 use upgrade::{Predecessor, Successor, UpgradeLog};
 
@@ -438,11 +444,7 @@ pub fn serve(mut config: Config) -> i32 {
             return exit_code::FAILURE;
         }
     }
-    // The path, not /proc/self/exe: an upgrade runs the build that is at
-    // that path then.
-    let binary = std::env::current_exe().unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::args_os().next().unwrap_or_default())
-    });
+    let binary = binary_path();
 
     let now = Instant::now();
     let worker_count = config.server.worker_count();
@@ -490,6 +492,10 @@ pub fn serve(mut config: Config) -> i32 {
         getpid(),
         master.config.file.display()
     );
+    // A new master of an upgrade got every reuseport socket the old one
+    // had: those of slots it does not have would queue connections nobody
+    // accepts.
+    master.truncate_reuseport_sockets();
     // From here on the log file alone gets the lines (with `[log] file`).
     crate::logging::started();
     let code = master.run();
@@ -498,6 +504,21 @@ pub fn serve(mut config: Config) -> i32 {
     // Removes the PID file (and releases its lock).
     drop(master);
     code
+}
+
+/// The binary an upgrade runs: the path this process was started as
+/// (`argv[0]` made absolute, not resolved: through a `current` symlink,
+/// the release it points to *then*), or `/proc/self/exe` when `argv[0]` is
+/// a bare name found through `$PATH`.
+fn binary_path() -> std::path::PathBuf {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let path = std::path::Path::new(&argv0);
+    if path.components().count() > 1 {
+        if let Ok(absolute) = std::path::absolute(path) {
+            return absolute;
+        }
+    }
+    std::env::current_exe().unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Loads every plugin of `config` in a child; logs what loaded and every
@@ -631,8 +652,16 @@ impl Master {
 
     fn next_wakeup_for_workers(&self) -> Option<Instant> {
         let now = Instant::now();
+        // Look often enough to catch a hang within a quarter of the timeout.
+        let watchdog = (self
+            .config
+            .server
+            .plugin_timeout
+            .min(self.config.server.init_timeout)
+            / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
         match self.phase {
-            Phase::Stopping { deadline, .. } => Some(deadline),
+            Phase::Stopping { deadline, .. } => Some(deadline.min(now + watchdog)),
             Phase::Serving => {
                 let restart = self
                     .slots
@@ -643,262 +672,14 @@ impl Master {
                 // (A new master's first workers count: the old master waits.)
                 let replacing = self.workers.values().any(|w| w.role == Role::Outgoing)
                     || (self.predecessor.is_some() && !self.up);
-                // Look often enough to catch a hang within a quarter of the
-                // timeout, and quickly while a replacement is starting.
+                // And quickly while a replacement is starting.
                 let tick = if replacing {
                     REPLACEMENT_TICK
                 } else {
-                    (self
-                        .config
-                        .server
-                        .plugin_timeout
-                        .min(self.config.server.init_timeout)
-                        / 4)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1))
+                    watchdog
                 };
                 Some(restart.map_or(now + tick, |at| at.min(now + tick)))
             }
         }
-    }
-
-    /// Answers an admin request: `GET /metrics` or `GET /healthz`.
-    fn answer_admin(&self, method: &str, path: &str) -> admin::Reply {
-        let text = |status, body: &str| admin::Reply {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.to_string(),
-        };
-        if method != "GET" {
-            return text(405, "only GET is served here\n");
-        }
-        match path {
-            "/metrics" => admin::Reply {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: metrics::render(&self.snapshot()),
-            },
-            "/healthz" => {
-                let ready = self
-                    .workers
-                    .values()
-                    .any(|w| w.role != Role::Draining && self.scoreboard.slot(w.board).is_ready());
-                match (self.phase, ready) {
-                    (Phase::Serving, _) if self.lame_duck.is_some() => text(503, "draining\n"),
-                    (Phase::Serving, true) => text(200, "ok\n"),
-                    (Phase::Serving, false) => text(503, "no worker ready\n"),
-                    (Phase::Stopping { .. }, _) => text(503, "stopping\n"),
-                }
-            }
-            _ => text(404, "not found: try /metrics or /healthz\n"),
-        }
-    }
-
-    /// The numbers `/metrics` shows, read from the scoreboard now.
-    fn snapshot(&self) -> metrics::Snapshot {
-        let mut all = self.retired.clone();
-        let mut slots = self.retired_slots.clone();
-        for index in 0..self.slots.len() {
-            slots.entry(index).or_default();
-        }
-        let mut workers: Vec<metrics::WorkerView> = self
-            .workers
-            .iter()
-            .map(|(pid, worker)| {
-                let mut totals = Totals::default();
-                totals.add(
-                    &self.scoreboard.slot(worker.board).stats,
-                    &worker.plugins,
-                    true,
-                );
-                all.merge(&totals);
-                slots.entry(worker.index).or_default().merge(&totals);
-                metrics::WorkerView {
-                    index: worker.index,
-                    pid: pid.as_raw(),
-                    role: match worker.role {
-                        Role::Serving => "serving",
-                        Role::Outgoing => "outgoing",
-                        Role::Draining => "draining",
-                    },
-                    process: metrics::ProcessStats::read(Some(pid.as_raw())),
-                }
-            })
-            .collect();
-        workers.sort_by_key(|w| (w.index, w.pid));
-        metrics::Snapshot {
-            workers,
-            slots,
-            all,
-            restarts: self.restarts_total,
-            last_exits: self.last_exits.clone(),
-            exits: self.exits,
-            timeouts: self.timeouts.clone(),
-            log_lines_dropped: crate::logging::dropped_lines(),
-            drain_kills: self.drain_kills,
-            reloads: self.reloads.outcomes(),
-            master: metrics::ProcessStats::read(None),
-        }
-    }
-
-    /// SIGTERM or SIGQUIT: graceful stop — after `drain_delay` (serving on
-    /// while `/healthz` answers 503, so load balancers stop sending), workers
-    /// stop accepting, finish the frames they are in, deliver every answer,
-    /// then exit; the master exits 0 when all are gone. SIGINT: fast stop —
-    /// workers close every connection at once. A stop signal during
-    /// `drain_delay` ends it; a second one while stopping kills the workers.
-    fn handle_stop(&mut self, signal: Signal) {
-        match self.phase {
-            Phase::Serving => {
-                let how = if signal == Signal::SIGINT {
-                    Stop::Fast
-                } else {
-                    Stop::Graceful
-                };
-                let delay = self.config.server.drain_delay;
-                if how == Stop::Graceful && !delay.is_zero() && self.lame_duck.is_none() {
-                    self.lame_duck = Some(config::deadline(Instant::now(), delay));
-                    tracing::info!(
-                        "{signal} received: /healthz answers 503 draining; serving on for drain_delay = {delay:?}, then a graceful stop (SIGTERM again: stop now; SIGINT: fast stop)"
-                    );
-                    return;
-                }
-                self.begin_stop(&format!("{signal} received"), how);
-            }
-            Phase::Stopping { code, .. } => {
-                tracing::warn!("{signal} received again: killing the remaining workers");
-                self.phase = Phase::Stopping {
-                    code,
-                    deadline: Instant::now(),
-                };
-            }
-        }
-    }
-
-    /// `pid`, when it is one of this master's workers (or something one of
-    /// them started: its process group), described for a log line.
-    fn sender_is_ours(&self, pid: i32) -> Option<String> {
-        if pid <= 0 {
-            return None;
-        }
-        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
-        self.workers.iter().find_map(|(worker_pid, w)| {
-            if worker_pid.as_raw() == pid {
-                Some(format!("worker {} (pid {pid}) itself", w.index))
-            } else if pgid == Some(*worker_pid) {
-                Some(format!("pid {pid}, a process worker {} started", w.index))
-            } else {
-                None
-            }
-        })
-    }
-
-    /// Logs why, then [`Master::halt`]s with exit code 0.
-    fn begin_stop(&mut self, why: &str, how: Stop) {
-        tracing::info!(
-            "{why}: {} stop of {} worker(s)",
-            if how == Stop::Fast {
-                "fast"
-            } else {
-                "graceful"
-            },
-            self.workers.len()
-        );
-        self.halt(exit_code::OK, how);
-    }
-
-    /// SIGUSR1 (logrotate's `postrotate`): reopen the `[log] file` and have
-    /// every worker reopen it too; harmless when logging to stderr.
-    fn handle_usr1(&self) {
-        match crate::logging::reopen() {
-            Ok(None) => tracing::info!(
-                "SIGUSR1 received: logs go to stderr, there is no log file to reopen; ignored"
-            ),
-            Ok(Some(path)) => {
-                tracing::info!(
-                    "SIGUSR1 received: reopened the log file {}; the workers reopen it too",
-                    path.display()
-                );
-                self.signal_workers(Signal::SIGUSR1);
-            }
-            Err(message) => {
-                tracing::error!("SIGUSR1 received: {message}; logging on to the file open before")
-            }
-        }
-    }
-
-    /// SIGTTIN: one worker more.
-    fn handle_ttin(&mut self) {
-        if self.phase != Phase::Serving {
-            return;
-        }
-        if self.slots.len() >= self.worker_room {
-            tracing::warn!(
-                "SIGTTIN received: keeping {} worker(s), the most this master's scoreboard was sized for at startup (twice the workers it started with, at least 8); restart nbnet with more [server] workers for more",
-                self.slots.len()
-            );
-            return;
-        }
-        if self.free_boards.len() <= self.reserved_boards() {
-            tracing::warn!(
-                "SIGTTIN received: keeping {} worker(s): old workers still draining hold the scoreboard's spare entries; try again once they have finished",
-                self.slots.len()
-            );
-            return;
-        }
-        self.slots.push(Slot::empty(Instant::now()));
-        tracing::info!("SIGTTIN received: {} worker(s) now", self.slots.len());
-    }
-
-    /// SIGTTOU: one worker fewer (never below one); the removed worker drains.
-    fn handle_ttou(&mut self) {
-        if self.phase != Phase::Serving || self.slots.len() <= 1 {
-            tracing::info!("SIGTTOU received: keeping at least one worker");
-            return;
-        }
-        if let Some(slot) = self.slots.pop() {
-            if let Some(pid) = slot.pid {
-                self.drain(pid);
-            }
-        }
-        self.truncate_reuseport_sockets();
-        tracing::info!("SIGTTOU received: {} worker(s) now", self.slots.len());
-    }
-
-    /// Begins stopping every worker; exit with `code` when all are gone.
-    /// Workers still running after their own deadline plus [`STOP_GRACE`]
-    /// are killed.
-    fn halt(&mut self, code: i32, how: Stop) {
-        if let Phase::Stopping { .. } = self.phase {
-            return;
-        }
-        crate::systemd::notify("STOPPING=1");
-        self.lame_duck = None;
-        let (signal, allowed) = match how {
-            Stop::Graceful => (
-                Signal::SIGTERM,
-                self.config
-                    .server
-                    .shutdown_timeout
-                    .saturating_add(STOP_GRACE),
-            ),
-            Stop::Fast => (Signal::SIGINT, STOP_GRACE),
-        };
-        self.phase = Phase::Stopping {
-            code,
-            deadline: config::deadline(Instant::now(), allowed),
-        };
-        // Close the master's copies of the listening sockets; the workers
-        // close theirs as they start draining, so the ports stop listening.
-        for bound in std::mem::take(&mut self.listeners) {
-            bound.close();
-        }
-        self.cancel_reloads();
-        // A new master still starting goes too (one that took over is on
-        // its own: this master only hands its connections over).
-        if let Some(Successor::Starting { pid, .. }) = &self.successor {
-            tracing::info!("stopping the new master of the upgrade under way (pid {pid}) too");
-            let _ = nix::sys::signal::kill(*pid, signal);
-        }
-        self.signal_workers(signal);
     }
 }

@@ -14,11 +14,11 @@ impl Master {
     /// Each loop: the hung-call watchdog, retirement requests, and the
     /// hand-over from outgoing workers to ready replacements.
     pub(super) fn watch_workers(&mut self) {
-        if self.phase != Phase::Serving {
-            return;
-        }
+        // The watchdog runs while stopping too (a hook that hangs while a
+        // worker drains or hands its connections over is as hung as any).
+        let serving = self.phase == Phase::Serving;
         let now = Instant::now();
-        if !self.up && self.reload.is_none() {
+        if serving && !self.up && self.reload.is_none() {
             self.up = self.slots.iter().all(|slot| {
                 slot.pid
                     .and_then(|pid| self.workers.get(&pid))
@@ -30,7 +30,8 @@ impl Master {
                 crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
             }
         }
-        if self.reloading && self.up && self.reload.is_none() && self.checking.is_none() {
+        if serving && self.reloading && self.up && self.reload.is_none() && self.checking.is_none()
+        {
             // A reload is over (done, aborted or rolled back).
             self.reloading = false;
             crate::systemd::notify("READY=1");
@@ -72,9 +73,12 @@ impl Master {
                     worker.watched_since = now;
                 }
             }
-            if worker.role == Role::Serving && board.wants_retirement() {
+            if serving && worker.role == Role::Serving && board.wants_retirement() {
                 retiring.push(pid);
             }
+        }
+        if !serving {
+            return;
         }
         for pid in retiring {
             // A worker is replaced only while the scoreboard has room
@@ -243,7 +247,7 @@ impl Master {
                     sweep_orphans(&self.children_before);
                     match &self.successor {
                         Some(upgrade::Successor::Serving { pid, .. }) => tracing::info!(
-                            "every connection handed over to the new master (pid {pid}): this master exits"
+                            "this master's workers are gone, their connections handed over to the new master (pid {pid}) but for any logged above: this master exits"
                         ),
                         _ => tracing::info!("stopped"),
                     }

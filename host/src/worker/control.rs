@@ -181,6 +181,17 @@ impl Reactor {
             return;
         }
         let conn = &self.connections[key];
+        if conn.is_tls() {
+            // A TLS session cannot move to another process. One that has
+            // not sent its first request yet (handshake under way) is
+            // served first; it ends at its next frame boundary, with
+            // close_notify (read_timeout and shutdown_timeout bound it).
+            if !conn.is_fresh() {
+                self.slot.stats.tls[crate::tls::counters::HANDOVER_CLOSES].add(1);
+                self.close(key, Close::Shutdown);
+            }
+            return;
+        }
         let listener = &self.listeners[conn.listener];
         let Some(record) = conn.hand_over_record(&listener.addr.to_string()) else {
             // Not movable (a half-closed client): it ends here.

@@ -14,6 +14,7 @@ mod control;
 pub mod deadlines;
 pub mod deferred;
 pub mod reactor;
+pub mod tls;
 
 use std::os::fd::AsRawFd;
 
@@ -156,6 +157,7 @@ pub fn run(
             plugin: spec.plugin,
             proxy_protocol: spec.proxy_protocol,
             access: spec.access.clone(),
+            tls: spec.tls.as_ref().map(|tls| tls.config.clone()),
             addr_text: std::ffi::CString::new(spec.addr.to_string()).unwrap_or_default(),
             stats: None,
         })

@@ -87,6 +87,8 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// Its `allow`/`deny` lists, if any.
     pub access: Option<std::sync::Arc<crate::access::AccessList>>,
+    /// TLS: the server configuration the master built (see [`crate::tls`]).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Its plugin's statistics in this worker's scoreboard slot (set by
     /// [`Reactor::new`]).
     pub stats: Option<&'static PluginStats>,
@@ -286,7 +288,8 @@ impl Reactor {
                                 event.is_read_closed(),
                             );
                         }
-                        // WRITABLE matters only while answers wait to be sent.
+                        // WRITABLE matters only while answers (or TLS
+                        // records) wait to be sent.
                         if event.is_writable() && conn.has_unsent_output() {
                             outcome = match outcome {
                                 Ok(progress) => conn
@@ -448,7 +451,21 @@ impl Reactor {
                             continue;
                         }
                     }
-                    let stream = crate::fork_guard::stream_off_stdio(stream);
+                    let mut stream = crate::fork_guard::stream_off_stdio(stream);
+                    if let Some(tls) = &listener.tls {
+                        stream = match super::tls::TlsStream::new(
+                            stream,
+                            tls,
+                            &self.slot.stats.tls,
+                            listener.proxy_protocol,
+                        ) {
+                            Ok(tls) => crate::listener::Stream::Tls(Box::new(tls)),
+                            Err(e) => {
+                                tracing::warn!(%peer, "cannot start a TLS session: {e}");
+                                continue;
+                            }
+                        };
+                    }
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
@@ -508,12 +525,16 @@ impl Reactor {
         }
         let deadline = config::deadline(now, self.limits.read_timeout);
         let conn = entry.insert(make(stream, deadline));
-        let listener = &self.listeners[conn.listener];
-        let plugin = &mut self.plugins[listener.plugin];
-        let described = conn.describe(&listener.addr_text);
-        self.slot
-            .track(listener.plugin, || plugin.connection_opened(&described));
-        self.connections[key].opened();
+        // (A connection that owes its PROXY header is announced once the
+        // header names the real client: see Connection::on_readable.)
+        if conn.is_announced() {
+            let listener = &self.listeners[conn.listener];
+            let plugin = &mut self.plugins[listener.plugin];
+            let described = conn.describe(&listener.addr_text);
+            self.slot
+                .track(listener.plugin, || plugin.connection_opened(&described));
+            self.connections[key].opened();
+        }
         self.deadlines.push(&mut self.connections, key, deadline);
     }
 
@@ -544,10 +565,12 @@ impl Reactor {
         if let Close::HandedOver = reason {
             conn.mark_handed_over();
         }
-        let plugin = &mut self.plugins[listener.plugin];
-        let described = conn.describe(&listener.addr_text);
-        self.slot
-            .track(listener.plugin, || plugin.connection_closed(&described));
+        if conn.is_announced() {
+            let plugin = &mut self.plugins[listener.plugin];
+            let described = conn.describe(&listener.addr_text);
+            self.slot
+                .track(listener.plugin, || plugin.connection_closed(&described));
+        }
         // Unmarked only now: a child the plugin forks in its close hook
         // must not get the client's socket either. (The socket closes when
         // `conn` drops, after the log line below: a client that sees the
@@ -562,6 +585,11 @@ impl Reactor {
             Close::PeerClosedMidFrame { received } => tracing::info!(
                 %peer,
                 "client closed the connection in the middle of a frame ({received} bytes of it received)"
+            ),
+            Close::Io(ref e) if super::tls::as_tls_error(e).is_some() => tracing::info!(
+                %peer,
+                listener = %listener.addr,
+                "{e}; connection closed"
             ),
             Close::Io(e) => tracing::debug!(%peer, "connection error: {e}"),
             Close::Protocol(e) => tracing::warn!(

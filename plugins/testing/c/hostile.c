@@ -23,8 +23,12 @@
  *   only_worker = I      do the above only in worker I (the host's check
  *                        loads plugins as worker 0, so I > 0 passes it)
  *
- * Its on_open and on_close hooks log "hook open|close id=N flags=F" (F is
- * nbnet_conn.flags: 1 when the connection is handed over between workers).
+ *   close_hang = true    on_close never returns for a connection being
+ *                        handed over (flags 1): a hook stuck mid-hand-over
+ *
+ * Its on_open and on_close hooks log "hook open|close id=N flags=F peer=P"
+ * (F is nbnet_conn.flags: 1 when the connection is handed over between
+ * workers; P the client's address as the host gives it).
  *
  * The request picks what process does:
  *   "exit:N"     _exit(N)
@@ -80,9 +84,12 @@ static void (*host_log)(const void *, int, const char *, size_t);
 static const void *host_log_handle;
 
 static void log_hook(const char *what, const nbnet_conn *conn) {
-    char line[96];
-    int n = snprintf(line, sizeof line, "hook %s id=%llu flags=%u", what,
-                     (unsigned long long)conn->id, (unsigned)conn->flags);
+    char line[256];
+    int n = snprintf(line, sizeof line, "hook %s id=%llu flags=%u peer=%s", what,
+                     (unsigned long long)conn->id, (unsigned)conn->flags, conn->peer);
+    if (n >= (int)sizeof line) {
+        n = (int)sizeof line - 1;
+    }
     if (host_log != NULL && n > 0) {
         host_log(host_log_handle, NBNET_LOG_INFO, line, (size_t)n);
     }
@@ -93,9 +100,14 @@ static void hostile_on_open(void *state, const nbnet_conn *conn) {
     log_hook("open", conn);
 }
 
+static int hang_in_close;
+
 static void hostile_on_close(void *state, const nbnet_conn *conn) {
     (void)state;
     log_hook("close", conn);
+    while (hang_in_close && (conn->flags & 1u) != 0) {
+        sleep_ms(1000);
+    }
 }
 
 /* destroy_hang / destroy_crash: set in init, read in destroy. */
@@ -124,6 +136,9 @@ static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
     if ((value = ctx->config_get(ctx, "only_worker")) != NULL &&
         (uint32_t)atol(value) != ctx->worker_index) {
         return NBNET_OK;
+    }
+    if ((value = ctx->config_get(ctx, "close_hang")) != NULL && strcmp(value, "true") == 0) {
+        hang_in_close = 1;
     }
     if ((value = ctx->config_get(ctx, "init_sleep_ms")) != NULL) {
         sleep_ms(atol(value));

@@ -4,7 +4,9 @@
  * see which nbnet served a request and whether the PROXY protocol delivered
  * the real client's address. The request "ids" is answered
  * "uid=<real> euid=<effective> gid=<real> egid=<effective> groups=<count>":
- * the security tests check what user plugin code runs as.
+ * the security tests check what user plugin code runs as. The request "tls"
+ * is answered "tls=<0|1> version=<hex> subject=<...> sans=<...>" (ABI 1.3
+ * TLS facts; "-" for a NULL string).
  */
 #include <stdio.h>
 #include <unistd.h>
@@ -24,6 +26,17 @@ static int whoami_process(void *state, const uint8_t *req, size_t len, nbnet_res
         int groups = getgroups(0, NULL);
         int m = snprintf(text, sizeof text, "uid=%ld euid=%ld gid=%ld egid=%ld groups=%d",
                          (long)getuid(), (long)geteuid(), (long)getgid(), (long)getegid(), groups);
+        return nbnet_write(resp, text, (size_t)m);
+    }
+    if (len == 3 && req[0] == 't' && req[1] == 'l' && req[2] == 's') {
+        const nbnet_conn *c = resp->conn;
+        int m = snprintf(text, sizeof text, "tls=%d version=%04x subject=%s sans=%s",
+                         (c->flags & NBNET_CONN_TLS) ? 1 : 0, (unsigned)c->tls_version,
+                         c->tls_subject ? c->tls_subject : "-", c->tls_sans ? c->tls_sans : "-");
+        if (m < 0 || (size_t)m >= sizeof text) {
+            static const char msg[] = "whoami: TLS facts too long";
+            return nbnet_error(resp, msg, sizeof msg - 1);
+        }
         return nbnet_write(resp, text, (size_t)m);
     }
     int n = snprintf(text, sizeof text, "%ld %s %s", (long)getpid(), resp->conn->peer,

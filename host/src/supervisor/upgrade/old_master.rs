@@ -1,273 +1,22 @@
-//! Binary upgrade: a new nbnet binary takes over a running server without
-//! refusing a connection or failing a request (`nbnet upgrade`, SIGUSR2 —
-//! nginx's signal for it).
-//!
-//! # How it goes
-//!
-//! 1. The master ("old") forks a child that executes the binary the master
-//!    was started from (its path, now holding the new build) with the same
-//!    `--config` file, passing every listening socket — and the `[admin]`
-//!    one — as systemd's socket activation does (`LISTEN_FDS`, see
-//!    [`crate::systemd`]), and one end of an *upgrade channel* (a
-//!    `SOCK_SEQPACKET` pair, like the workers' control channels) in
-//!    `$NBNET_UPGRADE_FD`. The old master serves on meanwhile.
-//! 2. The new master checks its plugins, takes the inherited sockets
-//!    (accepting from the same kernel queues: nothing is refused), starts
-//!    its workers, and once every one is ready says so on the channel
-//!    ([`Message::Ready`]). It does not take the pid file yet: the old master
-//!    holds its lock.
-//! 3. The old master hands the service over: it tells systemd
-//!    `MAINPID=<new>`, unlocks the pid file (leaving it in place), says
-//!    [`Message::Promoted`], stops answering `[admin]`, and asks each of its
-//!    workers to hand its connections over (as on a reload). Each
-//!    connection, at a frame boundary, goes worker → old master → upgrade
-//!    channel → new master → a new worker. The new master locks the pid
-//!    file and writes its PID.
-//! 4. The old master exits once its workers are gone. It never removes the
-//!    pid file, the status files or an inherited Unix socket's file: they
-//!    are the new master's.
-//!
-//! # When it fails
-//!
-//! - The new binary cannot be run, exits, or is not ready within twice the
-//!   time a reload gets ([`ready_within`]): the old master logs why,
-//!   stops what is left of the new one (SIGTERM, then SIGKILL), and serves
-//!   on — a rollback. Connections the new workers had accepted meanwhile
-//!   are closed at frame boundaries by their graceful stop.
-//! - The new master dies *after* it was promoted, while the old workers
-//!   are handing their connections over: the old master serves again (pid
-//!   file, `[admin]`, new workers of its own); connections not yet handed
-//!   over are relayed to those. Connections the dead master's workers held
-//!   are lost (its workers die with it: parent-death signal).
-//! - The old master dies before promoting the new one: the new master
-//!   notices (the channel closes), takes the pid file and serves alone.
-//!
-//! `nbnet upgrade` follows the outcome through `<pid_file>.upgrade` (see
-//! [`crate::upgrade_status`]).
+//! The old master's side of a binary upgrade (see the module doc): SIGUSR2,
+//! forking the new master, promoting it, rolling it back, serving again.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
+use mio::Interest;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{fork, getpid, ForkResult, Pid};
 
 use super::*;
 use crate::handover::{self, Message};
-use crate::upgrade_status::{self, State};
-
-/// The old master's end of the upgrade channel (to its successor).
-pub(super) const SUCCESSOR: Token = Token(relay::CONTROL_BASE - 1);
-/// The new master's end of the upgrade channel (to its predecessor).
-pub(super) const PREDECESSOR: Token = Token(relay::CONTROL_BASE - 2);
-
-/// Names the descriptor of the upgrade channel in a new master.
-const CHANNEL_ENV: &str = "NBNET_UPGRADE_FD";
-/// The PID of the master that started this one (for its log lines).
-const FROM_ENV: &str = "NBNET_UPGRADE_FROM";
-
-/// The channel [`stash_channel`] took, until [`Predecessor::take`].
-static STASH: std::sync::Mutex<Option<(Pid, OwnedFd)>> = std::sync::Mutex::new(None);
-
-/// Takes the upgrade channel passed by an old master, if any — call it at
-/// the start of `main`, with [`crate::systemd::stash_listen_fds`]. A
-/// variable that does not name an open `SOCK_SEQPACKET` socket is ignored
-/// (said on stderr): nothing else is taken for it.
-pub fn stash_channel() {
-    let fd = std::env::var(CHANNEL_ENV).ok();
-    let from = std::env::var(FROM_ENV).ok();
-    // SAFETY: called first thing in `main`, single-threaded: nothing reads
-    // the environment concurrently.
-    unsafe {
-        std::env::remove_var(CHANNEL_ENV);
-        std::env::remove_var(FROM_ENV);
-    }
-    let (Some(fd), Some(from)) = (
-        fd.and_then(|f| f.parse::<RawFd>().ok()).filter(|&f| f > 2),
-        from.and_then(|p| p.parse::<i32>().ok()).filter(|&p| p > 0),
-    ) else {
-        return;
-    };
-    // SAFETY: getsockopt on a descriptor number only reads; a number that
-    // is not an open socket gives an error, and then it is left alone.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let is_channel = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType)
-        .is_ok_and(|t| t == nix::sys::socket::SockType::SeqPacket);
-    if !is_channel {
-        let _ = writeln_stderr(&format!(
-            "nbnet: {CHANNEL_ENV}={fd} does not name an upgrade channel: ignored"
-        ));
-        return;
-    }
-    // SAFETY: the old master passed this descriptor to this process for
-    // this purpose (checked above); nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let _ = nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    if let Ok(mut stash) = STASH.lock() {
-        *stash = Some((Pid::from_raw(from), fd));
-    }
-}
-
-fn writeln_stderr(line: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    writeln!(std::io::stderr(), "{line}")
-}
-
-/// The old master's side: the new master it started.
-pub(super) enum Successor {
-    /// Starting; this master serves until it says it is ready, or gives
-    /// up on it at `deadline`.
-    Starting {
-        pid: Pid,
-        channel: OwnedFd,
-        deadline: Instant,
-        /// Why it could not start, if its child side said so.
-        failure: Option<String>,
-    },
-    /// Promoted: it serves; this master hands its connections over to it
-    /// and exits once its workers are gone.
-    Serving { pid: Pid, channel: OwnedFd },
-    /// Given up on: asked to stop (SIGTERM), killed at `kill_at`.
-    Stopping { pid: Pid, kill_at: Instant },
-}
-
-impl Successor {
-    pub(super) fn pid(&self) -> Pid {
-        match self {
-            Successor::Starting { pid, .. }
-            | Successor::Serving { pid, .. }
-            | Successor::Stopping { pid, .. } => *pid,
-        }
-    }
-
-    fn channel(&self) -> Option<&OwnedFd> {
-        match self {
-            Successor::Starting { channel, .. } | Successor::Serving { channel, .. } => {
-                Some(channel)
-            }
-            Successor::Stopping { .. } => None,
-        }
-    }
-}
-
-/// The new master's side: the master that started it.
-pub(super) struct Predecessor {
-    pid: Pid,
-    channel: OwnedFd,
-    state: Told,
-}
-
-/// What a new master has told its predecessor, or heard from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Told {
-    /// Nothing yet: its workers are starting.
-    Nothing,
-    /// "Ready": waiting to be promoted.
-    Ready,
-    /// Promoted: it serves; the old master's connections arrive.
-    Promoted,
-}
-
-impl Predecessor {
-    /// The channel passed by the old master, if this master was started
-    /// by one.
-    pub(super) fn take() -> Option<Predecessor> {
-        let (pid, channel) = STASH.lock().ok()?.take()?;
-        Some(Predecessor {
-            pid,
-            channel,
-            state: Told::Nothing,
-        })
-    }
-
-    pub(super) fn pid(&self) -> Pid {
-        self.pid
-    }
-
-    pub(super) fn register(&self, registry: &mio::Registry) -> std::io::Result<()> {
-        registry.register(
-            &mut SourceFd(&self.channel.as_raw_fd()),
-            PREDECESSOR,
-            Interest::READABLE,
-        )
-    }
-}
-
-/// The upgrade status file's writer (see [`crate::upgrade_status`]).
-pub(super) struct UpgradeLog {
-    path: Option<PathBuf>,
-    status: upgrade_status::Status,
-}
-
-impl UpgradeLog {
-    /// The status file for `pid_file` (none without one), written at once
-    /// (no upgrade yet) so that `nbnet upgrade` knows this master reports.
-    pub(super) fn new(pid_file: Option<&Path>) -> UpgradeLog {
-        let mut log = UpgradeLog {
-            path: None,
-            status: upgrade_status::Status {
-                master: getpid().as_raw(),
-                started_ns: 0,
-                state: State::Done,
-                successor: 0,
-                binary: String::new(),
-                message: "no upgrade yet".to_string(),
-                took_over_from: 0,
-            },
-        };
-        log.attach(pid_file);
-        log
-    }
-
-    /// Writes `state` and `message` for the upgrade under way (or a new
-    /// one, with `started`).
-    fn set(&mut self, started: bool, state: State, message: &str) {
-        if started {
-            self.status.started_ns = crate::reload_status::monotonic_ns();
-        }
-        self.status.master = getpid().as_raw();
-        self.status.state = state;
-        self.status.message = message.to_string();
-        if let Some(path) = &self.path {
-            if let Err(e) = upgrade_status::write(path, &self.status) {
-                tracing::warn!(
-                    "cannot write the upgrade status file {}: {e}; `nbnet upgrade` cannot report the outcome (the log does)",
-                    path.display()
-                );
-            }
-        }
-    }
-
-    /// Starts writing the file that goes with `pid_file` (and writes it).
-    pub(super) fn attach(&mut self, pid_file: Option<&Path>) {
-        self.path = pid_file.map(upgrade_status::path_for);
-        let (state, message) = (self.status.state, self.status.message.clone());
-        self.set(false, state, &message);
-    }
-
-    /// Removes the file (the master stops).
-    pub(super) fn remove(&self) {
-        if let Some(path) = &self.path {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// How long a new master gets to be ready: its plugins are checked first,
-/// then its workers start, each as long as a reload's may take.
-fn upgrade_within(config: &Config) -> Duration {
-    ready_within(config).saturating_mul(2)
-}
+use crate::upgrade_status::State;
 
 impl Master {
     /// SIGUSR2: start a new master from the binary on disk.
-    pub(super) fn handle_usr2(&mut self) {
+    pub(in crate::supervisor) fn handle_usr2(&mut self) {
         let refused = if self.phase != Phase::Serving || self.lame_duck.is_some() {
             Some("the server is stopping".to_string())
         } else if let Some(successor) = &self.successor {
@@ -287,17 +36,18 @@ impl Master {
         };
         if let Some(why) = refused {
             tracing::warn!("SIGUSR2 received: not upgrading: {why}");
-            self.upgrades.status.successor = 0;
-            self.upgrades.set(true, State::Refused, &why);
+            self.upgrades.refuse(&why, self.successor.is_none());
             return;
         }
         match self.start_successor() {
-            Ok((pid, deadline)) => {
+            Ok((pid, _)) => {
                 tracing::info!(
-                    "SIGUSR2 received: upgrading: started a new master (pid {pid}) from {} with {}; this master serves until it is ready (at most {:?})",
+                    "SIGUSR2 received: upgrading: started a new master (pid {pid}) from {} with {}; this master serves until it is ready (at most {})",
                     self.binary.display(),
                     self.config.file.display(),
-                    deadline.saturating_duration_since(Instant::now())
+                    humantime::format_duration(Duration::from_secs(
+                        upgrade_within(&self.config).as_secs()
+                    ))
                 );
                 crate::systemd::notify_reloading();
                 self.upgrades.status.binary = self.binary.display().to_string();
@@ -310,8 +60,7 @@ impl Master {
             }
             Err(why) => {
                 tracing::error!("SIGUSR2 received: cannot upgrade: {why}; this master serves on");
-                self.upgrades.status.successor = 0;
-                self.upgrades.set(true, State::Refused, &why);
+                self.upgrades.refuse(&why, true);
             }
         }
     }
@@ -352,7 +101,7 @@ impl Master {
         for bound in &self.listeners {
             for socket in &bound.sockets {
                 passed.push(socket.as_raw_fd());
-                names.push(if bound.inherited {
+                names.push(if bound.owner == listeners::Owner::NotOurs {
                     listeners::NOT_OURS
                 } else {
                     listeners::HANDED_ON
@@ -397,7 +146,7 @@ impl Master {
     }
 
     /// Reads the upgrade channel to the new master.
-    pub(super) fn on_successor_channel(&mut self) {
+    pub(in crate::supervisor) fn on_successor_channel(&mut self) {
         loop {
             let Some(channel) = self.successor.as_ref().and_then(Successor::channel) else {
                 return;
@@ -448,6 +197,9 @@ impl Master {
         );
         // The pid file and the status files are the new master's now: the
         // lock is released before it is told, so that it finds it free.
+        // A reload queued behind the upgrade is cancelled (the new master
+        // read the config when it started), said in the file it follows.
+        self.cancel_reloads();
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.release();
         }
@@ -498,7 +250,7 @@ impl Master {
     /// Where a connection handed over by one of this master's workers goes
     /// once the new master serves: `Ok` when it went there (or waits to),
     /// `Err` with it back when there is no new master to take it.
-    pub(super) fn relay_to_successor(
+    pub(in crate::supervisor) fn relay_to_successor(
         &mut self,
         record: handover::Connection,
         fd: OwnedFd,
@@ -525,23 +277,31 @@ impl Master {
 
     /// The new master exited: before it was ready (a rollback), or while
     /// this master was handing over to it (this master serves again).
-    pub(super) fn successor_exited(&mut self, exit: decision::Exit) {
+    pub(in crate::supervisor) fn successor_exited(&mut self, exit: decision::Exit) {
+        // What its child side said before it exited may not have been read
+        // yet (the exit and the record can come in either order).
+        if matches!(self.successor, Some(Successor::Starting { .. })) {
+            self.on_successor_channel();
+        }
         match self.successor.take() {
             Some(Successor::Starting { pid, .. }) if self.phase != Phase::Serving => {
                 tracing::info!("upgrade cancelled: the server stops; the new master (pid {pid}) has exited ({exit})");
                 self.upgrades.set(
                     false,
-                    State::RolledBack,
-                    &format!("cancelled: the server stopped before new master pid {pid} was ready"),
+                    State::Cancelled,
+                    &format!("the server is stopping; new master pid {pid} was stopped before it was ready"),
                 );
             }
             Some(Successor::Starting { pid, failure, .. }) => {
-                let why = match failure {
-                    Some(why) => why,
-                    None => format!("it exited before it was ready ({})", describe(exit)),
+                let (why, more) = match failure {
+                    Some(why) => (why, ""),
+                    None => (
+                        format!("it exited before it was ready ({})", describe(exit)),
+                        " (its log lines above say more)",
+                    ),
                 };
                 tracing::error!(
-                    "upgrade failed: the new master (pid {pid}): {why}; this master serves on (its log lines above say more)"
+                    "upgrade failed: the new master (pid {pid}): {why}; this master serves on{more}"
                 );
                 self.upgrades.set(
                     false,
@@ -553,6 +313,19 @@ impl Master {
             Some(Successor::Stopping { pid, .. }) => {
                 tracing::info!("upgrade: the new master (pid {pid}) has stopped ({exit})");
                 self.upgrade_over();
+            }
+            // Stopped cleanly (`nbnet stop` found it through the pid file):
+            // the server stops; this master finishes its own stop, closing
+            // what it has not handed over at frame boundaries.
+            Some(Successor::Serving { pid, channel }) if exit == decision::Exit::Code(0) => {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&channel.as_raw_fd()));
+                tracing::info!(
+                    "the new master (pid {pid}) has stopped (exit status 0): the server is stopping; this master closes the connections it has not handed over at frame boundaries"
+                );
+                self.signal_workers(Signal::SIGTERM);
             }
             Some(Successor::Serving { pid, channel }) => {
                 let _ = self
@@ -582,6 +355,11 @@ impl Master {
         self.phase = Phase::Serving;
         self.take_pid_file_back();
         let pid_file = self.config.server.pid_file.clone();
+        let dead = self.upgrades.status.successor;
+        self.upgrades.status.state = State::RolledBack;
+        self.upgrades.status.message = format!(
+            "new master pid {dead} died while this master was handing its connections over; this master serves again"
+        );
         self.upgrades.attach(pid_file.as_deref());
         if let Some(addr) = self.config.admin {
             match admin::Admin::bind(addr, self.poll.registry(), ADMIN) {
@@ -610,7 +388,7 @@ impl Master {
 
     /// Gives up on a new master that is not ready in time; kills one that
     /// does not stop.
-    pub(super) fn watch_successor(&mut self) {
+    pub(in crate::supervisor) fn watch_successor(&mut self) {
         let now = Instant::now();
         match &self.successor {
             Some(Successor::Starting { pid, deadline, .. }) if now >= *deadline => {
@@ -651,162 +429,12 @@ impl Master {
     }
 
     /// When [`Master::watch_successor`] must look again.
-    pub(super) fn successor_wakeup(&self) -> Option<Instant> {
+    pub(in crate::supervisor) fn successor_wakeup(&self) -> Option<Instant> {
         match &self.successor {
             Some(Successor::Starting { deadline, .. }) => Some(*deadline),
             Some(Successor::Stopping { kill_at, .. }) => Some(*kill_at),
             _ => None,
         }
-    }
-
-    /// This master is a new one and every worker is ready: tell the old
-    /// master. `false` when there is no old master to tell.
-    pub(super) fn tell_predecessor_ready(&mut self) -> bool {
-        let Some(predecessor) = &mut self.predecessor else {
-            return false;
-        };
-        if predecessor.state != Told::Nothing {
-            return true;
-        }
-        match handover::send_ready(predecessor.channel.as_fd(), &version_text()) {
-            Ok(()) => {
-                predecessor.state = Told::Ready;
-                tracing::info!(
-                    "every worker is ready: told the old master (pid {}), which now hands the service over",
-                    predecessor.pid
-                );
-                true
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "cannot tell the old master (pid {}) that this one is ready: {e}; serving alone",
-                    predecessor.pid
-                );
-                self.predecessor_gone();
-                false
-            }
-        }
-    }
-
-    /// Reads the upgrade channel to the old master.
-    pub(super) fn on_predecessor_channel(&mut self) {
-        loop {
-            let Some(predecessor) = &self.predecessor else {
-                return;
-            };
-            match handover::recv(predecessor.channel.as_fd()) {
-                Ok(Some(Message::Promoted)) => {
-                    let from = predecessor.pid;
-                    if let Some(p) = &mut self.predecessor {
-                        p.state = Told::Promoted;
-                    }
-                    tracing::info!(
-                        "upgrade: the old master (pid {from}) handed the service over: this master serves; the old one's connections follow"
-                    );
-                    self.upgrades.status.took_over_from = from.as_raw();
-                    self.upgrades.status.binary = self.binary.display().to_string();
-                    self.upgrades.status.message = version_text();
-                    self.take_pid_file();
-                    crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
-                }
-                Ok(Some(Message::Connection(record, fd))) => {
-                    self.relay(record, fd, Pid::from_raw(0))
-                }
-                Ok(Some(other)) => {
-                    tracing::debug!("upgrade channel: unexpected record {other:?}: ignored")
-                }
-                Ok(None) => {
-                    self.predecessor_gone();
-                    return;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    self.predecessor_gone();
-                    return;
-                }
-                Err(e) if handover::would_block(&e) => return,
-                Err(e) => {
-                    tracing::warn!("upgrade channel: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The old master has exited (or cannot be told anything).
-    fn predecessor_gone(&mut self) {
-        let Some(predecessor) = self.predecessor.take() else {
-            return;
-        };
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&predecessor.channel.as_raw_fd()));
-        if predecessor.state == Told::Promoted {
-            tracing::info!(
-                "upgrade complete: the old master (pid {}) has exited",
-                predecessor.pid
-            );
-            return;
-        }
-        tracing::warn!(
-            "the old master (pid {}) is gone before it handed the service over: this master serves alone",
-            predecessor.pid
-        );
-        self.take_pid_file();
-        if self.up {
-            crate::systemd::notify(&format!("READY=1\nMAINPID={}", getpid()));
-        }
-    }
-
-    /// Locks the pid file (the old master released it) and starts writing
-    /// the status files.
-    fn take_pid_file(&mut self) {
-        if self.pid_file.is_some() {
-            return;
-        }
-        let path = self.config.server.pid_file.clone();
-        if let Some(path) = &path {
-            match crate::pid_file::PidFile::acquire(path) {
-                Ok(pid_file) => self.pid_file = Some(pid_file),
-                Err(message) => tracing::error!(
-                    "{message} (after an upgrade: `nbnet stop`/`reload` cannot find this master until it holds the file)"
-                ),
-            }
-        }
-        self.reloads.attach(path.as_deref());
-        self.upgrades.attach(path.as_deref());
-    }
-
-    /// In a worker just forked: the upgrade channels are the master's.
-    pub(super) fn forget_upgrade_channels(&mut self) {
-        self.successor = None;
-        self.predecessor = None;
-    }
-}
-
-/// This build, for the old master's log and `nbnet upgrade`.
-fn version_text() -> String {
-    format!(
-        "nbnet {}, plugin ABI {}.{}",
-        env!("CARGO_PKG_VERSION"),
-        nbnet_plugin_api::abi::ABI_MAJOR,
-        nbnet_plugin_api::abi::ABI_MINOR
-    )
-}
-
-/// An exit status of a new master, in words.
-fn describe(exit: decision::Exit) -> String {
-    match exit {
-        decision::Exit::Code(code) if code == exit_code::CONFIG_INVALID => {
-            format!("{exit}: the config is invalid")
-        }
-        decision::Exit::Code(code) if code == exit_code::PLUGIN_LOAD_FAILED => {
-            format!("{exit}: a plugin failed to load or init")
-        }
-        decision::Exit::Code(code) if code == exit_code::FAILURE => {
-            format!("{exit}: it could not start (cannot listen, pid file…)")
-        }
-        _ => exit.to_string(),
     }
 }
 
