@@ -143,10 +143,12 @@ fn threads_out_of_range_is_refused_naming_the_plugin() {
 #[test]
 fn a_crash_on_a_pool_thread_is_logged_naming_the_plugin() {
     let server = Server::start(&config(1, ""));
-    let mut victim = Client::connect(server.port_n(0));
     // The crash comes 300 ms after the reactor handed it over (behind a
-    // sleep on the one pool thread): the reactor thread is idle then.
-    victim.send_frame(b"sleep:300").unwrap();
+    // sleep on the one pool thread, from another connection, whose answer
+    // may or may not get out first): the reactor thread is idle then.
+    let mut sleeper = Client::connect(server.port_n(0));
+    sleeper.send_frame(b"sleep:300").unwrap();
+    let mut victim = Client::connect(server.port_n(0));
     victim.send_frame(b"crash").unwrap();
     victim.expect_closed();
     let line = server.wait_for_log_line(&["SIGABRT", "worker 0"]);
