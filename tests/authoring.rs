@@ -280,6 +280,87 @@ fn a_failed_request_is_reported_and_the_run_goes_on_then_exits_1() {
     );
 }
 
+/// Issue 12: `plugin run` refused every deferred answer ("this host cannot
+/// defer answers here"). Now requests are handed over as a client pipelines
+/// them and the answers come out in request order, whatever order they
+/// complete in.
+#[test]
+fn run_waits_for_deferred_answers_and_prints_them_in_request_order() {
+    let defer = &build().defer_rs_so;
+    // `rev 3`: held until three are held, then answered last one first.
+    let out = plugin_run(
+        defer,
+        &[],
+        b"later 50 slow\nrev 3 a\nrev 3 b\ninline now\nrev 3 c\nlater 0 quick\n",
+    );
+    assert_exit(&out, 0, "plugin run with deferred answers");
+    assert_eq!(out.stdout, "slow\na\nb\nnow\nc\nquick\n");
+    // A dropped handle and a failure are reported; the run goes on.
+    let out = plugin_run(defer, &[], b"drop\nfail backend down\nlater 0 after\n");
+    assert_exit(&out, 1, "plugin run with failed deferred requests");
+    assert_eq!(out.stdout, "after\n");
+    assert!(
+        out.stderr
+            .contains("request 1: error: the plugin dropped its Deferred without answering")
+            && out.stderr.contains("request 2: error: backend down"),
+        "{}",
+        out.stderr
+    );
+    // One never completed fails after --deferred-timeout, naming it.
+    let out = plugin_run(
+        defer,
+        &["--deferred-timeout", "200ms"],
+        b"never\nlater 0 x\n",
+    );
+    assert_exit(&out, 1, "plugin run with a request never completed");
+    assert_eq!(out.stdout, "x\n");
+    assert!(
+        out.stderr.contains(
+            "request 1: error: deferred answer not completed within deferred_timeout = 200ms"
+        ),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 12: `plugin run --threads N` runs a blocking plugin on a pool of N
+/// instances, each told its thread index and the pool's size, as the
+/// server does; a call past --plugin-timeout fails its request.
+#[test]
+fn run_with_threads_uses_a_pool_of_instances() {
+    let misbehave = &build().misbehave_so;
+    let out = plugin_run(
+        misbehave,
+        &["--threads", "3"],
+        b"sleep:100\nsleep:100\nsleep:100\nthread\necho me\n",
+    );
+    assert_exit(&out, 0, "plugin run --threads 3");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[..3], ["slept 100"; 3], "{}", out.stdout);
+    assert!(
+        ["thread 0/3", "thread 1/3", "thread 2/3"].contains(&lines[3]),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(lines[4..], ["echo me"], "{}", out.stdout);
+    let out = plugin_run(
+        misbehave,
+        &["--threads", "2", "--plugin-timeout", "200ms"],
+        b"hang\nafter\n",
+    );
+    assert_exit(&out, 1, "plugin run --threads with a hang");
+    assert_eq!(out.stdout, "after\n");
+    assert!(
+        out.stderr.contains("request 1: error: call on pool thread")
+            && out.stderr.contains("over plugin_timeout = 200ms"),
+        "{}",
+        out.stderr
+    );
+    let out = plugin_run(misbehave, &["--threads", "1025"], b"hi\n");
+    assert_exit(&out, 2, "plugin run --threads past the limit");
+    assert!(out.stderr.contains("1025"), "{}", out.stderr);
+}
+
 // ----------------------------------------------------------------- plugin new
 
 #[test]

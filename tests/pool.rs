@@ -137,3 +137,88 @@ fn threads_out_of_range_is_refused_naming_the_plugin() {
         out.stderr
     );
 }
+
+/// Issue 12: a crash on a pool thread ended the worker with no plugin
+/// named (the scoreboard only tracked the reactor thread's calls).
+#[test]
+fn a_crash_on_a_pool_thread_is_logged_naming_the_plugin() {
+    let server = Server::start(&config(1, ""));
+    // The crash comes 300 ms after the reactor handed it over (behind a
+    // sleep on the one pool thread, from another connection, whose answer
+    // may or may not get out first): the reactor thread is idle then.
+    let mut sleeper = Client::connect(server.port_n(0));
+    sleeper.send_frame(b"sleep:300").unwrap();
+    let mut victim = Client::connect(server.port_n(0));
+    victim.send_frame(b"crash").unwrap();
+    victim.expect_closed();
+    let line = server.wait_for_log_line(&["SIGABRT", "worker 0"]);
+    assert!(
+        line.contains(r#"while plugin "slow" had calls running on its pool threads"#)
+            && !line.contains("while running plugin"),
+        "{line}"
+    );
+    // The replacement serves.
+    let answer = server.wait_for("a replacement worker", || {
+        Client::try_connect(server.port_n(1))
+            .ok()
+            .map(|mut c| c.request(b"after"))
+    });
+    assert_eq!(answer, b"AFTER");
+}
+
+/// Issue 12: the eventfd that wakes the worker for deferred answers (and
+/// pool answers) was inherited by the processes plugins fork, unlike the
+/// worker's other descriptors (fork_guard).
+#[test]
+fn a_child_a_plugin_forks_does_not_inherit_the_workers_waker() {
+    let server = Server::start(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "hostile"
+path = "{hostile}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "hostile"
+"#,
+    );
+    let worker = server.wait_for_workers(1)[0].pid;
+    let eventfds = |pid: i32| -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]")
+            })
+            .count()
+    };
+    assert!(eventfds(worker) >= 1, "the worker has its waker");
+    let daemon: i32 = String::from_utf8(server.client().request(b"daemon"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // (The child closes the host's descriptors right after fork, maybe
+    // after its parent answered: wait for that.)
+    server.wait_for("the plugin's child to close the worker's waker", || {
+        (eventfds(daemon) == 0).then_some(())
+    });
+}
+
+/// Issue 12: `--check` made a pool's N instances (N inits, N threads: N
+/// database connections for a plugin like redis-cache) to check one config.
+#[test]
+fn check_validates_a_pool_with_one_instance() {
+    let out = nbnet_tests::check(&config(4, ""));
+    assert!(out.status.success(), "{}", out.stderr);
+    let inits = out.stderr.matches("misbehave init").count();
+    assert_eq!(inits, 1, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("(threads = 4: checked with one instance, thread 0 of 4)"),
+        "{}",
+        out.stdout
+    );
+}

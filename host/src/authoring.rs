@@ -4,8 +4,10 @@
 //! whether this host loads it, run it on inputs without a server, and start a
 //! new plugin from a template that builds as is.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
@@ -14,9 +16,11 @@ use crate::config::PluginSpec;
 use crate::exit_code;
 use crate::logging::untrusted;
 use crate::orphans;
+use crate::plugin::deferred::{Completions, Done};
 use crate::plugin::{self, Plugin, RawConnection, ResponseSink};
 use crate::{errln, outln};
-use nbnet_plugin_api::abi::{ABI_MAJOR, ABI_MINOR};
+use nbnet_plugin_api::abi::{RawDeferred, ABI_MAJOR, ABI_MINOR};
+use nbnet_plugin_api::sink::Deferrer;
 
 /// `nbnet plugin info FILE`: kind, own name and version, ABI, and whether
 /// this host can load it (and why not). Exit 0 when it can.
@@ -112,7 +116,18 @@ pub struct RunOptions {
     pub frames: bool,
     /// Largest request and response.
     pub max_frame_bytes: usize,
+    /// As `[[plugins]] threads`: 0 runs the plugin on this thread, N a pool
+    /// of N instances.
+    pub threads: usize,
+    /// As `[server] deferred_timeout`: how long a deferred answer may take.
+    pub deferred_timeout: Duration,
+    /// As `[server] plugin_timeout`, for a pool thread's calls.
+    pub plugin_timeout: Duration,
 }
+
+/// Most requests `plugin run` has waiting for deferred answers at once
+/// (more wait to be handed to the plugin).
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// `nbnet plugin run`: loads the plugin as worker 0 of 1 and answers each
 /// input (one payload per line, or frames) on stdout. Plugin errors go to
@@ -120,11 +135,118 @@ pub struct RunOptions {
 /// could not be written (the run stops there: see [`crate::output`]).
 /// Processes the plugin started and left running are killed at the end
 /// (see [`Leftovers`]).
+///
+/// Requests are handed to the plugin one after the other, as a client
+/// pipelining them would: a plugin that defers its answers (ABI 1.3), or
+/// a pool (`--threads N`), has several in flight, and the answers are
+/// printed in request order as they complete.
 pub fn run(options: &RunOptions) -> i32 {
     let leftovers = Leftovers::watch();
     let code = run_plugin(options);
     leftovers.sweep_and_report("nbnet plugin run");
     code
+}
+
+/// Makes completion handles for `plugin run`'s sink.
+struct RunDeferrer {
+    completions: &'static Completions,
+    last: u64,
+}
+
+impl Deferrer for RunDeferrer {
+    fn defer(&mut self) -> Result<(*mut RawDeferred, u64), String> {
+        self.last += 1;
+        Ok((self.completions.handle(self.last), self.last))
+    }
+}
+
+/// One request's answer in `plugin run`'s in-order output.
+enum Slot {
+    /// The response frame.
+    Ready(Vec<u8>),
+    /// Deferred: waiting for this token's completion, since then.
+    Waiting(u64, Instant),
+    /// The error to report.
+    Failed(String),
+}
+
+/// The answers of `plugin run`, printed in request order.
+struct Answers<'o> {
+    slots: VecDeque<Slot>,
+    /// Number (from 0) of the request at the front of `slots`.
+    front: usize,
+    /// Token → request number, for the requests waiting.
+    waiting: HashMap<u64, usize>,
+    frames: bool,
+    failures: usize,
+    out: std::io::StdoutLock<'o>,
+}
+
+impl Answers<'_> {
+    fn push(&mut self, slot: Slot) {
+        if let Slot::Waiting(token, _) = slot {
+            self.waiting.insert(token, self.front + self.slots.len());
+        }
+        self.slots.push_back(slot);
+    }
+
+    /// Fills the slots of `done`'s completions.
+    fn complete(&mut self, done: Vec<Done>) {
+        for Done { token, result } in done {
+            // Absent: it ran out of time already (a late completion).
+            let Some(number) = self.waiting.remove(&token) else {
+                continue;
+            };
+            self.slots[number - self.front] = match result {
+                Ok(frame) => Slot::Ready(frame),
+                Err(message) => Slot::Failed(message),
+            };
+        }
+    }
+
+    /// Fails the requests waiting for longer than `timeout`; returns how
+    /// long until the next one would (`None`: none is waiting).
+    fn expire(&mut self, timeout: Duration) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        for slot in &mut self.slots {
+            if let Slot::Waiting(token, since) = *slot {
+                let waited = now.duration_since(since);
+                if waited >= timeout {
+                    self.waiting.remove(&token);
+                    *slot = Slot::Failed(format!(
+                        "deferred answer not completed within deferred_timeout = {timeout:?} (waited {waited:.1?}); set --deferred-timeout"
+                    ));
+                } else {
+                    let left = timeout - waited;
+                    next = Some(next.map_or(left, |n| n.min(left)));
+                }
+            }
+        }
+        next
+    }
+
+    /// Prints the answers at the front that are complete.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while let Some(slot) = self.slots.front() {
+            match slot {
+                Slot::Waiting(..) => break,
+                Slot::Ready(frame) if self.frames => self.out.write_all(frame)?,
+                Slot::Ready(frame) => {
+                    self.out.write_all(&frame[crate::codec::HEADER_LEN..])?;
+                    self.out.write_all(b"\n")?;
+                }
+                Slot::Failed(message) => {
+                    self.failures += 1;
+                    self.out.flush()?;
+                    errln!("request {}: error: {message}", self.front + 1);
+                }
+            }
+            self.slots.pop_front();
+            self.front += 1;
+        }
+        Ok(())
+    }
 }
 
 /// [`run`] until the plugin has been destroyed.
@@ -146,8 +268,21 @@ fn run_plugin(options: &RunOptions) -> i32 {
         config_toml: options.config.clone(),
         line: 0,
         image: None,
-        threads: 0,
-        plugin_timeout: std::time::Duration::from_secs(5),
+        threads: options.threads,
+        plugin_timeout: options.plugin_timeout,
+    };
+    // Deferred answers are completed on other threads and wake this one.
+    let made = mio::Poll::new().and_then(|poll| {
+        let completions =
+            Completions::new(poll.registry(), mio::Token(0), options.max_frame_bytes)?;
+        Ok((poll, completions))
+    });
+    let (mut poll, completions) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            errln!("nbnet plugin run: cannot set up deferred answers: {e}");
+            return exit_code::FAILURE;
+        }
     };
     let mut plugin = match Plugin::load(&spec, 0, 1) {
         Ok(plugin) => plugin,
@@ -173,33 +308,76 @@ fn run_plugin(options: &RunOptions) -> i32 {
         }
     };
     plugin.connection_opened(&conn);
-    let mut stdout = std::io::stdout().lock();
-    let mut failures = 0;
+    let mut deferrer = RunDeferrer {
+        completions,
+        last: 0,
+    };
     let mut sink = ResponseSink::new(Vec::new(), options.max_frame_bytes, &conn);
+    sink.set_deferrer(&mut deferrer);
+    let mut answers = Answers {
+        slots: VecDeque::new(),
+        front: 0,
+        waiting: HashMap::new(),
+        frames: options.frames,
+        failures: 0,
+        out: std::io::stdout().lock(),
+    };
+    let mut events = mio::Events::with_capacity(8);
     let mut written = Ok(());
-    for (number, request) in requests.iter().enumerate() {
-        sink.buffer_mut().clear();
-        written = match plugin.process(request, &mut sink) {
-            Ok(_) if options.frames => stdout.write_all(sink.buffer()),
-            Ok(_) => stdout
-                .write_all(&sink.buffer()[crate::codec::HEADER_LEN..])
-                .and_then(|()| stdout.write_all(b"\n")),
-            Err(e) => {
-                failures += 1;
-                let flushed = stdout.flush();
-                errln!("request {}: error: {e}", number + 1);
-                flushed
+    let mut requests = requests.iter();
+    loop {
+        // Hand the plugin every request it can take, then print what is
+        // answered and wait for the rest.
+        let mut handed = false;
+        while answers.waiting.len() < MAX_IN_FLIGHT {
+            let Some(request) = requests.next() else {
+                break;
+            };
+            handed = true;
+            sink.buffer_mut().clear();
+            sink.clear_marks();
+            let slot = match plugin.process(request, &mut sink) {
+                Ok(_) => match sink.marks().first() {
+                    Some(mark) => Slot::Waiting(mark.token, Instant::now()),
+                    None => Slot::Ready(sink.buffer().to_vec()),
+                },
+                Err(e) => Slot::Failed(e.to_string()),
+            };
+            answers.push(slot);
+            answers.complete(completions.take());
+            written = answers.flush();
+            if written.is_err() {
+                break;
             }
-        };
+        }
         if written.is_err() {
             // Nobody gets the answers: stop feeding the plugin.
             break;
         }
+        // Completions first: one taken here woke nobody (the queue was not
+        // empty), so what still waits after it must be waited for.
+        answers.complete(completions.take());
+        let next = answers.expire(options.deferred_timeout);
+        written = answers.flush();
+        if written.is_err() {
+            break;
+        }
+        match next {
+            None if !handed => break,
+            None => continue,
+            Some(wait) => {
+                // A completion wakes the poll; a spurious wake-up or an
+                // interruption just goes round again.
+                let _ = poll.poll(&mut events, Some(wait));
+            }
+        }
     }
-    let written = written.and_then(|()| stdout.flush());
-    drop(stdout);
+    let written = written.and_then(|()| answers.out.flush());
+    let failures = answers.failures;
+    drop(answers);
     plugin.connection_closed(&conn);
     plugin.shutdown();
+    drop(plugin);
     match written {
         Err(e) => crate::output::failed(&e),
         Ok(()) if failures == 0 => exit_code::OK,

@@ -189,6 +189,18 @@ enum PluginCommand {
         /// Largest request or response payload.
         #[arg(long, default_value_t = 16 * 1024 * 1024)]
         max_frame_bytes: usize,
+        /// As `[[plugins]] threads`: run N instances on a thread pool
+        /// (0: on the main thread).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=nbnet::config::MAX_PLUGIN_THREADS as u64))]
+        threads: u64,
+        /// As `[server] deferred_timeout` (seconds, or `500ms`): how long a
+        /// deferred answer may take before its request fails.
+        #[arg(long, default_value = "30", value_parser = nbnet::bench::parse_duration)]
+        deferred_timeout: std::time::Duration,
+        /// As `[server] plugin_timeout` (seconds, or `500ms`): how long one
+        /// call on a pool thread may run before its request fails.
+        #[arg(long, default_value = "5", value_parser = nbnet::bench::parse_duration)]
+        plugin_timeout: std::time::Duration,
     },
     /// Start a new plugin from a template that builds as is.
     New {
@@ -300,6 +312,9 @@ fn plugin_command(command: PluginCommand) -> i32 {
             config,
             frames,
             max_frame_bytes,
+            threads,
+            deferred_timeout,
+            plugin_timeout,
         } => {
             // Plugin log lines go to stderr, like the server's.
             logging::init(config::LogLevel::Info);
@@ -308,6 +323,9 @@ fn plugin_command(command: PluginCommand) -> i32 {
                 config,
                 frames,
                 max_frame_bytes,
+                threads: threads as usize,
+                deferred_timeout,
+                plugin_timeout,
             })
         }
         PluginCommand::New {

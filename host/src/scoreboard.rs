@@ -46,6 +46,11 @@ pub struct Slot {
     /// Set by the worker when it wants to be replaced (it served
     /// `max_requests_per_worker`); it keeps serving until the master drains it.
     retire: AtomicU32,
+    /// Per plugin (by config index): calls in flight on its pool threads
+    /// (`threads = N`), which `in_flight` (the reactor thread's) does not
+    /// see. The exception to "one writer per field": pool threads add and
+    /// subtract with atomic read-modify-writes.
+    pool_calls: [AtomicU32; MAX_PLUGINS],
     /// The worker's statistics.
     pub stats: Stats,
 }
@@ -459,6 +464,29 @@ impl Slot {
         }
     }
 
+    /// Records that a pool thread is about to call `plugin`'s instance.
+    #[inline]
+    pub fn pool_enter(&self, plugin: usize) {
+        if let Some(count) = self.pool_calls.get(plugin) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that a pool thread's call into `plugin` returned.
+    #[inline]
+    pub fn pool_leave(&self, plugin: usize) {
+        if let Some(count) = self.pool_calls.get(plugin) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The plugins (config indexes) with calls in flight on pool threads.
+    pub fn pool_in_flight(&self) -> Vec<usize> {
+        (0..MAX_PLUGINS)
+            .filter(|&i| self.pool_calls[i].load(Ordering::Relaxed) > 0)
+            .collect()
+    }
+
     /// Calls started so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
@@ -470,6 +498,9 @@ impl Slot {
         self.calls.store(0, Ordering::Relaxed);
         self.boot.store(BOOTING, Ordering::Relaxed);
         self.retire.store(0, Ordering::Relaxed);
+        for count in &self.pool_calls {
+            count.store(0, Ordering::Relaxed);
+        }
         self.stats.reset();
     }
 

@@ -89,6 +89,8 @@ pub struct Artifacts {
     pub system_lib: PathBuf,
     /// Rust example `kv` (`plugins/kv`): `SET k v` / `GET k` / `DEL k`.
     pub kv_so: PathBuf,
+    /// Rust example `redis-cache` (`plugins/redis-cache`): `kv` in a real Redis.
+    pub redis_cache_so: PathBuf,
     /// Rust example `sha256` (`plugins/sha256`): hex SHA-256 of the request.
     pub sha256_so: PathBuf,
     /// C example `echo-c` (`plugins/echo-c/echo.c`).
@@ -222,6 +224,7 @@ fn build_now() -> Artifacts {
         batcher_so: c_plugin("plugins/testing/c/batcher.c", "libbatcher.so"),
         system_lib: find_system_lib(),
         kv_so: rust_plugin("kv"),
+        redis_cache_so: rust_plugin("redis_cache"),
         sha256_so: rust_plugin("sha256"),
         echo_c_so: c_plugin("plugins/echo-c/echo.c", "libecho_c.so"),
         counter_c_so: c_plugin("plugins/counter-c/counter.c", "libcounter_c.so"),
@@ -538,7 +541,7 @@ pub struct Outcome {
 /// plugin paths `{upper}`, `{echo}`, `{fail_init}`, `{upper_c}`, `{bad_abi}`,
 /// `{newer_minor}`, `{missing_process}`, `{misbehave}`, `{abi_1_0}`, `{batcher}`, `{misbehave_rs}`,
 /// `{system_lib}`, `{hostile}`, `{sigmask}`, `{daemonize}`, `{bad_name}`, and the examples `{kv}`,
-/// `{sha256}`, `{echo_c}`, `{counter_c}`.
+/// `{redis_cache}`, `{sha256}`, `{echo_c}`, `{counter_c}`.
 pub struct Sandbox {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -703,6 +706,7 @@ impl Sandbox {
                 "delay_c" => path(&a.delay_c_so),
                 "system_lib" => path(&a.system_lib),
                 "kv" => path(&a.kv_so),
+                "redis_cache" => path(&a.redis_cache_so),
                 "sha256" => path(&a.sha256_so),
                 "echo_c" => path(&a.echo_c_so),
                 "counter_c" => path(&a.counter_c_so),

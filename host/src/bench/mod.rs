@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// `echo`, or `none` (check the framing only).
     #[arg(long, value_enum, default_value_t = Expect::Upper)]
     pub expect: Expect,
+    /// Text put before every payload (e.g. `"GET "` for a key-value
+    /// plugin, `"sleep:1 "`); only with `--expect none`, since the answers
+    /// are then the plugin's own.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
     /// Send exactly this many requests in all (no warm-up), then stop.
     #[arg(long)]
     pub requests: Option<u64>,
@@ -118,8 +123,11 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
     if args.size as u64 > MAX_DECLARED {
         return Err(format!("--size must be at most {MAX_DECLARED}"));
     }
+    if !args.prefix.is_empty() && args.expect != Expect::None {
+        return Err("--prefix needs --expect none (the answers are the plugin's own)".into());
+    }
     raise_fd_limit(args.conns + 64);
-    let payloads = Payloads::new(args.size);
+    let payloads = Payloads::new(args.size).with_prefix(args.prefix.as_bytes());
     if args.idle {
         return hold_idle(args, addr, &payloads);
     }

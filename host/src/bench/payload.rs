@@ -48,6 +48,8 @@ impl Expect {
 #[derive(Debug, Clone)]
 pub struct Payloads {
     size: usize,
+    /// Put before every payload (`--prefix`; answers then go unchecked).
+    prefix: Vec<u8>,
     fill: Vec<u8>,
     fill_upper: Vec<u8>,
 }
@@ -62,20 +64,28 @@ impl Payloads {
         let fill_upper = fill.to_ascii_uppercase();
         Self {
             size,
+            prefix: Vec::new(),
             fill,
             fill_upper,
         }
     }
 
-    /// Payload size in bytes.
+    /// The same payloads with `prefix` before each.
+    pub fn with_prefix(mut self, prefix: &[u8]) -> Self {
+        self.prefix = prefix.to_vec();
+        self
+    }
+
+    /// Request size in bytes (the prefix included).
     pub fn size(&self) -> usize {
-        self.size
+        self.prefix.len() + self.size
     }
 
     /// Appends the complete request frame (header + payload) for `(conn, seq)` to `out`.
     pub fn encode_request(&self, conn: u32, seq: u64, out: &mut Vec<u8>) {
-        out.reserve(HEADER_LEN + self.size);
-        out.extend_from_slice(&header(self.size));
+        out.reserve(HEADER_LEN + self.size());
+        out.extend_from_slice(&header(self.size()));
+        out.extend_from_slice(&self.prefix);
         let id = identity(conn, seq);
         let p = self.size.min(ID_LEN);
         out.extend_from_slice(&id[ID_LEN - p..]);
@@ -206,5 +216,23 @@ mod tests {
         let p = Payloads::new(64);
         assert!(p.check(Expect::None, 0, 0, b""));
         assert!(p.check(Expect::None, 0, 0, b"whatever"));
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_goes_before_every_payload_and_counts_in_the_frame() {
+        let payloads = Payloads::new(30).with_prefix(b"GET ");
+        assert_eq!(payloads.size(), 34);
+        let request = payloads.request(1, 2);
+        assert!(request.starts_with(b"GET 00000001"), "{request:?}");
+        assert_eq!(request.len(), 34);
+        let mut frame = Vec::new();
+        payloads.encode_request(1, 2, &mut frame);
+        assert_eq!(&frame[..HEADER_LEN], &header(34));
+        assert!(payloads.check(Expect::None, 1, 2, b"NOT_FOUND"));
     }
 }

@@ -29,6 +29,13 @@ use crate::codec::{header, HEADER_LEN};
 
 /// Completed cells kept out of reuse (see the module doc).
 const QUARANTINE: usize = 1024;
+/// Most cells a handle maker takes for reuse at once (see
+/// [`Completions::handle_from`]).
+const STASH: usize = 64;
+
+/// Completed cells taken out of the quarantine for reuse by one thread.
+#[derive(Default)]
+pub struct FreeCells(Vec<CellPtr>);
 
 /// One completion: the token of the request and its answer (a complete
 /// frame: header and payload) or why it failed.
@@ -43,7 +50,7 @@ pub struct Done {
 /// A worker's completion queue, shared with every thread a plugin runs.
 /// Lives as long as the process (handles may be completed at any time).
 pub struct Completions {
-    waker: mio::Waker,
+    waker: Waker,
     max_frame_bytes: usize,
     queue: Mutex<Queue>,
     /// Completions refused because the handle was completed already.
@@ -80,7 +87,7 @@ impl Completions {
         token: mio::Token,
         max_frame_bytes: usize,
     ) -> std::io::Result<&'static Completions> {
-        let waker = mio::Waker::new(registry, token)?;
+        let waker = Waker::new(registry, token)?;
         Ok(Box::leak(Box::new(Completions {
             waker,
             max_frame_bytes,
@@ -102,6 +109,25 @@ impl Completions {
                 None
             }
         };
+        self.make(reused, token)
+    }
+
+    /// A handle for the request `token` (non-zero), reusing a cell from
+    /// `stash` (the caller's own, refilled here under one lock for up to
+    /// [`STASH`] handles): the thread making handles then rarely takes the
+    /// lock that completing threads take for every answer.
+    pub fn handle_from(&'static self, stash: &mut FreeCells, token: u64) -> *mut RawDeferred {
+        if stash.0.is_empty() {
+            let mut queue = self.lock();
+            let reusable = queue.free.len().saturating_sub(QUARANTINE).min(STASH);
+            stash.0.extend(queue.free.drain(..reusable));
+        }
+        self.make(stash.0.pop(), token)
+    }
+
+    /// A handle for `token` in `reused` (a cell out of quarantine), or in
+    /// a new cell.
+    fn make(&'static self, reused: Option<CellPtr>, token: u64) -> *mut RawDeferred {
         let cell = match reused {
             Some(CellPtr(cell)) => cell,
             None => Box::into_raw(Box::new(Cell {
@@ -132,6 +158,13 @@ impl Completions {
     /// Takes every completion queued so far.
     pub fn take(&self) -> Vec<Done> {
         std::mem::take(&mut self.lock().done)
+    }
+
+    /// Takes every completion queued so far into `into` (empty), leaving
+    /// `into`'s allocation to the queue: no allocation per wake-up.
+    pub fn take_into(&self, into: &mut Vec<Done>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.lock().done, into);
     }
 
     /// Completions refused so far (completed twice).
@@ -172,6 +205,65 @@ impl Completions {
             }
         }
         NBNET_OK
+    }
+}
+
+/// Wakes the reactor from any thread: an eventfd registered in its poll
+/// (what `mio::Waker` does on Linux), made here so that its descriptor is
+/// known and can be kept out of the processes plugins fork
+/// ([`crate::fork_guard::protect`]): a plugin's child that kept it could
+/// wake the worker, and would hold a descriptor of the worker.
+struct Waker(std::os::fd::OwnedFd);
+
+impl Waker {
+    fn new(registry: &mio::Registry, token: mio::Token) -> std::io::Result<Waker> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain syscall; the descriptor it returns is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        crate::fork_guard::protect(fd.as_raw_fd());
+        registry.register(
+            &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+            token,
+            mio::Interest::READABLE,
+        )?;
+        Ok(Waker(fd))
+    }
+
+    /// Adds one to the counter: the (edge-triggered) poll reports the
+    /// descriptor readable again on every write, so it is never read
+    /// except to reset a full counter.
+    fn wake(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let one = 1u64.to_ne_bytes();
+        loop {
+            // SAFETY: writes 8 bytes from a live buffer to our descriptor.
+            let n = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            match error.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock => {
+                    // The counter is full: read it back to 0, then write.
+                    let mut drained = [0u8; 8];
+                    // SAFETY: reads 8 bytes into a live buffer.
+                    unsafe {
+                        libc::read(
+                            self.0.as_raw_fd(),
+                            drained.as_mut_ptr().cast(),
+                            drained.len(),
+                        )
+                    };
+                }
+                _ => return Err(error),
+            }
+        }
     }
 }
 

@@ -190,6 +190,20 @@ impl Plugin {
         Self::load_instance(spec, worker_index, worker_count, 0, 0)
     }
 
+    /// Loads `spec` to check it (`nbnet --check`): one instance, even for
+    /// a pool (`threads = N`), told it is pool thread 0 of N. Checking
+    /// that the library loads and that its init accepts the config needs
+    /// no more, and N inits could open N connections to a database just
+    /// to close them. (An init that accepts thread 0 and refuses another
+    /// index is caught when the workers start, as any init failure is.)
+    pub fn load_to_check(
+        spec: &PluginSpec,
+        worker_index: u32,
+        worker_count: u32,
+    ) -> Result<Plugin, LoadError> {
+        Self::load_instance(spec, worker_index, worker_count, 0, spec.threads as u32)
+    }
+
     /// Loads one instance, told it is pool thread `thread_index` of
     /// `thread_count` (0 of 0: on the reactor thread).
     fn load_instance(
@@ -355,6 +369,16 @@ impl Plugin {
         let rc = unsafe { (self.process)(self.state, request.as_ptr(), request.len(), response) };
         let finished = sink.finish_with_prefix(rc, header);
         finished.map_err(|error| self.process_error(error, rc, sink.max()))
+    }
+
+    /// For a pool (`threads = N`): counts its pool threads' calls in the
+    /// worker's scoreboard `slot` as plugin `index`, so that a crash during
+    /// one is named. Does nothing for other plugins (the reactor thread's
+    /// calls are tracked by the worker).
+    pub fn attach_scoreboard(&self, slot: &'static crate::scoreboard::Slot, index: usize) {
+        if self.kind == Kind::Pool {
+            pool::attach(self.state, slot, index);
+        }
     }
 
     /// Whether the plugin answers batches (`process_batch`, ABI 1.1).

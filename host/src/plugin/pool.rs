@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,14 +33,18 @@ use nbnet_plugin_api::abi::{RawConnection, RawDeferred, RawResponse, NBNET_ERR, 
 use super::{LoadError, Plugin, ResponseSink};
 use crate::codec::HEADER_LEN;
 use crate::config::PluginSpec;
+use crate::scoreboard::Slot;
 
 /// Set when a pool thread overran `plugin_timeout`: the worker asks to be
 /// replaced (read by the reactor after each turn).
 static REPLACEMENT_WANTED: AtomicBool = AtomicBool::new(false);
 
 /// Whether a pool asked for this worker's replacement since the last call.
+#[inline]
 pub fn take_replacement_request() -> bool {
-    REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
+    // A plain load first: the reactor asks on every turn, and a swap (a
+    // locked instruction) is only needed on the rare turn it is set.
+    REPLACEMENT_WANTED.load(Ordering::Relaxed) && REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
 }
 
 /// A completion handle, moved to a pool thread.
@@ -96,6 +100,10 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Wakes the watchdog early when the pool stops.
     watchdog_wake: Condvar,
+    /// The worker's scoreboard slot and this plugin's config index: each
+    /// call is counted there, so that the master names the plugin if the
+    /// worker dies during it (see [`attach`]).
+    board: OnceLock<(&'static Slot, usize)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,6 +127,7 @@ pub(super) fn load(
         stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
         threads: Mutex::new(Vec::new()),
         watchdog_wake: Condvar::new(),
+        board: OnceLock::new(),
     });
     let (loaded, results) = std::sync::mpsc::channel();
     for index in 0..n {
@@ -255,7 +264,14 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
             since: Instant::now(),
             handle: Some(job.handle),
         });
+        let board = shared.board.get();
+        if let Some((slot, plugin)) = board {
+            slot.pool_enter(*plugin);
+        }
         let result = instance.process(&job.request, &mut sink);
+        if let Some((slot, plugin)) = board {
+            slot.pool_leave(*plugin);
+        }
         let handle = lock(&shared.busy[index])
             .take()
             .and_then(|busy| busy.handle);
@@ -336,6 +352,16 @@ fn stop(shared: &Shared) {
     for job in lock(&shared.queue).drain(..) {
         job.handle.fail("the worker is stopping");
     }
+}
+
+/// Counts the calls of the pool whose state is `state` in `slot`, as
+/// plugin `index` of the config: if the worker dies (a segfault on a pool
+/// thread), the master sees the calls in flight and names the plugin.
+pub(super) fn attach(state: *mut c_void, slot: &'static Slot, index: usize) {
+    // SAFETY: `state` is a pool's `Shared` (the caller checked the kind),
+    // alive while its `Plugin` is.
+    let shared = unsafe { &*state.cast_const().cast::<Shared>() };
+    let _ = shared.board.set((slot, index));
 }
 
 /// The pool's `process`: defer the request, queue it for a pool thread.

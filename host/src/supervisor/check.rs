@@ -442,7 +442,8 @@ fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i3
         let what = one_line(&format!("plugin {:?} ({})", spec.name, spec.path.display()));
         let _ = writeln!(out, "LOADING\t{what}");
         let _ = out.flush();
-        let loaded = Plugin::load(spec, 0, count);
+        // One instance, even of a pool (see `Plugin::load_to_check`).
+        let loaded = Plugin::load_to_check(spec, 0, count);
         if let Some(tampered) = descriptors.first_tampered() {
             // The report pipe may be the one: say it through the shared
             // word (and do not close anything again: std aborts on a
@@ -454,7 +455,11 @@ fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i3
         }
         match loaded {
             Ok(plugin) => {
-                let _ = writeln!(out, "OK\t{}", one_line(&plugin.describe()));
+                let pool = match spec.threads {
+                    0 => String::new(),
+                    n => format!(" (threads = {n}: checked with one instance, thread 0 of {n})"),
+                };
+                let _ = writeln!(out, "OK\t{}{pool}", one_line(&plugin.describe()));
                 // Its destroy runs now: a hang or crash there is its own.
                 let _ = writeln!(out, "DESTROYING\t{what}");
                 let _ = out.flush();

@@ -138,13 +138,7 @@ impl Master {
             Exit::Code(code) => format!("exit {code}"),
             Exit::Signal(signal) => signal.as_str().to_string(),
         };
-        let running = match self.scoreboard.slot(worker.board).in_flight() {
-            Some(plugin) => format!(
-                " while running plugin {:?}",
-                worker.plugins.get(plugin).map_or("?", String::as_str)
-            ),
-            None => String::new(),
-        };
+        let running = running(self.scoreboard.slot(worker.board), &worker.plugins);
         if let Phase::Stopping { .. } = self.phase {
             if worker.killed_at_stop {
                 tracing::warn!(
@@ -324,4 +318,26 @@ impl Master {
             }
         }
     }
+}
+
+/// What a worker was running when it ended, from its scoreboard slot: the
+/// reactor thread's plugin call, and the plugins with calls in flight on
+/// pool threads (`threads = N`), e.g. ` while running plugin "a"` or
+/// ` while plugin "slow" had calls running on its pool threads`. Empty
+/// when nothing was running.
+fn running(slot: &crate::scoreboard::Slot, plugins: &[String]) -> String {
+    let name = |plugin: usize| format!("{:?}", plugins.get(plugin).map_or("?", String::as_str));
+    let mut text = match slot.in_flight() {
+        Some(plugin) => format!(" while running plugin {}", name(plugin)),
+        None => String::new(),
+    };
+    let pooled: Vec<String> = slot.pool_in_flight().into_iter().map(name).collect();
+    if !pooled.is_empty() {
+        text.push_str(if text.is_empty() { " while" } else { " and" });
+        text.push_str(&format!(
+            " plugin {} had calls running on its pool threads",
+            pooled.join(", plugin ")
+        ));
+    }
+    text
 }

@@ -908,7 +908,9 @@ impl Connection {
         scratch.responses.set_connection(&conn);
         ctx.slot.stats.bytes_in.add(n as u64);
         let mut answering = Answering {
-            deferred_room: ctx.max_deferred.saturating_sub(self.awaiting),
+            // Reading only goes on while `awaiting < max_deferred` (see
+            // `must_wait`), and a read defers at most the room: no wrap.
+            deferred_room: ctx.max_deferred.wrapping_sub(self.awaiting),
             ctx,
             peer: &self.peer,
             pipelining: &mut self.pipelining,
@@ -995,7 +997,9 @@ impl Connection {
     /// WRITABLE.
     #[inline]
     fn flush_scratch(&mut self, ctx: &mut Context<'_>, scratch: &mut Scratch) -> Result<(), Close> {
-        if scratch.responses.deferred() > 0 || !self.queue.is_empty() {
+        // (One test for both: this read deferred a request, or answers
+        // already wait in order.)
+        if (scratch.responses.deferred() | self.queue.len()) != 0 {
             return self.queue_answers(ctx, scratch);
         }
         let stats = &ctx.slot.stats;
@@ -1204,13 +1208,9 @@ impl Answering<'_, '_> {
         let mut rest = data;
         let mut answered = 0;
         let ended = loop {
-            if rest.is_empty()
-                || sink.buffered() >= self.ctx.output_budget
-                || sink.deferred() >= self.deferred_room
-            {
+            if rest.is_empty() || sink.buffered() >= self.ctx.output_budget {
                 // All answered, or enough answers waiting: the client must
-                // read those (or the deferred ones must complete) before
-                // the rest are answered.
+                // read those before the rest are answered.
                 break Ok(());
             }
             let Some((payload, after)) = self.ctx.decoder.split_frame(rest) else {
@@ -1237,22 +1237,27 @@ impl Answering<'_, '_> {
             if let (Some(began), Some(stats)) = (began, stats) {
                 stats.record_latency(began.elapsed());
             }
-            match result {
-                Ok(response) => tracing::debug!(
-                    peer = ?self.peer,
-                    request = len,
-                    response,
-                    "frame processed"
-                ),
+            let response = match result {
+                Ok(response) => {
+                    tracing::debug!(peer = ?self.peer, request = len, response, "frame processed");
+                    response
+                }
                 Err(e) => {
                     if let Some(stats) = stats {
                         stats.record_failure(outcome(&e));
                     }
                     break Err(Close::Plugin(Box::new(e)));
                 }
-            }
+            };
             answered += 1;
             rest = after;
+            // Enough deferred answers pending: they must complete before
+            // the rest are answered. (Checked only after an empty answer,
+            // which a deferred request leaves; the room is at least 1 when
+            // a read starts, see `process_read`.)
+            if response == 0 && sink.deferred() >= self.deferred_room {
+                break Ok(());
+            }
         };
         let start = data.len() - rest.len();
         *self.ctx.served += answered;

@@ -18,13 +18,14 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nbnet_plugin_api::abi::RawDeferred;
 use nbnet_plugin_api::sink::Deferrer;
 
-use crate::plugin::deferred::{Completions, Done};
+use crate::plugin::deferred::{Completions, Done, FreeCells};
 
 /// One place in a connection's in-order answer queue.
 #[derive(Debug)]
@@ -50,6 +51,8 @@ struct Count {
 /// Makes handles for plugins' `defer` calls (lent to the response sink).
 pub struct Maker {
     completions: &'static Completions,
+    /// Cells to reuse without taking the completion queue's lock.
+    stash: FreeCells,
     count: Rc<Count>,
     limit: usize,
 }
@@ -66,7 +69,29 @@ impl Deferrer for Maker {
         self.count.pending.set(pending + 1);
         let token = self.count.next_token.get() + 1;
         self.count.next_token.set(token);
-        Ok((self.completions.handle(token), token))
+        Ok((self.completions.handle_from(&mut self.stash, token), token))
+    }
+}
+
+/// Hashes the table's tokens: numbers the worker counts up itself (no
+/// client chooses them), so a multiplication spreads them well enough and
+/// costs a fraction of the default SipHash (twice per deferred request).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -96,7 +121,7 @@ pub struct Expired {
 pub struct Deferreds {
     completions: &'static Completions,
     count: Rc<Count>,
-    pending: HashMap<u64, Entry>,
+    pending: HashMap<u64, Entry, BuildHasherDefault<TokenHasher>>,
     /// Deadlines in the order requests were deferred (`deferred_timeout`
     /// is the same for all, so this is also deadline order). Entries of
     /// requests completed meanwhile are skipped when reached.
@@ -104,6 +129,8 @@ pub struct Deferreds {
     timeout: Duration,
     /// Refused completions already added to the worker's statistics.
     refused_seen: u64,
+    /// An empty Vec to swap with the completion queue.
+    spare: Vec<Done>,
 }
 
 impl Deferreds {
@@ -116,16 +143,18 @@ impl Deferreds {
         let count = Rc::new(Count::default());
         let maker = Box::new(Maker {
             completions,
+            stash: FreeCells::default(),
             count: Rc::clone(&count),
             limit: max_per_worker,
         });
         let table = Deferreds {
             completions,
             count,
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             deadlines: VecDeque::new(),
             timeout,
             refused_seen: 0,
+            spare: Vec::new(),
         };
         (table, maker)
     }
@@ -168,9 +197,18 @@ impl Deferreds {
         }
     }
 
-    /// The completions queued since the last call.
+    /// The completions queued since the last call (give the Vec back,
+    /// emptied, with [`Deferreds::give_back`]).
     pub fn take(&mut self) -> Vec<Done> {
-        self.completions.take()
+        let mut done = std::mem::take(&mut self.spare);
+        self.completions.take_into(&mut done);
+        done
+    }
+
+    /// Returns a Vec from [`Deferreds::take`] (its allocation is reused).
+    pub fn give_back(&mut self, mut done: Vec<Done>) {
+        done.clear();
+        self.spare = done;
     }
 
     /// Completions refused (second completions) since the last call.
@@ -232,7 +270,8 @@ impl super::reactor::Reactor {
                 "{refused} deferred answer(s) completed twice: the second completion was refused (a plugin bug)"
             );
         }
-        for Done { token, result } in self.deferred.take() {
+        let mut done = self.deferred.take();
+        for Done { token, result } in done.drain(..) {
             let Some((key, conn_id)) = self.deferred.resolve(token) else {
                 // Its connection closed (the client left, a deadline, an
                 // error): nothing to send.
@@ -283,13 +322,21 @@ impl super::reactor::Reactor {
             match outcome {
                 Ok(_) if self.draining.is_some() && conn.is_idle() => self.retire(key, now),
                 Ok(true) => {
+                    // As for reads: re-link only when the deadline moves by
+                    // more than 1/64 of the timeout.
                     let deadline = crate::config::deadline(now, self.limits.read_timeout);
-                    self.deadlines.touch(&mut self.connections, key, deadline);
+                    let moved = deadline
+                        .checked_sub(self.limits.read_timeout / 64)
+                        .is_none_or(|relink_before| relink_before > conn.deadline());
+                    if moved {
+                        self.deadlines.touch(&mut self.connections, key, deadline);
+                    }
                 }
                 Ok(false) => {}
                 Err(reason) => self.close(key, reason),
             }
         }
+        self.deferred.give_back(done);
     }
 
     /// Fails every deferred request older than `deferred_timeout`: its

@@ -6,6 +6,9 @@
 //! - `rev N PAYLOAD`: held until `N` of them are held, then all answered
 //!   from a thread in reverse order (the last one first).
 //! - `inline PAYLOAD`: answered inline, not deferred.
+//! - `handoff PAYLOAD`: answered inline, after handing a copy of PAYLOAD
+//!   to a thread of its own as `later 0` does (the plugin's own hand-off
+//!   cost, without the host's deferral: for benchmarks).
 //! - `drop`: deferred, then the handle is dropped without an answer.
 //! - `never`: deferred, and the handle is kept forever.
 //! - `fail MSG`: deferred, then failed from a thread with `MSG`.
@@ -54,6 +57,8 @@ pub struct DeferPlugin {
     seq: u64,
     held: Vec<(Deferred, Vec<u8>)>,
     never: Vec<Deferred>,
+    /// Takes `handoff` copies (and drops them).
+    sink: Sender<Vec<u8>>,
 }
 
 fn timer_thread(jobs: std::sync::mpsc::Receiver<Job>) {
@@ -102,7 +107,13 @@ impl Plugin for DeferPlugin {
             .name("defer-timer".into())
             .spawn(move || timer_thread(jobs))
             .map_err(|e| Error::new(format!("cannot start the timer thread: {e}")))?;
+        let (sink, copies) = channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("defer-sink".into())
+            .spawn(move || for _ in copies {})
+            .map_err(|e| Error::new(format!("cannot start the sink thread: {e}")))?;
         Ok(DeferPlugin {
+            sink,
             timer,
             seq: 0,
             held: Vec::new(),
@@ -138,6 +149,11 @@ impl Plugin for DeferPlugin {
                         }
                     });
                 }
+            }
+            "handoff" => {
+                let payload = format!("{first} {rest}");
+                let _ = self.sink.send(payload.as_bytes().to_vec());
+                response.write(&request[request.len().min(8)..])?;
             }
             "inline" => {
                 let payload = &request[request.len().min(7)..];
