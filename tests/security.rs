@@ -316,6 +316,23 @@ deny = ["192.0.2.0/24"]
         outcome.stderr.contains(":13:") && outcome.stderr.contains("proxy_protocol = true"),
         "{outcome:?}"
     );
+    // Hostile pass: `allow = []` reads as "nobody" but admitted everyone.
+    let outcome = nbnet_tests::check(
+        r#"[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+allow = []
+"#,
+    );
+    assert_eq!(outcome.status.code(), Some(3), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains(":8:") && outcome.stderr.contains("allow = []"),
+        "{outcome:?}"
+    );
 }
 
 // ------------------------------------------------------------- privileges
@@ -356,7 +373,10 @@ fn plugins_run_as_the_configured_user() {
     // Plugin-loading processes must find the sandbox (a tempdir is 0700).
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut server = Server::start_in(sandbox, &PLAIN.replace("SERVER", "user = \"nobody\""));
+    let mut server = Server::start_in(
+        sandbox,
+        &PLAIN.replace("SERVER", "user = \"nobody\"\npid_file = \"nbnet.pid\""),
+    );
     let ids = Client::connect(server.port()).request(b"ids");
     let ids = String::from_utf8_lossy(&ids).into_owned();
     if running_as_root() {
@@ -377,6 +397,22 @@ fn plugins_run_as_the_configured_user() {
         assert!(server
             .log()
             .contains("workers and the plugin checker run as user nobody"));
+        // Hostile pass: a worker made dumpable again (to load plugin
+        // images) stayed so — any process of its user could read its
+        // memory, TLS keys included; and it held the root-owned pid file
+        // open for writing.
+        let worker = server.worker_pids()[0];
+        let environ = std::fs::metadata(format!("/proc/{worker}/environ")).unwrap();
+        assert_eq!(
+            environ.uid(),
+            0,
+            "a worker running as nobody must not be dumpable (its /proc files stay root's)"
+        );
+        let pid_file = std::fs::canonicalize(dir.join("nbnet.pid")).unwrap();
+        for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).unwrap() {
+            let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+            assert_ne!(target, pid_file, "the worker holds the pid file open");
+        }
         // The master is still root (it binds new listeners on reload).
         assert!(
             std::fs::read_to_string(format!("/proc/{}/status", server.pid()))

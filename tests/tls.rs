@@ -277,8 +277,7 @@ fn mutual_tls_refuses_no_certificate_another_ca_and_expired_and_shows_the_subjec
         "TLS facts: {answer}"
     );
     assert!(
-        answer.contains("subject=CN=alice")
-            && answer.contains("nbnet tests")
+        answer.contains("subject=O=nbnet tests,CN=alice")
             && answer.contains("sans=DNS:alice.example,IP:10.1.2.3"),
         "the plugin did not see the client's identity: {answer}"
     );
@@ -640,7 +639,10 @@ fn nbnet_send_speaks_tls_and_mutual_tls() {
         "tls",
     ]);
     assert!(who.status.success(), "{who:?}");
-    assert!(who.stdout.contains("subject=CN=bob"), "{who:?}");
+    assert!(
+        who.stdout.contains("subject=O=nbnet tests,CN=bob"),
+        "{who:?}"
+    );
     // Mutual TLS without a certificate: refused, and said so.
     let refused = sandbox.run(&["send", "--tls", "--ca", "ca.pem", &mtls_addr, "tls"]);
     assert!(!refused.status.success(), "{refused:?}");
@@ -650,4 +652,62 @@ fn nbnet_send_speaks_tls_and_mutual_tls() {
     assert!(usage.stderr.contains("--ca"), "{usage:?}");
     let insecure = sandbox.run(&["send", "--tls", "--insecure", &tls_addr, "hi"]);
     assert_eq!(insecure.stdout, "HI\n", "{insecure:?}");
+}
+
+/// Hostile pass: the subject and SANs were joined with commas without
+/// escaping, so a certificate whose CN is `admin,CN=x` or whose DNS name is
+/// `evil,IP:1.2.3.4` showed plugins attributes and names it does not have.
+/// Values are now escaped as RFC 4514 says (and the RDNs in its order).
+#[test]
+fn a_comma_in_a_client_certificate_name_cannot_forge_another_attribute() {
+    let (server, pki) = start();
+    let port = server.aux_port(1);
+    let ca = pki.ca.pem();
+    let (cert, key, _) = pki
+        .ca
+        .leaf("admin,CN=x", &["evil,IP:1.2.3.4", "ok.example"], false);
+    let mut client = connect(port, &client_config(&ca, Some((&cert, &key))));
+    let answer = String::from_utf8(request(&mut client, b"tls")).unwrap();
+    assert!(
+        answer.contains("subject=O=nbnet tests,CN=admin\\,CN=x "),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("sans=DNS:evil\\,IP:1.2.3.4,DNS:ok.example"),
+        "{answer}"
+    );
+}
+
+/// Hostile pass: a certificate path naming a FIFO blocked the master in
+/// open() on reload (and `--check`, `nbnet reload` and `nbnet stop`, which
+/// read the config, hung too); /dev/zero grew it to gigabytes. TLS files
+/// are opened non-blocking, must be regular files and at most 1 MiB.
+#[test]
+fn a_tls_file_that_is_a_fifo_a_device_or_huge_is_refused_at_once() {
+    let mut sandbox = Sandbox::new();
+    let fifo = sandbox.path().join("fifo.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    sandbox.write("huge.pem", &vec![b'A'; 2 << 20]);
+    for (cert, says) in [
+        ("fifo.pem", "a FIFO"),
+        ("/dev/zero", "not a regular file"),
+        ("huge.pem", "over the 1048576-byte limit"),
+    ] {
+        let outcome = sandbox.check(&format!(
+            r#"[server]
+workers = 1
+
+[[plugins]]
+name = "upper"
+path = "{{upper}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "upper"
+tls = {{ cert = "{cert}", key = "{cert}" }}
+"#
+        ));
+        assert_eq!(outcome.status.code(), Some(3), "{cert}: {outcome:?}");
+        assert!(outcome.stderr.contains(says), "{cert}: {outcome:?}");
+    }
 }

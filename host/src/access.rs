@@ -60,6 +60,17 @@ fn parse_entry(key: &str, entry: &str) -> Result<IpNet, String> {
             "{key} entry {entry:?} is not an IP address or a CIDR network (for example \"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\")"
         )
     })?;
+    // An IPv4-mapped IPv6 network (::ffff:a.b.c.d/N, N >= 96) is the IPv4
+    // network it maps: clients are checked as IPv4 (see the module doc).
+    let net = match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    };
     if net.trunc() != net {
         return Err(format!(
             "{key} entry {entry:?} has bits set past its /{} prefix; write the network as {} (or the single host as {})",
@@ -104,6 +115,11 @@ mod tests {
         let acl = list(&["127.0.0.0/8"], &[]);
         assert!(acl.permits(ip("::ffff:127.0.0.1")));
         let acl = list(&["::ffff:10.0.0.1"], &[]);
+        assert!(acl.permits(ip("10.0.0.1")));
+        // Hostile pass: a mapped *network* never matched an IPv4 client.
+        let acl = list(&[], &["::ffff:127.0.0.0/104"]);
+        assert!(!acl.permits(ip("127.0.0.1")));
+        assert!(!acl.permits(ip("::ffff:127.0.0.1")));
         assert!(acl.permits(ip("10.0.0.1")));
     }
 

@@ -217,16 +217,61 @@ pub fn load(raw: &RawTls, base: &Path) -> Result<TlsListener, Vec<String>> {
     })
 }
 
+/// The largest certificate, key or CA file read (a long chain of large
+/// certificates is well under it).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Reads a certificate, key or CA file the way nothing can stall or bloat
+/// the master that reads it (at startup, `--check` and every reload, as
+/// root): opened non-blocking (a FIFO must not wait for a writer), only a
+/// regular file, at most [`MAX_PEM_BYTES`]. The error follows "tls KEY
+/// FILE: ".
+fn read_small_file(file: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(file)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    let meta = opened
+        .metadata()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "is {}, not a regular file; name the PEM file itself",
+            crate::config::not_a_file(&meta.file_type()).unwrap_or("not a regular file")
+        ));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!(
+            "is {} bytes, over the {MAX_PEM_BYTES}-byte limit for a PEM file; is it the right file?",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    opened
+        .take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!(
+            "grew over the {MAX_PEM_BYTES}-byte limit for a PEM file while it was read"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads a file's PEM certificates; problems name the file and the key.
 fn read_certificates(
     file: &Path,
     key: &str,
     problems: &mut Vec<String>,
 ) -> Vec<CertificateDer<'static>> {
-    let bytes = match std::fs::read(file) {
+    let bytes = match read_small_file(file) {
         Ok(bytes) => bytes,
         Err(e) => {
-            problems.push(format!("tls {key} {}: cannot read it: {e}", file.display()));
+            problems.push(format!("tls {key} {}: {e}", file.display()));
             return Vec::new();
         }
     };
@@ -263,10 +308,10 @@ fn read_certificates(
 
 /// Reads a PEM private key.
 fn read_key(file: &Path, problems: &mut Vec<String>) -> Option<PrivateKeyDer<'static>> {
-    let bytes = match std::fs::read(file) {
+    let bytes = match read_small_file(file) {
         Ok(bytes) => bytes,
         Err(e) => {
-            problems.push(format!("tls key {}: cannot read it: {e}", file.display()));
+            problems.push(format!("tls key {}: {e}", file.display()));
             return None;
         }
     };
@@ -319,15 +364,15 @@ pub fn describe_client(cert: &CertificateDer<'_>) -> (String, String) {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
         return (String::new(), String::new());
     };
-    let subject = parsed.subject().to_string();
+    let subject = rfc4514(parsed.subject());
     let mut sans = Vec::new();
     if let Ok(Some(ext)) = parsed.subject_alternative_name() {
         use x509_parser::extensions::GeneralName;
         for name in &ext.value.general_names {
             match name {
-                GeneralName::DNSName(dns) => sans.push(format!("DNS:{dns}")),
-                GeneralName::RFC822Name(mail) => sans.push(format!("email:{mail}")),
-                GeneralName::URI(uri) => sans.push(format!("URI:{uri}")),
+                GeneralName::DNSName(dns) => sans.push(format!("DNS:{}", escape(dns))),
+                GeneralName::RFC822Name(mail) => sans.push(format!("email:{}", escape(mail))),
+                GeneralName::URI(uri) => sans.push(format!("URI:{}", escape(uri))),
                 GeneralName::IPAddress(bytes) => match bytes.len() {
                     4 => {
                         let b: [u8; 4] = (*bytes).try_into().unwrap_or_default();
@@ -344,6 +389,66 @@ pub fn describe_client(cert: &CertificateDer<'_>) -> (String, String) {
         }
     }
     (subject, sans.join(","))
+}
+
+/// `name` as RFC 4514 text: the last RDN first, attributes of one RDN
+/// joined by `+`, each value escaped (see [`escape`]) — so that a `,` in
+/// a name can never be read as the start of another attribute.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let oid = attr.attr_type();
+                    let key = x509_parser::objects::oid2abbrev(oid, registry)
+                        .map_or_else(|_| oid.to_id_string(), str::to_string);
+                    let value = match attr.as_str() {
+                        Ok(text) => escape(text),
+                        // Not a string type: its DER bytes, in hex (RFC 4514 2.4).
+                        Err(_) => format!(
+                            "#{}",
+                            attr.attr_value()
+                                .data
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<String>()
+                        ),
+                    };
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// Escapes a value as RFC 4514 does: `"` `+` `,` `;` `<` `>` `\` get a
+/// backslash, as do a leading `#` or space and a trailing space; control
+/// characters become `\XX` (hex).
+pub fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\{b:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Client side (`nbnet send --tls`, `nbnet bench --tls`): what to trust

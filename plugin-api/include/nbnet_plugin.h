@@ -92,11 +92,15 @@ typedef struct nbnet_conn {
      * flag is set; process and on_close see the rest. */
     uint32_t tls_version;         /* 0x0303 TLS 1.2, 0x0304 TLS 1.3, 0 */
     const char *tls_subject;      /* mutual TLS: the client certificate's
-                                     subject, RFC 4514 ("CN=c,O=Example");
+                                     subject, RFC 4514 ("CN=c,O=Example"):
+                                     a value's , + ; < > " \ and control
+                                     characters are escaped with \, so a
+                                     name cannot forge another attribute;
                                      NULL without a client certificate */
     const char *tls_sans;         /* its subject alternative names, comma
                                      separated: "DNS:a.example,IP:10.0.0.1,
-                                     URI:spiffe://x,email:a@b" ("" if none);
+                                     URI:spiffe://x,email:a@b" ("" if none),
+                                     values escaped as in tls_subject;
                                      NULL without a client certificate */
 } nbnet_conn;
 

@@ -723,6 +723,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 .as_ref()
                 .or(listener.deny.as_ref())
                 .map(|l| lines.line_of(l.span().start));
+            if let Some(allow) = listener.allow.as_ref().filter(|a| a.get_ref().is_empty()) {
+                check.problem(
+                    Some(lines.line_of(allow.span().start)),
+                    format!(
+                        "listener {addr_text}: allow = [] would read as \"nobody\" but lists nothing to check against; remove it to admit every client, or list the networks to admit"
+                    ),
+                );
+            }
             match crate::access::AccessList::parse(&list(&listener.allow), &list(&listener.deny)) {
                 Ok(access) if access.is_empty() => None,
                 Ok(access) => {

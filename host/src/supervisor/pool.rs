@@ -385,8 +385,16 @@ impl Master {
                 // but a PidFile removes its file when dropped: this copy
                 // must never run that (the worker exits without dropping
                 // `self`, so only what is dropped here matters).
+                // `release` closes the descriptor without removing the file
+                // (a worker must not hold the root-owned pid file open for
+                // writing: a plugin could write another PID into it).
                 if let Some(mut reload) = self.reload.take() {
-                    std::mem::forget(reload.moved_pid_file.take());
+                    if let Some(moved) = reload.moved_pid_file.take().flatten() {
+                        moved.release();
+                    }
+                }
+                if let Some(pid_file) = self.pid_file.take() {
+                    pid_file.release();
                 }
                 self.checking = None;
                 let who = worker::Identity {

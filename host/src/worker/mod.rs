@@ -148,6 +148,21 @@ pub fn run(
         }
     }
 
+    // Every plugin image is loaded (through /proc/self/fd, which is why a
+    // worker that changed its user made itself dumpable again): from now
+    // on no other process of that user may inspect this one — its memory
+    // holds TLS keys the user cannot read from disk.
+    let dropped = config
+        .server
+        .run_as
+        .as_ref()
+        .is_some_and(|run_as| nix::unistd::getuid().as_raw() == run_as.uid);
+    if dropped {
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!("cannot make the worker non-dumpable: {e}; other processes of its user may read its memory");
+        }
+    }
+
     let listeners = sockets
         .into_iter()
         .zip(&config.listeners)
