@@ -356,3 +356,21 @@ plugin = "delay"
         assert_eq!(&text(client.read_frame().unwrap()), p);
     }
 }
+
+/// Hostile pass: a plugin that deferred a request and then also wrote an
+/// answer for it had those bytes sent (and the requests behind it
+/// answered) although the host failed the request. Only the answers
+/// before it go out; then the connection closes.
+#[test]
+fn an_answer_written_for_a_deferred_request_is_never_sent() {
+    let server = Server::start(&config("deferc", ""));
+    let mut client = server.client();
+    let payloads: Vec<String> = ["inline a", "both forged", "inline c"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    pipeline(&mut client, &payloads);
+    assert_eq!(client.read_frame().unwrap(), b"a");
+    client.expect_closed_within(Duration::from_secs(5));
+    server.wait_for_log_line(&["wrote an answer to a request it deferred"]);
+}

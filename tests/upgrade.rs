@@ -229,7 +229,7 @@ fn persistent_clients_lose_nothing_through_reloads_recycles_and_two_binary_upgra
     server.wait_for_log_line(&["SIGTTOU received: 2 worker(s) now"]);
     wait_for_progress(&server, &load, 300);
     server.wait_for("workers to be recycled 5 times", || {
-        (server.log_count("served max_requests_per_worker: replacing it") >= 5).then_some(())
+        (server.log_count("asked to be replaced") >= 5).then_some(())
     });
 
     let seen = load.finish();

@@ -101,7 +101,7 @@ impl Master {
             }
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!(
-                    "worker {} (pid {pid}) served max_requests_per_worker: replacing it",
+                    "worker {} (pid {pid}) asked to be replaced (it served max_requests_per_worker, or a call is stuck on one of its pool threads: its own log line says which): replacing it",
                     worker.index
                 );
                 worker.role = Role::Outgoing;

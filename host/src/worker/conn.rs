@@ -839,7 +839,8 @@ impl Connection {
         let buffer = scratch.responses.buffer();
         let mut from = 0;
         let mut misuse = None;
-        for mark in scratch.responses.marks() {
+        let marks = scratch.responses.marks();
+        for (i, mark) in marks.iter().enumerate() {
             // The deferred request's frame: a header saying 0 (an empty
             // answer) right before `at`.
             let header_at = mark.at.wrapping_sub(HEADER_LEN);
@@ -850,8 +851,22 @@ impl Connection {
                 misuse.get_or_insert(
                     "wrote an answer to a request it deferred (defer, then answer only through the handle)",
                 );
-                ctx.deferred.forget(1);
-                continue;
+                // That request fails: the answers before it go out, then
+                // the connection closes — nothing the plugin wrote for it
+                // or for the requests after it is sent.
+                ctx.deferred.forget(marks.len() - i);
+                let end = if mark.at >= HEADER_LEN && header_at >= from {
+                    header_at.min(buffer.len())
+                } else {
+                    from
+                };
+                if end > from {
+                    self.queued += end - from;
+                    self.queue
+                        .push_back(Answer::Ready(buffer[from..end].to_vec()));
+                }
+                from = buffer.len();
+                break;
             }
             if header_at > from {
                 self.queued += header_at - from;

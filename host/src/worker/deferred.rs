@@ -267,7 +267,7 @@ impl super::reactor::Reactor {
         if refused > 0 {
             self.slot.stats.deferred_refused.add(refused);
             tracing::warn!(
-                "{refused} deferred answer(s) completed twice: the second completion was refused (a plugin bug)"
+                "{refused} completion(s) of deferred answers refused: their handle had been completed already (a plugin bug)"
             );
         }
         let mut done = self.deferred.take();

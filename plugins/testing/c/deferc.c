@@ -10,6 +10,9 @@
  *                      returned NBNET_ERR, else "accepted"
  *   fail MSG           deferred, then failed from the thread with MSG
  *   never              deferred and never completed
+ *   both PAYLOAD       deferred, then (wrongly) PAYLOAD written inline as
+ *                      well: the host must fail the request and send none
+ *                      of it
  *   inline PAYLOAD     answered inline
  *   anything else      echoed inline
  */
@@ -142,7 +145,7 @@ static int deferc_process(void *st, const uint8_t *req, size_t len, nbnet_respon
         return nbnet_write(resp, req + 7, len - 7);
     }
     if (!starts(req, len, "later ") && !starts(req, len, "double ") && !starts(req, len, "fail ") &&
-        !starts(req, len, "never") && !starts(req, len, "doubled")) {
+        !starts(req, len, "never") && !starts(req, len, "both ") && !starts(req, len, "doubled")) {
         return nbnet_write(resp, req, len);
     }
     if (starts(req, len, "doubled")) {
@@ -156,6 +159,9 @@ static int deferc_process(void *st, const uint8_t *req, size_t len, nbnet_respon
     }
     if (starts(req, len, "never")) {
         return NBNET_OK;
+    }
+    if (starts(req, len, "both ")) {
+        return nbnet_write(resp, req + 5, len - 5);
     }
     if (starts(req, len, "double ")) {
         return schedule(s, d, 0, DOUBLE, req + 7, len - 7);
