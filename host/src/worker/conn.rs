@@ -418,7 +418,6 @@ impl Connection {
         matches!(self.state, State::Reading | State::ProxyHeader)
             && self.input_len == 0
             && self.queue.is_empty()
-            && !self.stream.wants_write()
     }
 
     /// Deferred answers this connection waits for.
@@ -1297,12 +1296,11 @@ fn write_some(
             Err(e) => return Err(Close::Io(e)),
         }
     }
-    // TLS records of what was written that the socket could not take yet
-    // need no check here: `TlsStream::write` refuses more plaintext while
-    // they wait (so the next write_some returns Ok(false)), and
-    // `has_unsent_output` sends them on the next WRITABLE edge (the push
-    // that left them hit EAGAIN, so one comes). The plain path pays nothing.
-    Ok(true)
+    // TLS: the records of what was written may still wait for the socket.
+    match stream {
+        Stream::Tls(tls) => tls.send_pending().map_err(Close::Io),
+        _ => Ok(true),
+    }
 }
 
 /// The operation would block: not ready yet, not an error.

@@ -331,11 +331,8 @@ impl Drop for TlsStream {
     }
 }
 
-/// Fills the TLS facts of a plugin's view of the connection (made once,
-/// when the handshake completed). Out of line and cold: `describe` runs on
-/// every read, and the plain path must only pay the variant check.
-#[cold]
-#[inline(never)]
+/// Fills the TLS facts of a plugin's view of the connection.
+#[inline]
 pub fn describe(tls: &TlsStream, raw: &mut nbnet_plugin_api::abi::RawConnection) {
     raw.flags |= nbnet_plugin_api::abi::NBNET_CONN_TLS;
     if let Some(facts) = tls.facts() {
