@@ -711,3 +711,85 @@ tls = {{ cert = "{cert}", key = "{cert}" }}
         assert!(outcome.stderr.contains(says), "{cert}: {outcome:?}");
     }
 }
+
+#[test]
+fn nbnet_bench_speaks_tls_and_checks_every_response() {
+    let (mut server, pki) = start();
+    let (cert, key, _) = pki.ca.leaf("bench", &["bench.example"], false);
+    let dir = server.dir().to_path_buf();
+    std::fs::write(dir.join("bench.pem"), cert).unwrap();
+    std::fs::write(dir.join("bench.key"), key).unwrap();
+    let tls_addr = format!("127.0.0.1:{}", tls_port(&server));
+    let mtls_addr = format!("127.0.0.1:{}", server.aux_port(1));
+    let sandbox = server.sandbox_mut();
+    // Pipelined small frames, and 64 KiB frames (several records each way),
+    // a fixed count: every response is checked against its request
+    // (--expect upper), and any mismatch or error fails the run.
+    for (size, depth, count) in [("64", "16", "400"), ("65536", "2", "40")] {
+        let run = sandbox.run(&[
+            "bench",
+            "--tls",
+            "--ca",
+            "ca.pem",
+            "--addr",
+            &tls_addr,
+            "--conns",
+            "4",
+            "--pipeline",
+            depth,
+            "--size",
+            size,
+            "--requests",
+            count,
+            "--duration",
+            "60s",
+            "--json",
+        ]);
+        assert!(run.status.success(), "{run:?}");
+        let json: String = run.stdout.split_whitespace().collect();
+        assert!(json.contains(&format!("\"requests\":{count}")), "{run:?}");
+        assert!(json.contains("\"mismatches\":0"), "{run:?}");
+    }
+    // Mutual TLS with a client certificate.
+    let mtls = sandbox.run(&[
+        "bench",
+        "--tls",
+        "--ca",
+        "ca.pem",
+        "--cert",
+        "bench.pem",
+        "--key",
+        "bench.key",
+        "--addr",
+        &mtls_addr,
+        "--conns",
+        "2",
+        "--requests",
+        "50",
+        "--duration",
+        "60s",
+        "--expect",
+        "none",
+        "--json",
+    ]);
+    assert!(mtls.status.success(), "{mtls:?}");
+    // Plain bench against the TLS port fails (and says so) rather than hangs.
+    let plain = sandbox.run(&[
+        "bench",
+        "--addr",
+        &tls_addr,
+        "--conns",
+        "1",
+        "--requests",
+        "1",
+        "--duration",
+        "5s",
+    ]);
+    assert!(!plain.status.success(), "{plain:?}");
+    // --tls without a CA: says what to add.
+    let usage = sandbox.run(&["bench", "--tls", "--addr", &tls_addr, "--requests", "1"]);
+    assert!(
+        !usage.status.success() && usage.stderr.contains("--ca"),
+        "{usage:?}"
+    );
+}

@@ -96,7 +96,7 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
-        tls: TlsArgs,
+        tls: nbnet::tls::TlsArgs,
     },
     /// Load-test a server: many connections, pipelined requests, every
     /// response checked, latency percentiles.
@@ -334,47 +334,6 @@ fn plugin_command(command: PluginCommand) -> i32 {
             dir,
             api_path,
         } => authoring::new(&name, lang, &dir, api_path.as_deref()),
-    }
-}
-
-/// `--tls` and its options (`nbnet send`).
-#[derive(clap::Args, Debug)]
-struct TlsArgs {
-    /// Speak TLS to the server.
-    #[arg(long)]
-    tls: bool,
-    /// PEM CA certificate(s) that signed the server's certificate.
-    #[arg(long, value_name = "FILE", requires = "tls")]
-    ca: Option<PathBuf>,
-    /// Do not verify the server's certificate (testing only).
-    #[arg(long, requires = "tls", conflicts_with = "ca")]
-    insecure: bool,
-    /// Client certificate (PEM) for mutual TLS; needs --key.
-    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
-    cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// The name the server's certificate must carry (default: the address's IP).
-    #[arg(long, value_name = "NAME", requires = "tls")]
-    server_name: Option<String>,
-}
-
-impl TlsArgs {
-    fn options(&self) -> Result<Option<nbnet::tls::ClientOptions>, String> {
-        if !self.tls {
-            return Ok(None);
-        }
-        if self.ca.is_none() && !self.insecure {
-            return Err(
-                "--tls needs --ca FILE (the CA that signed the server's certificate), or --insecure to skip verifying it".into(),
-            );
-        }
-        Ok(Some(nbnet::tls::ClientOptions {
-            ca: self.ca.clone(),
-            identity: self.cert.clone().zip(self.key.clone()),
-            server_name: self.server_name.clone(),
-        }))
     }
 }
 

@@ -563,3 +563,46 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// `--tls` and its options (`nbnet send`, `nbnet bench`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Speak TLS to the server.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA certificate(s) that signed the server's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub ca: Option<PathBuf>,
+    /// Do not verify the server's certificate (testing only).
+    #[arg(long, requires = "tls", conflicts_with = "ca")]
+    pub insecure: bool,
+    /// Client certificate (PEM) for mutual TLS; needs --key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the address's IP).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client options, `None` without `--tls`; an error (a usage
+    /// error) when neither `--ca` nor `--insecure` is given.
+    pub fn options(&self) -> Result<Option<ClientOptions>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        if self.ca.is_none() && !self.insecure {
+            return Err(
+                "--tls needs --ca FILE (the CA that signed the server's certificate), or --insecure to skip verifying it".into(),
+            );
+        }
+        Ok(Some(ClientOptions {
+            ca: self.ca.clone(),
+            identity: self.cert.clone().zip(self.key.clone()),
+            server_name: self.server_name.clone(),
+        }))
+    }
+}

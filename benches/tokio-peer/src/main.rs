@@ -8,15 +8,19 @@
 //! the upper-casing inline into the output buffer (no intermediate copy).
 //!
 //! ```text
-//! tokio-peer [--addr 127.0.0.1:9001] [--threads N] [--echo]
+//! tokio-peer [--addr 127.0.0.1:9001] [--threads N] [--echo] [--tls-cert PEM --tls-key PEM]
 //! ```
+//! With `--tls-cert`/`--tls-key` it speaks TLS through tokio-rustls (rustls
+//! with the ring provider, as nbnet; session resumption on: rustls'
+//! default ticketer and in-memory session cache, as nbnet configures).
 //! `--threads 1` (the default) runs a current-thread runtime; more runs the
 //! multi-thread runtime with N workers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const HEADER_LEN: usize = 10;
 const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -25,6 +29,7 @@ struct Args {
     addr: SocketAddr,
     threads: usize,
     echo: bool,
+    tls: Option<(String, String)>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,7 +37,9 @@ fn parse_args() -> Result<Args, String> {
         addr: "127.0.0.1:9001".parse().expect("valid default"),
         threads: 1,
         echo: false,
+        tls: None,
     };
+    let (mut cert, mut key) = (None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -45,6 +52,8 @@ fn parse_args() -> Result<Args, String> {
                 args.threads = v.parse().map_err(|_| format!("bad --threads {v:?}"))?;
             }
             "--echo" => args.echo = true,
+            "--tls-cert" => cert = Some(it.next().ok_or("--tls-cert needs FILE")?),
+            "--tls-key" => key = Some(it.next().ok_or("--tls-key needs FILE")?),
             other => {
                 return Err(format!(
                     "unknown argument {other:?}; usage: tokio-peer [--addr IP:PORT] [--threads N] [--echo]"
@@ -52,6 +61,11 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
+    args.tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
     if args.threads == 0 {
         return Err("--threads must be at least 1".into());
     }
@@ -77,10 +91,43 @@ fn main() {
             .build()
     }
     .expect("build the tokio runtime");
-    runtime.block_on(serve(args.addr, args.echo));
+    let tls = match &args.tls {
+        None => None,
+        Some((cert, key)) => match tls_acceptor(cert, key) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("tokio-peer: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
+    runtime.block_on(serve(args.addr, args.echo, tls));
 }
 
-async fn serve(addr: SocketAddr, echo: bool) {
+/// A TLS acceptor like nbnet's listener: ring provider, TLS 1.2 and 1.3,
+/// no client authentication, resumption (tickets and session ids) on.
+/// (ring's provider is deprecated in rustls 0.23.48 for lacking
+/// post-quantum key exchange; nbnet uses the same one.)
+#[allow(deprecated)]
+fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve(addr: SocketAddr, echo: bool, tls: Option<tokio_rustls::TlsAcceptor>) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -92,7 +139,20 @@ async fn serve(addr: SocketAddr, echo: bool) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, echo));
+                let _ = stream.set_nodelay(true);
+                match &tls {
+                    None => {
+                        tokio::spawn(connection(stream, echo));
+                    }
+                    Some(acceptor) => {
+                        let accept = acceptor.accept(stream);
+                        tokio::spawn(async move {
+                            if let Ok(stream) = accept.await {
+                                connection(stream, echo).await;
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => eprintln!("tokio-peer: accept: {e}"),
         }
@@ -121,8 +181,7 @@ fn write_header(len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&h);
 }
 
-async fn connection(mut stream: TcpStream, echo: bool) {
-    let _ = stream.set_nodelay(true);
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, echo: bool) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     let (mut start, mut end) = (0usize, 0usize);
@@ -171,7 +230,8 @@ async fn connection(mut stream: TcpStream, echo: bool) {
             end = 0;
         }
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            // (flush: a TLS stream sends its records only then.)
+            if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
                 return;
             }
             out.clear();

@@ -5,6 +5,8 @@
 //! new one. All responses of one read are answered with one `write`. Reads
 //! stop at a short read (edge-triggered epoll reports new data again), so the
 //! client does not pay an extra `read` per wake-up to see `WouldBlock`.
+//! Over TLS (`--tls`) a short read says nothing about the socket (rustls
+//! hands out one record at a time), so reads go on until `WouldBlock`.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -78,8 +80,136 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A load-generator connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum BenchStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// rustls over a non-blocking socket (the handshake happens in the
+    /// first reads and writes).
+    Tls(Box<TlsClient>),
+}
+
+/// A rustls client session on a non-blocking socket.
+#[derive(Debug)]
+pub struct TlsClient {
+    sock: TcpStream,
+    conn: rustls::ClientConnection,
+}
+
+impl TlsClient {
+    /// Starts a session on `sock` (connected, non-blocking).
+    pub fn new(sock: TcpStream, conn: rustls::ClientConnection) -> TlsClient {
+        TlsClient { sock, conn }
+    }
+
+    /// Sends pending records until none is left or the socket is full
+    /// (`WouldBlock`).
+    fn push(&mut self) -> std::io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending records only: a full socket is no error here (WRITABLE
+    /// brings the rest).
+    fn push_some(&mut self) -> std::io::Result<()> {
+        match self.push() {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Read for TlsClient {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                // Plaintext, or 0 at close_notify.
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if self.conn.read_tls(&mut self.sock)? == 0 {
+                // EOF without close_notify: the reader reports it.
+                self.conn
+                    .process_new_packets()
+                    .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+                return match self.conn.reader().read(buf) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                };
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                // The alert rustls queued tells the server why.
+                let _ = self.push();
+                return Err(std::io::Error::new(ErrorKind::InvalidData, e));
+            }
+            // Handshake replies, and the plaintext queued before it ended.
+            self.push_some()?;
+        }
+    }
+}
+
+impl Write for TlsClient {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // No more plaintext while earlier records wait: memory stays bounded.
+        self.push()?;
+        let n = self.conn.writer().write(buf)?;
+        self.push_some()?;
+        if n == 0 && !buf.is_empty() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.push_some()
+    }
+}
+
+impl BenchStream {
+    fn socket(&mut self) -> &mut TcpStream {
+        match self {
+            BenchStream::Plain(s) => s,
+            BenchStream::Tls(t) => &mut t.sock,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, BenchStream::Tls(_))
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            BenchStream::Plain(s) => s.read(buf),
+            BenchStream::Tls(t) => t.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            BenchStream::Plain(s) => s.write(buf),
+            BenchStream::Tls(t) => t.write(buf),
+        }
+    }
+
+    /// TLS: sends the records still pending.
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            BenchStream::Plain(_) => Ok(()),
+            BenchStream::Tls(t) => t.flush(),
+        }
+    }
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: BenchStream,
     id: u32,
     next_seq: u64,
     inflight: VecDeque<(u64, Instant)>,
@@ -103,7 +233,7 @@ struct Thread<'a> {
 }
 
 /// Runs `job` over `streams` (already connected, non-blocking), whose ids are `ids`.
-pub fn drive(job: &Job, streams: Vec<TcpStream>, ids: Vec<u32>) -> Tally {
+pub fn drive(job: &Job, streams: Vec<BenchStream>, ids: Vec<u32>) -> Tally {
     let n = streams.len();
     let mut t = Thread {
         job,
@@ -134,7 +264,7 @@ pub fn drive(job: &Job, streams: Vec<TcpStream>, ids: Vec<u32>) -> Tally {
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     for (i, (mut stream, id)) in streams.into_iter().zip(ids).enumerate() {
         if let Err(e) = poll.registry().register(
-            &mut stream,
+            stream.socket(),
             Token(i),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -255,6 +385,9 @@ impl Thread<'_> {
         }
         conn.wbuf.clear();
         conn.wpos = 0;
+        if let Err(e) = conn.stream.flush() {
+            self.fail_io(conn, "write", &e);
+        }
     }
 
     /// Reads what `conn` has received, checks every complete response, queues replacements.
@@ -282,7 +415,7 @@ impl Thread<'_> {
                     if !self.consume(conn, now) {
                         return;
                     }
-                    if n < room {
+                    if n < room && !conn.stream.is_tls() {
                         return;
                     }
                 }
@@ -399,7 +532,7 @@ impl Thread<'_> {
             conn.alive = false;
             self.outstanding -= conn.inflight.len() as u64;
             conn.inflight.clear();
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            let _ = conn.stream.socket().shutdown(std::net::Shutdown::Both);
         }
     }
 }

@@ -97,6 +97,8 @@ pub struct BenchArgs {
     /// `ready N` and hold them open (no traffic) for --duration.
     #[arg(long)]
     pub idle: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// Runs the benchmark; returns the process exit code.
@@ -126,13 +128,22 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
     if !args.prefix.is_empty() && args.expect != Expect::None {
         return Err("--prefix needs --expect none (the answers are the plugin's own)".into());
     }
+
+    let tls = match args.tls.options()? {
+        Some(_) if args.idle => return Err("--idle does not speak TLS (leave out --tls)".into()),
+        Some(options) => Some((
+            crate::tls::client_config(&options)?,
+            crate::tls::server_name(&options, &args.addr)?,
+        )),
+        None => None,
+    };
     raise_fd_limit(args.conns + 64);
     let payloads = Payloads::new(args.size).with_prefix(args.prefix.as_bytes());
     if args.idle {
         return hold_idle(args, addr, &payloads);
     }
     let threads = args.threads.min(args.conns);
-    let mut groups: Vec<(Vec<mio::net::TcpStream>, Vec<u32>)> =
+    let mut groups: Vec<(Vec<driver::BenchStream>, Vec<u32>)> =
         (0..threads).map(|_| (Vec::new(), Vec::new())).collect();
     for i in 0..args.conns {
         let stream = connect(addr, i)?;
@@ -140,7 +151,17 @@ fn run_inner(args: &BenchArgs) -> Result<i32, String> {
             .set_nonblocking(true)
             .map_err(|e| format!("connection {i}: {e}"))?;
         let group = &mut groups[i % threads];
-        group.0.push(mio::net::TcpStream::from_std(stream));
+        let stream = mio::net::TcpStream::from_std(stream);
+        group.0.push(match &tls {
+            None => driver::BenchStream::Plain(stream),
+            // The handshake runs in the driver, non-blocking, before the
+            // first request's answer (its time is in that latency).
+            Some((config, name)) => {
+                let session = rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| format!("connection {i}: TLS: {e}"))?;
+                driver::BenchStream::Tls(Box::new(driver::TlsClient::new(stream, session)))
+            }
+        });
         group.1.push(i as u32);
     }
     let (warmup, limit) = match args.requests {
