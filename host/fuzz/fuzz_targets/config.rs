@@ -28,8 +28,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(error.file, Path::new(FILE));
             assert!(!error.problems.is_empty(), "an error without problems");
             let lines = text.matches('\n').count() + 1;
-            for (line, message) in &error.problems {
+            for problem in &error.problems {
+                let (line, message) = (&problem.line, &problem.message);
                 assert!(!message.trim().is_empty(), "an empty message");
+                if let Some(column) = problem.column {
+                    assert!(column >= 1, "column {column}: {message}");
+                }
                 if let Some(line) = line {
                     assert!(
                         (1..=lines).contains(line),
@@ -37,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
             }
-            for (_, message) in &error.problems {
+            for message in error.problems.iter().map(|p| &p.message) {
                 // Values are quoted cut short: no message grows with the input.
                 assert!(message.len() < 32_000, "a message of {} bytes", message.len());
             }
