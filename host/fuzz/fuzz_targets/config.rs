@@ -43,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
             }
             for message in error.problems.iter().map(|p| &p.message) {
                 // Values are quoted cut short: no message grows with the input.
-                assert!(message.len() < 32_000, "a message of {} bytes", message.len());
+                assert!(
+                    message.len() < 32_000,
+                    "a message of {} bytes",
+                    message.len()
+                );
             }
             let shown = error.to_string();
             assert!(
