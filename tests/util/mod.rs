@@ -1133,6 +1133,36 @@ impl Server {
         for p in self.seen.lock().unwrap().iter() {
             p.kill_if_alive();
         }
+        // A master this one started (a binary upgrade) that a failing test
+        // never got to track: the sandbox's pid file names it.
+        if let Some(sandbox) = &self.sandbox {
+            kill_pid_file_holder(sandbox.path());
+        }
+    }
+}
+
+/// Kills the nbnet named by `dir`/nbnet.pid (and its workers), if that
+/// process is an nbnet running from this sandbox.
+fn kill_pid_file_holder(dir: &Path) {
+    let Some(pid) = fs::read_to_string(dir.join("nbnet.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let ours = fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let text = String::from_utf8_lossy(&cmdline);
+        text.contains("nbnet") && text.contains(&*dir.to_string_lossy())
+    });
+    if !ours {
+        return;
+    }
+    let workers: Vec<Proc> = children_of(pid).into_iter().filter_map(Proc::of).collect();
+    if let Some(master) = Proc::of(pid) {
+        master.kill_if_alive();
+    }
+    for worker in workers {
+        worker.kill_if_alive();
     }
 }
 
