@@ -40,7 +40,7 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
-systemd-analyze --version | head -n 1
+systemd-analyze --version | sed -n 1p
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -77,7 +77,7 @@ if [ -z "$score" ]; then
 fi
 verdict=$(echo "$report" | sed -n 's/.*Overall exposure level for [^:]*: [0-9.]* \([A-Z]*\).*/\1/p')
 # The options that cost the most, worst first (the last column is the cost).
-offenders=$(echo "$report" | grep '^✗' | awk '{print $NF "\t" $0}' | sort -rn -k1,1 | cut -f2- | head -n 8)
+offenders=$(echo "$report" | grep '^✗' | awk '{print $NF "\t" $0}' | sort -rn -k1,1 | cut -f2- | sed -n 1,8p)
 if awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s > m) }'; then
     echo "check-unit: FAILED: $service exposure $score $verdict is above $MAX_EXPOSURE; the worst offenders:" >&2
     echo "$offenders" >&2
