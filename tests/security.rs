@@ -67,7 +67,7 @@ fn metric(server: &Server, name: &str) -> u64 {
 }
 
 /// `{port}` answers the start-up probe (from 127.0.0.1); the listeners
-/// with lists get ports that are not probed: `FIRST` and `SECOND`.
+/// with lists get ports that are not probed: `{aux}` and `{aux2}`.
 const ACL: &str = r#"[server]
 workers = 1
 
@@ -83,13 +83,13 @@ addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:FIRST"
+addr = "127.0.0.1:{aux}"
 plugin = "upper"
 allow = ["127.0.0.0/8"]
 deny = ["127.0.0.1", "127.0.0.66/31"]
 
 [[listeners]]
-addr = "127.0.0.1:SECOND"
+addr = "127.0.0.1:{aux2}"
 plugin = "upper"
 allow = ["127.0.0.5"]
 "#;
@@ -98,13 +98,9 @@ allow = ["127.0.0.5"]
 /// clients are closed before any byte is read, counted, and logged.
 #[test]
 fn allow_and_deny_lists_refuse_clients_before_reading_a_byte() {
-    let (first, second) = (nbnet_tests::free_port(), nbnet_tests::free_port());
-    let server = Server::start(
-        &ACL.replace("FIRST", &first.to_string())
-            .replace("SECOND", &second.to_string()),
-    );
-    let first = SocketAddr::from(([127, 0, 0, 1], first));
-    let second = SocketAddr::from(([127, 0, 0, 1], second));
+    let server = Server::start(ACL);
+    let first = SocketAddr::from(([127, 0, 0, 1], server.aux_port(0)));
+    let second = SocketAddr::from(([127, 0, 0, 1], server.aux_port(1)));
 
     let before = metric(&server, "nbnet_access_refused_total");
     // Denied by address, by network, and not in allow.
@@ -148,9 +144,8 @@ fn allow_and_deny_lists_refuse_clients_before_reading_a_byte() {
 /// IPv6: lists of IPv6 networks on an IPv6 listener.
 #[test]
 fn allow_and_deny_lists_work_for_ipv6() {
-    let (denied, allowed) = (v6_port(), v6_port());
     let _server = Server::start(
-        &r#"[server]
+        r#"[server]
 workers = 1
 
 [[plugins]]
@@ -162,21 +157,19 @@ addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "[::1]:DENIED"
+addr = "[::1]:{aux}"
 plugin = "upper"
 deny = ["::1/128"]
 
 [[listeners]]
-addr = "[::1]:ALLOWED"
+addr = "[::1]:{aux2}"
 plugin = "upper"
 allow = ["::1"]
 deny = ["2001:db8::/32"]
-"#
-        .replace("DENIED", &denied.to_string())
-        .replace("ALLOWED", &allowed.to_string()),
+"#,
     );
-    let denied = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, denied));
-    let allowed = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, allowed));
+    let denied = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, _server.aux_port(0)));
+    let allowed = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, _server.aux_port(1)));
     assert_eq!(ask(&mut connect_from("::1", denied), b"v6"), None);
     assert_eq!(
         ask(&mut connect_from("::1", allowed), b"v6").as_deref(),
@@ -184,23 +177,13 @@ deny = ["2001:db8::/32"]
     );
 }
 
-/// A free port on ::1.
-fn v6_port() -> u16 {
-    std::net::TcpListener::bind("[::1]:0")
-        .expect("bind [::1]:0 (IPv6 loopback)")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// On a `proxy_protocol` listener the address checked is the one the PROXY
 /// header gives (the proxy itself connects from an address the lists would
 /// refuse); a LOCAL header (no client address) is refused.
 #[test]
 fn a_proxy_protocol_listener_checks_the_address_in_the_header() {
-    let proxied_port = nbnet_tests::free_port();
     let server = Server::start(
-        &r#"[server]
+        r#"[server]
 workers = 1
 
 [[plugins]]
@@ -212,15 +195,14 @@ addr = "127.0.0.1:{port}"
 plugin = "upper"
 
 [[listeners]]
-addr = "127.0.0.1:PROXIED"
+addr = "127.0.0.1:{aux}"
 plugin = "upper"
 proxy_protocol = true
 allow = ["192.0.2.0/24", "2001:db8::/32"]
 deny = ["192.0.2.66"]
-"#
-        .replace("PROXIED", &proxied_port.to_string()),
+"#,
     );
-    let to = SocketAddr::from(([127, 0, 0, 1], proxied_port));
+    let to = SocketAddr::from(([127, 0, 0, 1], server.aux_port(0)));
     let proxied = |header: &[u8]| {
         let mut stream = TcpStream::connect(to).unwrap();
         stream
