@@ -141,22 +141,30 @@ fn allow_and_deny_lists_refuse_clients_before_reading_a_byte() {
     );
 }
 
-/// IPv6: lists of IPv6 networks on an IPv6 listener.
-#[test]
-fn allow_and_deny_lists_work_for_ipv6() {
-    let _server = Server::start(
+/// One worker serving `upper` on `{port}` (which the start-up probe
+/// answers from 127.0.0.1), then `listeners`.
+fn upper_and(listeners: &str) -> String {
+    format!(
         r#"[server]
 workers = 1
 
 [[plugins]]
 name = "upper"
-path = "{upper}"
+path = "{{upper}}"
 
 [[listeners]]
-addr = "127.0.0.1:{port}"
+addr = "127.0.0.1:{{port}}"
 plugin = "upper"
 
-[[listeners]]
+{listeners}"#
+    )
+}
+
+/// IPv6: lists of IPv6 networks on an IPv6 listener.
+#[test]
+fn allow_and_deny_lists_work_for_ipv6() {
+    let server = Server::start(&upper_and(
+        r#"[[listeners]]
 addr = "[::1]:{aux}"
 plugin = "upper"
 deny = ["::1/128"]
@@ -167,9 +175,9 @@ plugin = "upper"
 allow = ["::1"]
 deny = ["2001:db8::/32"]
 "#,
-    );
-    let denied = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, _server.aux_port(0)));
-    let allowed = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, _server.aux_port(1)));
+    ));
+    let denied = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, server.aux_port(0)));
+    let allowed = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, server.aux_port(1)));
     assert_eq!(ask(&mut connect_from("::1", denied), b"v6"), None);
     assert_eq!(
         ask(&mut connect_from("::1", allowed), b"v6").as_deref(),
@@ -182,26 +190,15 @@ deny = ["2001:db8::/32"]
 /// refuse); a LOCAL header (no client address) is refused.
 #[test]
 fn a_proxy_protocol_listener_checks_the_address_in_the_header() {
-    let server = Server::start(
-        r#"[server]
-workers = 1
-
-[[plugins]]
-name = "upper"
-path = "{upper}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "upper"
-
-[[listeners]]
+    let server = Server::start(&upper_and(
+        r#"[[listeners]]
 addr = "127.0.0.1:{aux}"
 plugin = "upper"
 proxy_protocol = true
 allow = ["192.0.2.0/24", "2001:db8::/32"]
 deny = ["192.0.2.66"]
 "#,
-    );
+    ));
     let to = SocketAddr::from(([127, 0, 0, 1], server.aux_port(0)));
     let proxied = |header: &[u8]| {
         let mut stream = TcpStream::connect(to).unwrap();

@@ -24,6 +24,26 @@ addr = "127.0.0.1:{port}"
 plugin = "upper"
 "#;
 
+/// Starts the master of `config` in `sandbox` with a notify socket of its
+/// own, as systemd would run it; its log goes to nbnet.log.
+fn start_notified(sandbox: &Sandbox, config: &std::path::Path) -> (Master, UnixDatagram) {
+    let notify = sandbox.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
+    let master = Master(
+        sandbox
+            .command()
+            .arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    (master, socket)
+}
+
 /// Receives datagrams until one contains `needle` (at most 15 s).
 fn expect_notification(socket: &UnixDatagram, needle: &str) -> String {
     socket
@@ -49,20 +69,7 @@ fn expect_notification(socket: &UnixDatagram, needle: &str) -> String {
 fn nbnet_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     let mut sandbox = Sandbox::new();
     let config = sandbox.write_config(CONFIG);
-    let notify = sandbox.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify).unwrap();
-    let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
-    let mut master = Master(
-        sandbox
-            .command()
-            .arg("--config")
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let (mut master, socket) = start_notified(&sandbox, &config);
     let ready = expect_notification(&socket, "READY=1");
     assert!(
         ready.contains(&format!("MAINPID={}", master.id())),
@@ -89,20 +96,7 @@ fn an_upgrade_tells_systemd_the_new_main_pid() {
     sandbox.use_own_binary();
     let config = sandbox
         .write_config(&CONFIG.replace("workers = 1", "workers = 1\npid_file = \"nbnet.pid\""));
-    let notify = sandbox.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify).unwrap();
-    let log = std::fs::File::create(sandbox.path().join("nbnet.log")).unwrap();
-    let mut master = Master(
-        sandbox
-            .command()
-            .arg("--config")
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let (mut master, socket) = start_notified(&sandbox, &config);
     expect_notification(&socket, "READY=1");
     let old = master.id() as i32;
     nbnet_tests::send_signal(old, libc::SIGUSR2);
