@@ -89,54 +89,28 @@ pub fn resolve(user: &str, group: Option<&str>) -> Result<RunAs, String> {
     })
 }
 
-/// What the processes that load plugins run as, for this process now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// Drop to this user after fork (the master runs as root).
-    Drop(RunAs),
-    /// Stay as is: not root, or root allowed.
-    Stay,
-}
-
-/// Decides the [`Plan`] for `run_as` (`[server] user`/`group`, resolved),
-/// `allow_root` and whether there are plugins, given this process's user.
-/// `Err` is the refusal to run plugins as root; the `String` beside a plan
-/// is a line to log (at info: a config written for root, run by a user).
-pub fn plan(
-    run_as: Option<&RunAs>,
-    allow_root: bool,
-    has_plugins: bool,
-) -> Result<(Plan, Option<String>), String> {
-    let euid = Uid::effective();
-    let allowed = allow_root
-        || std::env::var(ALLOW_ROOT_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    match run_as {
-        Some(run_as) if euid.is_root() => Ok((Plan::Drop(run_as.clone()), None)),
-        Some(run_as) if euid.as_raw() == run_as.uid => Ok((Plan::Stay, None)),
-        Some(run_as) => Ok((
-            Plan::Stay,
-            Some(format!(
-                "[server] user = {:?} is ignored: nbnet runs as uid {euid}, not as root, so it cannot switch users; plugins run as uid {euid}",
-                run_as.user
-            )),
-        )),
-        None if euid.is_root() && has_plugins && !allowed => Err(
-            "refusing to run plugins as root: nbnet runs as root and [server] user is not set. Plugins are native code with every privilege of the process that loads them — a bug or a malicious .so would own the machine. Set [server] user = \"nbnet\" (create it: useradd --system --no-create-home --shell /usr/sbin/nologin nbnet): the master still binds every socket as root, the workers run as that user. Or set [server] allow_root = true (or NBNET_ALLOW_ROOT=1) to run plugins as root knowingly".to_string(),
-        ),
-        None => Ok((Plan::Stay, None)),
-    }
-}
-
-/// [`plan`] for `config`: `Err` refuses it (plugins as root), with the
-/// config file named; `Ok(Some(warning))` to log.
+/// Whether `config` may run here: `Err` refuses it — nbnet runs as root,
+/// there are plugins, and neither `user` nor `allow_root` (or
+/// [`ALLOW_ROOT_ENV`]) says what to do — naming the config file;
+/// `Ok(Some(note))` is a line to log at info (`user` ignored: a config
+/// written for root, run by a user). Who drops to `user`, and when, is
+/// [`drop_for_plugins`]'s business.
 pub fn check(config: &crate::config::Config) -> Result<Option<String>, String> {
-    plan(
-        config.server.run_as.as_ref(),
-        config.server.allow_root,
-        !config.plugins.is_empty(),
-    )
-    .map(|(_, warning)| warning)
-    .map_err(|why| format!("{}: {why}", crate::config::shown(&config.file)))
+    let euid = Uid::effective();
+    let allowed = config.server.allow_root
+        || std::env::var(ALLOW_ROOT_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    match config.server.run_as.as_ref() {
+        Some(run_as) if euid.is_root() || euid.as_raw() == run_as.uid => Ok(None),
+        Some(run_as) => Ok(Some(format!(
+            "[server] user = {:?} is ignored: nbnet runs as uid {euid}, not as root, so it cannot switch users; plugins run as uid {euid}",
+            run_as.user
+        ))),
+        None if euid.is_root() && !config.plugins.is_empty() && !allowed => Err(format!(
+            "{}: refusing to run plugins as root: nbnet runs as root and [server] user is not set. Plugins are native code with every privilege of the process that loads them — a bug or a malicious .so would own the machine. Set [server] user = \"nbnet\" (create it: useradd --system --no-create-home --shell /usr/sbin/nologin nbnet): the master still binds every socket as root, the workers run as that user. Or set [server] allow_root = true (or NBNET_ALLOW_ROOT=1) to run plugins as root knowingly",
+            crate::config::shown(&config.file)
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Gives `path` (a Unix socket file, a log file the workers reopen) to
