@@ -617,11 +617,18 @@ impl Sandbox {
     pub fn port(&mut self, i: usize) -> u16 {
         while self.ports.len() <= i {
             let port = free_port();
-            if !self.ports.contains(&port) {
+            if !self.taken(port) {
                 self.ports.push(port);
             }
         }
         self.ports[i]
+    }
+
+    /// Whether `port` is already one of this sandbox's placeholders (the
+    /// kernel may hand the same free port out twice in a row; `{admin}`
+    /// rendered before `{port}` once got the same number).
+    fn taken(&self, port: u16) -> bool {
+        self.ports.contains(&port) || self.admin == Some(port) || self.aux.contains(&port)
     }
 
     /// The ports chosen so far.
@@ -633,7 +640,7 @@ impl Sandbox {
     pub fn admin_port(&mut self) -> u16 {
         while self.admin.is_none() {
             let port = free_port();
-            if !self.ports.contains(&port) {
+            if !self.taken(port) {
                 self.admin = Some(port);
             }
         }
@@ -655,8 +662,7 @@ impl Sandbox {
     pub fn aux_port(&mut self, i: usize) -> u16 {
         while self.aux.len() <= i {
             let port = free_port();
-            if !self.ports.contains(&port) && self.admin != Some(port) && !self.aux.contains(&port)
-            {
+            if !self.taken(port) {
                 self.aux.push(port);
             }
         }
