@@ -257,6 +257,27 @@ fn run_passes_config_to_the_plugin_and_a_failing_init_exits_4() {
     assert!(out.stdout.is_empty(), "{}", out.stdout);
 }
 
+/// An init that raised SIGSEGV went on as if nothing happened (Rust's
+/// handler returned): `plugin run` must end by that signal, as a worker
+/// would, not answer as if the plugin were healthy.
+#[test]
+fn run_ends_by_the_signal_a_plugin_raises_in_init() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = plugin_run(
+        &build().hostile_so,
+        &["--config", r#"init_raise = "SIGSEGV""#],
+        b"hi\n",
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "plugin run should die by SIGSEGV: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}
+
 #[test]
 fn run_gives_a_c_plugin_its_config() {
     let out = plugin_run(

@@ -283,6 +283,31 @@ fn exit_in_init_is_reported_as_an_exit_not_a_crash() {
     );
 }
 
+/// An init that sends itself SIGSEGV or SIGBUS (`raise`, as some runtimes
+/// report a crash) passed `--check`: Rust's handler in the checker restored
+/// the default action and returned, and init went on. The start then
+/// failed with three workers in a row killed by the signal.
+#[test]
+fn an_init_that_raises_sigsegv_is_refused_by_check_as_a_crash() {
+    for signal in ["SIGSEGV", "SIGBUS"] {
+        let outcome = Sandbox::new().check(&config(
+            "workers = 1",
+            &format!("init_raise = \"{signal}\""),
+        ));
+        assert_eq!(
+            outcome.status.code(),
+            Some(4),
+            "{signal}: {}",
+            outcome.stderr
+        );
+        assert!(
+            outcome.stderr.contains("plugin \"hostile\"") && outcome.stderr.contains(signal),
+            "{signal}: {}",
+            outcome.stderr
+        );
+    }
+}
+
 #[test]
 fn a_fifo_as_plugin_path_is_refused_at_once_as_a_fifo() {
     let mut sandbox = Sandbox::new();

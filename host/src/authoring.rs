@@ -284,6 +284,8 @@ fn run_plugin(options: &RunOptions) -> i32 {
             return exit_code::FAILURE;
         }
     };
+    // A crash in the plugin ends this run by its signal (see there).
+    crate::signals::catch_plugin_faults(crate::signals::Faulting::PluginRun);
     let mut plugin = match Plugin::load(&spec, 0, 1) {
         Ok(plugin) => plugin,
         Err(e) => {

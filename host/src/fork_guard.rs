@@ -262,7 +262,7 @@ extern "C" fn in_child() {
 }
 
 /// Signals whose action the host changes: SIGPIPE (ignored by the Rust
-/// runtime), SIGSEGV and SIGBUS (caught: see `signals::report_stack_overflow`).
+/// runtime), SIGSEGV and SIGBUS (caught: see `signals::catch_plugin_faults`).
 const CHANGED_ACTIONS: [libc::c_int; 3] = [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS];
 
 /// Default actions for [`CHANGED_ACTIONS`] and every signal the worker

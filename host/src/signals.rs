@@ -224,19 +224,42 @@ impl Signals {
     }
 }
 
-/// Makes a stack overflow in a worker say which worker it was.
+/// The process that runs plugin code, as a fault report names it.
+#[derive(Debug, Clone, Copy)]
+pub enum Faulting {
+    /// Worker N.
+    Worker(usize),
+    /// The `--check` child (and the check before a start or reload).
+    Check,
+    /// `nbnet plugin run`.
+    PluginRun,
+}
+
+/// Makes a crash in plugin code end the process that runs it, by that
+/// signal, and a stack overflow say which process it was.
 ///
-/// Rust's own handler reports "thread 'main' (PID) has overflowed its
-/// stack" with the PID it cached in the process it started in — in a forked
-/// worker, the *master's*. This handler, installed in each worker after
-/// fork, replaces it: for a fault just below the main thread's stack it
-/// writes one line naming the worker and its real PID; for any fault it
+/// Rust's own handler has two faults for a plugin host. It reports "thread
+/// 'main' (PID) has overflowed its stack" with the PID it cached in the
+/// process it started in — in a forked worker, the *master's*. And for a
+/// SIGSEGV/SIGBUS that was *sent* (`raise`, `kill`: some runtimes crash
+/// that way) it restores the default action and returns, so the process
+/// goes on as if nothing happened: `--check` then passed a plugin whose
+/// init crashes, and the start failed. This handler, installed after fork
+/// in every process that runs plugin code (workers, the checker, `plugin
+/// run`), replaces it: for a fault just below the main thread's stack it
+/// writes one line naming the process and its real PID; for any fault it
 /// then restores the default action and returns, so the faulting
-/// instruction runs again and the worker dies by the signal itself (the
-/// master then logs the signal and the plugin that was running).
-pub fn report_stack_overflow(worker_index: usize) {
+/// instruction runs again and the process dies by the signal itself (the
+/// master then logs the signal and the plugin that was running); a sent
+/// signal is raised again, with the same end.
+pub fn catch_plugin_faults(who: Faulting) {
     use std::sync::atomic::Ordering;
-    STACK_WORKER.store(worker_index, Ordering::Relaxed);
+    let code = match who {
+        Faulting::Worker(index) => index,
+        Faulting::Check => CHECK,
+        Faulting::PluginRun => PLUGIN_RUN,
+    };
+    STACK_WORKER.store(code, Ordering::Relaxed);
     // The main thread's stack: [low, low + size). Reading it may allocate
     // (glibc parses /proc/self/maps), so it is done now, not in the handler.
     // SAFETY: plain out-parameters for the calling (main) thread; the attr
@@ -267,10 +290,13 @@ pub fn report_stack_overflow(worker_index: usize) {
     }
 }
 
+/// The worker's index, or one of these two (see [`Faulting`]).
 static STACK_WORKER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const CHECK: usize = usize::MAX;
+const PLUGIN_RUN: usize = usize::MAX - 1;
 static STACK_LOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The fault handler (see [`report_stack_overflow`]).
+/// The fault handler (see [`catch_plugin_faults`]).
 extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
     use std::sync::atomic::Ordering;
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
@@ -287,8 +313,14 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, _context: *mut l
             line[at..at + n].copy_from_slice(&bytes[..n]);
             at += n;
         };
-        put(b"nbnet: worker ");
-        put(decimal(STACK_WORKER.load(Ordering::Relaxed) as u64).as_bytes_trimmed());
+        match STACK_WORKER.load(Ordering::Relaxed) {
+            CHECK => put(b"nbnet: the plugin check"),
+            PLUGIN_RUN => put(b"nbnet plugin run"),
+            index => {
+                put(b"nbnet: worker ");
+                put(decimal(index as u64).as_bytes_trimmed());
+            }
+        }
         put(b" (pid ");
         // SAFETY: getpid is async-signal-safe.
         put(decimal(unsafe { libc::getpid() } as u64).as_bytes_trimmed());

@@ -428,6 +428,9 @@ fn child(config: &Config, mut out: std::io::PipeWriter, verdict: &Verdict) -> i3
             .map(|i| i.as_raw_fd()),
     );
     close_all_but(&keep);
+    // A crash in an init ends the check by its signal, as it would end a
+    // worker: even a SIGSEGV the plugin sends itself (see there).
+    crate::signals::catch_plugin_faults(crate::signals::Faulting::Check);
     crate::fork_guard::install();
     for &fd in &keep[3..] {
         crate::fork_guard::protect(fd);

@@ -77,8 +77,9 @@ pub fn run(
             "cannot start a process group: {e}; processes plugins fork may outlive this worker"
         );
     }
-    // A stack overflow names this worker, not the master (see there).
-    crate::signals::report_stack_overflow(who.index);
+    // A crash in a plugin ends this worker by its signal; a stack overflow
+    // names this worker, not the master (see there).
+    crate::signals::catch_plugin_faults(crate::signals::Faulting::Worker(who.index));
     // The worker's descriptors are closed in any child a plugin forks.
     crate::fork_guard::install();
     for socket in &sockets {
