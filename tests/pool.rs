@@ -126,6 +126,62 @@ shutdown_timeout = "5s""#,
     assert!(rest.is_empty());
 }
 
+/// Hostile pass 4: requests queued behind a stuck pool thread (the only
+/// one) waited for it until `deferred_timeout` failed them and closed
+/// their connections, although the worker was being replaced. Now the
+/// hand-over takes them back from the pool and they move, with their
+/// connections, to the replacement, which answers them in order.
+#[test]
+fn requests_queued_behind_a_stuck_pool_thread_move_to_the_replacement() {
+    let server = Server::start(&config(
+        1,
+        r#"plugin_timeout = "500ms"
+deferred_timeout = "15s"
+shutdown_timeout = "20s""#,
+    ));
+    let old_pid = fast_pid(&server);
+    let mut victim = Client::connect(server.port_n(0));
+    victim.send_frame(b"hang").unwrap();
+    // The hang takes the thread before the others arrive.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Queued behind the hang, pipelined: each waits for the one thread.
+    let mut queued: Vec<Client> = (0..3)
+        .map(|i| {
+            let mut client = Client::connect(server.port_n(0));
+            for n in 0..2 {
+                client
+                    .send_frame(format!("sleep:{}", 10 * (i + n)).as_bytes())
+                    .unwrap();
+            }
+            client.send_frame(b"pid").unwrap();
+            client
+        })
+        .collect();
+    victim.expect_closed();
+    for (i, client) in queued.iter_mut().enumerate() {
+        // Well before deferred_timeout (the old code closed them then).
+        client.set_read_timeout(std::time::Duration::from_secs(10));
+        for n in 0..2 {
+            let answer = client
+                .read_frame()
+                .unwrap_or_else(|e| panic!("client {i}, request {n}: {e}\n{}", server.log()));
+            assert_eq!(answer, format!("slept {}", 10 * (i + n)).into_bytes());
+        }
+        let pid: i32 = String::from_utf8(client.read_frame().unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_ne!(pid, old_pid, "client {i} was answered by the stuck worker");
+        // The connection stays open, in its new worker.
+        assert_eq!(client.worker_pid(), pid);
+    }
+    server.wait_for_log_line(&[
+        "request(s) the thread pool had not started go with their 3 connection(s)",
+    ]);
+    let log = server.log();
+    assert!(!log.contains("deferred_timeout"), "{log}");
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));

@@ -281,16 +281,14 @@ fn new_workers_killed_by_a_rollback_are_logged_as_killed_by_the_master() {
     assert_eq!(server.client().request(b"still"), b"ok:still");
 }
 
-/// Clients, one on each of `n` workers, each stopped in the middle of a
-/// frame (a header declaring 10 bytes, and 3 of them).
+/// Clients, one on each of `n` workers, each owed an answer it does not
+/// read: their workers cannot hand them over, and stay.
 fn stuck_client_on_each_worker(server: &Server, n: usize) -> Vec<nbnet_tests::Client> {
     server
         .clients_on_distinct_workers(n)
         .into_iter()
         .map(|(_, mut client)| {
-            client
-                .send_raw(b"0000000010abc")
-                .expect("send a partial frame");
+            client.owe_an_answer();
             client
         })
         .collect()

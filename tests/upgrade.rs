@@ -349,9 +349,9 @@ fn killing_the_new_master_before_it_is_ready_is_a_rollback_that_costs_nothing() 
     server.stop();
 }
 
-/// `kill -9` of the new master after it took over, while an old worker is
-/// still finishing a frame: the old master serves again (pid file, admin,
-/// new workers of its own), the frame in progress is answered, and that
+/// `kill -9` of the new master after it took over, while an old worker
+/// still owes a client an answer: the old master serves again (pid file,
+/// admin, new workers of its own), the answer owed is delivered, and that
 /// connection goes on to the old master's new workers. Connections the
 /// dead master's workers held are lost — no more — and nothing is
 /// misdelivered.
@@ -362,10 +362,11 @@ fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
     let old = server.pid();
     let load = Load::start(server.port(), 6, 0, 1);
     wait_for_progress(&server, &load, 50);
-    // Half a frame: its worker cannot hand it over until the rest comes.
+    // Owed an answer it does not read yet: its worker cannot hand it over
+    // until the answer is sent.
     let mut midway = server.client();
     assert_eq!(midway.request(b"first"), b"FIRST");
-    midway.send_raw(b"0000000012half").unwrap();
+    midway.owe_an_answer();
 
     server.signal(libc::SIGUSR2);
     server.wait_for_log_line(&["is ready: it serves now"]);
@@ -384,9 +385,8 @@ fn killing_the_new_master_during_the_hand_over_brings_the_old_one_back() {
     server.wait_for("the old master to take the pid file back", || {
         (pid_file(&dir) == Some(old)).then_some(())
     });
-    // The frame in progress is answered, and its connection lives on.
-    midway.send_raw(b" a frame").unwrap();
-    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+    // The answer owed is delivered, and its connection lives on.
+    assert_eq!(midway.take_owed_answer(), b'O');
     assert_eq!(midway.request(b"next"), b"NEXT");
     assert_eq!(Client::connect(server.port()).request(b"fresh"), b"FRESH");
     let health = ureq_healthz(server.admin_port());
@@ -539,14 +539,14 @@ fn after_an_upgrade_every_reuseport_queue_has_a_worker() {
 /// Hostile pass: `nbnet stop` during the hand-over stopped the new master
 /// (the pid file names it), and the old master took that for a crash and
 /// served again. A clean exit of the new master stops the server: the old
-/// master finishes the frame in progress and exits too.
+/// master delivers the answer it owes and exits too.
 #[test]
 fn stopping_the_new_master_during_the_hand_over_stops_the_old_one_too() {
     let (mut server, mut masters) = start(&config("upper", ""));
     let old = server.pid();
     let mut midway = server.client();
     assert_eq!(midway.request(b"first"), b"FIRST");
-    midway.send_raw(b"0000000012half").unwrap();
+    midway.owe_an_answer();
     server.signal(libc::SIGUSR2);
     server.wait_for_log_line(&["is ready: it serves now"]);
     let new = server.wait_for("the new master's pid file", || {
@@ -556,8 +556,7 @@ fn stopping_the_new_master_during_the_hand_over_stops_the_old_one_too() {
     let stop = upgrade_in(server.dir(), "stop");
     assert!(stop.status.success(), "{stop:?}");
     server.wait_for_log_line(&["has stopped (exit status 0): the server is stopping"]);
-    midway.send_raw(b" a frame").unwrap();
-    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+    assert_eq!(midway.take_owed_answer(), b'O');
     midway.expect_closed();
     let status = server.wait_exit(Duration::from_secs(15));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
@@ -635,7 +634,7 @@ fn upgrade_reports_a_new_master_that_died_during_the_hand_over() {
     let dir = server.dir().to_path_buf();
     let old = server.pid();
     let mut midway = server.client();
-    midway.send_raw(b"0000000012half").unwrap();
+    midway.owe_an_answer();
     let cli = {
         let dir = dir.clone();
         std::thread::spawn(move || upgrade_in(&dir, "upgrade"))
@@ -652,8 +651,7 @@ fn upgrade_reports_a_new_master_that_died_during_the_hand_over() {
         outcome.stderr.contains("rolled back") && outcome.stderr.contains("serves again"),
         "{outcome:?}"
     );
-    midway.send_raw(b" a frame").unwrap();
-    assert_eq!(midway.read_frame().unwrap(), b"HALF A FRAME");
+    assert_eq!(midway.take_owed_answer(), b'O');
 }
 
 /// Hostile pass: a hook that hangs in an old worker while it hands its
@@ -705,7 +703,7 @@ fn sigint_to_the_old_master_during_the_hand_over_closes_the_rest_and_says_so() {
     let (mut server, mut masters) = start(&config("upper", ""));
     let old = server.pid();
     let mut midway = server.client();
-    midway.send_raw(b"0000000012half").unwrap();
+    midway.owe_an_answer();
     server.signal(libc::SIGUSR2);
     server.wait_for_log_line(&["is ready: it serves now"]);
     let new = server.wait_for("the new master's pid file", || {

@@ -4,12 +4,13 @@
 //! a rolled-back reload), its clients must not notice: nbNet clients keep
 //! their connection open and send request after request, so closing it —
 //! even at a frame boundary — costs each of them a failed request. Instead,
-//! each connection that sits at a frame boundary (nothing read that is not
-//! answered, no answer waiting to be sent) is passed, as a file descriptor
+//! each connection that is owed nothing (no answer being computed, no
+//! answer waiting to be sent) is passed, as a file descriptor
 //! (`SCM_RIGHTS`), to a worker of the current generation, with what that
 //! worker needs to go on: the listener it came in on, the client's address
-//! (the PROXY protocol's, where used) and its connection id. Bytes the
-//! client sent meanwhile wait in the socket for the new worker to read.
+//! (the PROXY protocol's, where used), its connection id, and what the old
+//! worker read from it and did not answer ([`Unread`]). Bytes the client
+//! sent meanwhile wait in the socket for the new worker to read.
 //!
 //! # The channel
 //!
@@ -33,9 +34,21 @@
 //! — I could not start (a new master's child side → the old master).
 //! `C kind flags id:u64 listener:u16+bytes peer:u16+bytes` with one file
 //! descriptor — a connection (worker → master → worker); `flags` bit 0: it
-//! pipelines, bit 1: it still owes its PROXY header. Integers are
-//! little-endian. A record that does not parse is dropped, its descriptor
+//! pipelines, bit 1: it still owes its PROXY header, bit 2: a second
+//! descriptor follows, a sealed memfd holding bytes the client sent that
+//! the old worker read but did not answer (see [`Unread`]). Integers are
+//! little-endian. A record that does not parse is dropped, its descriptors
 //! closed.
+//!
+//! # Unread bytes
+//!
+//! A connection need not wait for a frame boundary to move: what the old
+//! worker read and did not answer — part of a frame, frames held back, or
+//! requests a thread pool had queued but not started (taken back from the
+//! pool, see `plugin::pool`) — goes along in a memfd, and the new worker
+//! reads it before the socket. Only answers owed to the client (a deferred
+//! answer not completed yet, bytes not yet sent) keep a connection where
+//! it is until they are delivered.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -91,8 +104,8 @@ pub enum Message {
         /// Close everything now (SIGINT's stop).
         fast: bool,
     },
-    /// A connection, and its descriptor.
-    Connection(Connection, OwnedFd),
+    /// A connection and its descriptors.
+    Connection(Connection, Descriptors),
     /// New master → old master (binary upgrade): every worker of the new
     /// master is ready; its version line.
     Ready(String),
@@ -120,26 +133,88 @@ pub fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Sends "hand your connections over". `WouldBlock` when the channel is full.
 pub fn send_hand_over(channel: BorrowedFd<'_>) -> io::Result<()> {
-    send(channel, b"H", None)
+    send(channel, b"H", &[])
 }
 
 /// Sends "replace me". `WouldBlock` when the channel is full.
 pub fn send_retire(channel: BorrowedFd<'_>) -> io::Result<()> {
-    send(channel, b"R", None)
+    send(channel, b"R", &[])
 }
 
 /// Sends "stop" (graceful, or fast). `WouldBlock` when the channel is full.
 pub fn send_stop(channel: BorrowedFd<'_>, fast: bool) -> io::Result<()> {
-    send(channel, if fast { b"F" } else { b"S" }, None)
+    send(channel, if fast { b"F" } else { b"S" }, &[])
+}
+
+/// What crosses the channel with a connection's record.
+#[derive(Debug)]
+pub struct Descriptors {
+    /// The socket.
+    pub stream: OwnedFd,
+    /// The bytes read from it but not answered, if any.
+    pub unread: Option<Unread>,
+}
+
+/// Bytes a client sent that one worker read and did not answer, on their
+/// way to the worker that takes the connection over: a sealed memfd (no
+/// size limit of the channel's, nothing written to disk).
+#[derive(Debug)]
+pub struct Unread(OwnedFd);
+
+impl Unread {
+    /// Puts `bytes` in a new sealed memfd.
+    pub fn new(bytes: &[u8]) -> io::Result<Unread> {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        use std::io::Write;
+        let fd = memfd_create(
+            c"nbnet-unread",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(bytes)?;
+        // Sealed: the receiver reads exactly what was written.
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(seals)),
+        )?;
+        Ok(Unread(file.into()))
+    }
+
+    /// The bytes, if there are at most `max` of them.
+    pub fn read(self, max: usize) -> io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::from(self.0);
+        let len = file.metadata()?.len();
+        if len > max as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{len} unread bytes, more than max_buffered_bytes = {max}"),
+            ));
+        }
+        file.rewind()?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(len).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Its descriptor, to pass on.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.as_fd()
+    }
 }
 
 /// Sends `conn` with its descriptor `fd` (which stays open here: the
-/// receiver gets its own). `WouldBlock` when the channel is full: try again
-/// later, nothing was sent.
+/// receiver gets its own), and the bytes read from it but not answered.
+/// `WouldBlock` when the channel is full: try again later, nothing was
+/// sent.
 pub fn send_connection(
     channel: BorrowedFd<'_>,
     conn: &Connection,
     fd: BorrowedFd<'_>,
+    unread: Option<&Unread>,
 ) -> io::Result<()> {
     let mut record = Vec::with_capacity(16 + conn.listener.len() + conn.peer.len());
     record.push(b'C');
@@ -147,7 +222,11 @@ pub fn send_connection(
         StreamKind::Tcp => 0,
         StreamKind::Unix => 1,
     });
-    record.push(u8::from(conn.pipelining) | u8::from(conn.awaiting_proxy_header) << 1);
+    record.push(
+        u8::from(conn.pipelining)
+            | u8::from(conn.awaiting_proxy_header) << 1
+            | u8::from(unread.is_some()) << 2,
+    );
     record.extend_from_slice(&conn.id.to_le_bytes());
     for text in [&conn.listener, &conn.peer] {
         // Addresses are short; a longer one is cut (it is only shown).
@@ -155,22 +234,29 @@ pub fn send_connection(
         record.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
         record.extend_from_slice(bytes);
     }
-    send(channel, &record, Some(fd.as_raw_fd()))
+    match unread {
+        None => send(channel, &record, &[fd.as_raw_fd()]),
+        Some(unread) => send(
+            channel,
+            &record,
+            &[fd.as_raw_fd(), unread.as_fd().as_raw_fd()],
+        ),
+    }
 }
 
 /// Sends "ready" with `version` (a new master to the old one).
 pub fn send_ready(channel: BorrowedFd<'_>, version: &str) -> io::Result<()> {
-    send(channel, &text_record(b'U', version), None)
+    send(channel, &text_record(b'U', version), &[])
 }
 
 /// Sends "promoted" (the old master to the new one).
 pub fn send_promoted(channel: BorrowedFd<'_>) -> io::Result<()> {
-    send(channel, b"P", None)
+    send(channel, b"P", &[])
 }
 
 /// Sends "could not start: `why`".
 pub fn send_failed(channel: BorrowedFd<'_>, why: &str) -> io::Result<()> {
-    send(channel, &text_record(b'E', why), None)
+    send(channel, &text_record(b'E', why), &[])
 }
 
 /// `tag` followed by `text`, cut to fit a record.
@@ -185,14 +271,14 @@ fn text_record(tag: u8, text: &str) -> Vec<u8> {
     record
 }
 
-fn send(channel: BorrowedFd<'_>, record: &[u8], fd: Option<RawFd>) -> io::Result<()> {
-    let fds = fd.map(|fd| [fd]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+fn send(channel: BorrowedFd<'_>, record: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
     loop {
         match sendmsg::<UnixAddr>(
             channel.as_raw_fd(),
             &[IoSlice::new(record)],
-            &cmsgs,
+            cmsgs,
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
             None,
         ) {
@@ -273,7 +359,7 @@ fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
         b'E' if fds.is_empty() => Some(Message::Failed(
             String::from_utf8_lossy(&record[1..]).into_owned(),
         )),
-        b'C' if fds.len() == 1 => {
+        b'C' if fds.len() == 1 + usize::from(record.get(2)? & 4 != 0) => {
             let kind = match record.get(1)? {
                 0 => StreamKind::Tcp,
                 1 => StreamKind::Unix,
@@ -290,6 +376,10 @@ fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
             };
             let listener = text()?;
             let peer = text()?;
+            let unread = match flags & 4 {
+                0 => None,
+                _ => Some(Unread(fds.pop()?)),
+            };
             let fd = fds.pop()?;
             Some(Message::Connection(
                 Connection {
@@ -300,7 +390,7 @@ fn parse(record: &[u8], mut fds: Vec<OwnedFd>) -> Option<Message> {
                     listener,
                     peer,
                 },
-                fd,
+                Descriptors { stream: fd, unread },
             ))
         }
         _ => None,
@@ -330,10 +420,17 @@ mod tests {
             listener: "127.0.0.1:9000".into(),
             peer: "192.0.2.7:4242".into(),
         };
-        send_connection(worker.as_fd(), &conn, theirs.as_fd()).unwrap();
+        send_connection(worker.as_fd(), &conn, theirs.as_fd(), None).unwrap();
         drop(theirs);
-        let Some(Message::Connection(got, fd)) = recv(master.as_fd()).unwrap() else {
-            panic!("expected a connection");
+        let Some(Message::Connection(
+            got,
+            Descriptors {
+                stream: fd,
+                unread: None,
+            },
+        )) = recv(master.as_fd()).unwrap()
+        else {
+            panic!("expected a connection with nothing unread");
         };
         assert_eq!(got, conn);
         // The descriptor is the same socket: what one side writes, the
@@ -352,6 +449,41 @@ mod tests {
         ));
         drop(worker);
         assert!(recv(master.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn unread_bytes_cross_the_channel_with_their_connection() {
+        let (master, worker) = channel().unwrap();
+        let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let conn = Connection {
+            kind: StreamKind::Tcp,
+            id: 7,
+            pipelining: false,
+            awaiting_proxy_header: false,
+            listener: "127.0.0.1:9000".into(),
+            peer: "127.0.0.1:5555".into(),
+        };
+        let unread = Unread::new(b"0000000005hello00000000").unwrap();
+        send_connection(worker.as_fd(), &conn, theirs.as_fd(), Some(&unread)).unwrap();
+        let Some(Message::Connection(
+            got,
+            Descriptors {
+                unread: Some(unread),
+                ..
+            },
+        )) = recv(master.as_fd()).unwrap()
+        else {
+            panic!("expected a connection with unread bytes");
+        };
+        assert_eq!(got, conn);
+        assert_eq!(unread.read(1024).unwrap(), b"0000000005hello00000000");
+        // More than the receiver takes: refused, naming the limit.
+        let big = Unread::new(&[b'0'; 100]).unwrap();
+        let e = big.read(99).unwrap_err();
+        assert!(e.to_string().contains("100 unread bytes"), "{e}");
+        // A record that says bytes follow but carries one descriptor only.
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        assert!(parse(b"C\0\x04\0\0\0\0\0\0\0\0\0\0\0\0", vec![fd()]).is_none());
     }
 
     #[test]

@@ -1269,6 +1269,39 @@ impl Client {
         Ok(payload)
     }
 
+    /// Makes the server owe this connection an answer it cannot send yet:
+    /// sends a request of [`OWED_ANSWER_BYTES`] and does not read the
+    /// answer (the receive buffer is made small, so the kernel cannot take
+    /// it all). A connection owed answers stays with its worker through a
+    /// hand-over until they are sent: tests use this to hold a worker (and
+    /// its master) in the middle of a hand-over for as long as they like.
+    /// [`Client::take_owed_answer`] reads it.
+    pub fn owe_an_answer(&mut self) {
+        let small: libc::c_int = 16 * 1024;
+        // SAFETY: a plain setsockopt on our own socket with a valid int.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+        self.send_frame(&vec![b'o'; OWED_ANSWER_BYTES])
+            .expect("sending the request whose answer is owed");
+    }
+
+    /// Reads the answer [`Client::owe_an_answer`] made the server owe;
+    /// returns its first byte (`b'O'` from `upper`, `b'o'` from `echo`).
+    pub fn take_owed_answer(&mut self) -> u8 {
+        let answer = self.read_frame().expect("reading the owed answer");
+        assert_eq!(answer.len(), OWED_ANSWER_BYTES);
+        assert!(answer.iter().all(|&b| b == answer[0]), "a mixed answer");
+        answer[0]
+    }
+
     /// Sends one frame and reads the answer, panicking on any error.
     pub fn request(&mut self, payload: &[u8]) -> Vec<u8> {
         self.send_frame(payload)
@@ -1351,6 +1384,10 @@ impl Client {
 }
 
 // ------------------------------------------------ the misbehave test plugins
+
+/// The size of the request (and answer) [`Client::owe_an_answer`] sends:
+/// more than the kernel buffers on both sides of a loopback connection.
+pub const OWED_ANSWER_BYTES: usize = 8 << 20;
 
 /// Requests the misbehave test plugins (`{misbehave}` in C, `{misbehave_rs}`
 /// in Rust) understand, beyond echo: see `plugins/testing/c/misbehave.c`.

@@ -180,6 +180,30 @@ impl Completions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes a handle back without completing it: its request is not
+    /// answered here (a thread pool's queued request going, unstarted, to
+    /// another worker). Returns the request's token, or `None` if the
+    /// handle had been completed already. The handle must not be used
+    /// again.
+    ///
+    /// # Safety
+    /// `d` must be a live handle made by [`Completions::handle`] or
+    /// [`Completions::handle_from`], owned by the caller.
+    pub unsafe fn withdraw(d: *mut RawDeferred) -> Option<u64> {
+        // SAFETY: the caller's promise.
+        let cell = unsafe { cell(d) };
+        let token = cell.token.swap(0, Ordering::AcqRel);
+        if token == 0 {
+            return None;
+        }
+        // As after a completion: the cell is reused after quarantine.
+        cell.completions
+            .lock()
+            .free
+            .push_back(CellPtr(std::ptr::from_ref(cell).cast_mut()));
+        Some(token)
+    }
+
     fn complete(&self, cell: &Cell, result: Result<Vec<u8>, String>) -> i32 {
         let token = cell.token.swap(0, Ordering::AcqRel);
         if token == 0 {

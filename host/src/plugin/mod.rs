@@ -375,6 +375,17 @@ impl Plugin {
     /// worker's scoreboard `slot` as plugin `index`, so that a crash during
     /// one is named. Does nothing for other plugins (the reactor thread's
     /// calls are tracked by the worker).
+    /// A thread pool's queued, unstarted requests, taken out of its queue
+    /// (tokens and payloads, in order); nothing for other plugins. See
+    /// `worker::conn::moving`.
+    pub fn withdraw_queued(&self) -> Vec<pool::Unstarted> {
+        if self.kind == Kind::Pool {
+            pool::withdraw_queued(self.state)
+        } else {
+            Vec::new()
+        }
+    }
+
     pub fn attach_scoreboard(&self, slot: &'static crate::scoreboard::Slot, index: usize) {
         if self.kind == Kind::Pool {
             pool::attach(self.state, slot, index);

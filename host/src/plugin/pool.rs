@@ -44,7 +44,7 @@ static REPLACEMENT_WANTED: AtomicBool = AtomicBool::new(false);
 pub fn take_replacement_request() -> bool {
     // A plain load first: the reactor asks on every turn, and a swap (a
     // locked instruction) is only needed on the rare turn it is set.
-    REPLACEMENT_WANTED.load(Ordering::Relaxed) && REPLACEMENT_WANTED.swap(false, Ordering::Relaxed)
+    REPLACEMENT_WANTED.load(Ordering::Acquire) && REPLACEMENT_WANTED.swap(false, Ordering::AcqRel)
 }
 
 /// A completion handle, moved to a pool thread.
@@ -78,6 +78,36 @@ struct Job {
     tls_version: u32,
     tls_subject: Option<CString>,
     tls_sans: Option<CString>,
+}
+
+/// A request a pool had queued and not started, taken back.
+#[derive(Debug)]
+pub struct Unstarted {
+    /// Its deferred answer's token (no longer pending: the handle is gone).
+    pub token: u64,
+    /// The request's payload.
+    pub request: Vec<u8>,
+}
+
+/// Takes every request the pool has queued and not started out of its
+/// queue (the worker hands its connections over: they are answered by the
+/// worker that takes them): their tokens and payloads, in queue order.
+pub(super) fn withdraw_queued(state: *mut c_void) -> Vec<Unstarted> {
+    // SAFETY: `state` is the pool's `Arc<Shared>` (see `load`), alive while
+    // its Plugin is.
+    let shared = unsafe { &*state.cast::<Shared>() };
+    let jobs: Vec<Job> = lock(&shared.queue).drain(..).collect();
+    jobs.into_iter()
+        .filter_map(|job| {
+            // SAFETY: a queued job owns its live handle; it is not used
+            // again.
+            let token = unsafe { crate::plugin::deferred::Completions::withdraw(job.handle.0) }?;
+            Some(Unstarted {
+                token,
+                request: job.request,
+            })
+        })
+        .collect()
 }
 
 /// What a pool thread is running: since when, and the handle to fail if
@@ -316,8 +346,12 @@ fn watch(shared: &Shared) {
                 shared.timeout
             );
             tracing::error!(plugin = %shared.name, thread = index, "{message}");
+            // Before the failure wakes the reactor, which looks at this
+            // flag after that turn: set after, the request to be replaced
+            // waited for the reactor's next event (seconds, on an idle
+            // worker).
+            REPLACEMENT_WANTED.store(true, Ordering::Release);
             handle.fail(&message);
-            REPLACEMENT_WANTED.store(true, Ordering::Relaxed);
         }
         guard = lock(&shared.queue);
     }

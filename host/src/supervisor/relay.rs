@@ -28,7 +28,7 @@ pub(super) const RELAY_RETRY: Duration = Duration::from_millis(5);
 /// full, or no worker was ready to take it (they were all starting).
 pub(super) struct Waiting {
     record: handover::Connection,
-    fd: OwnedFd,
+    fd: handover::Descriptors,
     from: Pid,
     /// When it first had to wait: it is closed if no taker comes within
     /// [`ready_within`] (the time new workers get to become ready).
@@ -38,7 +38,7 @@ pub(super) struct Waiting {
 impl Waiting {
     pub(super) fn new(
         record: handover::Connection,
-        fd: OwnedFd,
+        fd: handover::Descriptors,
         from: Pid,
         since: Instant,
     ) -> Waiting {
@@ -120,14 +120,19 @@ impl Master {
     /// Passes a connection on to a serving worker (round robin), or keeps
     /// it for a moment if every one's channel is full, or closes it if no
     /// worker serves (the client sees a close at a frame boundary).
-    pub(super) fn relay(&mut self, record: handover::Connection, fd: OwnedFd, from: Pid) {
+    pub(super) fn relay(
+        &mut self,
+        record: handover::Connection,
+        fd: handover::Descriptors,
+        from: Pid,
+    ) {
         self.relay_since(record, fd, from, Instant::now());
     }
 
     fn relay_since(
         &mut self,
         record: handover::Connection,
-        fd: OwnedFd,
+        fd: handover::Descriptors,
         from: Pid,
         since: Instant,
     ) {
@@ -180,7 +185,12 @@ impl Master {
             let Some(control) = self.workers.get(&pid).and_then(|w| w.control.as_ref()) else {
                 continue;
             };
-            match handover::send_connection(control.as_fd(), &record, fd.as_fd()) {
+            match handover::send_connection(
+                control.as_fd(),
+                &record,
+                fd.stream.as_fd(),
+                fd.unread.as_ref(),
+            ) {
                 Ok(()) => return,
                 Err(e) if handover::would_block(&e) => continue,
                 Err(e) => tracing::debug!("cannot pass a connection to worker pid {pid}: {e}"),

@@ -11,6 +11,7 @@ use super::conn::{Close, Connection};
 use super::reactor::{Accepting, Reactor, HANDOVER_RETRY};
 use crate::config;
 use crate::handover;
+use crate::plugin::pool::Unstarted;
 
 impl Reactor {
     /// Reads the control channel: the master's "hand over" request, and
@@ -41,7 +42,9 @@ impl Reactor {
                     self.begin_drain(Signal::SIGTERM, now)
                 }
                 Ok(Some(handover::Message::Stop { fast: true })) => self.stop_now = true,
-                Ok(Some(handover::Message::Connection(record, fd))) => self.adopt(record, fd, now),
+                Ok(Some(handover::Message::Connection(record, fds))) => {
+                    self.adopt(record, fds, now)
+                }
                 Ok(None) => {
                     // The master is gone (this worker follows: its parent-
                     // death signal); nothing more comes this way.
@@ -70,9 +73,10 @@ impl Reactor {
     pub(super) fn adopt(
         &mut self,
         record: handover::Connection,
-        fd: std::os::fd::OwnedFd,
+        fds: handover::Descriptors,
         now: Instant,
     ) {
+        let handover::Descriptors { stream: fd, unread } = fds;
         let listener = self
             .listeners
             .iter()
@@ -125,16 +129,43 @@ impl Reactor {
                 crate::listener::Stream::Unix(mio::net::UnixStream::from_std(stream))
             }
         };
+        // What the old worker read and did not answer: answered here
+        // first (see `conn::moving`).
+        let unread = match unread.map(|u| u.read(self.limits.max_buffered_bytes)) {
+            None => Vec::new(),
+            Some(Ok(bytes)) => bytes,
+            Some(Err(e)) => {
+                self.slot.stats.handover_failures.add(1);
+                tracing::warn!(
+                    peer = %record.peer,
+                    "connection handed over from {} closed: cannot take the requests it had sent ({e})",
+                    record.listener
+                );
+                return;
+            }
+        };
+        let carried = !unread.is_empty();
         let stream = crate::fork_guard::stream_off_stdio(stream);
         self.slot.stats.connections_adopted.add(1);
         tracing::debug!(
             peer = %record.peer,
             listener = %record.listener,
+            unread = unread.len(),
             "connection handed over to this worker"
         );
-        self.admit(stream, now, false, |stream, deadline| {
-            Connection::adopted(stream, &record, index, deadline)
-        });
+        let Some(key) = self.admit(stream, now, false, |stream, deadline| {
+            Connection::adopted(stream, &record, index, deadline, unread)
+        }) else {
+            return;
+        };
+        if carried {
+            // No event will say these bytes are there: answer them now.
+            if let Some((conn, mut ctx, scratch)) = self.lend(key) {
+                let held_before = conn.buffered_bytes();
+                let outcome = conn.on_readable(&mut ctx, scratch, false);
+                self.after_event(key, held_before, outcome, now);
+            }
+        }
     }
 
     /// The master asks this worker to leave without closing its clients'
@@ -149,20 +180,65 @@ impl Reactor {
         self.handing_over = true;
         self.pause_accepting(Accepting::Closed);
         let before = self.connections.len();
+        self.take_back_pooled_requests();
+        for (_, conn) in self.connections.iter_mut() {
+            conn.pause_for_hand_over();
+        }
         self.hand_over_idle(now);
         tracing::info!(
-            "being replaced: handing {before} connection(s) over to the serving workers ({} finishing a frame first)",
+            "being replaced: handing {before} connection(s) over to the serving workers ({} follow once the answers owed to them are sent, or close at a frame boundary if TLS)",
             self.connections.len()
         );
     }
 
-    /// Hands over (or, when stopping, closes) every connection at a frame
-    /// boundary.
+    /// Requests thread pools queued and did not start go back to their
+    /// connections, to move with them (see `conn::moving`): the worker
+    /// that takes them answers them, instead of this one answering them
+    /// behind a stuck pool thread or failing them at `deferred_timeout`.
+    fn take_back_pooled_requests(&mut self) {
+        // Per connection (its key), in request order.
+        let mut taken: Vec<(usize, Vec<Unstarted>)> = Vec::new();
+        let mut count = 0;
+        for plugin in &self.plugins {
+            for request in plugin.withdraw_queued() {
+                let Some((key, conn_id)) = self.deferred.resolve(request.token) else {
+                    // Its connection closed meanwhile: nothing to answer.
+                    continue;
+                };
+                if self.connections.get(key).is_none_or(|c| c.id() != conn_id) {
+                    continue;
+                }
+                count += 1;
+                match taken.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, requests)) => requests.push(request),
+                    None => taken.push((key, vec![request])),
+                }
+            }
+        }
+        if count > 0 {
+            tracing::info!(
+                "{count} request(s) the thread pool had not started go with their {} connection(s) to the worker that takes them",
+                taken.len()
+            );
+        }
+        let now = Instant::now();
+        for (key, requests) in taken {
+            if let Some((conn, mut ctx, _)) = self.lend(key) {
+                let held_before = conn.buffered_bytes();
+                let outcome = conn.take_back(requests, &mut ctx).map(|()| false);
+                self.after_event(key, held_before, outcome, now);
+            }
+        }
+    }
+
+    /// Hands over every connection that can move now (or, when stopping,
+    /// closes every one at a frame boundary).
     pub(super) fn hand_over_idle(&mut self, now: Instant) {
+        let handing_over = self.handing_over;
         let idle: Vec<usize> = self
             .connections
             .iter()
-            .filter(|(_, conn)| conn.is_idle())
+            .filter(|(_, conn)| conn.may_leave(handing_over))
             .map(|(key, _)| key)
             .collect();
         for key in idle {
@@ -203,7 +279,24 @@ impl Reactor {
             self.close(key, Close::Shutdown);
             return;
         };
-        match handover::send_connection(control.as_fd(), &record, conn.stream_fd()) {
+        let unread = match conn.unread() {
+            [] => None,
+            bytes => match handover::Unread::new(bytes) {
+                Ok(unread) => Some(unread),
+                Err(e) => {
+                    tracing::warn!(
+                        peer = %record.peer,
+                        "cannot hand the connection over: cannot keep the {} byte(s) it sent and is owed answers for ({e}); closing it",
+                        bytes.len()
+                    );
+                    self.slot.stats.handover_failures.add(1);
+                    self.close(key, Close::Shutdown);
+                    return;
+                }
+            },
+        };
+        match handover::send_connection(control.as_fd(), &record, conn.stream_fd(), unread.as_ref())
+        {
             Ok(()) => {
                 self.slot.stats.connections_handed_over.add(1);
                 self.close(key, Close::HandedOver);

@@ -278,65 +278,97 @@ impl super::reactor::Reactor {
                 self.slot.stats.deferred_late.add(1);
                 continue;
             };
-            let Some(conn) = self
-                .connections
-                .get_mut(key)
-                .filter(|conn| conn.id() == conn_id)
+            let Some((conn, mut ctx, scratch)) =
+                self.lend(key).filter(|(conn, ..)| conn.id() == conn_id)
             else {
                 self.slot.stats.deferred_late.add(1);
                 continue;
             };
             let held_before = conn.buffered_bytes();
-            let listener = &self.listeners[conn.listener];
-            let mut ctx = super::conn::Context {
-                plugin: &mut self.plugins[listener.plugin],
-                decoder: self.decoder,
-                listener_addr: &listener.addr_text,
-                slot: self.slot,
-                plugin_index: listener.plugin,
-                stats: listener.stats,
-                served: &mut self.served,
-                output_budget: self.limits.max_pending_output_bytes,
-                time_plugin_calls: self.limits.time_plugin_calls,
-                access: listener.access.as_deref(),
-                key,
-                deferred: &mut self.deferred,
-                max_deferred: self.limits.max_deferred_per_connection,
-            };
-            if let Some(stats) = listener.stats {
+            if let Some(stats) = ctx.stats {
                 match &result {
                     Ok(_) => stats.record_answered(1),
                     Err(_) => stats.record_failure(crate::scoreboard::Outcome::Error),
                 }
             }
-            let outcome = conn.on_completed(token, result, &mut ctx, &mut self.scratch);
-            let held_after = conn.buffered_bytes();
-            if held_after != held_before {
-                super::budget::account(
-                    &mut self.buffered,
-                    &mut self.holders,
-                    held_before,
-                    held_after,
-                );
-            }
-            match outcome {
-                Ok(_) if self.draining.is_some() && conn.is_idle() => self.retire(key, now),
-                Ok(true) => {
-                    // As for reads: re-link only when the deadline moves by
-                    // more than 1/64 of the timeout.
-                    let deadline = crate::config::deadline(now, self.limits.read_timeout);
-                    let moved = deadline
-                        .checked_sub(self.limits.read_timeout / 64)
-                        .is_none_or(|relink_before| relink_before > conn.deadline());
-                    if moved {
-                        self.deadlines.touch(&mut self.connections, key, deadline);
-                    }
-                }
-                Ok(false) => {}
-                Err(reason) => self.close(key, reason),
-            }
+            let outcome = conn.on_completed(token, result, &mut ctx, scratch);
+            self.after_event(key, held_before, outcome, now);
         }
         self.deferred.give_back(done);
+    }
+
+    /// Lends connection `key` what an event needs: the connection, its
+    /// [`Context`](super::conn::Context) and the worker's scratch buffers.
+    /// (The reactor's event loop builds the same inline, for speed.)
+    pub(super) fn lend(
+        &mut self,
+        key: usize,
+    ) -> Option<(
+        &mut super::conn::Connection,
+        super::conn::Context<'_>,
+        &mut super::conn::Scratch,
+    )> {
+        let conn = self.connections.get_mut(key)?;
+        let listener = &self.listeners[conn.listener];
+        let ctx = super::conn::Context {
+            plugin: &mut self.plugins[listener.plugin],
+            decoder: self.decoder,
+            listener_addr: &listener.addr_text,
+            slot: self.slot,
+            plugin_index: listener.plugin,
+            stats: listener.stats,
+            served: &mut self.served,
+            output_budget: self.limits.max_pending_output_bytes,
+            time_plugin_calls: self.limits.time_plugin_calls,
+            access: listener.access.as_deref(),
+            key,
+            deferred: &mut self.deferred,
+            max_deferred: self.limits.max_deferred_per_connection,
+            leaving: self.handing_over,
+        };
+        Some((conn, ctx, &mut self.scratch))
+    }
+
+    /// After an event outside the event loop (a completion, a hand-over)
+    /// on connection `key`, which held `held_before` bytes: the worker's
+    /// buffer account, the read deadline, a drain, or the close.
+    pub(super) fn after_event(
+        &mut self,
+        key: usize,
+        held_before: usize,
+        outcome: Result<bool, super::conn::Close>,
+        now: Instant,
+    ) {
+        let Some(conn) = self.connections.get(key) else {
+            return;
+        };
+        let held_after = conn.buffered_bytes();
+        if held_after != held_before {
+            super::budget::account(
+                &mut self.buffered,
+                &mut self.holders,
+                held_before,
+                held_after,
+            );
+        }
+        match outcome {
+            Ok(_) if self.draining.is_some() && conn.may_leave(self.handing_over) => {
+                self.retire(key, now)
+            }
+            Ok(true) => {
+                // As for reads: re-link only when the deadline moves by
+                // more than 1/64 of the timeout.
+                let deadline = crate::config::deadline(now, self.limits.read_timeout);
+                let moved = deadline
+                    .checked_sub(self.limits.read_timeout / 64)
+                    .is_none_or(|relink_before| relink_before > conn.deadline());
+                if moved {
+                    self.deadlines.touch(&mut self.connections, key, deadline);
+                }
+            }
+            Ok(false) => {}
+            Err(reason) => self.close(key, reason),
+        }
     }
 
     /// Fails every deferred request older than `deferred_timeout`: its

@@ -155,6 +155,9 @@ pub struct Reactor {
     /// Set by SIGTERM/SIGQUIT: draining until every connection is done, or
     /// this deadline.
     pub(super) draining: Option<Instant>,
+    /// Connections closed on a failed request while draining (so that
+    /// "drained" does not claim every request was answered).
+    pub(super) failed_while_draining: usize,
     /// Next connection id: this worker's PID in the high half, a counter
     /// below, so ids are unique across the server's workers.
     pub(super) next_connection_id: u64,
@@ -219,6 +222,7 @@ impl Reactor {
             holders: 0,
             shed_log: OverloadLog::default(),
             draining: None,
+            failed_while_draining: 0,
             fresh_until: None,
             control,
             handing_over: false,
@@ -279,6 +283,7 @@ impl Reactor {
                             key,
                             deferred: &mut self.deferred,
                             max_deferred: self.limits.max_deferred_per_connection,
+                            leaving: self.handing_over,
                         };
                         let mut outcome = Ok(false);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -314,8 +319,11 @@ impl Reactor {
                         match outcome {
                             // Draining: a connection whose requests are all
                             // answered and sent leaves at this frame
-                            // boundary: handed over, or closed.
-                            Ok(_) if self.draining.is_some() && conn.is_idle() => {
+                            // boundary (closed), or once nothing is owed to
+                            // its client (handed over).
+                            Ok(_)
+                                if self.draining.is_some() && conn.may_leave(self.handing_over) =>
+                            {
                                 self.retire(key, now)
                             }
                             Ok(true) => {
@@ -398,7 +406,12 @@ impl Reactor {
             }
             if let Some(deadline) = self.draining {
                 if self.connections.is_empty() {
-                    tracing::info!("drained: every request answered");
+                    match self.failed_while_draining {
+                        0 => tracing::info!("drained: every request answered"),
+                        failed => tracing::warn!(
+                            "drained: {failed} connection(s) ended meanwhile on a request that failed (a plugin error, deferred_timeout, plugin_timeout: see above); every other request answered"
+                        ),
+                    }
                     return Ok(self.shut_down());
                 }
                 if now >= deadline {
@@ -470,7 +483,7 @@ impl Reactor {
                     self.next_connection_id += 1;
                     tracing::debug!(%peer, listener = %listener.addr, "connection accepted");
                     let proxy_protocol = listener.proxy_protocol;
-                    self.admit(stream, now, true, |stream, deadline| {
+                    let _ = self.admit(stream, now, true, |stream, deadline| {
                         Connection::new(stream, peer, index, id, deadline, proxy_protocol)
                     });
                 }
@@ -499,14 +512,15 @@ impl Reactor {
 
     /// Registers a new connection (accepted here, or handed over by another
     /// worker), made by `make` from the stream and its read deadline, and
-    /// tells its plugin. The one place a connection enters the slab.
+    /// tells its plugin. The one place a connection enters the slab. Its
+    /// key, or `None` when it cannot be registered (it is dropped: closed).
     pub(super) fn admit(
         &mut self,
         mut stream: crate::listener::Stream,
         now: Instant,
         accepted: bool,
         make: impl FnOnce(crate::listener::Stream, Instant) -> Connection,
-    ) {
+    ) -> Option<usize> {
         let first_connection = FIRST_LISTENER + self.listeners.len();
         let entry = self.connections.vacant_entry();
         let key = entry.key();
@@ -516,7 +530,7 @@ impl Reactor {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::warn!("cannot register a connection: {e}");
-            return;
+            return None;
         }
         crate::fork_guard::protect(stream.as_raw_fd());
         self.slot.stats.connections_open.add(1);
@@ -536,6 +550,7 @@ impl Reactor {
             self.connections[key].opened();
         }
         self.deadlines.push(&mut self.connections, key, deadline);
+        Some(key)
     }
 
     /// Deregisters and drops connection `key`, logging why it closed.
@@ -548,6 +563,14 @@ impl Reactor {
             self.holders = self.holders.saturating_sub(1);
         }
         self.slot.stats.connections_open.sub(1);
+        if self.draining.is_some()
+            && matches!(
+                reason,
+                Close::Plugin(_) | Close::DeferredTimeout(_) | Close::OverBudget { .. }
+            )
+        {
+            self.failed_while_draining += 1;
+        }
         match &reason {
             Close::Protocol(e) => self.slot.stats.protocol_errors[e.kind()].add(1),
             Close::Proxy(_) => self.slot.stats.protocol_errors[PROTOCOL_ERROR_PROXY].add(1),

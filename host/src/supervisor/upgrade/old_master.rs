@@ -2,7 +2,7 @@
 //! forking the new master, promoting it, rolling it back, serving again.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Instant;
 
 use mio::unix::SourceFd;
@@ -253,14 +253,19 @@ impl Master {
     pub(in crate::supervisor) fn relay_to_successor(
         &mut self,
         record: handover::Connection,
-        fd: OwnedFd,
+        fd: handover::Descriptors,
         from: Pid,
         since: Instant,
-    ) -> Result<(), (handover::Connection, OwnedFd)> {
+    ) -> Result<(), (handover::Connection, handover::Descriptors)> {
         let Some(Successor::Serving { channel, pid }) = &self.successor else {
             return Err((record, fd));
         };
-        match handover::send_connection(channel.as_fd(), &record, fd.as_fd()) {
+        match handover::send_connection(
+            channel.as_fd(),
+            &record,
+            fd.stream.as_fd(),
+            fd.unread.as_ref(),
+        ) {
             Ok(()) => {}
             Err(e) => {
                 if !handover::would_block(&e) {

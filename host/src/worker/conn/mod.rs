@@ -40,18 +40,17 @@ use std::time::Instant;
 use std::collections::VecDeque;
 
 mod answering;
+mod moving;
 mod queue;
 
 use super::deadlines::{Linked, Links};
 use super::deferred::{Answer, Deferreds, Maker};
 use crate::codec::{Decoded, FrameDecoder, FrameError, HEADER_LEN};
-use crate::handover;
 use crate::listener::Stream;
 use crate::plugin::{Plugin, ProcessError, RawConnection, RawRequest, ResponseSink};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::scoreboard::{PluginStats, Slot, Stats};
 use answering::Answering;
-use nbnet_plugin_api::abi::NBNET_CONN_HANDED_OVER;
 
 /// Size of the worker's shared read buffer: frames up to this size that
 /// arrive whole are answered straight from it, with no per-connection copy.
@@ -210,6 +209,9 @@ pub struct Context<'a> {
     pub deferred: &'a mut Deferreds,
     /// `max_deferred_per_connection`.
     pub max_deferred: usize,
+    /// The worker is being replaced: connections that can move do not
+    /// read more (see [`moving`]).
+    pub leaving: bool,
 }
 
 /// One accepted client connection.
@@ -296,62 +298,6 @@ impl Connection {
             awaiting: 0,
             queued: 0,
         }
-    }
-
-    /// A connection another worker accepted and handed over (see
-    /// [`crate::handover`]): at a frame boundary, or still waiting for its
-    /// PROXY header.
-    pub fn adopted(
-        stream: Stream,
-        record: &handover::Connection,
-        listener: usize,
-        deadline: Instant,
-    ) -> Self {
-        let mut conn = Connection::new(
-            stream,
-            record.peer.clone(),
-            listener,
-            record.id,
-            deadline,
-            record.awaiting_proxy_header,
-        );
-        conn.fresh = false;
-        conn.pipelining = record.pipelining;
-        conn.flags = NBNET_CONN_HANDED_OVER;
-        conn
-    }
-
-    /// What another worker needs to take this connection over, if it can
-    /// move now: at a frame boundary (nothing received that is not
-    /// answered, no answer waiting to be sent) or before its PROXY header.
-    /// `listener` is its listener's address as the config writes it.
-    pub fn hand_over_record(&self, listener: &str) -> Option<handover::Connection> {
-        let at_boundary = matches!(self.state, State::Reading | State::ProxyHeader)
-            && self.input_len == 0
-            && self.queue.is_empty()
-            && !self.peer_shut;
-        let kind = match self.stream {
-            Stream::Tcp(_) => handover::StreamKind::Tcp,
-            Stream::Unix(_) => handover::StreamKind::Unix,
-            // A TLS session's keys and sequence numbers live in this
-            // process: it closes here, at the frame boundary, with
-            // close_notify (see README "Operations").
-            Stream::Tls(_) => return None,
-        };
-        at_boundary.then(|| handover::Connection {
-            kind,
-            id: self.id,
-            pipelining: self.pipelining,
-            awaiting_proxy_header: self.state == State::ProxyHeader,
-            listener: listener.to_string(),
-            peer: self.peer().to_string(),
-        })
-    }
-
-    /// From now on plugins see this connection as handed over (its
-    /// `on_close` in this worker).
-    pub fn mark_handed_over(&mut self) {
-        self.flags = NBNET_CONN_HANDED_OVER;
     }
 
     /// Whether its plugin has been told of it (`on_open`): on a

@@ -10,11 +10,13 @@ use super::*;
 impl Connection {
     /// Whether reading must pause for the deferred answers: as many as
     /// `max_deferred_per_connection` pending, or `max_pending_output_bytes`
-    /// of answers queued behind them.
+    /// of answers queued behind them; or the worker hands its connections
+    /// over and this one can move (see [`super::moving`]).
     #[inline]
     pub(super) fn must_wait(&self, ctx: &Context<'_>) -> bool {
         self.awaiting >= ctx.max_deferred
             || self.queued >= ctx.output_budget
+            || (ctx.leaving && !self.is_tls())
             || matches!(self.queue.back(), Some(Answer::Failed(_)))
     }
 
