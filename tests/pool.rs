@@ -182,6 +182,46 @@ shutdown_timeout = "20s""#,
     assert!(!log.contains("deferred_timeout"), "{log}");
 }
 
+/// A reload while a pool has a backlog, from a client that pipelined its
+/// requests and shut its sending side: the requests no thread started
+/// move with the connection to the new worker, every one is answered in
+/// order, then the client sees the EOF (not a close with requests lost).
+#[test]
+fn a_reload_moves_a_pool_backlog_even_from_a_half_closed_client() {
+    let server = Server::start(&config(1, r#"shutdown_timeout = "20s""#));
+    let old_pid = fast_pid(&server);
+    let mut client = Client::connect(server.port_n(0));
+    for n in 0..6 {
+        client
+            .send_frame(format!("sleep:{}", 200 + n).as_bytes())
+            .unwrap();
+    }
+    client.send_frame(b"pid").unwrap();
+    client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    server.signal(libc::SIGHUP);
+    for n in 0..6 {
+        let answer = client
+            .read_frame()
+            .unwrap_or_else(|e| panic!("request {n}: {e}\n{}", server.log()));
+        assert_eq!(answer, format!("slept {}", 200 + n).into_bytes());
+    }
+    let pid: i32 = String::from_utf8(client.read_frame().unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(
+        pid, old_pid,
+        "the last request is answered by the new worker"
+    );
+    let mut rest = Vec::new();
+    client.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    server.wait_for_log_line(&[
+        "request(s) the thread pool had not started go with their 1 connection(s)",
+    ]);
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));
