@@ -2,8 +2,9 @@
 # Installs the system programs the tests run as real peers when they are
 # missing: HAProxy (load_balancer), curl (admin, batching), promtool from
 # the `prometheus` package (admin: /metrics checked by Prometheus' own
-# parser), redis-server and openssl. Run by `make test` (the README's test
-# command) and so by .ci/run. Debian/Ubuntu packages.
+# parser), redis-server, openssl and faketime (tls: the server's clock
+# moved ahead, for session-ticket key rotation). Run by `make test` (the
+# README's test command) and so by .ci/run. Debian/Ubuntu packages.
 #
 # As root it installs them with apt-get; otherwise it installs nothing and
 # stops with the exact command to run. A test that still finds its program
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 # program:package
-wanted=(haproxy:haproxy curl:curl promtool:prometheus redis-server:redis-server openssl:openssl)
+wanted=(haproxy:haproxy curl:curl promtool:prometheus redis-server:redis-server openssl:openssl faketime:faketime)
 
 have() {
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]

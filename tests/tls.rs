@@ -483,8 +483,11 @@ fn a_reload_serves_a_renewed_certificate_without_refusing_anyone() {
         .run(&["reload", "--config", "nbnet.toml"]);
     assert!(outcome.status.success(), "reload failed: {outcome:?}");
     assert!(clients.join().unwrap() > 0);
-    let mut new = connect(tls_port(&server), &config);
+    // A client without a session (one with a session resumes it, the
+    // ticket keys survive a reload, and is shown no certificate).
+    let mut new = connect(tls_port(&server), &client_config(&pki.ca.pem(), None));
     assert_eq!(request(&mut new, b"b"), b"B");
+    assert_eq!(new.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
     assert_eq!(
         new.conn.peer_certificates().unwrap()[0],
         renewed,
@@ -791,5 +794,184 @@ fn nbnet_bench_speaks_tls_and_checks_every_response() {
     assert!(
         !usage.status.success() && usage.stderr.contains("--ca"),
         "{usage:?}"
+    );
+}
+
+/// A client config of one TLS version, with its own session cache (so
+/// its first handshake is a full one).
+fn client_config_of(
+    ca_pem: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::store(Arc::new(
+        rustls::client::ClientSessionMemoryCache::new(64),
+    ));
+    Arc::new(config)
+}
+
+/// One connection, one request (so the session tickets sent after the
+/// handshake are read), and how its handshake went.
+fn handshake(port: u16, config: &Arc<ClientConfig>) -> rustls::HandshakeKind {
+    let mut tls = connect(port, config);
+    assert_eq!(request(&mut tls, b"r"), b"R");
+    tls.conn.handshake_kind().unwrap()
+}
+
+/// A session made on one connection resumes on every later one.
+fn assert_resumes(port: u16, ca_pem: &str, later: usize, when: &str) {
+    use rustls::HandshakeKind::{Full, Resumed};
+    for (version, name) in [
+        (&rustls::version::TLS13, "TLS 1.3"),
+        (&rustls::version::TLS12, "TLS 1.2"),
+    ] {
+        let config = client_config_of(ca_pem, version);
+        assert_eq!(
+            handshake(port, &config),
+            Full,
+            "{name}{when}: the first handshake"
+        );
+        for i in 0..later {
+            assert_eq!(
+                handshake(port, &config),
+                Resumed,
+                "{name}{when}: later connection {i} did not resume the session (a full handshake: the worker that took it could not open the ticket)"
+            );
+        }
+    }
+}
+
+/// libfaketime (Debian `faketime`), to move the server's clock.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    nbnet_tests::require_program("faketime", "faketime")?;
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )])
+        .find(|lib| lib.is_file());
+    Some(found.expect(
+        "the faketime program is installed but not libfaketime.so.1: apt-get install libfaketime",
+    ))
+}
+
+/// Both workers took resumed handshakes (else a test proved nothing).
+fn assert_both_workers_resumed(server: &Server) {
+    let text = admin_metrics(server);
+    for worker in ["worker=\"0\"", "worker=\"1\""] {
+        assert!(
+            sum_of(&text, "nbnet_tls_resumed_total", worker) > 0.0,
+            "no resumed handshake on {worker}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn a_session_resumes_on_every_worker() {
+    let sandbox = Sandbox::new();
+    let pki = pki(&sandbox);
+    let server = Server::start_in(sandbox, &UPPER_TLS.replace("workers = 1", "workers = 2"));
+    assert_resumes(tls_port(&server), &pki.ca.pem(), 24, "");
+    assert_both_workers_resumed(&server);
+}
+
+#[test]
+fn a_session_resumes_on_every_worker_also_after_the_ticket_keys_rotate() {
+    let Some(faketime) = libfaketime() else {
+        return;
+    };
+    let mut sandbox = Sandbox::new();
+    let pki = pki(&sandbox);
+    // The server's wall clock (only: timeouts run on the monotonic one)
+    // is moved by writing this file: rustls' own ticketer rotated its key
+    // every 6 h from a random source in each worker; ours changes keys
+    // at each 6 h period, the same in every worker.
+    let clock = sandbox.write("clock", b"+0");
+    sandbox.set_env("LD_PRELOAD", faketime.to_str().unwrap());
+    sandbox.set_env("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap());
+    sandbox.set_env("FAKETIME_NO_CACHE", "1");
+    sandbox.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let server = Server::start_in(sandbox, &UPPER_TLS.replace("workers = 1", "workers = 2"));
+    let port = tls_port(&server);
+    for hours in [7, 14, 21] {
+        std::fs::write(&clock, format!("+{hours}h")).unwrap();
+        assert_resumes(port, &pki.ca.pem(), 12, &format!(" at +{hours}h"));
+    }
+    assert_both_workers_resumed(&server);
+}
+
+#[test]
+fn a_session_made_before_a_reload_resumes_on_the_new_workers() {
+    let sandbox = Sandbox::new();
+    let pki = pki(&sandbox);
+    // One worker: the session resumes before the reload on any code; only
+    // the reload is tested here (every worker: the tests above).
+    let config_text = UPPER_TLS.replace("workers = 1", "workers = 1\npid_file = \"nbnet.pid\"");
+    let mut server = Server::start_in(sandbox, &config_text);
+    let port = tls_port(&server);
+    use rustls::HandshakeKind::{Full, Resumed};
+    let versions = [
+        (&rustls::version::TLS13, "TLS 1.3"),
+        (&rustls::version::TLS12, "TLS 1.2"),
+    ];
+    let configs: Vec<_> = versions
+        .iter()
+        .map(|(version, _)| client_config_of(&pki.ca.pem(), version))
+        .collect();
+    for config in &configs {
+        assert_eq!(handshake(port, config), Full);
+        assert_eq!(handshake(port, config), Resumed);
+    }
+    let before = server.worker_pids();
+    let outcome = server
+        .sandbox_mut()
+        .run(&["reload", "--config", "nbnet.toml"]);
+    assert!(outcome.status.success(), "reload failed: {outcome:?}");
+    let after = server.worker_pids();
+    assert!(
+        after.iter().all(|pid| !before.contains(pid)),
+        "{before:?} -> {after:?}"
+    );
+    for (config, (_, name)) in configs.iter().zip(versions) {
+        for i in 0..6 {
+            assert_eq!(
+                handshake(port, config),
+                Resumed,
+                "{name}: connection {i} after a no-op reload did not resume the session made before it"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_session_from_a_listener_without_client_certificates_does_not_open_a_mutual_tls_one() {
+    let (server, pki) = start();
+    let config = client_config(&pki.ca.pem(), None);
+    let mut open = connect(tls_port(&server), &config);
+    assert_eq!(request(&mut open, b"a"), b"A");
+    drop(open);
+    // The same client (same server name, so it offers that session) on
+    // the mutual-TLS listener: a resumption would skip the client
+    // certificate, so the session must not open there.
+    let mut mutual = connect(server.aux_port(1), &config);
+    assert!(
+        refused(&mut mutual),
+        "a ticket from the listener without mutual TLS let a client without a certificate in"
+    );
+    assert_ne!(
+        mutual.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
     );
 }

@@ -5,7 +5,9 @@
 //! each reload, and for `--check`): it may be root and the workers may not
 //! be able to read the key. The [`rustls::ServerConfig`] is built there,
 //! before fork, so every worker inherits the same one — including the
-//! session-ticket key, so a client resumes its session on any worker.
+//! session-ticket keys ([`tickets`]: made from a secret the master keeps
+//! for its whole life), so a client resumes its session on any worker,
+//! before and after a reload.
 //!
 //! The per-connection side (the handshake and records inside the worker's
 //! reactor) is [`crate::worker::tls`].
@@ -18,6 +20,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+pub mod tickets;
 
 /// `tls = { cert, key, client_ca, min_version }` as written in a listener.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -140,6 +144,7 @@ pub fn load(raw: &RawTls, base: &Path) -> Result<TlsListener, Vec<String>> {
     let roots = raw.client_ca.as_deref().map(|written| {
         let file = resolve(written);
         let cas = read_certificates(&file, "client_ca", &mut problems);
+        let context = tickets::context(Some(&cas));
         let mut roots = RootCertStore::empty();
         for ca in cas {
             if let Some(warning) = validity_warning(&ca, &file) {
@@ -152,7 +157,7 @@ pub fn load(raw: &RawTls, base: &Path) -> Result<TlsListener, Vec<String>> {
                 ));
             }
         }
-        (file, roots)
+        (file, roots, context)
     });
     let (Some(key), false) = (key, certs.is_empty()) else {
         return Err(problems);
@@ -166,9 +171,11 @@ pub fn load(raw: &RawTls, base: &Path) -> Result<TlsListener, Vec<String>> {
             Err(e) => return Err(vec![format!("tls: {e}")]),
         };
     let client_auth = roots.is_some();
+    let mut context = tickets::context(None);
     let builder = match roots {
         None => builder.with_no_client_auth(),
-        Some((file, roots)) => {
+        Some((file, roots, with_cas)) => {
+            context = with_cas;
             match rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider(),
@@ -202,13 +209,12 @@ pub fn load(raw: &RawTls, base: &Path) -> Result<TlsListener, Vec<String>> {
             )])
         }
     };
-    // Session resumption: stateless tickets (TLS 1.3 and 1.2) whose key is
-    // made here, before fork, so any worker resumes any client's session;
-    // the default in-memory session cache stays for TLS 1.2 session ids.
-    match rustls::crypto::ring::Ticketer::new() {
-        Ok(ticketer) => config.ticketer = ticketer,
-        Err(e) => return Err(vec![format!("tls: cannot make a session ticket key: {e}")]),
-    }
+    // Session resumption: stateless tickets (TLS 1.3 and 1.2) whose keys
+    // every worker derives from the master's secret, the same before and
+    // after a reload; the default in-memory session cache stays for TLS
+    // 1.2 session ids (per worker).
+    config.ticketer = tickets::Ticketer::for_listener(context)
+        .map_err(|e| vec![format!("tls: cannot make a session ticket key: {e}")])?;
     Ok(TlsListener {
         config: Arc::new(config),
         cert_file,
