@@ -1147,6 +1147,44 @@ impl Server {
     }
 }
 
+/// Kills every process whose command line names the sandbox `dir` (a
+/// unique temporary folder): masters, workers, and what test plugins fork
+/// without exec (a daemon made in init keeps its worker's command line and
+/// outlives a master killed with SIGKILL, whose sweep of its workers'
+/// process groups never runs). No process of another test or user names
+/// this folder.
+fn sweep_sandbox_processes(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let names_it = fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle));
+        if names_it {
+            // SAFETY: kill(2) on a pid; a process gone meanwhile is ESRCH.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        sweep_sandbox_processes(self.dir.path());
+    }
+}
+
 /// Kills the nbnet named by `dir`/nbnet.pid (and its workers), if that
 /// process is an nbnet running from this sandbox.
 fn kill_pid_file_holder(dir: &Path) {
