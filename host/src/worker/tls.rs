@@ -252,6 +252,7 @@ impl Read for TlsStream {
             return self.sock.read(buf);
         }
         let mut filled = 0;
+        let mut drained = false;
         loop {
             // Plaintext already decrypted first.
             match self.conn.reader().read(&mut buf[filled..]) {
@@ -262,12 +263,27 @@ impl Read for TlsStream {
                         return Ok(filled);
                     }
                 }
+                // The socket's last read was short: it has nothing more,
+                // and another read would only say WouldBlock (edge-triggered
+                // polling reports what arrives later).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained => {
+                    return match filled {
+                        0 => Err(e),
+                        _ => Ok(filled),
+                    };
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // TCP EOF without close_notify: an ordinary close.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(filled),
                 Err(e) => return Err(e),
             }
-            match self.conn.read_tls(&mut self.sock) {
+            let mut sock = Drained {
+                sock: &mut self.sock,
+                drained: false,
+            };
+            let read = self.conn.read_tls(&mut sock);
+            drained = sock.drained;
+            match read {
                 Ok(0) => {
                     if self.conn.is_handshaking() && self.received {
                         return Err(self.fail(
@@ -289,6 +305,21 @@ impl Read for TlsStream {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The socket, noting whether a read came back short of the buffer
+/// rustls offered: the kernel had no more bytes then.
+struct Drained<'a> {
+    sock: &'a mut Stream,
+    drained: bool,
+}
+
+impl Read for Drained<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.drained = n < buf.len();
+        Ok(n)
     }
 }
 
