@@ -258,14 +258,17 @@ impl Read for TlsStream {
             match self.conn.reader().read(&mut buf[filled..]) {
                 Ok(n) => {
                     filled += n;
-                    if n == 0 || filled == buf.len() {
-                        // Full, or close_notify received (then 0 once drained).
+                    // Full, or close_notify received (then 0 once drained),
+                    // or all there is: the socket's last read was short, so
+                    // it has nothing more (edge-triggered polling reports
+                    // what arrives later), and rustls has handed over all it
+                    // decrypted (the buffer is not full).
+                    if n == 0 || filled == buf.len() || drained {
                         return Ok(filled);
                     }
                 }
-                // The socket's last read was short: it has nothing more,
-                // and another read would only say WouldBlock (edge-triggered
-                // polling reports what arrives later).
+                // Nothing decrypted, and the socket has nothing more: not
+                // ready (without a read that would only say so).
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained => {
                     return match filled {
                         0 => Err(e),
