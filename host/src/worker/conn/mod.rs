@@ -539,6 +539,7 @@ impl Connection {
         read_closed: bool,
         writable: bool,
     ) -> Result<bool, Close> {
+        debug_assert!(TLS || !self.is_tls(), "a TLS stream on the plain path");
         let mut outcome = Ok(false);
         if readable {
             outcome = self.on_readable_as::<TLS>(ctx, scratch, read_closed);
@@ -563,6 +564,7 @@ impl Connection {
         scratch: &mut Scratch,
         read_closed: bool,
     ) -> Result<bool, Close> {
+        debug_assert!(TLS || !self.is_tls(), "a TLS stream on the plain path");
         self.peer_shut |= read_closed;
         let read_closed = self.peer_shut;
         if self.state == State::ProxyHeader && !self.read_proxy_header::<TLS>(ctx, scratch)? {
