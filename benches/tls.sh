@@ -3,7 +3,7 @@
 # the tokio peer in its TLS mode (tokio-rustls, same rustls + ring provider),
 # and against HAProxy terminating TLS in front of plaintext nbnet.
 #
-#   benches/tls.sh [--duration 3s] [--repeats N]
+#   benches/tls.sh [--duration 3s] [--repeats N] [--quota PERCENT] [--only rps|handshakes]
 #
 # Servers run on core 0, the load generator (`nbnet bench --tls`, 1 thread,
 # or `openssl s_time` for handshakes) on core 1. Per scenario and server:
@@ -17,17 +17,26 @@
 # nbnet_tls_resumed_total stays 0 -- but does resume TLS 1.2 ones) for the
 # duration: connections/s and server CPU per handshake.
 #
+# --quota 50: the server (nbnet's master and worker; the peer; HAProxy and
+# nbnet together) runs in a cgroup (v1 cpu controller) limited to that
+# share of one core, so the server, not the load generator, sets the pace
+# and requests/s compare servers. Needs root and /sys/fs/cgroup/cpu.
+# (One openssl s_time process makes about 1,000 full handshakes/s here:
+# to make the server set the handshake rate, give it less, e.g. 15 %.)
+#
 # Only 127.0.0.1 is used. Output: a markdown table on stdout, raw data in $OUT.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-DUR=3s REPEATS=1
+DUR=3s REPEATS=1 QUOTA="" ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DUR=$2; shift ;;
         --repeats) REPEATS=$2; shift ;;
-        *) echo "usage: $0 [--duration 3s] [--repeats N]" >&2; exit 2 ;;
+        --quota) QUOTA=$2; shift ;;
+        --only) ONLY=$2; shift ;;
+        *) echo "usage: $0 [--duration 3s] [--repeats N] [--quota PERCENT] [--only rps|handshakes]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -93,8 +102,28 @@ EOF
 
 PIDS=()     # processes whose CPU counts (nbnet's worker, the peer, haproxy)
 TOPS=()     # what we signal to stop
-cleanup() { for p in "${TOPS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+CG=""       # the servers' cgroup with --quota
+if [ -n "$QUOTA" ]; then
+    CG=/sys/fs/cgroup/cpu/nbnet-tls-bench-$$
+    mkdir "$CG"
+    echo 100000 >"$CG/cpu.cfs_period_us"
+    echo $((QUOTA * 1000)) >"$CG/cpu.cfs_quota_us"
+    log "servers limited to $QUOTA % of one core ($CG)"
+fi
+cleanup() {
+    for p in "${TOPS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    if [ -n "$CG" ]; then
+        for p in "${TOPS[@]}"; do wait "$p" 2>/dev/null || true; done
+        rmdir "$CG" 2>/dev/null || true
+    fi
+}
 trap cleanup EXIT
+# Put before a server's command: it joins the quota's cgroup, then execs
+# (same pid, so $! is the server; whatever it forks is in the cgroup too).
+CAPPED=()
+if [ -n "$CG" ]; then
+    CAPPED=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG")
+fi
 
 wait_plain() {
     local i
@@ -117,19 +146,19 @@ start() { # nbnet|peer|haproxy -> sets PIDS, TOPS, PORT
     PIDS=() TOPS=()
     case "$1" in
         nbnet | haproxy)
-            NBNET_ALLOW_ROOT=1 taskset -c 0 "$NBNET" --config "$OUT/nbnet.toml" 2>>"$OUT/nbnet.log" &
+            NBNET_ALLOW_ROOT=1 "${CAPPED[@]}" taskset -c 0 "$NBNET" --config "$OUT/nbnet.toml" 2>>"$OUT/nbnet.log" &
             TOPS+=($!)
             wait_plain "$PLAIN_PORT"
             PIDS+=("$(awk '{print $1}' "/proc/${TOPS[0]}/task/${TOPS[0]}/children")")
             PORT=$NB_PORT
             if [ "$1" = haproxy ]; then
-                taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" 2>>"$OUT/haproxy.log" &
+                "${CAPPED[@]}" taskset -c 0 haproxy -db -f "$OUT/haproxy.cfg" 2>>"$OUT/haproxy.log" &
                 TOPS+=($!) PIDS+=($!)
                 PORT=$HAP_PORT
             fi
             ;;
         peer)
-            taskset -c 0 "$PEER" --addr "127.0.0.1:$PEER_PORT" --tls-cert "$OUT/server.pem" \
+            "${CAPPED[@]}" taskset -c 0 "$PEER" --addr "127.0.0.1:$PEER_PORT" --tls-cert "$OUT/server.pem" \
                 --tls-key "$OUT/server.key" 2>>"$OUT/peer.log" &
             TOPS+=($!) PIDS+=($!)
             PORT=$PEER_PORT
@@ -146,6 +175,7 @@ bench() { taskset -c 1 "$NBNET" bench --tls --ca "$OUT/ca.pem" --addr "127.0.0.1
 
 for rep in $(seq "$REPEATS"); do
     for sc in "d1-64 50 1 64" "d16-64 50 16 64" "d1-64k 8 1 65536" "d16-64k 8 16 65536"; do
+        if [ "$ONLY" = handshakes ]; then continue; fi
         set -- $sc
         for server in nbnet peer haproxy; do
             start "$server"
@@ -167,6 +197,7 @@ PY
         done
     done
     for mode in new reuse; do
+        if [ "$ONLY" = rps ]; then continue; fi
         for server in nbnet peer; do
             start "$server"
             t0=$(ticks)

@@ -285,24 +285,13 @@ impl Reactor {
                             max_deferred: self.limits.max_deferred_per_connection,
                             leaving: self.handing_over,
                         };
-                        let mut outcome = Ok(false);
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            outcome = conn.on_readable(
-                                &mut ctx,
-                                &mut self.scratch,
-                                event.is_read_closed(),
-                            );
-                        }
-                        // WRITABLE matters only while answers (or TLS
-                        // records) wait to be sent.
-                        if event.is_writable() && conn.has_unsent_output() {
-                            outcome = match outcome {
-                                Ok(progress) => conn
-                                    .on_writable(&mut ctx, &mut self.scratch)
-                                    .map(|p| p || progress),
-                                closed => closed,
-                            };
-                        }
+                        let outcome = conn.on_event(
+                            &mut ctx,
+                            &mut self.scratch,
+                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                            event.is_read_closed(),
+                            event.is_writable(),
+                        );
                         // (`close` subtracts what a closed connection held.)
                         // Most events leave no buffer behind (whole frames,
                         // answers sent at once): nothing to account then.

@@ -252,22 +252,41 @@ impl Read for TlsStream {
             return self.sock.read(buf);
         }
         let mut filled = 0;
+        let mut drained = false;
         loop {
             // Plaintext already decrypted first.
             match self.conn.reader().read(&mut buf[filled..]) {
                 Ok(n) => {
                     filled += n;
-                    if n == 0 || filled == buf.len() {
-                        // Full, or close_notify received (then 0 once drained).
+                    // Full, or close_notify received (then 0 once drained),
+                    // or all there is: the socket's last read was short, so
+                    // it has nothing more (edge-triggered polling reports
+                    // what arrives later), and rustls has handed over all it
+                    // decrypted (the buffer is not full).
+                    if n == 0 || filled == buf.len() || drained {
                         return Ok(filled);
                     }
+                }
+                // Nothing decrypted, and the socket has nothing more: not
+                // ready (without a read that would only say so).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained => {
+                    return match filled {
+                        0 => Err(e),
+                        _ => Ok(filled),
+                    };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // TCP EOF without close_notify: an ordinary close.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(filled),
                 Err(e) => return Err(e),
             }
-            match self.conn.read_tls(&mut self.sock) {
+            let mut sock = Drained {
+                sock: &mut self.sock,
+                drained: false,
+            };
+            let read = self.conn.read_tls(&mut sock);
+            drained = sock.drained;
+            match read {
                 Ok(0) => {
                     if self.conn.is_handshaking() && self.received {
                         return Err(self.fail(
@@ -289,6 +308,21 @@ impl Read for TlsStream {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The socket, noting whether a read came back short of the buffer
+/// rustls offered: the kernel had no more bytes then.
+struct Drained<'a> {
+    sock: &'a mut Stream,
+    drained: bool,
+}
+
+impl Read for Drained<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.drained = n < buf.len();
+        Ok(n)
     }
 }
 

@@ -315,6 +315,13 @@ impl Connection {
 
     /// The connection as a plugin sees it; borrows this connection's text.
     pub fn describe<'a>(&'a self, listener_addr: &'a CStr) -> RawConnection {
+        self.describe_as::<true>(listener_addr)
+    }
+
+    /// [`describe`](Self::describe) for an event's path: `TLS` false
+    /// leaves the TLS check out (see [`Connection::on_event`]).
+    #[inline(always)]
+    fn describe_as<'a, const TLS: bool>(&'a self, listener_addr: &'a CStr) -> RawConnection {
         let mut raw = RawConnection {
             id: self.id,
             peer: self.peer.as_ptr(),
@@ -324,8 +331,10 @@ impl Connection {
             tls_subject: std::ptr::null(),
             tls_sans: std::ptr::null(),
         };
-        if let Stream::Tls(tls) = &self.stream {
-            super::tls::describe(tls, &mut raw);
+        if TLS {
+            if let Stream::Tls(tls) = &self.stream {
+                super::tls::describe(tls, &mut raw);
+            }
         }
         raw
     }
@@ -392,7 +401,12 @@ impl Connection {
     /// client to read them.
     #[inline]
     pub fn has_unsent_output(&self) -> bool {
-        self.state == State::Writing || self.stream.wants_write()
+        self.has_unsent_output_as::<true>()
+    }
+
+    #[inline(always)]
+    fn has_unsent_output_as<const TLS: bool>(&self) -> bool {
+        self.state == State::Writing || (TLS && self.stream.wants_write())
     }
 
     /// Whether part of a frame has been received.
@@ -422,9 +436,84 @@ impl Connection {
         scratch: &mut Scratch,
         read_closed: bool,
     ) -> Result<bool, Close> {
+        if self.is_tls() {
+            self.on_readable_as::<true>(ctx, scratch, read_closed)
+        } else {
+            self.on_readable_as::<false>(ctx, scratch, read_closed)
+        }
+    }
+
+    /// One event on the socket: READABLE (or read-closed, or an error)
+    /// reads and answers, WRITABLE sends what waits. A plain stream runs
+    /// a copy of the path with every TLS check compiled out; a TLS one
+    /// runs its own copy, out of line.
+    #[inline]
+    pub fn on_event(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        readable: bool,
+        read_closed: bool,
+        writable: bool,
+    ) -> Result<bool, Close> {
+        if self.is_tls() {
+            return self.on_tls_event(ctx, scratch, readable, read_closed, writable);
+        }
+        self.on_event_as::<false>(ctx, scratch, readable, read_closed, writable)
+    }
+
+    #[inline(never)]
+    fn on_tls_event(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        readable: bool,
+        read_closed: bool,
+        writable: bool,
+    ) -> Result<bool, Close> {
+        self.on_event_as::<true>(ctx, scratch, readable, read_closed, writable)
+    }
+
+    /// `TLS`: false only when the stream is plain (TCP or Unix); the TLS
+    /// checks are then left out of this copy of the event's path.
+    #[inline(always)]
+    fn on_event_as<const TLS: bool>(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        readable: bool,
+        read_closed: bool,
+        writable: bool,
+    ) -> Result<bool, Close> {
+        debug_assert!(TLS || !self.is_tls(), "a TLS stream on the plain path");
+        let mut outcome = Ok(false);
+        if readable {
+            outcome = self.on_readable_as::<TLS>(ctx, scratch, read_closed);
+        }
+        // WRITABLE matters only while answers (or TLS records) wait to
+        // be sent.
+        if writable && self.has_unsent_output_as::<TLS>() {
+            outcome = match outcome {
+                Ok(progress) => self
+                    .on_writable_as::<TLS>(ctx, scratch)
+                    .map(|p| p || progress),
+                closed => closed,
+            };
+        }
+        outcome
+    }
+
+    #[inline(always)]
+    fn on_readable_as<const TLS: bool>(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+        read_closed: bool,
+    ) -> Result<bool, Close> {
+        debug_assert!(TLS || !self.is_tls(), "a TLS stream on the plain path");
         self.peer_shut |= read_closed;
         let read_closed = self.peer_shut;
-        if self.state == State::ProxyHeader && !self.read_proxy_header(ctx, scratch)? {
+        if self.state == State::ProxyHeader && !self.read_proxy_header::<TLS>(ctx, scratch)? {
             return Ok(false);
         }
         if self.state != State::Reading {
@@ -437,7 +526,7 @@ impl Connection {
             // Frames already received but held back by the output budget
             // come first, before reading more.
             if self.holds_a_frame(ctx.decoder) {
-                self.answer_and_flush(ctx, scratch, 0)?;
+                self.answer_and_flush::<TLS>(ctx, scratch, 0)?;
                 progress = true;
                 if self.state != State::Reading {
                     return Ok(true);
@@ -446,13 +535,14 @@ impl Connection {
             }
             let (read, want) = if self.input_len == 0 {
                 // At a frame boundary: read into the worker's shared buffer.
-                let read = self.stream.read(&mut scratch.input);
+                let read = read_as::<TLS>(&mut self.stream, &mut scratch.input);
                 (read, scratch.input.len())
             } else {
                 // Continue the partial frame in the connection's own buffer.
                 let want = self.read_size(ctx.decoder);
                 self.reserve_input(want);
-                (self.stream.read(&mut self.input[self.input_len..]), want)
+                let read = read_as::<TLS>(&mut self.stream, &mut self.input[self.input_len..]);
+                (read, want)
             };
             match read {
                 // 0 bytes: the peer closed its sending side. Every answer was
@@ -474,7 +564,7 @@ impl Connection {
                 Ok(n) => {
                     self.fresh = false;
                     let frame_under_way = self.input_len > 0;
-                    let completed = self.answer_and_flush(ctx, scratch, n)?;
+                    let completed = self.answer_and_flush::<TLS>(ctx, scratch, n)?;
                     if completed || !frame_under_way || self.input_len == 0 {
                         progress = true;
                     }
@@ -504,15 +594,15 @@ impl Connection {
     /// connection moves to Writing and stops reading (WRITABLE resumes it),
     /// so its memory stays bounded. `Ok(true)` when a frame was answered.
     #[inline]
-    fn answer_and_flush(
+    fn answer_and_flush<const TLS: bool>(
         &mut self,
         ctx: &mut Context<'_>,
         scratch: &mut Scratch,
         n: usize,
     ) -> Result<bool, Close> {
-        match self.process_read(ctx, scratch, n) {
+        match self.process_read::<TLS>(ctx, scratch, n) {
             Ok(completed) => {
-                self.flush_scratch(ctx, scratch)?;
+                self.flush_scratch::<TLS>(ctx, scratch)?;
                 Ok(completed)
             }
             Err(close) => Err(self.flush_before_closing(ctx, scratch, close)),
@@ -568,7 +658,7 @@ impl Connection {
     /// client's address, answers any frames that came with the header, and
     /// moves to Reading. `Ok(false)` while the header is incomplete (its
     /// bytes do not extend the deadline: `read_timeout` bounds the header).
-    fn read_proxy_header(
+    fn read_proxy_header<const TLS: bool>(
         &mut self,
         ctx: &mut Context<'_>,
         scratch: &mut Scratch,
@@ -632,7 +722,7 @@ impl Connection {
             if self.input_len > 0 {
                 // Frames sent right behind the header (answered, or their
                 // error handled, exactly like frames from a read).
-                self.answer_and_flush(ctx, scratch, 0)?;
+                self.answer_and_flush::<TLS>(ctx, scratch, 0)?;
             } else {
                 self.input = Vec::new();
             }
@@ -642,19 +732,21 @@ impl Connection {
 
     /// Handles WRITABLE: sends queued responses; once all are sent, resumes
     /// reading (data may have arrived while reads were paused).
-    #[inline]
-    pub fn on_writable(
+    #[inline(always)]
+    fn on_writable_as<const TLS: bool>(
         &mut self,
         ctx: &mut Context<'_>,
         scratch: &mut Scratch,
     ) -> Result<bool, Close> {
         if self.state != State::Writing {
             // TLS handshake records the socket could not take at once.
-            self.stream.send_pending().map_err(Close::Io)?;
+            if TLS {
+                self.stream.send_pending().map_err(Close::Io)?;
+            }
             return Ok(false);
         }
         let before = self.written;
-        let done = write_some(
+        let done = write_some_as::<TLS>(
             &mut self.stream,
             &self.output,
             &mut self.written,
@@ -672,7 +764,7 @@ impl Connection {
         }
         self.transition(State::Reading);
         // Edge-triggered: an edge seen while paused is gone, so look now.
-        let read_progress = self.on_readable(ctx, scratch, false)?;
+        let read_progress = self.on_readable_as::<TLS>(ctx, scratch, false)?;
         Ok(progress || read_progress)
     }
 
@@ -681,7 +773,7 @@ impl Connection {
     /// keeps any trailing partial frame in the connection's own buffer.
     /// `Ok(true)` when at least one frame was answered.
     #[inline]
-    fn process_read(
+    fn process_read<const TLS: bool>(
         &mut self,
         ctx: &mut Context<'_>,
         scratch: &mut Scratch,
@@ -695,7 +787,7 @@ impl Connection {
         );
         scratch.responses.buffer_mut().clear();
         // How plugins see this connection: valid for this read's calls.
-        let conn = self.describe(ctx.listener_addr);
+        let conn = self.describe_as::<TLS>(ctx.listener_addr);
         scratch.responses.set_connection(&conn);
         ctx.slot.stats.bytes_in.add(n as u64);
         let mut answering = Answering {
@@ -787,7 +879,11 @@ impl Connection {
     /// moves to the connection's own buffer, and the connection waits for
     /// WRITABLE.
     #[inline]
-    fn flush_scratch(&mut self, ctx: &mut Context<'_>, scratch: &mut Scratch) -> Result<(), Close> {
+    fn flush_scratch<const TLS: bool>(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<(), Close> {
         // (One test for both: this read deferred a request, or answers
         // already wait in order.)
         if (scratch.responses.deferred() | self.queue.len()) != 0 {
@@ -796,7 +892,7 @@ impl Connection {
         let stats = &ctx.slot.stats;
         let mut written = 0;
         let output = scratch.responses.buffer();
-        let result = write_some(&mut self.stream, output, &mut written, stats);
+        let result = write_some_as::<TLS>(&mut self.stream, output, &mut written, stats);
         if let Ok(false) = result {
             self.output = output[written..].to_vec();
             self.written = 0;
@@ -814,17 +910,27 @@ impl Connection {
 
 /// Writes `buf[*written..]` until done (`Ok(true)`) or the kernel's send
 /// buffer is full (`Ok(false)`), advancing `*written`.
-// Always inlined: out of line it costs ~50 instructions per response
-// (callgrind, 64 B at depth 1).
-#[inline(always)]
 fn write_some(
     stream: &mut Stream,
     buf: &[u8],
     written: &mut usize,
     stats: &Stats,
 ) -> Result<bool, Close> {
+    write_some_as::<true>(stream, buf, written, stats)
+}
+
+/// [`write_some`]; `TLS` false only for a plain stream (no TLS check).
+// Always inlined: out of line it costs ~50 instructions per response
+// (callgrind, 64 B at depth 1).
+#[inline(always)]
+fn write_some_as<const TLS: bool>(
+    stream: &mut Stream,
+    buf: &[u8],
+    written: &mut usize,
+    stats: &Stats,
+) -> Result<bool, Close> {
     while *written < buf.len() {
-        match stream.write(&buf[*written..]) {
+        match write_as::<TLS>(stream, &buf[*written..]) {
             Ok(0) => return Err(Close::Io(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 *written += n;
@@ -838,8 +944,29 @@ fn write_some(
     }
     // TLS: the records of what was written may still wait for the socket.
     match stream {
-        Stream::Tls(tls) => tls.send_pending().map_err(Close::Io),
+        Stream::Tls(tls) if TLS => tls.send_pending().map_err(Close::Io),
         _ => Ok(true),
+    }
+}
+
+/// Reads from `stream`; `TLS` false: the plain variants come first, with
+/// no TLS arm in between (any stream is still read correctly).
+#[inline(always)]
+fn read_as<const TLS: bool>(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+    match stream {
+        Stream::Tcp(s) if !TLS => s.read(buf),
+        Stream::Unix(s) if !TLS => s.read(buf),
+        other => other.read(buf),
+    }
+}
+
+/// Writes to `stream`, like [`read_as`].
+#[inline(always)]
+fn write_as<const TLS: bool>(stream: &mut Stream, buf: &[u8]) -> io::Result<usize> {
+    match stream {
+        Stream::Tcp(s) if !TLS => s.write(buf),
+        Stream::Unix(s) if !TLS => s.write(buf),
+        other => other.write(buf),
     }
 }
 
