@@ -299,7 +299,8 @@ impl super::reactor::Reactor {
 
     /// Lends connection `key` what an event needs: the connection, its
     /// [`Context`](super::conn::Context) and the worker's scratch buffers.
-    /// (The reactor's event loop builds the same inline, for speed.)
+    /// (The event loop uses the [`context!`](super::reactor::context)
+    /// macro itself: it keeps other fields of the reactor in use.)
     pub(super) fn lend(
         &mut self,
         key: usize,
@@ -309,23 +310,7 @@ impl super::reactor::Reactor {
         &mut super::conn::Scratch,
     )> {
         let conn = self.connections.get_mut(key)?;
-        let listener = &self.listeners[conn.listener];
-        let ctx = super::conn::Context {
-            plugin: &mut self.plugins[listener.plugin],
-            decoder: self.decoder,
-            listener_addr: &listener.addr_text,
-            slot: self.slot,
-            plugin_index: listener.plugin,
-            stats: listener.stats,
-            served: &mut self.served,
-            output_budget: self.limits.max_pending_output_bytes,
-            time_plugin_calls: self.limits.time_plugin_calls,
-            access: listener.access.as_deref(),
-            key,
-            deferred: &mut self.deferred,
-            max_deferred: self.limits.max_deferred_per_connection,
-            leaving: self.handing_over,
-        };
+        let ctx = super::reactor::context!(self, conn, key);
         Some((conn, ctx, &mut self.scratch))
     }
 

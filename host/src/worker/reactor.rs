@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use slab::Slab;
 
 use super::budget::account;
-use super::conn::{Close, Connection, Context, Scratch};
+use super::conn::{Close, Connection, Scratch};
 use super::deadlines::Deadlines;
 use super::deferred::Deferreds;
 use crate::codec::FrameDecoder;
@@ -93,6 +93,33 @@ pub struct Listener {
     /// [`Reactor::new`]).
     pub stats: Option<&'static PluginStats>,
 }
+
+/// The [`Context`](super::conn::Context) an event on connection `conn` (key `key`) of reactor
+/// `$reactor` runs with. A macro, not a method: it borrows only the fields
+/// it names, so the event loop can go on using the others (the buffer
+/// account, the deadlines) while the context lives.
+macro_rules! context {
+    ($reactor:ident, $conn:ident, $key:expr) => {{
+        let listener = &$reactor.listeners[$conn.listener];
+        $crate::worker::conn::Context {
+            plugin: &mut $reactor.plugins[listener.plugin],
+            decoder: $reactor.decoder,
+            listener_addr: &listener.addr_text,
+            slot: $reactor.slot,
+            plugin_index: listener.plugin,
+            stats: listener.stats,
+            served: &mut $reactor.served,
+            output_budget: $reactor.limits.max_pending_output_bytes,
+            time_plugin_calls: $reactor.limits.time_plugin_calls,
+            access: listener.access.as_deref(),
+            key: $key,
+            deferred: &mut $reactor.deferred,
+            max_deferred: $reactor.limits.max_deferred_per_connection,
+            leaving: $reactor.handing_over,
+        }
+    }};
+}
+pub(super) use context;
 
 /// Whether the worker is taking new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,23 +295,7 @@ impl Reactor {
                             continue;
                         };
                         let held_before = conn.buffered_bytes();
-                        let listener = &self.listeners[conn.listener];
-                        let mut ctx = Context {
-                            plugin: &mut self.plugins[listener.plugin],
-                            decoder: self.decoder,
-                            listener_addr: &listener.addr_text,
-                            slot: self.slot,
-                            plugin_index: listener.plugin,
-                            stats: listener.stats,
-                            served: &mut self.served,
-                            output_budget: self.limits.max_pending_output_bytes,
-                            time_plugin_calls: self.limits.time_plugin_calls,
-                            access: listener.access.as_deref(),
-                            key,
-                            deferred: &mut self.deferred,
-                            max_deferred: self.limits.max_deferred_per_connection,
-                            leaving: self.handing_over,
-                        };
+                        let mut ctx = context!(self, conn, key);
                         let outcome = conn.on_event(
                             &mut ctx,
                             &mut self.scratch,
