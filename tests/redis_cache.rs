@@ -144,7 +144,11 @@ fn a_value_set_through_one_worker_is_read_back_through_another() {
         Duration::from_secs(10),
         "a connection on each of 2 workers",
         || {
-            let client = server.client();
+            let mut client = server.client();
+            // Answered: a worker has accepted it (until then the
+            // connection is only in the listen queue, and no worker holds
+            // its socket: the lookup below failed now and then).
+            assert_eq!(client.request(b"GET probe"), b"NOT_FOUND");
             let pid = serving_worker(&server, &client);
             if on.iter().all(|(p, _)| *p != pid) {
                 on.push((pid, client));

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -122,6 +122,8 @@ struct Shared {
     timeout: Duration,
     queue: Mutex<VecDeque<Job>>,
     ready: Condvar,
+    /// Pool threads waiting on `ready` (changed only under `queue`'s lock).
+    waiting: AtomicUsize,
     stop: AtomicBool,
     /// Per thread: the call it is in, if any.
     busy: Vec<Mutex<Option<Busy>>>,
@@ -152,6 +154,7 @@ pub(super) fn load(
         timeout: spec.plugin_timeout,
         queue: Mutex::new(VecDeque::new()),
         ready: Condvar::new(),
+        waiting: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         busy: (0..n).map(|_| Mutex::new(None)).collect(),
         stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -267,10 +270,12 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
                 if let Some(job) = queue.pop_front() {
                     break Some(job);
                 }
+                shared.waiting.fetch_add(1, Ordering::Relaxed);
                 queue = shared
                     .ready
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
+                shared.waiting.fetch_sub(1, Ordering::Relaxed);
             }
         };
         let Some(job) = job else { break };
@@ -429,7 +434,8 @@ unsafe extern "C" fn pool_process(
     let text = |p: *const std::ffi::c_char| {
         (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_owned())
     };
-    lock(&shared.queue).push_back(Job {
+    let mut queue = lock(&shared.queue);
+    queue.push_back(Job {
         request,
         handle: Handle(handle),
         conn_id: conn.id,
@@ -440,7 +446,15 @@ unsafe extern "C" fn pool_process(
         tls_subject: text(conn.tls_subject),
         tls_sans: text(conn.tls_sans),
     });
-    shared.ready.notify_one();
+    // A thread waits only after finding the queue empty, under this lock:
+    // with none waiting, one will find this job without being woken (and
+    // the worker's thread makes no `futex` call per request while the
+    // pool is busy).
+    let someone_waits = shared.waiting.load(Ordering::Relaxed) > 0;
+    drop(queue);
+    if someone_waits {
+        shared.ready.notify_one();
+    }
     NBNET_OK
 }
 
