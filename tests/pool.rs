@@ -222,6 +222,67 @@ fn a_reload_moves_a_pool_backlog_even_from_a_half_closed_client() {
     ]);
 }
 
+/// The worker's resident memory, in bytes.
+fn resident_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Hostile pass 5: requests a client pipelined to a busy pool were copied
+/// into the pool's queue without limit (3 connections x 100 requests of
+/// 1 MiB: 430 MB resident), counted neither against the connection's
+/// `max_pending_output_bytes` nor the worker's `max_buffered_bytes`. Now
+/// the copies are the connection's until answered: past the limit the
+/// worker stops reading it.
+#[test]
+fn requests_queued_for_a_pool_count_against_the_connections_limits() {
+    let server = Server::start(&config(
+        1,
+        r#"max_frame_bytes = 1048576
+deferred_timeout = "60s""#,
+    ));
+    let pid = fast_pid(&server);
+    let before = resident_bytes(pid);
+    let port = server.port_n(0);
+    let frame = {
+        let mut payload = b"sleep:3000|".to_vec();
+        payload.resize(1 << 20, b'x');
+        nbnet_tests::frame(&payload)
+    };
+    // Up to 48 MiB of requests, for 3 s, as fast as the worker takes them.
+    let writer = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_write_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut sent = 0usize;
+        let all: Vec<u8> = frame.repeat(48);
+        while sent < all.len() && start.elapsed() < std::time::Duration::from_secs(3) {
+            let end = (sent + (64 << 10)).min(all.len());
+            match std::io::Write::write(&mut stream, &all[sent..end]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {} // timed out: the worker is not reading; look again
+            }
+        }
+        (stream, sent)
+    });
+    let (_stream, sent) = writer.join().unwrap();
+    let grown = resident_bytes(pid).saturating_sub(before);
+    assert!(
+        grown < 24 << 20,
+        "the worker grew by {} MiB for a client that sent {} MiB to a busy pool",
+        grown >> 20,
+        sent >> 20
+    );
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));

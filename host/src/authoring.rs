@@ -338,7 +338,10 @@ fn run_plugin(options: &RunOptions) -> i32 {
             handed = true;
             sink.buffer_mut().clear();
             sink.clear_marks();
-            let slot = match plugin.process(request, &mut sink) {
+            let result = plugin.process(request, &mut sink);
+            // (No connection here to hold a pool's copies against.)
+            crate::plugin::pool::forget_copied();
+            let slot = match result {
                 Ok(_) => match sink.marks().first() {
                     Some(mark) => Slot::Waiting(mark.token, Instant::now()),
                     None => Slot::Ready(sink.buffer().to_vec()),

@@ -180,6 +180,16 @@ impl Completions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The token of a live handle (0 once it was completed).
+    ///
+    /// # Safety
+    /// `d` must be a live handle made by [`Completions::handle`] or
+    /// [`Completions::handle_from`].
+    pub unsafe fn token_of(d: *mut RawDeferred) -> u64 {
+        // SAFETY: the caller's promise.
+        unsafe { cell(d) }.token.load(Ordering::Acquire)
+    }
+
     /// Takes a handle back without completing it: its request is not
     /// answered here (a thread pool's queued request going, unstarted, to
     /// another worker). Returns the request's token, or `None` if the

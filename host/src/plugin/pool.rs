@@ -47,6 +47,35 @@ pub fn take_replacement_request() -> bool {
     REPLACEMENT_WANTED.load(Ordering::Acquire) && REPLACEMENT_WANTED.swap(false, Ordering::AcqRel)
 }
 
+thread_local! {
+    /// Requests the pools copied during the worker thread's current read:
+    /// (token, bytes). The connection takes them when it registers the
+    /// read's deferred requests (`take_copied`): those bytes are the
+    /// connection's until the answer comes, and count against its
+    /// `max_pending_output_bytes` and the worker's `max_buffered_bytes`
+    /// (without this a client pipelining large requests to a busy pool
+    /// made the worker hold them all, past every limit).
+    static COPIED: std::cell::RefCell<Vec<(u64, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The bytes a pool copied for the request deferred with `token` in the
+/// current read (0 for a plugin's own deferred request).
+pub fn take_copied(token: u64) -> usize {
+    COPIED.with(|copied| {
+        let mut copied = copied.borrow_mut();
+        match copied.iter().position(|&(t, _)| t == token) {
+            Some(at) => copied.swap_remove(at).1,
+            None => 0,
+        }
+    })
+}
+
+/// Forgets the current read's copies (its requests were never registered:
+/// the connection closed, or the read is over).
+pub fn forget_copied() {
+    COPIED.with(|copied| copied.borrow_mut().clear());
+}
+
 /// A completion handle, moved to a pool thread.
 struct Handle(*mut RawDeferred);
 // SAFETY: handles are made to be completed from any thread (see
@@ -423,6 +452,9 @@ unsafe extern "C" fn pool_process(
         // The sink recorded why (the worker's limit): the request fails.
         return NBNET_ERR;
     }
+    // SAFETY: a live handle, just made.
+    let token = unsafe { crate::plugin::deferred::Completions::token_of(handle) };
+    COPIED.with(|copied| copied.borrow_mut().push((token, request.len())));
     // SAFETY: the connection's strings are valid NUL-terminated text for the call.
     let (peer, listener) = unsafe {
         (

@@ -201,7 +201,11 @@ impl Reactor {
         let mut count = 0;
         for plugin in &self.plugins {
             for request in plugin.withdraw_queued() {
-                let Some((key, conn_id)) = self.deferred.resolve(request.token) else {
+                let Some(super::deferred::Resolved {
+                    at: super::deferred::Holder { key, conn_id },
+                    ..
+                }) = self.deferred.resolve(request.token)
+                else {
                     // Its connection closed meanwhile: nothing to answer.
                     continue;
                 };

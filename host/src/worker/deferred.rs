@@ -104,6 +104,26 @@ struct Entry {
     /// Index of the plugin that deferred it.
     plugin: usize,
     since: Instant,
+    /// Bytes of the request a thread pool holds for it (0 otherwise).
+    held: usize,
+}
+
+/// The connection a deferred request belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder {
+    /// Its slab key.
+    pub key: usize,
+    /// Its id (the key alone may be reused).
+    pub conn_id: u64,
+}
+
+/// A pending request resolved: whose, and what a pool held for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved {
+    /// Its connection.
+    pub at: Holder,
+    /// Bytes of the request a thread pool held (0 otherwise).
+    pub held: usize,
 }
 
 /// A pending request that ran out of time.
@@ -159,15 +179,17 @@ impl Deferreds {
         (table, maker)
     }
 
-    /// Request `token` now waits on connection `key` (id `conn_id`).
-    pub fn register(&mut self, token: u64, key: usize, conn_id: u64, plugin: usize, now: Instant) {
+    /// Request `token` now waits on connection `key` (id `conn_id`); a
+    /// thread pool holds `held` bytes of it meanwhile.
+    pub fn register(&mut self, token: u64, at: Holder, plugin: usize, now: Instant, held: usize) {
         self.pending.insert(
             token,
             Entry {
-                key,
-                conn_id,
+                key: at.key,
+                conn_id: at.conn_id,
                 plugin,
                 since: now,
+                held,
             },
         );
         self.deadlines
@@ -219,13 +241,18 @@ impl Deferreds {
         new
     }
 
-    /// Takes request `token` out of the table: the connection (key, id)
-    /// it belongs to, or `None` if it is not pending (its connection
-    /// closed).
-    pub fn resolve(&mut self, token: u64) -> Option<(usize, u64)> {
+    /// Takes request `token` out of the table: the connection it belongs
+    /// to, or `None` if it is not pending (its connection closed).
+    pub fn resolve(&mut self, token: u64) -> Option<Resolved> {
         let entry = self.pending.remove(&token)?;
         self.forget(1);
-        Some((entry.key, entry.conn_id))
+        Some(Resolved {
+            at: Holder {
+                key: entry.key,
+                conn_id: entry.conn_id,
+            },
+            held: entry.held,
+        })
     }
 
     /// The oldest pending request whose deadline has passed, taken out of
@@ -272,7 +299,11 @@ impl super::reactor::Reactor {
         }
         let mut done = self.deferred.take();
         for Done { token, result } in done.drain(..) {
-            let Some((key, conn_id)) = self.deferred.resolve(token) else {
+            let Some(Resolved {
+                at: Holder { key, conn_id },
+                held,
+            }) = self.deferred.resolve(token)
+            else {
                 // Its connection closed (the client left, a deadline, an
                 // error): nothing to send.
                 self.slot.stats.deferred_late.add(1);
@@ -291,7 +322,7 @@ impl super::reactor::Reactor {
                     Err(_) => stats.record_failure(crate::scoreboard::Outcome::Error),
                 }
             }
-            let outcome = conn.on_completed(token, result, &mut ctx, scratch);
+            let outcome = conn.on_completed(token, result, held, &mut ctx, scratch);
             self.after_event(key, held_before, outcome, now);
         }
         self.deferred.give_back(done);

@@ -257,6 +257,10 @@ pub struct Connection {
     awaiting: usize,
     /// Bytes of the `Ready` slots in `queue`.
     queued: usize,
+    /// Bytes of its requests a thread pool holds (copied, waiting for or
+    /// running on a pool thread) until their answers come: this
+    /// connection's memory too.
+    pooled: usize,
 }
 
 impl Linked for Connection {
@@ -297,6 +301,7 @@ impl Connection {
             queue: VecDeque::new(),
             awaiting: 0,
             queued: 0,
+            pooled: 0,
         }
     }
 
@@ -416,11 +421,11 @@ impl Connection {
 
     /// Bytes of memory this connection's buffers hold: its partial
     /// request(s) and its unsent responses, as allocated (capacity, which
-    /// is what the process's resident memory sees), for the worker's
-    /// `max_buffered_bytes` budget.
+    /// is what the process's resident memory sees), and its requests a
+    /// thread pool holds, for the worker's `max_buffered_bytes` budget.
     #[inline]
     pub fn buffered_bytes(&self) -> usize {
-        self.input.capacity() + self.output.capacity() + self.queued
+        self.input.capacity() + self.output.capacity() + self.queued + self.pooled
     }
 
     /// Handles READABLE (or read-closed): reads what is there, answers every
@@ -633,6 +638,7 @@ impl Connection {
         }
         // This read's deferred requests were never registered.
         ctx.deferred.forget(scratch.responses.deferred());
+        crate::plugin::pool::forget_copied();
         scratch.responses.clear_marks();
         scratch.responses.buffer_mut().clear();
         close

@@ -146,6 +146,9 @@ impl Connection {
         else {
             return Ok(());
         };
+        // The pool holds their copies no more.
+        let taken: usize = requests.iter().map(|r| r.request.len()).sum();
+        self.pooled = self.pooled.saturating_sub(taken);
         let tail_is_theirs = self.queue.len() - at == requests.len()
             && self
                 .queue

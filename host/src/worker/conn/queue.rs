@@ -6,16 +6,17 @@
 use std::time::Instant;
 
 use super::*;
+use crate::worker::deferred::Holder;
 
 impl Connection {
     /// Whether reading must pause for the deferred answers: as many as
     /// `max_deferred_per_connection` pending, or `max_pending_output_bytes`
-    /// of answers queued behind them; or the worker hands its connections
+    /// of answers queued behind them and requests a thread pool holds; or the worker hands its connections
     /// over and this one can move (see [`super::moving`]).
     #[inline]
     pub(super) fn must_wait(&self, ctx: &Context<'_>) -> bool {
         self.awaiting >= ctx.max_deferred
-            || self.queued >= ctx.output_budget
+            || self.queued + self.pooled >= ctx.output_budget
             || (ctx.leaving && !self.is_tls())
             || matches!(self.queue.back(), Some(Answer::Failed(_)))
     }
@@ -28,9 +29,12 @@ impl Connection {
         &mut self,
         token: u64,
         result: Result<Vec<u8>, String>,
+        held: usize,
         ctx: &mut Context<'_>,
         scratch: &mut Scratch,
     ) -> Result<bool, Close> {
+        // The pool has let go of the request's copy.
+        self.pooled = self.pooled.saturating_sub(held);
         let Some(at) = self
             .queue
             .iter()
@@ -163,8 +167,14 @@ impl Connection {
             }
             self.queue.push_back(Answer::Awaiting(mark.token));
             self.awaiting += 1;
+            let held = crate::plugin::pool::take_copied(mark.token);
+            self.pooled += held;
+            let at = Holder {
+                key: ctx.key,
+                conn_id: self.id,
+            };
             ctx.deferred
-                .register(mark.token, ctx.key, self.id, ctx.plugin_index, now);
+                .register(mark.token, at, ctx.plugin_index, now, held);
             from = mark.at;
         }
         if from < buffer.len() {
@@ -177,6 +187,7 @@ impl Connection {
             .add(scratch.responses.deferred() as u64);
         scratch.responses.clear_marks();
         scratch.responses.buffer_mut().clear();
+        crate::plugin::pool::forget_copied();
         if let Some(what) = misuse {
             let _ = self.deliver(&ctx.slot.stats);
             return Err(Close::Plugin(Box::new(ProcessError::Plugin(what.into()))));
