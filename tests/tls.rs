@@ -975,3 +975,56 @@ fn a_session_from_a_listener_without_client_certificates_does_not_open_a_mutual_
         Some(rustls::HandshakeKind::Resumed)
     );
 }
+
+/// Hostile pass 5: at a reload, the old worker took the requests its
+/// thread pool had queued back from the pool for the connections that
+/// move — TLS ones too, which do not move: their frames sat unanswered in
+/// the connection until `shutdown_timeout` cut it, thousands of requests
+/// lost. A TLS connection's queued requests now stay with the pool, and
+/// the old worker answers them all, then closes at the frame boundary.
+#[test]
+fn a_reload_answers_everything_a_tls_client_pipelined_to_a_pool() {
+    let sandbox = Sandbox::new();
+    let pki = pki(&sandbox);
+    let template = r#"[server]
+workers = 1
+shutdown_timeout = "30s"
+
+[[plugins]]
+name = "slow"
+path = "{misbehave}"
+threads = 1
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "slow"
+
+[[listeners]]
+addr = "127.0.0.1:{aux}"
+plugin = "slow"
+tls = { cert = "server.pem", key = "server.key" }
+"#;
+    let server = Server::start_in(sandbox, template);
+    let config = client_config(&pki.ca.pem(), None);
+    let mut tls = connect(server.aux_port(0), &config);
+    // 40 requests of 20 ms each on the one pool thread: most of them
+    // still queued when the reload comes.
+    let mut batch = Vec::new();
+    for n in 0..40 {
+        batch.extend_from_slice(&frame(format!("sleep:{}", 20 + n % 2).as_bytes()));
+    }
+    tls.write_all(&batch).unwrap();
+    tls.flush().unwrap();
+    assert_eq!(read_frame(&mut tls).unwrap(), b"slept 20");
+    server.signal(libc::SIGHUP);
+    // (The client's read timeout, 10 s, is well below shutdown_timeout.)
+    for n in 1..40 {
+        let answer = read_frame(&mut tls)
+            .unwrap_or_else(|e| panic!("answer {n} after the reload: {e}\n{}", server.log()));
+        assert_eq!(answer, format!("slept {}", 20 + n % 2).into_bytes());
+    }
+    assert_eq!(
+        server.log_count("request(s) the thread pool had not started"),
+        0
+    );
+}

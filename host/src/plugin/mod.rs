@@ -375,12 +375,12 @@ impl Plugin {
     /// worker's scoreboard `slot` as plugin `index`, so that a crash during
     /// one is named. Does nothing for other plugins (the reactor thread's
     /// calls are tracked by the worker).
-    /// A thread pool's queued, unstarted requests, taken out of its queue
-    /// (tokens and payloads, in order); nothing for other plugins. See
-    /// `worker::conn::moving`.
-    pub fn withdraw_queued(&self) -> Vec<pool::Unstarted> {
+    /// A thread pool's queued, unstarted requests of the connections
+    /// `moves` names (by id), taken out of its queue (tokens and payloads,
+    /// in order); nothing for other plugins. See `worker::conn::moving`.
+    pub fn withdraw_queued(&self, moves: &dyn Fn(u64) -> bool) -> Vec<pool::Unstarted> {
         if self.kind == Kind::Pool {
-            pool::withdraw_queued(self.state)
+            pool::withdraw_queued(self.state, moves)
         } else {
             Vec::new()
         }

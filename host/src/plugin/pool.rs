@@ -118,25 +118,31 @@ pub struct Unstarted {
     pub request: Vec<u8>,
 }
 
-/// Takes every request the pool has queued and not started out of its
-/// queue (the worker hands its connections over: they are answered by the
-/// worker that takes them): their tokens and payloads, in queue order.
-pub(super) fn withdraw_queued(state: *mut c_void) -> Vec<Unstarted> {
+/// Takes the requests the pool has queued and not started out of its
+/// queue, those of connections `moves` says move (the worker hands its
+/// connections over: the worker that takes them answers them): their
+/// tokens and payloads, in queue order. The others stay queued.
+pub(super) fn withdraw_queued(state: *mut c_void, moves: &dyn Fn(u64) -> bool) -> Vec<Unstarted> {
     // SAFETY: `state` is the pool's `Arc<Shared>` (see `load`), alive while
     // its Plugin is.
     let shared = unsafe { &*state.cast::<Shared>() };
-    let jobs: Vec<Job> = lock(&shared.queue).drain(..).collect();
-    jobs.into_iter()
-        .filter_map(|job| {
-            // SAFETY: a queued job owns its live handle; it is not used
-            // again.
-            let token = unsafe { crate::plugin::deferred::Completions::withdraw(job.handle.0) }?;
-            Some(Unstarted {
+    let mut taken = Vec::new();
+    lock(&shared.queue).retain_mut(|job| {
+        if !moves(job.conn_id) {
+            return true;
+        }
+        // SAFETY: a queued job owns its live handle; leaving the queue
+        // here, it is not used again.
+        if let Some(token) = unsafe { crate::plugin::deferred::Completions::withdraw(job.handle.0) }
+        {
+            taken.push(Unstarted {
                 token,
-                request: job.request,
-            })
-        })
-        .collect()
+                request: std::mem::take(&mut job.request),
+            });
+        }
+        false
+    });
+    taken
 }
 
 /// What a pool thread is running: since when, and the handle to fail if

@@ -199,8 +199,17 @@ impl Reactor {
         // Per connection (its key), in request order.
         let mut taken: Vec<(usize, Vec<Unstarted>)> = Vec::new();
         let mut count = 0;
+        // TLS connections do not move (their session stays here): their
+        // requests stay queued, and this worker answers them.
+        let staying: std::collections::HashSet<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, conn)| conn.is_tls())
+            .map(|(_, conn)| conn.id())
+            .collect();
+        let moves = |conn_id: u64| !staying.contains(&conn_id);
         for plugin in &self.plugins {
-            for request in plugin.withdraw_queued() {
+            for request in plugin.withdraw_queued(&moves) {
                 let Some(super::deferred::Resolved {
                     at: super::deferred::Holder { key, conn_id },
                     ..
