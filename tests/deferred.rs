@@ -374,3 +374,27 @@ fn an_answer_written_for_a_deferred_request_is_never_sent() {
     client.expect_closed_within(Duration::from_secs(5));
     server.wait_for_log_line(&["wrote an answer to a request it deferred"]);
 }
+
+/// Hostile pass 5: a client that sent two complete requests, then part of
+/// a third frame, then shut its sending side, got nothing from a deferring
+/// plugin (an inline one answered both): the EOF in the middle of a frame
+/// closed the connection with the deferred answers still owed. They are
+/// delivered first now; only the unfinished frame is lost.
+#[test]
+fn a_half_close_in_the_middle_of_a_frame_still_gets_the_answers_owed() {
+    for plugin in ["defer_rs", "deferc"] {
+        let server = Server::start(&config(plugin, ""));
+        let mut client = server.client();
+        let mut bytes = frame(b"later 200 first");
+        bytes.extend_from_slice(&frame(b"later 100 second"));
+        bytes.extend_from_slice(b"00000000");
+        client.send_raw(&bytes).unwrap();
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(text(client.read_frame().unwrap()), "first", "{plugin}");
+        assert_eq!(text(client.read_frame().unwrap()), "second", "{plugin}");
+        let mut rest = Vec::new();
+        let _ = client.stream.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{plugin}: {rest:?}");
+        server.wait_for_log_line(&["in the middle of a frame"]);
+    }
+}

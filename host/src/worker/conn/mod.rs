@@ -554,8 +554,10 @@ impl Connection {
                 // written (else we'd be Writing and not reading), so a
                 // half-close after the last request is complete.
                 // Deferred answers still owed: they are delivered first
-                // (a completion reads the EOF again once they are).
-                Ok(0) if self.input_len == 0 && !self.queue.is_empty() => {
+                // (a completion reads the EOF again once they are) —
+                // also when the peer stopped in the middle of its next
+                // frame: that frame is lost, not the answers before it.
+                Ok(0) if !self.queue.is_empty() => {
                     self.peer_shut = true;
                     self.transition(State::Waiting);
                     return Ok(progress);
