@@ -283,6 +283,41 @@ deferred_timeout = "60s""#,
     );
 }
 
+/// Hostile pass 5: the worker taking a connection over refused it when
+/// the requests it brought (taken back from the old worker's pool) were
+/// more than `max_buffered_bytes`, although one connection alone may hold
+/// more than that: every pipelining client of a pool listener was reset at
+/// a reload, its requests lost.
+#[test]
+fn a_reload_moves_a_backlog_larger_than_max_buffered_bytes() {
+    let server = Server::start(&config(
+        1,
+        r#"max_frame_bytes = 65536
+max_buffered_bytes = 65536
+shutdown_timeout = "20s""#,
+    ));
+    let mut client = Client::connect(server.port_n(0));
+    let payload = |n: usize| {
+        let mut p = format!("sleep:{}|", 5 + n % 2).into_bytes();
+        p.resize(3000, b'x');
+        p
+    };
+    let mut bytes = Vec::new();
+    for n in 0..100 {
+        bytes.extend_from_slice(&nbnet_tests::frame(&payload(n)));
+    }
+    client.send_raw(&bytes).unwrap();
+    assert_eq!(client.read_frame().unwrap(), b"slept 5");
+    server.signal(libc::SIGHUP);
+    for n in 1..100 {
+        let answer = client
+            .read_frame()
+            .unwrap_or_else(|e| panic!("answer {n}: {e}\n{}", server.log()));
+        assert_eq!(answer, format!("slept {}", 5 + n % 2).into_bytes());
+    }
+    assert_eq!(server.log_count("cannot take the requests"), 0);
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));

@@ -190,7 +190,7 @@ impl Unread {
         if len > max as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{len} unread bytes, more than max_buffered_bytes = {max}"),
+                format!("{len} unread bytes, more than the {max} one connection may hold in this worker (see max_buffered_bytes, max_pending_output_bytes, max_frame_bytes)"),
             ));
         }
         file.rewind()?;

@@ -131,7 +131,19 @@ impl Reactor {
         };
         // What the old worker read and did not answer: answered here
         // first (see `conn::moving`).
-        let unread = match unread.map(|u| u.read(self.limits.max_buffered_bytes)) {
+        // At most what one connection can hold here: part of a frame or
+        // the frames of one read held back, plus requests a pool held (up
+        // to max_pending_output_bytes, and one read past it). The budget
+        // then counts them like any bytes a connection holds (one
+        // connection alone is never closed for it).
+        let limits = &self.limits;
+        let most = limits.max_buffered_bytes.max(
+            limits
+                .max_pending_output_bytes
+                .saturating_add(2 * (limits.max_frame_bytes + crate::codec::HEADER_LEN))
+                .saturating_add(super::conn::SCRATCH_INPUT),
+        );
+        let unread = match unread.map(|u| u.read(most)) {
             None => Vec::new(),
             Some(Ok(bytes)) => bytes,
             Some(Err(e)) => {
