@@ -769,7 +769,8 @@ fn a_new_binary_that_cannot_be_executed_says_why_every_time() {
 
 /// Hostile pass: a `nbnet reload` queued behind an upgrade that completes
 /// printed "master exited before the reload finished"; as the README says,
-/// it reports the reload cancelled (the new master read the config).
+/// it reports the reload cancelled (the new master read the config), and
+/// reloads after it work.
 #[test]
 fn a_reload_queued_behind_a_successful_upgrade_reports_it_cancelled() {
     let (mut server, mut masters) = start(&slow(1000));
@@ -782,8 +783,23 @@ fn a_reload_queued_behind_a_successful_upgrade_reports_it_cancelled() {
         "{reload:?}\n{}",
         server.log()
     );
+    assert!(
+        reload.stderr.contains("a new master took over"),
+        "{reload:?}\n{}",
+        server.log()
+    );
     let _ = server.wait_exit(Duration::from_secs(15));
     masters.track(pid_file(server.dir()).unwrap());
+    // Hostile pass 5: every later `nbnet reload` followed that cancelled
+    // reload (queued, so "not read the config yet") and failed with it.
+    for round in 1..=2 {
+        let again = upgrade_in(server.dir(), "reload");
+        assert!(
+            again.status.success() && again.stdout.contains("reload complete"),
+            "reload {round} after the upgrade: {again:?}\n{}",
+            server.log()
+        );
+    }
     let _ = server.sandbox_mut();
 }
 

@@ -9,7 +9,9 @@
 //!
 //! - `id`, counting up;
 //! - `read_ns`: when the master began reading the config file for it
-//!   (`CLOCK_MONOTONIC`, the same clock in every process), 0 while queued;
+//!   (`CLOCK_MONOTONIC`, the same clock in every process), 0 while queued
+//!   (one cancelled while queued gets the time it was cancelled: it covers
+//!   the requests made until then);
 //! - `state`: `queued`, `checking`, `starting`, then `done`, `refused`,
 //!   `rolled-back` or `cancelled`;
 //! - `queued`: why it had to wait, if it did; `message`: the outcome, and

@@ -658,19 +658,19 @@ impl Master {
         self.truncate_reuseport_sockets();
     }
 
-    /// The server is stopping: a reload being checked, queued or starting
-    /// ends here (cancelled, in the status file).
-    pub(super) fn cancel_reloads(&mut self) {
-        const WHY: &str = "the server is stopping";
+    /// The server is stopping (or a new master takes over, after a binary
+    /// upgrade): a reload being checked, queued or starting ends here
+    /// (cancelled, in the status file, saying `why`).
+    pub(super) fn cancel_reloads(&mut self, why: &str) {
         if let Some(Checking { id, check, .. }) = self.checking.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&check.fd()));
             check.abort();
             self.reloads
-                .finish(id, State::Cancelled, exit_code::FAILURE, WHY);
+                .finish(id, State::Cancelled, exit_code::FAILURE, why);
         }
         if let Some(id) = self.queued.take() {
             self.reloads
-                .finish(id, State::Cancelled, exit_code::FAILURE, WHY);
+                .finish(id, State::Cancelled, exit_code::FAILURE, why);
         }
         if let Some(reload) = self.reload.take() {
             for bound in reload.previous_listeners {
@@ -679,7 +679,7 @@ impl Master {
             // A new pid file is removed as it drops.
             drop(reload.moved_pid_file);
             self.reloads
-                .finish(reload.id, State::Cancelled, exit_code::FAILURE, WHY);
+                .finish(reload.id, State::Cancelled, exit_code::FAILURE, why);
         }
     }
 

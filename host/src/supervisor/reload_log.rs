@@ -124,6 +124,11 @@ impl ReloadLog {
             r.state = state;
             r.code = code;
             r.message = message;
+            if r.read_ns == 0 {
+                // Ended while queued: it covers the requests made until
+                // now, not later ones (they follow the next reload).
+                r.read_ns = reload_status::monotonic_ns();
+            }
         });
     }
 

@@ -176,7 +176,7 @@ impl Master {
         for bound in std::mem::take(&mut self.listeners) {
             bound.close();
         }
-        self.cancel_reloads();
+        self.cancel_reloads("the server is stopping");
         // A new master still starting goes too (one that took over is on
         // its own: this master only hands its connections over).
         if let Some(Successor::Starting { pid, .. }) = &self.successor {

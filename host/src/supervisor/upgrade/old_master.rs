@@ -14,6 +14,10 @@ use super::*;
 use crate::handover::{self, Message};
 use crate::upgrade_status::State;
 
+/// Why a reload queued or under way in the old master ends when the new
+/// one takes over.
+const TAKEN_OVER: &str = "a new master took over (binary upgrade) with the config as it was when it started; run nbnet reload again for later edits";
+
 impl Master {
     /// SIGUSR2: start a new master from the binary on disk.
     pub(in crate::supervisor) fn handle_usr2(&mut self) {
@@ -199,7 +203,7 @@ impl Master {
         // lock is released before it is told, so that it finds it free.
         // A reload queued behind the upgrade is cancelled (the new master
         // read the config when it started), said in the file it follows.
-        self.cancel_reloads();
+        self.cancel_reloads(TAKEN_OVER);
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.release();
         }
@@ -231,7 +235,7 @@ impl Master {
             admin.deregister(self.poll.registry());
         }
         self.lame_duck = None;
-        self.cancel_reloads();
+        self.cancel_reloads(TAKEN_OVER);
         let timeout = self
             .config
             .server
