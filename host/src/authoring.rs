@@ -284,6 +284,31 @@ fn run_plugin(options: &RunOptions) -> i32 {
             return exit_code::FAILURE;
         }
     };
+    // Loaded in a child first, as the server checks plugins before its
+    // workers load them: an init that crashes, exits or stops the process
+    // is then reported, naming the plugin, instead of ending (or
+    // freezing) this process without a word.
+    let mut config = crate::config::Config {
+        file: path.clone(),
+        server: crate::config::ServerConfig {
+            workers: 1,
+            ..Default::default()
+        },
+        log: Default::default(),
+        admin: None,
+        admin_line: None,
+        plugins: vec![spec],
+        listeners: Vec::new(),
+    };
+    let report = crate::supervisor::check::check_plugins(&mut config);
+    if !report.errors.is_empty() {
+        for error in &report.errors {
+            errln!("nbnet plugin run: {error}");
+        }
+        return exit_code::PLUGIN_LOAD_FAILED;
+    }
+    // The file as checked (its sealed copy, should it change meanwhile).
+    let spec = config.plugins.remove(0);
     // A crash in the plugin ends this run by its signal (see there).
     crate::signals::catch_plugin_faults(crate::signals::Faulting::PluginRun);
     let mut plugin = match Plugin::load(&spec, 0, 1) {

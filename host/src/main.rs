@@ -176,6 +176,11 @@ enum PluginCommand {
     /// Empty lines are skipped, with a note on stderr: the protocol has no
     /// empty requests (a zero length header is a framing error), so a
     /// server never passes one to a plugin.
+    ///
+    /// The plugin is first loaded in a child process, as the server checks
+    /// its plugins: an init that fails, crashes, exits or stops the process
+    /// is reported naming the plugin (exit 4). Its init then runs again,
+    /// here.
     Run {
         /// The plugin library (.so).
         file: PathBuf,

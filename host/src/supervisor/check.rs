@@ -47,8 +47,14 @@ pub fn check_plugins(config: &mut Config) -> Report {
     };
     loop {
         check.read_available();
-        match waitpid(check.pid(), Some(WaitPidFlag::WNOHANG)) {
+        match waitpid(
+            check.pid(),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED),
+        ) {
             Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            // A plugin stopped the process (SIGSTOP, SIGTSTP…): it would
+            // never go on by itself.
+            Ok(WaitStatus::Stopped(_, signal)) => check.stopped(signal),
             Ok(status) => {
                 if let Some(exit) = Exit::from_wait(status) {
                     check.exited(exit);
@@ -84,6 +90,8 @@ pub struct Check {
     limit: Duration,
     deadline: Instant,
     killed: bool,
+    /// A plugin stopped the checker with this signal (it was then killed).
+    stopped: Option<Signal>,
     /// How the child ended, once it has been reaped.
     outcome: Option<Outcome>,
     /// Problems found before the child started (unreadable plugin files).
@@ -201,6 +209,7 @@ impl Check {
                     limit,
                     deadline: crate::config::deadline(Instant::now(), limit),
                     killed: false,
+                    stopped: None,
                     outcome: None,
                     report,
                     verdict,
@@ -261,11 +270,20 @@ impl Check {
 
     /// The checker exited (reaped by the caller).
     pub fn exited(&mut self, exit: Exit) {
-        self.outcome = Some(if self.killed {
-            Outcome::TimedOut
-        } else {
-            Outcome::Exited(exit)
+        self.outcome = Some(match (self.stopped, self.killed) {
+            (Some(signal), _) => Outcome::Stopped(signal),
+            (None, true) => Outcome::TimedOut,
+            (None, false) => Outcome::Exited(exit),
         });
+    }
+
+    /// A plugin stopped the checker (`signal`): it is killed (the caller
+    /// still reaps it), and the report says so.
+    pub fn stopped(&mut self, signal: Signal) {
+        if self.stopped.is_none() && self.outcome.is_none() {
+            self.stopped = Some(signal);
+            let _ = nix::sys::signal::kill(self.child, Signal::SIGKILL);
+        }
     }
 
     /// The checker's status could not be read.
@@ -347,6 +365,9 @@ impl Check {
                 Outcome::TimedOut => report.errors.push(format!(
                     "{what}: its destroy did not return within init_timeout = {limit:?} (does it wait for something?)"
                 )),
+                Outcome::Stopped(signal) => report.errors.push(format!(
+                    "{what}: stopped the process in its destroy ({signal}); a plugin must never stop its process (nothing would resume it)"
+                )),
                 Outcome::Exited(exit) => report.errors.push(format!(
                     "{what}: ended the process in its destroy: {}",
                     exit.inside_plugin()
@@ -361,6 +382,9 @@ impl Check {
         match (outcome, loading) {
             (Outcome::TimedOut, Some(what)) => report.errors.push(format!(
                 "{what}: did not finish loading within init_timeout = {limit:?} (does its init block? raise [server] init_timeout if it legitimately takes longer)"
+            )),
+            (Outcome::Stopped(signal), Some(what)) => report.errors.push(format!(
+                "{what}: stopped the process while loading ({signal}); a plugin must never stop its process (nothing would resume it)"
             )),
             (Outcome::Exited(Exit::Code(0)), None) => {}
             (Outcome::Exited(exit), Some(what)) => report.errors.push(format!(
@@ -385,6 +409,8 @@ enum Outcome {
     Exited(Exit),
     /// No progress for longer than the limit: killed.
     TimedOut,
+    /// A plugin stopped it with this signal: killed.
+    Stopped(Signal),
     /// `waitpid` failed.
     Lost,
 }
@@ -394,6 +420,7 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Exited(exit) => write!(f, "{exit}"),
             Outcome::TimedOut => f.write_str("timed out"),
+            Outcome::Stopped(signal) => write!(f, "stopped by {signal}"),
             Outcome::Lost => f.write_str("its status could not be read"),
         }
     }

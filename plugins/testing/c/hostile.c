@@ -8,8 +8,9 @@
  * Its config table picks what init does (all optional):
  *   init_sleep_ms = N    sleep N ms in init
  *   init_exit = N        exit(N) in init
- *   init_raise = "SIGSEGV" | "SIGBUS"  raise() that signal in init (a crash
- *                        some runtimes report by sending it to themselves)
+ *   init_raise = "SIGSEGV" | "SIGBUS" | "SIGSTOP"  raise() that signal in
+ *                        init (a crash some runtimes report by sending it to
+ *                        themselves; a process that stops itself)
  *   init_daemon = true   fork a child in init that blocks every signal it
  *                        can and sleeps forever (without exec)
  *   init_close_fds = true  close descriptors 3..1023 in init
@@ -149,7 +150,9 @@ static int hostile_init(const nbnet_init_ctx *ctx, void **state) {
         exit(atoi(value));
     }
     if ((value = ctx->config_get(ctx, "init_raise")) != NULL) {
-        raise(strcmp(value, "SIGBUS") == 0 ? SIGBUS : SIGSEGV);
+        raise(strcmp(value, "SIGBUS") == 0    ? SIGBUS
+              : strcmp(value, "SIGSTOP") == 0 ? SIGSTOP
+                                              : SIGSEGV);
     }
     if ((value = ctx->config_get(ctx, "init_daemon")) != NULL && strcmp(value, "true") == 0) {
         spawn_daemon();
