@@ -318,6 +318,29 @@ shutdown_timeout = "20s""#,
     assert_eq!(server.log_count("cannot take the requests"), 0);
 }
 
+/// Hostile pass 6: on a pool thread, an instance's writes (and `grow`)
+/// were limited by the protocol's largest frame (9 999 999 999 bytes), not
+/// by `max_frame_bytes`: a plugin sizing its answer from client input let
+/// one request make the worker allocate hundreds of MB before the answer
+/// was refused at completion. The write is refused at the limit now, as on
+/// the worker's thread.
+#[test]
+fn a_pool_instance_cannot_write_past_max_frame_bytes() {
+    let server = Server::start(&config(1, "max_frame_bytes = 65536"));
+    let mut client = Client::connect(server.port_n(0));
+    client.send_frame(b"big:1000000").unwrap();
+    client.expect_closed();
+    let line = server.wait_for_log_line(&["misbehave: response too big"]);
+    assert!(!line.contains("9999999999"), "{line}");
+    // (Not refused only once complete: "its deferred answer of N bytes".)
+    assert_eq!(
+        server.log_count("deferred answer of"),
+        0,
+        "{}",
+        server.log()
+    );
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));

@@ -270,6 +270,7 @@ fn run_plugin(options: &RunOptions) -> i32 {
         image: None,
         threads: options.threads,
         plugin_timeout: options.plugin_timeout,
+        max_frame_bytes: options.max_frame_bytes,
     };
     // Deferred answers are completed on other threads and wake this one.
     let made = mio::Poll::new().and_then(|poll| {

@@ -374,6 +374,9 @@ pub struct PluginSpec {
     pub threads: usize,
     /// `[server] plugin_timeout`, for a pool thread's calls.
     pub plugin_timeout: Duration,
+    /// `[server] max_frame_bytes`: the largest answer a pool thread's
+    /// instance may write (the reactor's sink has the same limit).
+    pub max_frame_bytes: usize,
 }
 
 /// Largest `[[plugins]] threads`.
@@ -653,6 +656,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             image: None,
             threads,
             plugin_timeout: Duration::ZERO,
+            max_frame_bytes: 0,
         });
     }
 
@@ -836,6 +840,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     for plugin in &mut plugins {
         plugin.plugin_timeout = server.plugin_timeout;
+        plugin.max_frame_bytes = server.max_frame_bytes;
     }
     Ok(Config {
         file: file.to_path_buf(),

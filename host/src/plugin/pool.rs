@@ -155,6 +155,9 @@ struct Busy {
 struct Shared {
     name: String,
     timeout: Duration,
+    /// `[server] max_frame_bytes`: an instance's answer (and its `grow`)
+    /// is refused past it, as on the worker's thread.
+    max_frame_bytes: usize,
     queue: Mutex<VecDeque<Job>>,
     ready: Condvar,
     /// Pool threads waiting on `ready` (changed only under `queue`'s lock).
@@ -187,6 +190,7 @@ pub(super) fn load(
     let shared = Arc::new(Shared {
         name: spec.name.clone(),
         timeout: spec.plugin_timeout,
+        max_frame_bytes: spec.max_frame_bytes,
         queue: Mutex::new(VecDeque::new()),
         ready: Condvar::new(),
         waiting: AtomicUsize::new(0),
@@ -290,11 +294,7 @@ pub(super) fn load(
 
 /// A pool thread: answers jobs with its instance until the pool stops.
 fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
-    let mut sink = ResponseSink::new(
-        Vec::new(),
-        crate::codec::MAX_DECLARED as usize,
-        std::ptr::null(),
-    );
+    let mut sink = ResponseSink::new(Vec::new(), shared.max_frame_bytes, std::ptr::null());
     loop {
         let job = {
             let mut queue = lock(&shared.queue);
