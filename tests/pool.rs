@@ -341,6 +341,69 @@ fn a_pool_instance_cannot_write_past_max_frame_bytes() {
     );
 }
 
+/// Hostile pass 6: the pool took requests first come, first served, so one
+/// client that pipelined a backlog of slow requests kept every other
+/// client of the worker waiting behind all of it (closed at
+/// `deferred_timeout`). Connections now take turns.
+#[test]
+fn one_clients_backlog_does_not_starve_another_client_of_the_pool() {
+    let server = Server::start(&config(1, r#"deferred_timeout = "30s""#));
+    let mut hog = Client::connect(server.port_n(0));
+    let mut backlog = Vec::new();
+    for _ in 0..50 {
+        backlog.extend_from_slice(&nbnet_tests::frame(b"sleep:100"));
+    }
+    hog.send_raw(&backlog).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let mut other = Client::connect(server.port_n(0));
+    // Behind 5 s of the hog's requests first come, first served; its
+    // turn comes after one of them now.
+    other.set_read_timeout(std::time::Duration::from_secs(2));
+    assert_eq!(other.request(b"sleep:1"), b"slept 1");
+    assert_eq!(hog.read_frame().unwrap(), b"slept 100");
+}
+
+/// Hostile pass 6: a client that pipelined slow requests to a pool and
+/// reset the connection had them all run for nobody (the worker, not
+/// reading it, did not notice the reset). They are dropped now.
+#[test]
+fn a_reset_client_s_queued_pool_requests_are_dropped() {
+    let server = Server::start(&config(1, r#"deferred_timeout = "30s""#));
+    let hog = Client::connect(server.port_n(0));
+    let mut backlog = Vec::new();
+    for _ in 0..50 {
+        backlog.extend_from_slice(&nbnet_tests::frame(b"sleep:100"));
+    }
+    let mut stream = hog.stream;
+    std::io::Write::write_all(&mut stream, &backlog).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // Reset (SO_LINGER 0, then close).
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid struct.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    drop(stream);
+    // A second's worth of the hog's requests would have run by now.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (_, calls) = Client::connect(server.port_n(0)).ok();
+    assert!(
+        calls <= 4,
+        "the instance ran {calls} requests: the reset client's kept running\n{}",
+        server.log()
+    );
+}
+
 #[test]
 fn threads_out_of_range_is_refused_naming_the_plugin() {
     let out = nbnet_tests::check(&config(100_000, ""));

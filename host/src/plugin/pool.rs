@@ -121,28 +121,84 @@ pub struct Unstarted {
 /// Takes the requests the pool has queued and not started out of its
 /// queue, those of connections `moves` says move (the worker hands its
 /// connections over: the worker that takes them answers them): their
-/// tokens and payloads, in queue order. The others stay queued.
+/// tokens and payloads, each connection's in order. The others stay
+/// queued. (Also: the requests of a connection that closed, which nobody
+/// would read.)
 pub(super) fn withdraw_queued(state: *mut c_void, moves: &dyn Fn(u64) -> bool) -> Vec<Unstarted> {
     // SAFETY: `state` is the pool's `Arc<Shared>` (see `load`), alive while
     // its Plugin is.
     let shared = unsafe { &*state.cast::<Shared>() };
-    let mut taken = Vec::new();
-    lock(&shared.queue).retain_mut(|job| {
-        if !moves(job.conn_id) {
-            return true;
-        }
-        // SAFETY: a queued job owns its live handle; leaving the queue
+    let jobs = lock(&shared.queue).take(moves);
+    let mut taken = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        // SAFETY: a queued job owns its live handle; out of the queue
         // here, it is not used again.
         if let Some(token) = unsafe { crate::plugin::deferred::Completions::withdraw(job.handle.0) }
         {
             taken.push(Unstarted {
                 token,
-                request: std::mem::take(&mut job.request),
+                request: job.request,
             });
         }
-        false
-    });
+    }
     taken
+}
+
+/// Requests waiting for a pool thread, taken in turn by connection: one
+/// client's backlog never keeps another client's request waiting behind
+/// all of it (first come, first served let one client that pipelined a
+/// hundred slow requests starve every other client of the worker).
+/// Within a connection, requests go in order.
+#[derive(Default)]
+struct Queue {
+    /// Per connection (by id), its requests in order; no empty entries.
+    by_conn: std::collections::HashMap<u64, VecDeque<Job>>,
+    /// Connections with requests waiting, in turn order.
+    turns: VecDeque<u64>,
+}
+
+impl Queue {
+    fn push(&mut self, job: Job) {
+        let waiting = self.by_conn.entry(job.conn_id).or_default();
+        if waiting.is_empty() {
+            self.turns.push_back(job.conn_id);
+        }
+        waiting.push_back(job);
+    }
+
+    /// The next connection's oldest request.
+    fn pop(&mut self) -> Option<Job> {
+        while let Some(conn) = self.turns.pop_front() {
+            let Some(waiting) = self.by_conn.get_mut(&conn) else {
+                continue;
+            };
+            let job = waiting.pop_front();
+            if waiting.is_empty() {
+                self.by_conn.remove(&conn);
+            } else {
+                self.turns.push_back(conn);
+            }
+            if job.is_some() {
+                return job;
+            }
+        }
+        None
+    }
+
+    /// Takes out every request of the connections `which` names, each
+    /// connection's in order.
+    fn take(&mut self, which: &dyn Fn(u64) -> bool) -> Vec<Job> {
+        let conns: Vec<u64> = self.by_conn.keys().copied().filter(|&c| which(c)).collect();
+        let mut taken = Vec::new();
+        for conn in conns {
+            if let Some(jobs) = self.by_conn.remove(&conn) {
+                taken.extend(jobs);
+            }
+        }
+        let by_conn = &self.by_conn;
+        self.turns.retain(|conn| by_conn.contains_key(conn));
+        taken
+    }
 }
 
 /// What a pool thread is running: since when, and the handle to fail if
@@ -158,7 +214,7 @@ struct Shared {
     /// `[server] max_frame_bytes`: an instance's answer (and its `grow`)
     /// is refused past it, as on the worker's thread.
     max_frame_bytes: usize,
-    queue: Mutex<VecDeque<Job>>,
+    queue: Mutex<Queue>,
     ready: Condvar,
     /// Pool threads waiting on `ready` (changed only under `queue`'s lock).
     waiting: AtomicUsize,
@@ -191,7 +247,7 @@ pub(super) fn load(
         name: spec.name.clone(),
         timeout: spec.plugin_timeout,
         max_frame_bytes: spec.max_frame_bytes,
-        queue: Mutex::new(VecDeque::new()),
+        queue: Mutex::new(Queue::default()),
         ready: Condvar::new(),
         waiting: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
@@ -302,7 +358,7 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
                 if shared.stop.load(Ordering::Acquire) {
                     break None;
                 }
-                if let Some(job) = queue.pop_front() {
+                if let Some(job) = queue.pop() {
                     break Some(job);
                 }
                 shared.waiting.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +479,8 @@ fn stop(shared: &Shared) {
         let _ = thread.join();
     }
     // Jobs nobody will run: fail them (their connections are closing).
-    for job in lock(&shared.queue).drain(..) {
+    let left = lock(&shared.queue).take(&|_| true);
+    for job in left {
         job.handle.fail("the worker is stopping");
     }
 }
@@ -473,7 +530,7 @@ unsafe extern "C" fn pool_process(
         (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_owned())
     };
     let mut queue = lock(&shared.queue);
-    queue.push_back(Job {
+    queue.push(Job {
         request,
         handle: Handle(handle),
         conn_id: conn.id,

@@ -582,6 +582,13 @@ impl Reactor {
         for token in conn.awaiting_tokens() {
             self.deferred.cancel(token);
         }
+        if conn.awaiting() > 0 {
+            // Requests a thread pool has not started are nobody's now:
+            // out of its queue, not run for a client that has gone.
+            let id = conn.id();
+            let plugin = &self.plugins[self.listeners[conn.listener].plugin];
+            drop(plugin.withdraw_queued(&|conn_id| conn_id == id));
+        }
         let _ = self.poll.registry().deregister(conn.stream_mut());
         let peer = conn.peer().to_string();
         let listener = &self.listeners[conn.listener];

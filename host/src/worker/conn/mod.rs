@@ -523,7 +523,12 @@ impl Connection {
         }
         if self.state != State::Reading {
             // Reads are paused while responses are pending; `on_writable`
-            // resumes reading once they are flushed.
+            // resumes reading once they are flushed. A peer that reset the
+            // connection meanwhile will read none of them: it ends now
+            // (its pending requests are dropped, not run for nobody).
+            if read_closed && self.state == State::Waiting {
+                self.reset_by_peer()?;
+            }
             return Ok(false);
         }
         let mut progress = false;
@@ -644,6 +649,21 @@ impl Connection {
         scratch.responses.clear_marks();
         scratch.responses.buffer_mut().clear();
         close
+    }
+
+    /// `Err` if the peer reset the connection (a half-close is not an
+    /// error: the answers owed are still delivered).
+    #[cold]
+    #[inline(never)]
+    fn reset_by_peer(&self) -> Result<(), Close> {
+        use std::os::fd::AsFd;
+        match nix::sys::socket::getsockopt(
+            &self.stream.as_fd(),
+            nix::sys::socket::sockopt::SocketError,
+        ) {
+            Ok(errno) if errno != 0 => Err(Close::Io(io::Error::from_raw_os_error(errno))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether the buffered input starts with something to act on: a whole
