@@ -398,3 +398,26 @@ fn a_half_close_in_the_middle_of_a_frame_still_gets_the_answers_owed() {
         server.wait_for_log_line(&["in the middle of a frame"]);
     }
 }
+
+/// Hostile pass 6: a client that asked for many large deferred answers and
+/// never read them made the worker hold every answer (127 x 4 MB: over
+/// 500 MB with an 8 MiB budget): neither `max_pending_output_bytes` nor
+/// `max_buffered_bytes` applied to answers that arrive later. Past the
+/// budget, such a connection is closed now, even alone.
+#[test]
+fn a_client_that_never_reads_large_deferred_answers_is_cut_at_the_budget() {
+    let server = Server::start(&config(
+        "defer_rs",
+        r#"max_frame_bytes = 4194304
+max_buffered_bytes = 8388608"#,
+    ));
+    let mut client = server.client();
+    let mut requests = Vec::new();
+    for _ in 0..60 {
+        requests.extend_from_slice(&frame(b"big 4000000"));
+    }
+    client.send_raw(&requests).unwrap();
+    let line = server.wait_for_log_line(&["over max_buffered_bytes = 8388608"]);
+    assert!(line.contains("closed the 1 holding the most"), "{line}");
+    assert!(metric(&server, "nbnet_buffer_budget_closes_total") >= 1);
+}

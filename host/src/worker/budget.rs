@@ -20,13 +20,29 @@ pub(super) fn account(buffered: &mut usize, holders: &mut usize, before: usize, 
     }
 }
 
+/// What one connection alone may hold past `max_buffered_bytes` without
+/// being closed for it: two frames in and twice the output limit, the most
+/// the inline path lets it hold.
+pub(super) fn lone_allowance(limits: &super::reactor::Limits) -> usize {
+    limits
+        .max_pending_output_bytes
+        .saturating_mul(2)
+        .saturating_add(2 * (limits.max_frame_bytes + crate::codec::HEADER_LEN))
+}
+
 impl Reactor {
     /// The connections' buffers hold more than `max_buffered_bytes`
     /// together: closes the connections holding the most, largest first,
-    /// until they hold no more than that. One connection alone is never
-    /// closed for it (`max_frame_bytes` and `max_pending_output_bytes`
-    /// bound its memory), so a lone large frame always gets through; next
-    /// to others, the largest holder goes first.
+    /// until they hold no more than that. The last connection holding
+    /// anything is not closed for it while it holds no more than
+    /// [`lone_allowance`] (what `max_frame_bytes` and
+    /// `max_pending_output_bytes` let one connection hold on the inline
+    /// path), so a lone large frame always gets through; next to others,
+    /// the largest holder goes first. Past the allowance it is closed too:
+    /// answers to deferred or pooled requests are not bounded by those two
+    /// (up to `max_deferred_per_connection` answers of `max_frame_bytes`
+    /// each), and a client asking for many large answers without reading
+    /// them made a worker hold hundreds of MB.
     #[cold]
     #[inline(never)]
     pub(super) fn shed(&mut self, now: Instant) {
@@ -46,7 +62,7 @@ impl Reactor {
         holders.sort_unstable_by(|a, b| b.cmp(a));
         let mut closed: Vec<(String, usize)> = Vec::new();
         for (left, &(held, key)) in (1..=holders.len()).rev().zip(&holders) {
-            if self.buffered <= budget || left == 1 {
+            if self.buffered <= budget || (left == 1 && held <= lone_allowance(&self.limits)) {
                 break;
             }
             closed.push((self.connections[key].peer().to_string(), held));

@@ -367,6 +367,12 @@ impl super::reactor::Reactor {
                 held_after,
             );
         }
+        // Answers completed for a client that does not read them count
+        // too: past the budget the largest holders are closed (see
+        // `shed`), as after a read.
+        let shed = held_after > held_before
+            && self.buffered > self.limits.max_buffered_bytes
+            && (self.holders > 1 || held_after > super::budget::lone_allowance(&self.limits));
         match outcome {
             Ok(_) if self.draining.is_some() && conn.may_leave(self.handing_over) => {
                 self.retire(key, now)
@@ -384,6 +390,9 @@ impl super::reactor::Reactor {
             }
             Ok(false) => {}
             Err(reason) => self.close(key, reason),
+        }
+        if shed {
+            self.shed(now);
         }
     }
 

@@ -343,7 +343,8 @@ impl Reactor {
                         }
                         if grew
                             && self.buffered > self.limits.max_buffered_bytes
-                            && self.holders > 1
+                            && (self.holders > 1
+                                || held_after > super::budget::lone_allowance(&self.limits))
                         {
                             self.shed(now);
                         }
