@@ -84,6 +84,7 @@ fn load(name: &str, path: &Path) -> Option<Plugin> {
         image: None,
         threads: 0,
         plugin_timeout: std::time::Duration::from_secs(5),
+        max_frame_bytes: 16 << 20,
     };
     match Plugin::load(&spec, 0, 1) {
         Ok(p) => Some(p),
