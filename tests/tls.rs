@@ -1028,3 +1028,50 @@ tls = { cert = "server.pem", key = "server.key" }
         0
     );
 }
+
+/// Hostile pass 6: requests a TLS client queued behind a pool thread that
+/// got stuck were never answered: TLS connections stay with the old worker,
+/// whose only pool thread would never return; the client was cut at
+/// `shutdown_timeout`. A spare thread (a new instance) now serves the pool
+/// until the worker is replaced.
+#[test]
+fn tls_requests_queued_behind_a_stuck_pool_thread_are_answered() {
+    let sandbox = Sandbox::new();
+    let pki = pki(&sandbox);
+    let template = r#"[server]
+workers = 1
+plugin_timeout = "500ms"
+shutdown_timeout = "30s"
+
+[[plugins]]
+name = "slow"
+path = "{misbehave}"
+threads = 1
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "slow"
+
+[[listeners]]
+addr = "127.0.0.1:{aux}"
+plugin = "slow"
+tls = { cert = "server.pem", key = "server.key" }
+"#;
+    let server = Server::start_in(sandbox, template);
+    let mut stuck = nbnet_tests::Client::connect(server.port());
+    stuck.send_frame(b"hang").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let config = client_config(&pki.ca.pem(), None);
+    let mut tls = connect(server.aux_port(0), &config);
+    let mut batch = frame(b"sleep:1");
+    batch.extend_from_slice(&frame(b"sleep:2"));
+    tls.write_all(&batch).unwrap();
+    tls.flush().unwrap();
+    // (The client's read timeout, 10 s, is well below shutdown_timeout.)
+    for ms in [1, 2] {
+        let answer = read_frame(&mut tls)
+            .unwrap_or_else(|e| panic!("answer to sleep:{ms}: {e}\n{}", server.log()));
+        assert_eq!(answer, format!("slept {ms}").into_bytes());
+    }
+    server.wait_for_log_line(&["pool thread 0 is stuck: a spare thread"]);
+}

@@ -219,10 +219,15 @@ struct Shared {
     /// Pool threads waiting on `ready` (changed only under `queue`'s lock).
     waiting: AtomicUsize,
     stop: AtomicBool,
-    /// Per thread: the call it is in, if any.
+    /// Per thread slot: the call it is in, if any. Slots `0..N` are the
+    /// pool's threads; `N + i` is the spare started when thread `i` got
+    /// stuck (see [`watch`]).
     busy: Vec<Mutex<Option<Busy>>>,
-    /// Threads that overran (never joined: they may never return).
+    /// Slots whose thread overran (never joined: it may never return).
     stuck: Vec<AtomicBool>,
+    /// What a spare needs to make its instance.
+    spec: PluginSpec,
+    worker: (u32, u32),
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Wakes the watchdog early when the pool stops.
     watchdog_wake: Condvar,
@@ -251,8 +256,10 @@ pub(super) fn load(
         ready: Condvar::new(),
         waiting: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
-        busy: (0..n).map(|_| Mutex::new(None)).collect(),
-        stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        busy: (0..2 * n).map(|_| Mutex::new(None)).collect(),
+        stuck: (0..2 * n).map(|_| AtomicBool::new(false)).collect(),
+        spec: spec.clone(),
+        worker: (worker_index, worker_count),
         threads: Mutex::new(Vec::new()),
         watchdog_wake: Condvar::new(),
         board: OnceLock::new(),
@@ -416,7 +423,7 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
 
 /// Fails calls that overrun `plugin_timeout` and asks for the worker's
 /// replacement.
-fn watch(shared: &Shared) {
+fn watch(shared: &Arc<Shared>) {
     let period = (shared.timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
     let mut guard = lock(&shared.queue);
     while !shared.stop.load(Ordering::Acquire) {
@@ -448,8 +455,58 @@ fn watch(shared: &Shared) {
             // worker).
             REPLACEMENT_WANTED.store(true, Ordering::Release);
             handle.fail(&message);
+            drop(busy);
+            start_spare(shared, index);
         }
         guard = lock(&shared.queue);
+    }
+}
+
+/// Thread slot `slot` is stuck: starts a spare thread with a new
+/// instance (told the stuck one's thread index) in slot `N + slot`, so
+/// that the requests queued behind it are answered until the worker is
+/// replaced — the TLS connections' among them, which cannot move to the
+/// replacement. One spare per pool thread; a stuck spare has none.
+fn start_spare(shared: &Arc<Shared>, slot: usize) {
+    let n = shared.spec.threads;
+    if slot >= n || shared.stop.load(Ordering::Acquire) {
+        return;
+    }
+    let spare = n + slot;
+    let own = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!(
+            "{}-{spare}",
+            shared.spec.name.chars().take(10).collect::<String>()
+        ))
+        .spawn(move || {
+            let (worker_index, worker_count) = own.worker;
+            match Plugin::load_instance(
+                &own.spec,
+                worker_index,
+                worker_count,
+                slot as u32,
+                n as u32,
+            ) {
+                Ok(instance) => serve(&own, spare, instance),
+                Err(e) => tracing::error!(
+                    plugin = %own.name,
+                    "cannot start a spare for stuck pool thread {slot}: {e}"
+                ),
+            }
+        });
+    match spawned {
+        Ok(thread) => {
+            tracing::warn!(
+                plugin = %shared.name,
+                "pool thread {slot} is stuck: a spare thread (a new instance, thread index {slot}) serves the pool until the worker is replaced"
+            );
+            lock(&shared.threads).push(thread);
+        }
+        Err(e) => tracing::error!(
+            plugin = %shared.name,
+            "cannot start a spare for stuck pool thread {slot}: {e}"
+        ),
     }
 }
 
@@ -461,7 +518,24 @@ fn stop(shared: &Shared) {
         shared.ready.notify_all();
         shared.watchdog_wake.notify_all();
     }
-    let threads = std::mem::take(&mut *lock(&shared.threads));
+    // Again until none is left: the watchdog may have started a spare
+    // while the first ones were joined (it is joined among them).
+    loop {
+        let threads = std::mem::take(&mut *lock(&shared.threads));
+        if threads.is_empty() {
+            break;
+        }
+        join_unless_stuck(shared, threads);
+    }
+    // Jobs nobody will run: fail them (their connections are closing).
+    let left = lock(&shared.queue).take(&|_| true);
+    for job in left {
+        job.handle.fail("the worker is stopping");
+    }
+}
+
+/// Joins `threads`, but not those stuck in a call (they may never return).
+fn join_unless_stuck(shared: &Shared, threads: Vec<JoinHandle<()>>) {
     for thread in threads {
         let index = thread
             .thread()
@@ -477,11 +551,6 @@ fn stop(shared: &Shared) {
             continue;
         }
         let _ = thread.join();
-    }
-    // Jobs nobody will run: fail them (their connections are closing).
-    let left = lock(&shared.queue).take(&|_| true);
-    for job in left {
-        job.handle.fail("the worker is stopping");
     }
 }
 
