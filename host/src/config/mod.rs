@@ -760,6 +760,29 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
             }
         };
+        if let Some(tls) = &listener.tls {
+            // A certificate or key nbnet would overwrite with its PID or
+            // log lines (and, for the log, hand to the workers' user).
+            let raw_tls = tls.get_ref();
+            let tls_line = lines.line_of(tls.span().start);
+            for (what, written_path) in [
+                ("cert", Some(&raw_tls.cert)),
+                ("key", Some(&raw_tls.key)),
+                ("client_ca", raw_tls.client_ca.as_ref()),
+            ] {
+                let Some(written_path) = written_path else {
+                    continue;
+                };
+                let path = std::path::absolute(base.join(written_path))
+                    .unwrap_or_else(|_| base.join(written_path));
+                check.shared(&written, &path, || {
+                    format!(
+                        "the tls {what} file of listener {addr_text} ({}:{tls_line})",
+                        shown(file)
+                    )
+                });
+            }
+        }
         let tls =
             listener
                 .tls

@@ -971,3 +971,20 @@ fn measure_validating_a_million_plugins() {
     assert_eq!(config.plugins.len(), n);
     let _ = std::fs::remove_file(&file);
 }
+
+/// Hostile pass 6: `pid_file` or `[log] file` naming a TLS listener's key
+/// passed `--check`; at start the PID overwrote the key (and `nbnet stop`
+/// deleted it), or the log file chowned it to the workers' user.
+#[test]
+fn a_written_file_naming_a_tls_file_is_refused_naming_both() {
+    let text = "[server]\npid_file = \"tls/k.pem\"\n[log]\nfile = \"./tls/c.pem\"\n[[plugins]]\nname = \"upper\"\npath = \"lib/libupper.so\"\n[[listeners]]\naddr = \"127.0.0.1:9000\"\nplugin = \"upper\"\ntls = { cert = \"tls/c.pem\", key = \"tls/k.pem\", client_ca = \"tls/ca.pem\" }\n";
+    let err = parse_str(text).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains("test.toml:2: [server] pid_file = /etc/nbnet/tls/k.pem is the same file as the tls key file of listener 127.0.0.1:9000 (/etc/nbnet/test.toml:11)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("test.toml:4: [log] file = /etc/nbnet/tls/c.pem is the same file as the tls cert file of listener 127.0.0.1:9000"),
+        "{err}"
+    );
+}
