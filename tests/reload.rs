@@ -616,3 +616,31 @@ fn nbnet_reload_waits_for_the_outcome_and_reports_the_masters_reason() {
     let mut client = server.client();
     assert_eq!(client.request(b"still"), b"ok:still");
 }
+
+/// Hostile pass 6: a Unix socket file removed by hand made its listener
+/// unreachable, and `nbnet reload` said "socket kept" as if all was well.
+/// It now says the file is gone and what to do.
+#[test]
+fn a_reload_warns_when_a_unix_listeners_socket_file_is_gone() {
+    let server = Server::start(
+        r#"[server]
+workers = 1
+
+[[plugins]]
+name = "upper"
+path = "{upper}"
+
+[[listeners]]
+addr = "127.0.0.1:{port}"
+plugin = "upper"
+
+[[listeners]]
+addr = "unix:{dir}/gone.sock"
+plugin = "upper"
+"#,
+    );
+    std::fs::remove_file(server.dir().join("gone.sock")).unwrap();
+    server.signal(libc::SIGHUP);
+    let line = server.wait_for_log_line(&["gone.sock: its socket file is gone"]);
+    assert!(line.contains("restart nbnet"), "{line}");
+}

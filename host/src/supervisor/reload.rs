@@ -481,6 +481,17 @@ impl Master {
                 bound.addr,
                 plugin_of(&bound.addr)
             );
+            if let Endpoint::Unix(path) = &bound.addr {
+                use std::os::unix::fs::FileTypeExt;
+                let there =
+                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+                if !there {
+                    tracing::warn!(
+                        "listener {}: its socket file is gone (removed by hand?): no client can connect to it, although nbnet still listens; restart nbnet to bind it again (a reload keeps the socket it has)",
+                        bound.addr
+                    );
+                }
+            }
         }
         for bound in &fresh {
             tracing::info!(
