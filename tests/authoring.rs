@@ -282,6 +282,31 @@ fn run_reports_an_init_that_crashes_exits_or_stops_the_process() {
     }
 }
 
+/// Hostile pass 6: a plugin that crashed `plugin run` in `process` (or in
+/// a pool thread's init the check does not run) ended it without a word.
+#[test]
+fn run_says_so_when_the_plugin_crashes_it() {
+    use std::os::unix::process::ExitStatusExt;
+    for (request, signal, name) in [
+        (&b"abort\n"[..], libc::SIGABRT, "SIGABRT"),
+        (b"segfault\n", libc::SIGSEGV, "SIGSEGV"),
+    ] {
+        let out = plugin_run(&build().misbehave_so, &[], request);
+        assert_eq!(
+            out.status.signal(),
+            Some(signal),
+            "{name}: {:?}",
+            out.status
+        );
+        assert!(
+            out.stderr
+                .contains(&format!("the plugin crashed the process ({name})")),
+            "{name}: {}",
+            out.stderr
+        );
+    }
+}
+
 #[test]
 fn run_gives_a_c_plugin_its_config() {
     let out = plugin_run(

@@ -275,7 +275,19 @@ pub fn catch_plugin_faults(who: Faulting) {
             libc::pthread_attr_destroy(&mut attr);
         }
     }
-    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+    // `plugin run` also names an abort and the other crash signals: it has
+    // no master to say what ended it.
+    let signals: &[libc::c_int] = match who {
+        Faulting::PluginRun => &[
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGABRT,
+            libc::SIGILL,
+            libc::SIGFPE,
+        ],
+        _ => &[libc::SIGSEGV, libc::SIGBUS],
+    };
+    for &signal in signals {
         // SAFETY: installs an async-signal-safe handler (atomics, `write`,
         // `getpid`, `signal`) on the alternate stack Rust's runtime set up
         // for the main thread (inherited over fork); SA_SIGINFO gives the
@@ -302,6 +314,27 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, _context: *mut l
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let address = unsafe { (*info).si_addr() } as usize;
     let low = STACK_LOW.load(Ordering::Relaxed);
+    if STACK_WORKER.load(Ordering::Relaxed) == PLUGIN_RUN {
+        let name: &[u8] = match signal {
+            libc::SIGSEGV => b"SIGSEGV",
+            libc::SIGBUS => b"SIGBUS",
+            libc::SIGABRT => b"SIGABRT",
+            libc::SIGILL => b"SIGILL",
+            libc::SIGFPE => b"SIGFPE",
+            _ => b"a signal",
+        };
+        let mut line = [0u8; 120];
+        let head = b"nbnet plugin run: the plugin crashed the process (";
+        let tail = b"); nothing more is answered\n";
+        let mut at = 0;
+        for part in [&head[..], name, &tail[..]] {
+            let n = part.len().min(line.len() - at);
+            line[at..at + n].copy_from_slice(&part[..n]);
+            at += n;
+        }
+        // SAFETY: write(2) on stderr is async-signal-safe.
+        unsafe { libc::write(2, line.as_ptr().cast(), at) };
+    }
     // The guard region just below the stack (and a little above: a large
     // frame may fault inside it).
     if low != 0 && address < low.saturating_add(64 << 10) && address >= low.saturating_sub(1 << 20)
