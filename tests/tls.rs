@@ -976,6 +976,32 @@ fn a_session_from_a_listener_without_client_certificates_does_not_open_a_mutual_
     );
 }
 
+/// `misbehave` (C) on a pool of one thread, plaintext on `{port}` and TLS
+/// on `{aux}`, one worker, with extra `[server]` lines.
+fn pool_tls(server: &str) -> String {
+    format!(
+        r#"[server]
+workers = 1
+shutdown_timeout = "30s"
+{server}
+
+[[plugins]]
+name = "slow"
+path = "{{misbehave}}"
+threads = 1
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "slow"
+
+[[listeners]]
+addr = "127.0.0.1:{{aux}}"
+plugin = "slow"
+tls = {{ cert = "server.pem", key = "server.key" }}
+"#
+    )
+}
+
 /// Hostile pass 5: at a reload, the old worker took the requests its
 /// thread pool had queued back from the pool for the connections that
 /// move — TLS ones too, which do not move: their frames sat unanswered in
@@ -986,25 +1012,7 @@ fn a_session_from_a_listener_without_client_certificates_does_not_open_a_mutual_
 fn a_reload_answers_everything_a_tls_client_pipelined_to_a_pool() {
     let sandbox = Sandbox::new();
     let pki = pki(&sandbox);
-    let template = r#"[server]
-workers = 1
-shutdown_timeout = "30s"
-
-[[plugins]]
-name = "slow"
-path = "{misbehave}"
-threads = 1
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "slow"
-
-[[listeners]]
-addr = "127.0.0.1:{aux}"
-plugin = "slow"
-tls = { cert = "server.pem", key = "server.key" }
-"#;
-    let server = Server::start_in(sandbox, template);
+    let server = Server::start_in(sandbox, &pool_tls(""));
     let config = client_config(&pki.ca.pem(), None);
     let mut tls = connect(server.aux_port(0), &config);
     // 40 requests of 20 ms each on the one pool thread: most of them
@@ -1038,26 +1046,7 @@ tls = { cert = "server.pem", key = "server.key" }
 fn tls_requests_queued_behind_a_stuck_pool_thread_are_answered() {
     let sandbox = Sandbox::new();
     let pki = pki(&sandbox);
-    let template = r#"[server]
-workers = 1
-plugin_timeout = "500ms"
-shutdown_timeout = "30s"
-
-[[plugins]]
-name = "slow"
-path = "{misbehave}"
-threads = 1
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "slow"
-
-[[listeners]]
-addr = "127.0.0.1:{aux}"
-plugin = "slow"
-tls = { cert = "server.pem", key = "server.key" }
-"#;
-    let server = Server::start_in(sandbox, template);
+    let server = Server::start_in(sandbox, &pool_tls("plugin_timeout = \"500ms\""));
     let mut stuck = nbnet_tests::Client::connect(server.port());
     stuck.send_frame(b"hang").unwrap();
     std::thread::sleep(Duration::from_millis(200));
