@@ -184,22 +184,7 @@ fn a_failed_deferred_request_is_logged_with_the_plugin_name_and_closes_the_conne
 /// Closes `client` with a reset (SO_LINGER 0): the server sees the client
 /// gone at once, not a half-close it must still answer.
 fn reset(client: Client) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a `linger` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            client.stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt(SO_LINGER)");
+    nbnet_tests::linger_zero(&client.stream);
     drop(client);
 }
 

@@ -7,12 +7,12 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nbnet_tests::{
-    check, cpu_share, frame, one_plugin_config, raise_fd_limit, rss_kib, Client, Sandbox, Server,
+    check, cpu_share, frame, linger_zero, one_plugin_config, raise_fd_limit, rss_kib, Client,
+    Sandbox, Server,
 };
 
 /// A worker spinning on a dead accept loop would use a whole core; an idle
@@ -45,25 +45,6 @@ fn peek(stream: &TcpStream) -> Peek {
     };
     stream.set_nonblocking(false).expect("set_nonblocking");
     seen
-}
-
-/// Sets SO_LINGER to {on, 0 s}: `close` then sends a reset, not a FIN.
-fn linger_zero(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
 }
 
 /// Connects with SO_RCVBUF at its minimum, set before connecting (so the

@@ -377,21 +377,7 @@ fn a_reset_client_s_queued_pool_requests_are_dropped() {
     std::io::Write::write_all(&mut stream, &backlog).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
     // Reset (SO_LINGER 0, then close).
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on our own socket with a valid struct.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0);
+    nbnet_tests::linger_zero(&stream);
     drop(stream);
     // A second's worth of the hog's requests would have run by now.
     std::thread::sleep(std::time::Duration::from_secs(1));

@@ -1423,6 +1423,26 @@ impl Client {
 
 // ------------------------------------------------ the misbehave test plugins
 
+/// Sets SO_LINGER to {on, 0 s} on `stream`: its `close` then sends a
+/// reset, not a FIN (a client that vanishes, not one that half-closes).
+pub fn linger_zero(stream: &std::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
 /// The size of the request (and answer) [`Client::owe_an_answer`] sends:
 /// more than the kernel buffers on both sides of a loopback connection.
 pub const OWED_ANSWER_BYTES: usize = 8 << 20;
