@@ -134,8 +134,8 @@ impl Reactor {
         // At most what one connection can hold here: part of a frame or
         // the frames of one read held back, plus requests a pool held (up
         // to max_pending_output_bytes, and one read past it). The budget
-        // then counts them like any bytes a connection holds (one
-        // connection alone is never closed for it).
+        // then counts them like any bytes a connection holds (see
+        // `budget::shed`).
         let limits = &self.limits;
         let most = limits.max_buffered_bytes.max(
             limits
@@ -234,9 +234,10 @@ impl Reactor {
                     continue;
                 }
                 count += 1;
-                match taken.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, requests)) => requests.push(request),
-                    None => taken.push((key, vec![request])),
+                // A pool gives each connection's requests together.
+                match taken.last_mut() {
+                    Some((k, requests)) if *k == key => requests.push(request),
+                    _ => taken.push((key, vec![request])),
                 }
             }
         }
