@@ -209,11 +209,6 @@ struct Busy {
 }
 
 struct Shared {
-    name: String,
-    timeout: Duration,
-    /// `[server] max_frame_bytes`: an instance's answer (and its `grow`)
-    /// is refused past it, as on the worker's thread.
-    max_frame_bytes: usize,
     queue: Mutex<Queue>,
     ready: Condvar,
     /// Pool threads waiting on `ready` (changed only under `queue`'s lock).
@@ -225,7 +220,9 @@ struct Shared {
     busy: Vec<Mutex<Option<Busy>>>,
     /// Slots whose thread overran (never joined: it may never return).
     stuck: Vec<AtomicBool>,
-    /// What a spare needs to make its instance.
+    /// The plugin: its name, `plugin_timeout`, `max_frame_bytes` (an
+    /// instance's answer, and its `grow`, are refused past it, as on the
+    /// worker's thread), and what a spare needs to make its instance.
     spec: PluginSpec,
     worker: (u32, u32),
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -249,9 +246,6 @@ pub(super) fn load(
 ) -> Result<Plugin, LoadError> {
     let n = spec.threads;
     let shared = Arc::new(Shared {
-        name: spec.name.clone(),
-        timeout: spec.plugin_timeout,
-        max_frame_bytes: spec.max_frame_bytes,
         queue: Mutex::new(Queue::default()),
         ready: Condvar::new(),
         waiting: AtomicUsize::new(0),
@@ -266,32 +260,10 @@ pub(super) fn load(
     });
     let (loaded, results) = std::sync::mpsc::channel();
     for index in 0..n {
-        let (own_spec, own_shared, loaded) = (spec.clone(), Arc::clone(&shared), loaded.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!(
-                "{}-{index}",
-                spec.name.chars().take(10).collect::<String>()
-            ))
-            .spawn(move || {
-                let (spec, shared) = (own_spec, own_shared);
-                // Each instance is created on the thread that will use it.
-                match Plugin::load_instance(
-                    &spec,
-                    worker_index,
-                    worker_count,
-                    index as u32,
-                    n as u32,
-                ) {
-                    Ok(instance) => {
-                        let described = instance.describe();
-                        let _ = loaded.send(Ok(described));
-                        serve(&shared, index, instance);
-                    }
-                    Err(e) => {
-                        let _ = loaded.send(Err(e));
-                    }
-                }
-            });
+        let loaded = loaded.clone();
+        let spawned = start_thread(&shared, index, index, move |made| {
+            let _ = loaded.send(made);
+        });
         match spawned {
             Ok(thread) => lock(&shared.threads).push(thread),
             Err(e) => {
@@ -357,7 +329,7 @@ pub(super) fn load(
 
 /// A pool thread: answers jobs with its instance until the pool stops.
 fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
-    let mut sink = ResponseSink::new(Vec::new(), shared.max_frame_bytes, std::ptr::null());
+    let mut sink = ResponseSink::new(Vec::new(), shared.spec.max_frame_bytes, std::ptr::null());
     loop {
         let job = {
             let mut queue = lock(&shared.queue);
@@ -424,7 +396,8 @@ fn serve(shared: &Shared, index: usize, mut instance: Plugin) {
 /// Fails calls that overrun `plugin_timeout` and asks for the worker's
 /// replacement.
 fn watch(shared: &Arc<Shared>) {
-    let period = (shared.timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let period =
+        (shared.spec.plugin_timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
     let mut guard = lock(&shared.queue);
     while !shared.stop.load(Ordering::Acquire) {
         guard = shared
@@ -437,7 +410,7 @@ fn watch(shared: &Arc<Shared>) {
             let mut busy = lock(busy);
             let Some(call) = busy.as_mut() else { continue };
             let elapsed = call.since.elapsed();
-            if elapsed <= shared.timeout {
+            if elapsed <= shared.spec.plugin_timeout {
                 continue;
             }
             let Some(handle) = call.handle.take() else {
@@ -446,9 +419,9 @@ fn watch(shared: &Arc<Shared>) {
             shared.stuck[index].store(true, Ordering::Release);
             let message = format!(
                 "call on pool thread {index} still running after {elapsed:.1?}, over plugin_timeout = {:?}; the request fails and the worker asks to be replaced (a stuck thread cannot be reclaimed)",
-                shared.timeout
+                shared.spec.plugin_timeout
             );
-            tracing::error!(plugin = %shared.name, thread = index, "{message}");
+            tracing::error!(plugin = %shared.spec.name, thread = index, "{message}");
             // Before the failure wakes the reactor, which looks at this
             // flag after that turn: set after, the request to be replaced
             // waited for the reactor's next event (seconds, on an idle
@@ -462,6 +435,40 @@ fn watch(shared: &Arc<Shared>) {
     }
 }
 
+/// Starts the pool thread of slot `slot`, whose instance is told it is
+/// thread `index` of N (a spare's slot is past N; its index is the stuck
+/// thread's). The instance is made on that thread, which then serves;
+/// `made` hears how making it went (its description, or why not).
+fn start_thread(
+    shared: &Arc<Shared>,
+    slot: usize,
+    index: usize,
+    made: impl FnOnce(Result<String, LoadError>) + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let own = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name(format!(
+            "{}-{slot}",
+            shared.spec.name.chars().take(10).collect::<String>()
+        ))
+        .spawn(move || {
+            let (worker_index, worker_count) = own.worker;
+            match Plugin::load_instance(
+                &own.spec,
+                worker_index,
+                worker_count,
+                index as u32,
+                own.spec.threads as u32,
+            ) {
+                Ok(instance) => {
+                    made(Ok(instance.describe()));
+                    serve(&own, slot, instance);
+                }
+                Err(e) => made(Err(e)),
+            }
+        })
+}
+
 /// Thread slot `slot` is stuck: starts a spare thread with a new
 /// instance (told the stuck one's thread index) in slot `N + slot`, so
 /// that the requests queued behind it are answered until the worker is
@@ -472,39 +479,22 @@ fn start_spare(shared: &Arc<Shared>, slot: usize) {
     if slot >= n || shared.stop.load(Ordering::Acquire) {
         return;
     }
-    let spare = n + slot;
-    let own = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name(format!(
-            "{}-{spare}",
-            shared.spec.name.chars().take(10).collect::<String>()
-        ))
-        .spawn(move || {
-            let (worker_index, worker_count) = own.worker;
-            match Plugin::load_instance(
-                &own.spec,
-                worker_index,
-                worker_count,
-                slot as u32,
-                n as u32,
-            ) {
-                Ok(instance) => serve(&own, spare, instance),
-                Err(e) => tracing::error!(
-                    plugin = %own.name,
-                    "cannot start a spare for stuck pool thread {slot}: {e}"
-                ),
-            }
-        });
+    let name = shared.spec.name.clone();
+    let spawned = start_thread(shared, n + slot, slot, move |made| {
+        if let Err(e) = made {
+            tracing::error!(plugin = %name, "cannot start a spare for stuck pool thread {slot}: {e}");
+        }
+    });
     match spawned {
         Ok(thread) => {
             tracing::warn!(
-                plugin = %shared.name,
+                plugin = %shared.spec.name,
                 "pool thread {slot} is stuck: a spare thread (a new instance, thread index {slot}) serves the pool until the worker is replaced"
             );
             lock(&shared.threads).push(thread);
         }
         Err(e) => tracing::error!(
-            plugin = %shared.name,
+            plugin = %shared.spec.name,
             "cannot start a spare for stuck pool thread {slot}: {e}"
         ),
     }
