@@ -31,6 +31,15 @@ pub(super) fn lone_allowance(limits: &super::reactor::Limits) -> usize {
 }
 
 impl Reactor {
+    /// After an event in which one connection's buffers grew to
+    /// `held_after`: whether to [`Reactor::shed`] (the budget is passed,
+    /// and not by one connection within its [`lone_allowance`]).
+    #[inline]
+    pub(super) fn must_shed(&self, held_after: usize) -> bool {
+        self.buffered > self.limits.max_buffered_bytes
+            && (self.holders > 1 || held_after > lone_allowance(&self.limits))
+    }
+
     /// The connections' buffers hold more than `max_buffered_bytes`
     /// together: closes the connections holding the most, largest first,
     /// until they hold no more than that. The last connection holding

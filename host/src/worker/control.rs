@@ -131,17 +131,13 @@ impl Reactor {
         };
         // What the old worker read and did not answer: answered here
         // first (see `conn::moving`).
-        // At most what one connection can hold here: part of a frame or
-        // the frames of one read held back, plus requests a pool held (up
-        // to max_pending_output_bytes, and one read past it). The budget
+        // At most what one connection may hold here (a read more than
+        // alone: the frames of one read held back, or a read's requests
+        // past max_pending_output_bytes a pool had queued). The budget
         // then counts them like any bytes a connection holds (see
         // `budget::shed`).
-        let limits = &self.limits;
-        let most = limits.max_buffered_bytes.max(
-            limits
-                .max_pending_output_bytes
-                .saturating_add(2 * (limits.max_frame_bytes + crate::codec::HEADER_LEN))
-                .saturating_add(super::conn::SCRATCH_INPUT),
+        let most = self.limits.max_buffered_bytes.max(
+            super::budget::lone_allowance(&self.limits).saturating_add(super::conn::SCRATCH_INPUT),
         );
         let unread = match unread.map(|u| u.read(most)) {
             None => Vec::new(),

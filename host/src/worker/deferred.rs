@@ -370,9 +370,7 @@ impl super::reactor::Reactor {
         // Answers completed for a client that does not read them count
         // too: past the budget the largest holders are closed (see
         // `shed`), as after a read.
-        let shed = held_after > held_before
-            && self.buffered > self.limits.max_buffered_bytes
-            && (self.holders > 1 || held_after > super::budget::lone_allowance(&self.limits));
+        let shed = held_after > held_before && self.must_shed(held_after);
         match outcome {
             Ok(_) if self.draining.is_some() && conn.may_leave(self.handing_over) => {
                 self.retire(key, now)

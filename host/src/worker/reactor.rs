@@ -341,11 +341,7 @@ impl Reactor {
                             Ok(false) => {}
                             Err(reason) => self.close(key, reason),
                         }
-                        if grew
-                            && self.buffered > self.limits.max_buffered_bytes
-                            && (self.holders > 1
-                                || held_after > super::budget::lone_allowance(&self.limits))
-                        {
+                        if grew && self.must_shed(held_after) {
                             self.shed(now);
                         }
                     }

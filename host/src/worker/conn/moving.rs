@@ -157,21 +157,11 @@ impl Connection {
                 .zip(&requests)
                 .all(|(slot, r)| matches!(slot, Answer::Awaiting(t) if *t == r.token));
         if !tail_is_theirs {
-            for slot in self.queue.drain(at + 1..) {
-                match slot {
-                    Answer::Awaiting(token) => ctx.deferred.cancel(token),
-                    Answer::Ready(bytes) => self.queued -= bytes.len(),
-                    Answer::Failed(_) => {}
-                }
-            }
-            self.queue[at] = Answer::Failed(
+            self.fail_at(
+                at,
                 "a request taken back from the thread pool (the worker is being replaced) is followed by one that failed: the connection ends here".into(),
+                ctx.deferred,
             );
-            self.awaiting = self
-                .queue
-                .iter()
-                .filter(|s| matches!(s, Answer::Awaiting(_)))
-                .count();
             // It may be at the front: then the connection ends now.
             return self.deliver(&ctx.slot.stats);
         }

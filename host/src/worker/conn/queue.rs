@@ -49,21 +49,7 @@ impl Connection {
                 self.queue[at] = Answer::Ready(frame);
             }
             Err(message) => {
-                // The answers before it still go out once complete; none
-                // after it: the connection closes when it reaches the front.
-                for slot in self.queue.drain(at + 1..) {
-                    match slot {
-                        Answer::Awaiting(token) => ctx.deferred.cancel(token),
-                        Answer::Ready(bytes) => self.queued -= bytes.len(),
-                        Answer::Failed(_) => {}
-                    }
-                }
-                self.awaiting = self
-                    .queue
-                    .iter()
-                    .filter(|s| matches!(s, Answer::Awaiting(_)))
-                    .count();
-                self.queue[at] = Answer::Failed(crate::logging::untrusted(&message));
+                self.fail_at(at, crate::logging::untrusted(&message), ctx.deferred);
                 if self.state == State::Reading {
                     self.transition(State::Waiting);
                 }
@@ -78,6 +64,26 @@ impl Connection {
             self.on_readable(ctx, scratch, read_closed)?;
         }
         Ok(true)
+    }
+
+    /// The request of queue slot `at` failed (`message`, to log): the
+    /// answers before it still go out once complete; none after it (their
+    /// requests are cancelled): the connection closes when it reaches the
+    /// front.
+    pub(super) fn fail_at(&mut self, at: usize, message: String, deferred: &mut Deferreds) {
+        for slot in self.queue.drain(at + 1..) {
+            match slot {
+                Answer::Awaiting(token) => deferred.cancel(token),
+                Answer::Ready(bytes) => self.queued -= bytes.len(),
+                Answer::Failed(_) => {}
+            }
+        }
+        self.queue[at] = Answer::Failed(message);
+        self.awaiting = self
+            .queue
+            .iter()
+            .filter(|s| matches!(s, Answer::Awaiting(_)))
+            .count();
     }
 
     /// Moves the ready front of the answer queue to the output and writes
