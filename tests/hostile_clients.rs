@@ -747,3 +747,57 @@ fn after_a_half_close_every_pending_response_is_still_delivered() {
     // Then the server closes.
     client.expect_closed_within(Duration::from_secs(5));
 }
+
+/// A connection that pipelines large frames keeps its input buffer from one
+/// frame to the next while it reads (a frame straddling two reads then
+/// costs no new buffer), but not once it stops reading: at a frame boundary
+/// an idle connection owns none. Eight clients each send a 256 KiB frame in
+/// two parts (so it goes through the connection's own buffer), read the
+/// answer and stay connected: with max_buffered_bytes = 1 MiB, buffers kept
+/// by the idle connections (2 MiB) would make the worker close some of
+/// them as over the budget.
+#[test]
+fn idle_connections_after_large_frames_hold_no_buffer() {
+    const FRAME: usize = 256 * 1024;
+    const CLIENTS: usize = 8;
+    let server = Server::start(&format!(
+        r#"
+[server]
+workers = 1
+max_frame_bytes = {FRAME}
+max_buffered_bytes = 1048576
+
+[[plugins]]
+name = "echo"
+path = "{{echo}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "echo"
+"#
+    ));
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|_| server.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let request = frame(&vec![b'a' + i as u8; FRAME]);
+        c.send_raw(&request[..FRAME / 3]).unwrap();
+        thread::sleep(Duration::from_millis(30));
+        c.send_raw(&request[FRAME / 3..]).unwrap();
+        assert_eq!(c.read_frame().unwrap(), request[10..], "client {i}");
+    }
+    // Every idle client is still served.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_raw(&frame(b"again")).unwrap();
+        let answer = c.read_frame();
+        assert!(
+            matches!(&answer, Ok(a) if a == b"again"),
+            "client {i} after its large frame: {answer:?}; log:\n{}",
+            server.log()
+        );
+    }
+    assert_eq!(
+        server.log_count("over max_buffered_bytes"),
+        0,
+        "{}",
+        server.log()
+    );
+}

@@ -539,6 +539,7 @@ impl Connection {
                 self.answer_and_flush::<TLS>(ctx, scratch, 0)?;
                 progress = true;
                 if self.state != State::Reading {
+                    self.release_idle_input();
                     return Ok(true);
                 }
                 continue;
@@ -565,6 +566,7 @@ impl Connection {
                 Ok(0) if !self.queue.is_empty() => {
                     self.peer_shut = true;
                     self.transition(State::Waiting);
+                    self.release_idle_input();
                     return Ok(progress);
                 }
                 Ok(0) if self.input_len == 0 => return Err(Close::PeerClosed),
@@ -581,6 +583,7 @@ impl Connection {
                         progress = true;
                     }
                     if self.state != State::Reading {
+                        self.release_idle_input();
                         return Ok(true);
                     }
                     // A short read means the socket's receive queue is empty:
@@ -589,15 +592,31 @@ impl Connection {
                     // a pending EOF (read_closed), or frames held back by the
                     // output budget, need another turn now.
                     if n < want && !read_closed && !self.holds_a_frame(ctx.decoder) {
+                        self.release_idle_input();
                         return Ok(progress);
                     }
                 }
                 // Not ready: not an error, wait for the next event.
-                Err(e) if would_block(&e) => return Ok(progress),
+                Err(e) if would_block(&e) => {
+                    self.release_idle_input();
+                    return Ok(progress);
+                }
                 // Interrupted by a signal: try again.
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => return Err(Close::Io(e)),
             }
+        }
+    }
+
+    /// The connection stops reading for now (the socket is drained, or
+    /// answers wait). At a frame boundary it owns no input buffer
+    /// meanwhile: `process_read` keeps the buffer until then, as a client
+    /// pipelining large frames is likely to leave the next one straddling
+    /// two reads.
+    #[inline(always)]
+    fn release_idle_input(&mut self) {
+        if self.input_len == 0 && self.input.capacity() != 0 {
+            self.input = Vec::new();
         }
     }
 
@@ -842,8 +861,8 @@ impl Connection {
             let data = &self.input[..self.input_len];
             let used = answering.frames(data, &mut scratch.responses, &mut scratch.batch)?;
             if used == self.input_len {
-                // Back at a frame boundary: release the buffer.
-                self.input = Vec::new();
+                // Back at a frame boundary. The buffer stays until the
+                // connection stops reading (`release_idle_input`).
                 self.input_len = 0;
             } else if used > 0 {
                 self.input.copy_within(used..self.input_len, 0);
