@@ -801,3 +801,60 @@ plugin = "echo"
         server.log()
     );
 }
+
+/// The buffer a connection keeps from one frame to the next is given back
+/// when what it holds shrinks: a 4 MiB frame answered with a short answer,
+/// followed in the same write by 5 bytes of the next frame, leaves the
+/// connection holding those 5 bytes, not 4 MiB. Two such clients under
+/// max_buffered_bytes = 6 MiB: had each kept 4 MiB, the worker would close
+/// one as over the budget.
+#[test]
+fn a_small_partial_frame_after_a_large_one_holds_a_small_buffer() {
+    const FRAME: usize = 4 * 1024 * 1024;
+    let server = Server::start(&format!(
+        r#"
+[server]
+workers = 1
+max_frame_bytes = {FRAME}
+max_buffered_bytes = 6291456
+
+[[plugins]]
+name = "sha256"
+path = "{{sha256}}"
+
+[[listeners]]
+addr = "127.0.0.1:{{port}}"
+plugin = "sha256"
+"#
+    ));
+    let next = frame(b"hello");
+    let mut clients: Vec<Client> = (0..2).map(|_| server.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut bytes = frame(&vec![b'a' + i as u8; FRAME]);
+        bytes.extend_from_slice(&next[..5]);
+        c.send_raw(&bytes).unwrap();
+        let digest = c.read_frame().unwrap();
+        assert_eq!(
+            digest.len(),
+            64,
+            "client {i}: {}",
+            String::from_utf8_lossy(&digest)
+        );
+    }
+    thread::sleep(Duration::from_millis(100));
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_raw(&next[5..]).unwrap();
+        let answer = c.read_frame();
+        assert!(
+            matches!(&answer, Ok(a) if a.len() == 64),
+            "client {i}, the frame after the large one: {answer:?}; log:\n{}",
+            server.log()
+        );
+    }
+    assert_eq!(
+        server.log_count("over max_buffered_bytes"),
+        0,
+        "{}",
+        server.log()
+    );
+}

@@ -854,6 +854,8 @@ impl Connection {
                 self.reserve_input(rest.len());
                 self.input[..rest.len()].copy_from_slice(rest);
                 self.input_len = rest.len();
+                // The buffer may be one kept from a large frame.
+                self.shrink_input(ctx.decoder);
             }
             Ok(used > 0)
         } else {
@@ -906,16 +908,20 @@ impl Connection {
     }
 
     /// After a large frame was answered with part of the next one behind
-    /// it: gives the buffer's memory back, keeping what the next frame
+    /// it (in this buffer, or in the scratch and copied to this buffer kept
+    /// since): gives the buffer's memory back, keeping what the next frame
     /// needs (when its header says) so that equal large frames in a row
     /// reuse the buffer.
     fn shrink_input(&mut self, decoder: FrameDecoder) {
+        if self.input.len() <= SHRINK_ABOVE {
+            return;
+        }
         let next = match decoder.decode(&self.input[..self.input_len]) {
             Ok(Decoded::Incomplete { total: Some(total) }) => total,
             _ => 0,
         };
         let keep = self.input_len.max(MIN_OWN_READ).max(next);
-        if self.input.len() > SHRINK_ABOVE && self.input.len() > 2 * keep {
+        if self.input.len() > 2 * keep {
             self.input.truncate(keep);
             self.input.shrink_to_fit();
         }
