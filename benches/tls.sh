@@ -4,6 +4,7 @@
 # and against HAProxy terminating TLS in front of plaintext nbnet.
 #
 #   benches/tls.sh [--duration 3s] [--repeats N] [--quota PERCENT] [--only rps|handshakes]
+#   benches/tls.sh --paired PAIRS [--duration 2s] [--quota PERCENT]
 #
 # Servers run on core 0, the load generator (`nbnet bench --tls`, 1 thread,
 # or `openssl s_time` for handshakes) on core 1. Per scenario and server:
@@ -24,19 +25,27 @@
 # (One openssl s_time process makes about 1,000 full handshakes/s here:
 # to make the server set the handshake rate, give it less, e.g. 15 %.)
 #
+# --paired PAIRS: requests only, nbnet against the peer (no HAProxy), both
+# servers started once and kept running; per scenario, PAIRS back-to-back
+# pairs of runs in alternating order, and the median of the per-pair ratios
+# with its spread. On a shared VM whose speed drifts by +-20 % from one
+# minute to the next, pairs taken seconds apart compare the servers where
+# medians of separate runs cannot.
+#
 # Only 127.0.0.1 is used. Output: a markdown table on stdout, raw data in $OUT.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-DUR=3s REPEATS=1 QUOTA="" ONLY=""
+DUR=3s REPEATS=1 QUOTA="" ONLY="" PAIRS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DUR=$2; shift ;;
         --repeats) REPEATS=$2; shift ;;
         --quota) QUOTA=$2; shift ;;
         --only) ONLY=$2; shift ;;
-        *) echo "usage: $0 [--duration 3s] [--repeats N] [--quota PERCENT] [--only rps|handshakes]" >&2; exit 2 ;;
+        --paired) PAIRS=$2; shift ;;
+        *) echo "usage: $0 [--duration 3s] [--repeats N] [--quota PERCENT] [--only rps|handshakes] [--paired PAIRS]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -110,10 +119,11 @@ if [ -n "$QUOTA" ]; then
     echo $((QUOTA * 1000)) >"$CG/cpu.cfs_quota_us"
     log "servers limited to $QUOTA % of one core ($CG)"
 fi
+KEEP=()     # --paired: servers started earlier, also stopped at the end
 cleanup() {
-    for p in "${TOPS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${TOPS[@]}" "${KEEP[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     if [ -n "$CG" ]; then
-        for p in "${TOPS[@]}"; do wait "$p" 2>/dev/null || true; done
+        for p in "${TOPS[@]}" "${KEEP[@]}"; do wait "$p" 2>/dev/null || true; done
         rmdir "$CG" 2>/dev/null || true
     fi
 }
@@ -173,8 +183,62 @@ RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 bench() { taskset -c 1 "$NBNET" bench --tls --ca "$OUT/ca.pem" --addr "127.0.0.1:$PORT" --expect upper --threads 1 "$@"; }
 
+SCENARIOS=("d1-64 50 1 64" "d16-64 50 16 64" "d1-64k 8 1 65536" "d16-64k 8 16 65536")
+
+if [ -n "$PAIRS" ]; then
+    start nbnet
+    NB_PID=${PIDS[0]} KEEP=("${TOPS[@]}")
+    start peer
+    PEER_PID=${PIDS[0]}
+    one() { # server pid port scenario conns depth size -> a JSON line in $RESULTS
+        local t0 t1 json
+        PORT=$3 PIDS=("$2")
+        t0=$(ticks)
+        json=$(bench --conns "$5" --pipeline "$6" --size "$7" --duration "$DUR" --warmup 0s --json)
+        t1=$(ticks)
+        python3 - "$1" "$4" "$t0" "$t1" "$CLK_TCK" "$json" >>"$RESULTS" <<'PY'
+import json, sys
+server, sc, t0, t1, hz, raw = sys.argv[1:]
+d = json.loads(raw)
+assert d["errors"] + d["mismatches"] == 0, raw
+cpu = (float(t1) - float(t0)) / float(hz)
+print(json.dumps({"server": server, "scenario": sc, "rps": d["rps"],
+                  "cpu_us_per_resp": cpu * 1e6 / max(d["requests"], 1)}))
+PY
+    }
+    for sc in "${SCENARIOS[@]}"; do
+        set -- $sc
+        log "$1: $PAIRS pairs"
+        one warmup "$NB_PID" "$NB_PORT" "$@" && one warmup "$PEER_PID" "$PEER_PORT" "$@"
+        for i in $(seq "$PAIRS"); do
+            if [ $((i % 2)) = 1 ]; then
+                one nbnet "$NB_PID" "$NB_PORT" "$@"; one peer "$PEER_PID" "$PEER_PORT" "$@"
+            else
+                one peer "$PEER_PID" "$PEER_PORT" "$@"; one nbnet "$NB_PID" "$NB_PORT" "$@"
+            fi
+        done
+    done
+    python3 - "$RESULTS" <<'PY' | tee "$OUT/table.md"
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"warmup"' not in l]
+print("| scenario | pairs | nbnet/peer req/s: median (quartiles; min–max) | peer/nbnet CPU per response: median | nbnet CPU µs/resp | peer CPU µs/resp |")
+print("|---|---:|---|---:|---:|---:|")
+for sc in dict.fromkeys(r["scenario"] for r in rows):
+    nb = [r for r in rows if r["scenario"] == sc and r["server"] == "nbnet"]
+    pe = [r for r in rows if r["scenario"] == sc and r["server"] == "peer"]
+    rps = sorted(a["rps"] / b["rps"] for a, b in zip(nb, pe))
+    cpu = [b["cpu_us_per_resp"] / a["cpu_us_per_resp"] for a, b in zip(nb, pe)]
+    q = statistics.quantiles(rps, n=4) if len(rps) > 1 else [rps[0]] * 3
+    med = lambda v: statistics.median(v)
+    print(f"| {sc} | {len(rps)} | {med(rps):.2f} ({q[0]:.2f}–{q[2]:.2f}; {rps[0]:.2f}–{rps[-1]:.2f}) | {med(cpu):.2f} "
+          f"| {med([a['cpu_us_per_resp'] for a in nb]):.2f} | {med([b['cpu_us_per_resp'] for b in pe]):.2f} |")
+PY
+    log "raw data: $OUT"
+    exit 0
+fi
+
 for rep in $(seq "$REPEATS"); do
-    for sc in "d1-64 50 1 64" "d16-64 50 16 64" "d1-64k 8 1 65536" "d16-64k 8 16 65536"; do
+    for sc in "${SCENARIOS[@]}"; do
         if [ "$ONLY" = handshakes ]; then continue; fi
         set -- $sc
         for server in nbnet peer haproxy; do
