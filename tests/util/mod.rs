@@ -324,10 +324,22 @@ fn find_system_lib() -> PathBuf {
 
 // ----------------------------------------------------------------- utilities
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and not handed out
+/// before by this test process. (The tests of one file run in parallel:
+/// the kernel, asked twice for a free port, may give the same one to two
+/// tests before either binds it. The one that binds second then fails to
+/// start, and its clients talk to the other test's server.)
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// A config serving one plugin, `name` loaded from `path` (a placeholder
