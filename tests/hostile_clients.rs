@@ -760,22 +760,7 @@ fn after_a_half_close_every_pending_response_is_still_delivered() {
 fn idle_connections_after_large_frames_hold_no_buffer() {
     const FRAME: usize = 256 * 1024;
     const CLIENTS: usize = 8;
-    let server = Server::start(&format!(
-        r#"
-[server]
-workers = 1
-max_frame_bytes = {FRAME}
-max_buffered_bytes = 1048576
-
-[[plugins]]
-name = "echo"
-path = "{{echo}}"
-
-[[listeners]]
-addr = "127.0.0.1:{{port}}"
-plugin = "echo"
-"#
-    ));
+    let server = one_worker_with_budget("echo", FRAME, 1024 * 1024);
     let mut clients: Vec<Client> = (0..CLIENTS).map(|_| server.client()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         let request = frame(&vec![b'a' + i as u8; FRAME]);
@@ -811,22 +796,7 @@ plugin = "echo"
 #[test]
 fn a_small_partial_frame_after_a_large_one_holds_a_small_buffer() {
     const FRAME: usize = 4 * 1024 * 1024;
-    let server = Server::start(&format!(
-        r#"
-[server]
-workers = 1
-max_frame_bytes = {FRAME}
-max_buffered_bytes = 6291456
-
-[[plugins]]
-name = "sha256"
-path = "{{sha256}}"
-
-[[listeners]]
-addr = "127.0.0.1:{{port}}"
-plugin = "sha256"
-"#
-    ));
+    let server = one_worker_with_budget("sha256", FRAME, 6 * 1024 * 1024);
     let next = frame(b"hello");
     let mut clients: Vec<Client> = (0..2).map(|_| server.client()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
@@ -857,4 +827,19 @@ plugin = "sha256"
         "{}",
         server.log()
     );
+}
+
+/// One worker serving `plugin` with these frame and buffer limits.
+fn one_worker_with_budget(
+    plugin: &str,
+    max_frame_bytes: usize,
+    max_buffered_bytes: usize,
+) -> Server {
+    Server::start(&one_plugin_config(
+        plugin,
+        &format!("{{{plugin}}}"),
+        &format!(
+            "workers = 1\nmax_frame_bytes = {max_frame_bytes}\nmax_buffered_bytes = {max_buffered_bytes}"
+        ),
+    ))
 }
