@@ -527,3 +527,63 @@ proxy_protocol = true
         "every hook must see the real client, and the header-less connection none: {hooks:#?}"
     );
 }
+
+// ------------------------------------------------------------ memory budget
+
+/// Hostile pass 7: the bytes a connection brought with it when a worker
+/// took it over were not counted against that worker's
+/// `max_buffered_bytes`, so each reload let clients fill one more budget.
+/// Four clients hold 0.9 MB of a 1 MiB frame each (within 5 MiB), a
+/// reload moves them, and four more do the same: the new worker must close
+/// the largest holders down to its budget (old code: all eight stayed).
+#[test]
+fn connections_taken_over_count_against_the_new_workers_buffer_budget() {
+    const FRAME: usize = 1024 * 1024;
+    const PART: usize = 900_000;
+    let keys = format!(
+        "workers = 1\nmax_frame_bytes = {FRAME}\nmax_buffered_bytes = {}",
+        5 * FRAME
+    );
+    let mut server = Server::start(&config(&keys, "echo"));
+    let partial_frame = |server: &Server| {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        let mut bytes = format!("{FRAME:010}").into_bytes();
+        bytes.resize(10 + PART, b'x');
+        // Fails once the worker has closed this connection: counted below.
+        let _ = stream.write_all(&bytes);
+        stream
+    };
+    let open = |clients: &[TcpStream]| clients.iter().filter(|c| !closed(c)).count();
+    let mut clients: Vec<TcpStream> = (0..4).map(|_| partial_frame(&server)).collect();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(open(&clients), 4, "{}", server.log());
+    let old_pid = server.wait_for_workers(1)[0].pid;
+    server.sandbox_mut().write_config(&config(&keys, "echo"));
+    server.signal(libc::SIGHUP);
+    wait_for_count(&server, "reload complete in", 1);
+    server.wait_for_log_line(&[&format!(
+        "replaced worker 0 (pid {old_pid}) finished draining"
+    )]);
+    assert_eq!(open(&clients), 4, "moved, not closed\n{}", server.log());
+    clients.extend((0..4).map(|_| partial_frame(&server)));
+    let still_open = server.wait_for("the new worker to apply its budget", || {
+        let n = open(&clients);
+        (n <= 5).then_some(n)
+    });
+    assert!(still_open >= 4, "{still_open} open\n{}", server.log());
+    assert!(
+        server.log_count("over max_buffered_bytes") >= 1,
+        "{}",
+        server.log()
+    );
+}
+
+/// Whether the server has closed `stream` (EOF or reset waiting), without
+/// consuming or blocking.
+fn closed(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let seen = stream.peek(&mut byte);
+    stream.set_nonblocking(false).unwrap();
+    !matches!(seen, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

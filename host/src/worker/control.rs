@@ -168,10 +168,12 @@ impl Reactor {
         };
         if carried {
             // No event will say these bytes are there: answer them now.
+            // What the connection holds after that is new to this
+            // worker's budget (from 0): counted, and shed past it, like
+            // bytes it had read itself.
             if let Some((conn, mut ctx, scratch)) = self.lend(key) {
-                let held_before = conn.buffered_bytes();
                 let outcome = conn.on_readable(&mut ctx, scratch, false);
-                self.after_event(key, held_before, outcome, now);
+                self.after_event(key, 0, outcome, now);
             }
         }
     }
