@@ -843,3 +843,56 @@ fn one_worker_with_budget(
         ),
     ))
 }
+
+/// Hostile pass 7: a client reading its answers slowly but steadily was
+/// closed as "idle" at `read_timeout`. The kernel reports the socket
+/// writable only once a third of its (megabytes large) send buffer is
+/// free, so at 250 kB/s no event came within the timeout. Four 1 MiB
+/// answers, read at 250 kB/s for 4 s with read_timeout = 1s, then at full
+/// speed: every byte arrives.
+#[test]
+fn a_client_reading_slowly_but_steadily_is_not_closed_at_read_timeout() {
+    const FRAME: usize = 1024 * 1024;
+    let server = Server::start(&one_plugin_config(
+        "echo",
+        "{echo}",
+        "workers = 1\nread_timeout = \"1s\"",
+    ));
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let requests: Vec<Vec<u8>> = (0..4u8).map(|i| frame(&vec![b'a' + i; FRAME])).collect();
+    let mut writer = stream.try_clone().unwrap();
+    let all: Vec<u8> = requests.concat();
+    let sender = thread::spawn(move || writer.write_all(&all));
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 25_000];
+    let slow_until = Instant::now() + Duration::from_secs(4);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    while Instant::now() < slow_until {
+        let n = stream.read(&mut chunk).unwrap_or_else(|e| {
+            panic!(
+                "closed after {} bytes read slowly: {e}\n{}",
+                received.len(),
+                server.log()
+            )
+        });
+        assert!(
+            n > 0,
+            "closed after {} bytes read slowly\n{}",
+            received.len(),
+            server.log()
+        );
+        received.extend_from_slice(&chunk[..n]);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let expected: Vec<u8> = requests.concat();
+    let mut rest = vec![0u8; expected.len() - received.len()];
+    stream
+        .read_exact(&mut rest)
+        .unwrap_or_else(|e| panic!("after {} bytes: {e}\n{}", received.len(), server.log()));
+    received.extend_from_slice(&rest);
+    assert!(received == expected, "the answers differ from the requests");
+    sender.join().unwrap().unwrap();
+    assert_eq!(server.log_count("read_timeout"), 0, "{}", server.log());
+}

@@ -89,7 +89,7 @@ pub const PROTOCOL_ERROR_PROXY: usize = 3;
 
 /// `read_timeout` closes, in [`Stats::read_timeouts`] order: the `state`
 /// label of `nbnet_read_timeouts_total`.
-pub const READ_TIMEOUT_STATES: [&str; 2] = ["idle", "mid_frame"];
+pub const READ_TIMEOUT_STATES: [&str; 3] = ["idle", "mid_frame", "not_reading"];
 
 /// A counter with one writer: bumped without a locked instruction.
 #[repr(transparent)]

@@ -574,6 +574,7 @@ impl Reactor {
             Close::TimedOut { mid_frame } => {
                 self.slot.stats.read_timeouts[usize::from(*mid_frame)].add(1)
             }
+            Close::NotReading => self.slot.stats.read_timeouts[2].add(1),
             _ => {}
         }
         for token in conn.awaiting_tokens() {
@@ -650,6 +651,12 @@ impl Reactor {
                 %peer,
                 "connection stalled mid-frame; closed after read_timeout = {:?}",
                 self.limits.read_timeout
+            ),
+            Close::NotReading => tracing::info!(
+                %peer,
+                "the client read none of its answers for read_timeout = {:?}; connection closed, {} byte(s) of answers not delivered",
+                self.limits.read_timeout,
+                conn.unsent_bytes()
             ),
             Close::Refused => {
                 self.slot.stats.access_refused.add(1);
@@ -767,10 +774,35 @@ impl Reactor {
                 self.deadlines.touch(&mut self.connections, key, deadline);
                 continue;
             }
+            if conn.unsent_bytes() > 0 {
+                if !self.client_read_some(key, now) {
+                    self.close(key, Close::NotReading);
+                }
+                continue;
+            }
             let mid_frame = conn.mid_frame();
             self.close(key, Close::TimedOut { mid_frame });
         }
         self.expire_deferred(now);
+    }
+
+    /// A connection whose answers wait for the client reached its
+    /// deadline: whether the client read any meanwhile. The kernel says
+    /// WRITABLE only once a third of the send buffer is free, and with
+    /// buffers of megabytes a client reading slowly but steadily may not
+    /// free that much within `read_timeout`: so write now. If the kernel
+    /// takes anything, the client is reading, and the write moved the
+    /// deadline (or closed the connection, on an error).
+    #[cold]
+    fn client_read_some(&mut self, key: usize, now: Instant) -> bool {
+        let Some((conn, mut ctx, scratch)) = self.lend(key) else {
+            return true;
+        };
+        let held_before = conn.buffered_bytes();
+        let outcome = conn.on_event(&mut ctx, scratch, false, false, true);
+        let wrote = !matches!(outcome, Ok(false));
+        self.after_event(key, held_before, outcome, now);
+        wrote
     }
 
     /// How long `poll` may sleep: until the oldest deadline or the end of an

@@ -159,6 +159,9 @@ pub enum Close {
         /// Whether a frame was partly received (a stall, not just an idle connection).
         mid_frame: bool,
     },
+    /// Answers waited to be sent for `read_timeout`, and the client read
+    /// none of them meanwhile.
+    NotReading,
     /// The client's address (from its PROXY header) is refused by the
     /// listener's `allow`/`deny` lists.
     Refused,
@@ -400,6 +403,12 @@ impl Connection {
     /// Whether nothing has been received on it yet.
     pub fn is_fresh(&self) -> bool {
         self.fresh
+    }
+
+    /// Bytes of answers not yet taken by the kernel: the ones being
+    /// written, and the ready ones queued behind them.
+    pub fn unsent_bytes(&self) -> usize {
+        self.output.len() - self.written + self.queued
     }
 
     /// Whether responses (or a TLS handshake's records) wait for the
