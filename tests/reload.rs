@@ -644,3 +644,29 @@ plugin = "upper"
     let line = server.wait_for_log_line(&["gone.sock: its socket file is gone"]);
     assert!(line.contains("restart nbnet"), "{line}");
 }
+
+/// Left by hostile pass 6: a plugin whose init stops its process (SIGSTOP)
+/// during a reload's check was reported only at `init_timeout`, as "does
+/// its init block?" (the master's reaper does not see stopped children;
+/// start-up and `--check` already named the signal). The reload now fails
+/// as soon as the checker stops, naming the signal, and the running worker
+/// serves on.
+#[test]
+fn a_reload_whose_plugin_stops_its_checker_fails_naming_the_signal() {
+    let server_section = "workers = 1\ninit_timeout = \"1day\"";
+    let mut server = Server::start(&hostile(server_section, ""));
+    let worker = server.wait_for_workers(1)[0];
+    server
+        .sandbox_mut()
+        .write_config(&hostile(server_section, "init_raise = \"SIGSTOP\""));
+    server.signal(libc::SIGHUP);
+    wait_log(&server, "reload aborted", 1, Duration::from_secs(20));
+    let log = server.log();
+    assert!(
+        log.contains("SIGSTOP") && !log.contains("init_timeout"),
+        "{log}"
+    );
+    assert_eq!(server.live_workers(), vec![worker]);
+    let mut client = server.client();
+    assert!(!client.request(b"still here").is_empty());
+}

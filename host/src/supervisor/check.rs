@@ -47,21 +47,7 @@ pub fn check_plugins(config: &mut Config) -> Report {
     };
     loop {
         check.read_available();
-        match waitpid(
-            check.pid(),
-            Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED),
-        ) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
-            // A plugin stopped the process (SIGSTOP, SIGTSTP…): it would
-            // never go on by itself.
-            Ok(WaitStatus::Stopped(_, signal)) => check.stopped(signal),
-            Ok(status) => {
-                if let Some(exit) = Exit::from_wait(status) {
-                    check.exited(exit);
-                }
-            }
-            Err(_) => check.lost(),
-        }
+        check.collect_status();
         if check.is_done() {
             return check.finish();
         }
@@ -275,6 +261,30 @@ impl Check {
             (None, true) => Outcome::TimedOut,
             (None, false) => Outcome::Exited(exit),
         });
+    }
+
+    /// Looks at the checker's status without blocking: its exit, or a
+    /// stop. A plugin that stops the process (SIGSTOP, SIGTSTP…) would
+    /// never let it go on by itself: it is killed, and the report names
+    /// the signal, not `init_timeout`. (The master's reaper, which waits
+    /// for any child, does not see stops.)
+    pub fn collect_status(&mut self) {
+        if self.is_done() {
+            return;
+        }
+        match waitpid(
+            self.pid(),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED),
+        ) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            Ok(WaitStatus::Stopped(_, signal)) => self.stopped(signal),
+            Ok(status) => {
+                if let Some(exit) = Exit::from_wait(status) {
+                    self.exited(exit);
+                }
+            }
+            Err(_) => self.lost(),
+        }
     }
 
     /// A plugin stopped the checker (`signal`): it is killed (the caller

@@ -317,6 +317,7 @@ impl Master {
     pub(super) fn advance_reloads(&mut self) {
         if let Some(checking) = self.checking.as_mut() {
             checking.check.read_available();
+            checking.check.collect_status();
             checking.check.enforce_deadline(Instant::now());
         }
         if self.checking.as_ref().is_some_and(|c| c.check.is_done()) {
