@@ -791,8 +791,8 @@ impl Reactor {
     /// WRITABLE only once a third of the send buffer is free, and with
     /// buffers of megabytes a client reading slowly but steadily may not
     /// free that much within `read_timeout`: so write now. If the kernel
-    /// takes anything, the client is reading, and the write moved the
-    /// deadline (or closed the connection, on an error).
+    /// takes anything, the client is reading, and the write moves the
+    /// deadline. `false`: the connection is still there and still due.
     #[cold]
     fn client_read_some(&mut self, key: usize, now: Instant) -> bool {
         let Some((conn, mut ctx, scratch)) = self.lend(key) else {
@@ -800,9 +800,11 @@ impl Reactor {
         };
         let held_before = conn.buffered_bytes();
         let outcome = conn.on_event(&mut ctx, scratch, false, false, true);
-        let wrote = !matches!(outcome, Ok(false));
         self.after_event(key, held_before, outcome, now);
-        wrote
+        // Gone (an error closed it, or it moved on) or given a new deadline.
+        self.connections
+            .get(key)
+            .is_none_or(|conn| conn.deadline() > now)
     }
 
     /// How long `poll` may sleep: until the oldest deadline or the end of an
