@@ -246,3 +246,23 @@ plugin = "upper"
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(server.live_workers().len(), 2);
 }
+
+/// Hostile pass 7: SIGSTOP on the only worker stopped all answers, and the
+/// master said nothing. It now names the stopped worker, and says when it
+/// continues; the worker is not replaced (an operator may stop it on
+/// purpose), and serves again after SIGCONT.
+#[test]
+fn a_stopped_worker_is_named_in_the_log_and_serves_again_after_sigcont() {
+    let server = Server::start(&config(1, 100));
+    let worker = server.wait_for_workers(1)[0];
+    send_signal(worker.pid, libc::SIGSTOP);
+    let line = server.wait_for_log_line(&[&format!("worker 0 (pid {}) was stopped", worker.pid)]);
+    assert!(
+        line.contains("SIGSTOP") && line.contains("SIGCONT"),
+        "{line}"
+    );
+    send_signal(worker.pid, libc::SIGCONT);
+    server.wait_for_log_line(&[&format!("worker 0 (pid {}) continues", worker.pid)]);
+    assert_eq!(server.client().request(b"again"), b"AGAIN");
+    assert_eq!(server.live_workers(), vec![worker]);
+}

@@ -266,8 +266,8 @@ impl Check {
     /// Looks at the checker's status without blocking: its exit, or a
     /// stop. A plugin that stops the process (SIGSTOP, SIGTSTP…) would
     /// never let it go on by itself: it is killed, and the report names
-    /// the signal, not `init_timeout`. (The master's reaper, which waits
-    /// for any child, does not see stops.)
+    /// the signal, not `init_timeout`. (In the master, its reaper does
+    /// this for a reload's check.)
     pub fn collect_status(&mut self) {
         if self.is_done() {
             return;

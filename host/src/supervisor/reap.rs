@@ -74,12 +74,23 @@ impl Master {
     /// Collects every exited worker (`waitpid` until nothing is left to reap).
     pub(super) fn reap_workers(&mut self) {
         loop {
-            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            let flags = WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED | WaitPidFlag::WCONTINUED;
+            let status = match waitpid(None, Some(flags)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::error!("waitpid failed: {e}");
                     return;
+                }
+                Ok(WaitStatus::Stopped(pid, signal)) => {
+                    self.child_stopped(pid, signal);
+                    continue;
+                }
+                Ok(WaitStatus::Continued(pid)) => {
+                    if let Some(worker) = self.workers.get(&pid) {
+                        tracing::info!("worker {} (pid {pid}) continues", worker.index);
+                    }
+                    continue;
                 }
                 Ok(status) => status,
             };
@@ -125,6 +136,20 @@ impl Master {
                 }
             }
             self.on_worker_exit(pid, worker, exit);
+        }
+    }
+
+    /// A child stopped (SIGSTOP, SIGTSTP…; not traced): nothing resumes it
+    /// but a SIGCONT. A reload's plugin checker is refused for it (a plugin
+    /// stopped it); a worker is named, as it now serves nothing.
+    fn child_stopped(&mut self, pid: Pid, signal: Signal) {
+        if let Some(checking) = self.checking.as_mut().filter(|c| c.pid() == pid) {
+            checking.stopped(signal);
+        } else if let Some(worker) = self.workers.get(&pid) {
+            tracing::warn!(
+                "worker {} (pid {pid}) was stopped ({signal}): it accepts and answers nothing, and its connections wait, until it gets SIGCONT",
+                worker.index
+            );
         }
     }
 

@@ -106,6 +106,11 @@ impl Checking {
         self.check.exited(exit);
     }
 
+    /// The master's reaper saw the checker stopped (by its plugin).
+    pub(super) fn stopped(&mut self, signal: nix::sys::signal::Signal) {
+        self.check.stopped(signal);
+    }
+
     /// When the checker is killed unless it makes progress.
     pub(super) fn deadline(&self) -> Option<Instant> {
         self.check.deadline()
@@ -317,7 +322,6 @@ impl Master {
     pub(super) fn advance_reloads(&mut self) {
         if let Some(checking) = self.checking.as_mut() {
             checking.check.read_available();
-            checking.check.collect_status();
             checking.check.enforce_deadline(Instant::now());
         }
         if self.checking.as_ref().is_some_and(|c| c.check.is_done()) {
