@@ -372,6 +372,59 @@ fn a_stack_overflow_names_the_worker_that_had_it() {
 
 // --------------------------------------------------------------- lost stderr
 
+/// Hostile pass 8: a stderr pipe whose reader stops reading (a hung log
+/// shipper, a terminal after Ctrl-S) froze every worker in `write` once
+/// the pipe was full, and any client could fill it: each bad header is a
+/// warning. Lines that cannot be written now are dropped and counted.
+#[test]
+fn a_stderr_nobody_reads_does_not_freeze_the_workers() {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let mut sandbox = Sandbox::new();
+    let file = sandbox.write_config(&config("workers = 1", ""));
+    let port = sandbox.port(0);
+    // Held open, never read.
+    let (_reader, writer) = std::io::pipe().expect("pipe");
+    let mut master = nbnet_tests::Master(
+        sandbox
+            .command()
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(writer))
+            .spawn()
+            .expect("spawn nbnet"),
+    );
+    nbnet_tests::wait_until(Duration::from_secs(20), "the server to answer", || {
+        let mut client = Client::try_connect(port).ok()?;
+        client.send_frame(b"up").ok()?;
+        client.read_frame().ok()
+    });
+    // A warning per connection: far more than a pipe holds (64 KiB). (A
+    // frozen worker stops accepting: the flood then ends at once.)
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..1500 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"not-digits");
+            }
+            Err(_) => break,
+        }
+    }
+    let answer = Client::try_connect(port).and_then(|mut client| {
+        client.set_read_timeout(Duration::from_secs(10));
+        client.send_frame(b"after")?;
+        client.read_frame()
+    });
+    let _ = master.kill();
+    let _ = master.wait();
+    assert!(
+        answer.is_ok(),
+        "no answer once stderr was full: {answer:?} (the workers block writing their log)"
+    );
+}
+
 /// When the reader of stderr went away (a closed pipe), the next log line
 /// made the master panic (tracing-subscriber reported the failed write with
 /// `eprintln!`, which panics on the same broken stderr) and exit 101,

@@ -356,11 +356,35 @@ fn report_dropped() {
     }
 }
 
-/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes.
+/// Most bytes written after one look at the descriptor: a pipe said
+/// writable has room for at least this much, so the write cannot block.
+const WRITE_CHUNK: usize = 4096;
+
+/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes, and
+/// never waiting: a stderr that is a pipe or a terminal whose reader has
+/// stopped reading (a log shipper that hangs, a terminal after Ctrl-S, a
+/// `| less` nobody scrolls) would otherwise block the process in `write`
+/// as soon as the pipe is full: with clients able to make every worker log
+/// (a bad header is a warning), that froze every worker. The descriptor's
+/// own flags are left alone (it is shared with the shell and other
+/// programs): it is polled before each chunk of at most [`WRITE_CHUNK`]
+/// bytes, and what it cannot take now is an error (dropped and counted).
 fn write_fd(fd: RawFd, mut bytes: &[u8]) -> std::io::Result<()> {
     while !bytes.is_empty() {
+        let mut look = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd for 0 ms; a bad descriptor shows
+        // in `revents` (POLLNVAL) and the write below reports it.
+        let ready = unsafe { libc::poll(&mut look, 1, 0) };
+        if ready == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let chunk = bytes.len().min(WRITE_CHUNK);
         // SAFETY: writes from a valid slice; a bad descriptor is an error.
-        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), chunk) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
