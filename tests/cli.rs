@@ -295,6 +295,15 @@ fn check_reports_a_pid_file_the_server_could_not_create() {
             "a-fifo",
             "is a FIFO (named pipe), not a regular file",
         ),
+        // A device takes log lines, not a PID (hostile pass 8: "config
+        // OK", then the start failed with EINVAL).
+        (
+            "pid_file = \"/dev/null\"",
+            "",
+            "[server] pid_file",
+            "/dev/null",
+            "is a device, not a regular file",
+        ),
     ];
     for (server, log, key, path, why) in cases {
         let mut sandbox = Sandbox::new();

@@ -461,18 +461,23 @@ struct FileReport {
 /// may write there. Creates nothing.
 fn probe_files(config: &config::Config) -> FileReport {
     let mut report = FileReport::default();
+    // (A character device such as /dev/null is a log, but holds no PID.)
     let files = [
-        ("[server] pid_file", config.server.pid_file.as_deref()),
-        ("[log] file", config.log.file.as_deref()),
+        (
+            "[server] pid_file",
+            config.server.pid_file.as_deref(),
+            false,
+        ),
+        ("[log] file", config.log.file.as_deref(), true),
     ];
-    for (key, path) in files {
+    for (key, path, device_ok) in files {
         let Some(path) = path else { continue };
         let what = format!(
             "{key} {} ({})",
             config::shown(path),
             config::shown(&config.file)
         );
-        match probe_file(path) {
+        match probe_file(path, device_ok) {
             Ok(()) => {}
             Err(Probe::Error(why)) => report.errors.push(format!("{what}: {why}")),
             Err(Probe::Warning(why)) => report.warnings.push(format!("{what}: {why}")),
@@ -487,7 +492,7 @@ enum Probe {
     Warning(String),
 }
 
-fn probe_file(path: &std::path::Path) -> Result<(), Probe> {
+fn probe_file(path: &std::path::Path, device_ok: bool) -> Result<(), Probe> {
     use std::io::ErrorKind;
     let writable = |at: &std::path::Path, what: &str| {
         match nix::unistd::access(
@@ -509,7 +514,8 @@ fn probe_file(path: &std::path::Path) -> Result<(), Probe> {
         // (A character device such as /dev/null is accepted as a log.)
         Ok(meta)
             if config::not_a_file(&meta.file_type()).is_some()
-                && !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) =>
+                && !(device_ok
+                    && std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type())) =>
         {
             Err(Probe::Error(format!(
                 "is {}, not a regular file",
