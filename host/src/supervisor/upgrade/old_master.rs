@@ -208,6 +208,17 @@ impl Master {
             pid_file.release();
         }
         self.reloads.detach();
+        // "Done" goes into the status file before the new master is told:
+        // it replaces the file with its own as it takes the pid file over,
+        // and a "Done" written after that left this master's record in
+        // its place, so the next `nbnet upgrade` was refused (the file was
+        // not the serving master's own).
+        self.upgrades.set(
+            false,
+            State::Done,
+            &format!("new master pid {pid} ({version}) serves"),
+        );
+        let status_file = self.upgrades.path.take();
         if let Err(e) = handover::send_promoted(channel.as_fd()) {
             // It is gone (reaping will say how): serve on.
             tracing::error!(
@@ -218,15 +229,15 @@ impl Master {
                 kill_at: Instant::now(),
             });
             self.take_pid_file_back();
+            self.upgrades.path = status_file;
+            self.upgrades.set(
+                false,
+                State::RolledBack,
+                &format!("new master pid {pid} could not be told to take over ({e}); this master serves on"),
+            );
             return;
         }
         crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
-        self.upgrades.set(
-            false,
-            State::Done,
-            &format!("new master pid {pid} ({version}) serves"),
-        );
-        self.upgrades.path = None;
         self.children_before.push(pid);
         self.successor = Some(Successor::Serving { pid, channel });
         // Stop serving: stop answering [admin] (the new master does, on
