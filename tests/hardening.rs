@@ -372,6 +372,25 @@ fn a_stack_overflow_names_the_worker_that_had_it() {
 
 // --------------------------------------------------------------- lost stderr
 
+/// Starts one worker serving the hostile plugin with `stderr` as the
+/// master's stderr; the master and the listener's port.
+fn start_with_stderr(
+    sandbox: &mut Sandbox,
+    stderr: std::process::Stdio,
+) -> (nbnet_tests::Master, u16) {
+    let file = sandbox.write_config(&config("workers = 1", ""));
+    let port = sandbox.port(0);
+    let master = sandbox
+        .command()
+        .arg("--config")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn nbnet");
+    (nbnet_tests::Master(master), port)
+}
+
 /// Hostile pass 8: a stderr pipe whose reader stops reading (a hung log
 /// shipper, a terminal after Ctrl-S) froze every worker in `write` once
 /// the pipe was full, and any client could fill it: each bad header is a
@@ -382,20 +401,9 @@ fn a_stderr_nobody_reads_does_not_freeze_the_workers() {
     use std::process::Stdio;
 
     let mut sandbox = Sandbox::new();
-    let file = sandbox.write_config(&config("workers = 1", ""));
-    let port = sandbox.port(0);
     // Held open, never read.
     let (_reader, writer) = std::io::pipe().expect("pipe");
-    let mut master = nbnet_tests::Master(
-        sandbox
-            .command()
-            .arg("--config")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(writer))
-            .spawn()
-            .expect("spawn nbnet"),
-    );
+    let (mut master, port) = start_with_stderr(&mut sandbox, Stdio::from(writer));
     nbnet_tests::wait_until(Duration::from_secs(20), "the server to answer", || {
         let mut client = Client::try_connect(port).ok()?;
         client.send_frame(b"up").ok()?;
@@ -435,18 +443,7 @@ fn a_lost_stderr_does_not_stop_the_server() {
     use std::process::Stdio;
 
     let mut sandbox = Sandbox::new();
-    let file = sandbox.write_config(&config("workers = 1", ""));
-    let port = sandbox.port(0);
-    let mut master = nbnet_tests::Master(
-        sandbox
-            .command()
-            .arg("--config")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nbnet"),
-    );
+    let (mut master, port) = start_with_stderr(&mut sandbox, Stdio::piped());
     // Read the first bytes of the log, then hang up.
     let mut stderr = master.stderr.take().expect("piped stderr");
     let mut first = [0u8; 16];
