@@ -16,7 +16,7 @@ use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nbnet_tests::{describe, send_signal, wait_until, Server, SIGKILL};
+use nbnet_tests::{describe, one_plugin_config, send_signal, wait_until, Server, SIGKILL};
 
 /// One listener serving the hostile plugin, whose `[plugins.config]` lines
 /// are `init`, with `[server]` lines `server` and an admin listener.
@@ -622,23 +622,10 @@ fn nbnet_reload_waits_for_the_outcome_and_reports_the_masters_reason() {
 /// It now says the file is gone and what to do.
 #[test]
 fn a_reload_warns_when_a_unix_listeners_socket_file_is_gone() {
-    let server = Server::start(
-        r#"[server]
-workers = 1
-
-[[plugins]]
-name = "upper"
-path = "{upper}"
-
-[[listeners]]
-addr = "127.0.0.1:{port}"
-plugin = "upper"
-
-[[listeners]]
-addr = "unix:{dir}/gone.sock"
-plugin = "upper"
-"#,
-    );
+    let server = Server::start(&format!(
+        "{}\n[[listeners]]\naddr = \"unix:{{dir}}/gone.sock\"\nplugin = \"upper\"\n",
+        one_plugin_config("upper", "{upper}", "workers = 1")
+    ));
     std::fs::remove_file(server.dir().join("gone.sock")).unwrap();
     server.signal(libc::SIGHUP);
     let line = server.wait_for_log_line(&["gone.sock: its socket file is gone"]);
